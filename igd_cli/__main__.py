@@ -1,0 +1,5 @@
+"""``python -m igd_cli`` runs the ``igd`` command line."""
+
+from .cli import run
+
+run()

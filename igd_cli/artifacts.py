@@ -1,0 +1,223 @@
+"""The only module that reads or writes safetensors files.
+
+Every igd artifact is a safetensors file whose metadata values are JSON-encoded strings. Standard keys:
+``kind``, ``format_version``, ``igd_version``, ``created``, and, where they apply, ``model_fingerprint``,
+``model``, ``layer``, ``dataset``, ``split``, ``method``, ``params``. Writes are atomic (temporary file in
+the same folder, fsync, rename) so that a killed job never leaves a half-written artifact behind.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as _st_save
+
+from . import __version__
+from .errors import IgdError
+
+FORMAT_VERSION = 1
+
+#: kind -> tensors every artifact of that kind must hold.
+KINDS: dict[str, tuple[str, ...]] = {
+    "model": (),
+    "dataset": ("x", "y"),
+    "importance": ("importance",),
+    "importance-shard": ("importance",),
+    "clip-cache": ("image_embeddings", "text_embeddings"),
+    "mask": ("mask",),
+    "adversarial": ("x_adv", "y", "index"),
+    "eval-report": ("correct",),
+}
+
+
+@dataclass
+class Artifact:
+    """Tensors and decoded metadata of one safetensors file."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str | None:
+        return self.meta.get("kind")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _encode_meta(meta: Mapping[str, Any]) -> dict[str, str]:
+    return {str(k): json.dumps(v, sort_keys=True) for k, v in meta.items()}
+
+
+def _decode_meta(raw: Mapping[str, str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in (raw or {}).items():
+        try:
+            out[k] = json.loads(v)
+        except (TypeError, ValueError):
+            out[k] = v  # metadata written by other tools: keep the plain string
+    return out
+
+
+def save_artifact(path: str | os.PathLike, kind: str, tensors: Mapping[str, torch.Tensor],
+                  meta: Mapping[str, Any] | None = None) -> Path:
+    """Write ``tensors`` with standard provenance metadata to ``path`` atomically; returns the path."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown artifact kind {kind!r}")
+    missing = [t for t in KINDS[kind] if t not in tensors]
+    if missing:
+        raise ValueError(f"a {kind} artifact needs tensors {missing}")
+    path = Path(path)
+    full_meta = {"kind": kind, "format_version": FORMAT_VERSION, "igd_version": __version__, "created": now_iso()}
+    full_meta.update(dict(meta or {}))
+    data = _st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=_encode_meta(full_meta))
+    atomic_write_bytes(path, data)
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write bytes to a temporary file beside ``path``, fsync, then rename over ``path``."""
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Decoded metadata of a safetensors file without reading its tensors."""
+    path = _existing(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return _decode_meta(fh.metadata())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise IgdError(f"{path}: not a readable safetensors file ({_short(exc)})") from exc
+
+
+def tensor_info(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Shape and dtype of every tensor in a safetensors file, without loading the data."""
+    path = _existing(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            info = {}
+            for name in fh.keys():
+                sl = fh.get_slice(name)
+                info[name] = {"shape": list(sl.get_shape()), "dtype": str(sl.get_dtype())}
+            return info
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise IgdError(f"{path}: not a readable safetensors file ({_short(exc)})") from exc
+
+
+def load_artifact(path: str | os.PathLike, kind: str | tuple[str, ...] | None = None,
+                  fingerprint: str | None = None, layer: str | None = None,
+                  names: tuple[str, ...] | None = None) -> Artifact:
+    """Read an artifact and check it: its kind, required tensors, and (when given) model fingerprint and layer.
+
+    Any problem raises :class:`IgdError` with one line naming the file and what is wrong.
+    """
+    path = _existing(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = _decode_meta(fh.metadata())
+            keys = list(fh.keys()) if names is None else [n for n in names if n in fh.keys()]
+            tensors = {k: fh.get_tensor(k) for k in keys}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise IgdError(f"{path}: not a readable safetensors file ({_short(exc)})") from exc
+    art = Artifact(path, tensors, meta)
+    check_artifact(art, kind=kind, fingerprint=fingerprint, layer=layer)
+    return art
+
+
+def check_artifact(art: Artifact, kind: str | tuple[str, ...] | None = None, fingerprint: str | None = None,
+                   layer: str | None = None) -> None:
+    """Validate kind, format version, required tensors, fingerprint and layer of a loaded artifact."""
+    if kind is not None:
+        kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+        if art.kind not in kinds:
+            got = art.kind if art.kind is not None else "not an igd artifact"
+            raise IgdError(f"{art.path}: expected a {' or '.join(kinds)} artifact, found {got}")
+        version = art.meta.get("format_version")
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise IgdError(f"{art.path}: format version {version} is newer than this igd ({__version__}) reads")
+        missing = [t for t in KINDS[art.kind] if t not in art.tensors]
+        if missing:
+            raise IgdError(f"{art.path}: {art.kind} artifact lacks tensor(s) {', '.join(missing)}")
+    if fingerprint is not None:
+        have = art.meta.get("model_fingerprint")
+        if have != fingerprint:
+            raise IgdError(f"{art.path}: made for model fingerprint {have} ({art.meta.get('model', '?')}), "
+                           f"not for this model ({fingerprint})")
+    if layer is not None:
+        have = art.meta.get("layer")
+        if have != layer:
+            raise IgdError(f"{art.path}: made for layer {have!r}, not {layer!r}")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (used to tie a mask to the importance file it came from)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or from ``.pt/.pth`` with ``weights_only=True`` (no pickle code)."""
+    path = _existing(path)
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                return {k: fh.get_tensor(k) for k in fh.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise IgdError(f"{path}: not a readable safetensors file ({_short(exc)})") from exc
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for bad/unsafe pickles
+        raise IgdError(f"{path}: cannot read as a weights-only PyTorch checkpoint ({_short(exc)})") from exc
+    for key in ("state_dict", "model_state_dict", "model", "net"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise IgdError(f"{path}: does not hold a state dict of tensors")
+    return obj
+
+
+def _existing(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise IgdError(f"{path}: no such file")
+    if path.is_dir():
+        raise IgdError(f"{path}: is a directory, expected a file")
+    return path
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:200] if text else type(exc).__name__

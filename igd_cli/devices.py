@@ -1,0 +1,23 @@
+"""Device selection: ``auto`` means CUDA when available, else CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import IgdError
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise IgdError(f"--device {spec}: no CUDA device is available on this machine (use --device cpu)")
+        dev = torch.device(spec)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise IgdError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return dev
+    if spec == "cpu":
+        return torch.device("cpu")
+    raise IgdError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")

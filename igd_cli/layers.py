@@ -1,0 +1,228 @@
+"""Layers by dotted name: look them up, capture or scale their output with hooks, and split the network there.
+
+``LayerSplit`` writes ``f = tail ∘ head`` at the masked layer ``A``: ``head(x)`` returns the layer output and
+whatever else the rest of the network needs (skip connections that jump over the layer), and ``tail`` finishes
+the forward from there. It is built with ``torch.fx`` when the model traces, so the tail really runs only the
+layers after ``A``; otherwise it falls back to hooks (``fast = False``): correct, but the tail is a full forward.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import IgdError
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_modules() if n]
+
+
+def resolve_layer(model: nn.Module, name: str) -> str:
+    """The full dotted name of a layer: an exact name, or the unique module whose name ends with ``.name``
+    (so ``layer4`` finds ``model.layer4`` inside a normalisation wrapper)."""
+    names = layer_names(model)
+    if name in names:
+        return name
+    hits = [n for n in names if n.endswith("." + name)]
+    if len(hits) == 1:
+        return hits[0]
+    if len(hits) > 1:
+        raise IgdError(f"--layer {name}: ambiguous, matches {', '.join(hits[:8])}")
+    shallow = [n for n in names if n.count(".") <= 1]
+    listed = shallow if len(names) > 40 else names
+    more = f" and {len(names) - len(listed)} deeper ones (igd layers lists all)" if len(listed) < len(names) else ""
+    raise IgdError(f"--layer {name}: no such layer; candidates: {', '.join(listed)}{more}")
+
+
+def get_layer(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(resolve_layer(model, name))
+
+
+def scale_output(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``a ⊙ s`` with per-example neuron weights ``s`` (B, N) broadcast over spatial dims of ``a`` (B, N, ...)."""
+    return a * s.reshape(*s.shape, *([1] * (a.ndim - 2)))
+
+
+@contextmanager
+def capture(model: nn.Module, name: str) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the layer's output of every forward inside the block in ``box["out"]``."""
+    box: dict[str, torch.Tensor] = {}
+
+    def hook(_m, _i, out):
+        box["out"] = out
+
+    handle = get_layer(model, name).register_forward_hook(hook)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def replaced(model: nn.Module, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace the layer's output ``A`` by ``fn(A)`` in every forward inside the block."""
+    handle = get_layer(model, name).register_forward_hook(lambda _m, _i, out: fn(out))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def scaled(model: nn.Module, name: str, s: torch.Tensor) -> Iterator[None]:
+    """Multiply the layer's output by per-example neuron weights ``s`` (B, N) inside the block."""
+    with replaced(model, name, lambda a: scale_output(a, s)):
+        yield
+
+
+def layer_output_shape(model: nn.Module, name: str, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the layer's output for one input of ``input_shape`` (C, H, W)."""
+    p = next(iter(model.parameters()), None)
+    device = p.device if p is not None else torch.device("cpu")
+    with torch.no_grad(), capture(model, name) as box:
+        model(torch.zeros(1, *input_shape, device=device))
+    out = box.get("out")
+    if not isinstance(out, torch.Tensor) or out.ndim < 2:
+        raise IgdError(f"--layer {name}: its output is not a (batch, neurons, ...) tensor")
+    return tuple(out.shape[1:])
+
+
+def neuron_count(model: nn.Module, name: str, input_shape: tuple[int, ...]) -> int:
+    """N: channels of a 4-D output, features of a 2-D output."""
+    return layer_output_shape(model, name, input_shape)[0]
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, leaf: str):
+        super().__init__()
+        self.leaf = leaf
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname == self.leaf or super().is_leaf_module(m, qualname)
+
+
+class LayerSplit:
+    """``model = tail ∘ head`` at layer ``name``; ``head(x) -> (A, ctx)``, ``tail(A, ctx) -> logits``.
+
+    ``fast`` is True when the tail runs only the layers after ``A`` (fx graph split), False for the hook
+    fallback. ``ctx`` is a tuple of tensors with the batch as first dimension (see :meth:`repeat_ctx`).
+    """
+
+    def __init__(self, model: nn.Module, name: str):
+        self.model = model
+        self.name = resolve_layer(model, name)
+        self.layer = model.get_submodule(self.name)
+        self.fast = False
+        self.reason = ""
+        try:
+            self._head_gm, self._tail_gm = self._split()
+            self.fast = True
+        except Exception as exc:  # tracing can fail in many ways: fall back, never guess
+            self.reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+
+    # -- fx split -------------------------------------------------------------------------------------
+    def _split(self) -> tuple[fx.GraphModule, fx.GraphModule]:
+        tracer = _LeafTracer(self.name)
+        graph = tracer.trace(self.model)
+        nodes = list(graph.nodes)
+        hits = [n for n in nodes if n.op == "call_module" and n.target == self.name]
+        if len(hits) != 1:
+            raise ValueError(f"layer {self.name} is called {len(hits)} times in the forward")
+        layer_node = hits[0]
+        cut = nodes.index(layer_node)
+        head_nodes, tail_nodes = nodes[: cut + 1], nodes[cut + 1:]
+        tail_set = set(tail_nodes)
+        live = [n for n in head_nodes if n is not layer_node and n.op != "get_attr"
+                and any(u in tail_set for u in n.users)]
+        consts = [n for n in head_nodes if n.op == "get_attr" and any(u in tail_set for u in n.users)]
+
+        head = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for n in head_nodes:
+            env[n] = head.node_copy(n, lambda a: env[a])
+        head.output((env[layer_node], *[env[n] for n in live]))
+
+        tail = fx.Graph()
+        tenv: dict[fx.Node, fx.Node] = {layer_node: tail.placeholder("layer_out")}
+        for i, n in enumerate(live):
+            tenv[n] = tail.placeholder(f"ctx_{i}")
+        for n in consts:
+            tenv[n] = tail.node_copy(n, lambda a: tenv[a])
+        for n in tail_nodes:
+            tenv[n] = tail.node_copy(n, lambda a: tenv[a])
+        root = tracer.root
+        head_gm, tail_gm = fx.GraphModule(root, head), fx.GraphModule(root, tail)
+        return head_gm, tail_gm
+
+    # -- public API -----------------------------------------------------------------------------------
+    def head(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """Run the network up to the layer: its output ``A`` and the context the tail needs."""
+        if self.fast:
+            out = self._head_gm(x)
+            return out[0], tuple(out[1:])
+        box: dict[str, torch.Tensor] = {}
+
+        def hook(_m, _i, out):
+            box["out"] = out
+            raise _StopForward
+
+        handle = self.layer.register_forward_hook(hook)
+        try:
+            self.model(x)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return box["out"], (x,)
+
+    def tail(self, a: torch.Tensor, ctx: tuple) -> torch.Tensor:
+        """Finish the forward from layer output ``a`` (the batch of ``a`` must match ``ctx``)."""
+        if self.fast:
+            return self._tail_gm(a, *ctx)
+        handle = self.layer.register_forward_hook(lambda _m, _i, _out: a)
+        try:
+            return self.model(ctx[0])
+        finally:
+            handle.remove()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        a, ctx = self.head(x)
+        return self.tail(a, ctx)
+
+    @staticmethod
+    def repeat_ctx(ctx: tuple, repeats: int) -> tuple:
+        """The context for a batch whose every example is repeated ``repeats`` times (repeat_interleave)."""
+        out = []
+        for v in ctx:
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"the tail depends on a non-tensor value ({type(v).__name__})")
+            out.append(v.repeat_interleave(repeats, dim=0))
+        return tuple(out)
+
+    def check(self, x: torch.Tensor, atol: float = 1e-4) -> bool:
+        """Verify ``tail(head(x)) == model(x)`` on a real batch; falls back to hooks if not."""
+        if not self.fast:
+            return False
+        with torch.no_grad():
+            want = self.model(x)
+            try:
+                got = self.tail(*self.head(x))
+                ok = got.shape == want.shape and torch.allclose(got, want, atol=atol, rtol=1e-4)
+            except Exception as exc:
+                ok, self.reason = False, f"{type(exc).__name__}: {exc}"
+        if not ok:
+            self.fast = False
+            self.reason = self.reason or "fx split did not reproduce the model's output"
+        return ok
+
+    def describe(self) -> dict[str, Any]:
+        return {"layer": self.name, "fast_tail": self.fast, "fallback_reason": self.reason or None}

@@ -1,0 +1,256 @@
+"""Model registry: ``--model`` resolves to a loaded, eval-mode ``nn.Module`` taking images in [0, 1].
+
+Sources, keyed like RobustBench keys its zoo:
+``demo`` (the embedded digits CNN), ``torchvision:NAME[:WEIGHTS]``, a state-dict file with ``--arch``, and
+any other name is looked up in the RobustBench zoo (model dir ``$IGD_HOME/models``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .archs import ARCHS, IMAGENET_MEAN, IMAGENET_STD, Normalized
+from .errors import IgdError
+
+DEMO_WEIGHTS = "demo.safetensors"
+
+#: Data set the RobustBench zoo files a model under (ours -> theirs).
+RB_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet": "imagenet"}
+#: Default l-inf budget per data set (the paper's; the demo model carries its own).
+DEFAULT_EPS = {"cifar10": 8 / 255, "cifar100": 8 / 255, "imagenet": 4 / 255, "mnist": 0.3}
+DEFAULT_EPS_L2 = {"cifar10": 0.5, "cifar100": 0.5, "imagenet": 3.0}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to use, with what the rest of igd needs to know about it."""
+
+    model: nn.Module
+    name: str
+    source: str  # demo | robustbench | torchvision | file
+    fingerprint: str
+    num_classes: int
+    dataset: str | None = None  # the data set the model was trained for, when known
+    eps: float | None = None  # the l-inf budget it was trained for, when known
+    default_layer: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.name, "source": self.source, "model_fingerprint": self.fingerprint,
+                "num_classes": self.num_classes, "dataset": self.dataset, "eps": self.eps,
+                "default_layer": self.default_layer}
+
+
+def igd_home() -> Path:
+    """Root of igd's caches (``$IGD_HOME``, default ``~/.cache/igd``)."""
+    return Path(os.environ.get("IGD_HOME", Path.home() / ".cache" / "igd")).expanduser()
+
+
+def model_dir() -> Path:
+    return igd_home() / "models"
+
+
+_FINGERPRINTS: dict[int, tuple[int, str]] = {}
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A 16-hex-digit sha256 of the state dict (names, dtypes, shapes and values): the model's identity."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def load_model(spec: str = "demo", arch: str | None = None, dataset: str | None = None,
+               threat_model: str = "Linf", device: torch.device | str = "cpu") -> LoadedModel:
+    """Resolve ``--model`` (and ``--arch``) into a :class:`LoadedModel` in eval mode on ``device``."""
+    spec = (spec or "demo").strip()
+    if spec == "demo":
+        loaded = _load_demo()
+    elif spec.startswith("torchvision:"):
+        loaded = _load_torchvision(spec)
+    elif Path(spec).suffix in (".pt", ".pth", ".safetensors") or os.sep in spec:
+        loaded = _load_file(spec, arch)
+    else:
+        loaded = _load_robustbench(spec, dataset, threat_model)
+    loaded.model.eval().to(device)
+    for p in loaded.model.parameters():
+        p.requires_grad_(False)
+    return loaded
+
+
+# --- demo -------------------------------------------------------------------------------------------
+
+def demo_weights_path() -> Path:
+    return Path(str(resources.files("igd_cli._demo").joinpath(DEMO_WEIGHTS)))
+
+
+def _load_demo() -> LoadedModel:
+    from .artifacts import load_artifact
+
+    path = demo_weights_path()
+    if not path.exists():
+        raise IgdError(f"the demo model's weights are missing: {path} (re-run scripts/train_demo.py)")
+    art = load_artifact(path, kind="model")
+    net = ARCHS["demo-cnn"].build(int(art.meta.get("num_classes", 10)))
+    net.load_state_dict(art.tensors)
+    return LoadedModel(net, "demo", "demo", fingerprint(net), int(art.meta.get("num_classes", 10)),
+                       dataset="digits", eps=float(art.meta["eps"]), default_layer="block3",
+                       info={k: art.meta[k] for k in ("clean_accuracy", "pgd_accuracy") if k in art.meta})
+
+
+# --- state-dict files -------------------------------------------------------------------------------
+
+def _load_file(spec: str, arch: str | None) -> LoadedModel:
+    from .artifacts import load_state_dict_file
+
+    path = Path(spec).expanduser()
+    if arch is None:
+        raise IgdError(f"--model {spec}: a state-dict file needs --arch (one of {', '.join(ARCHS)})")
+    if arch not in ARCHS:
+        raise IgdError(f"--arch {arch}: unknown architecture (choose from {', '.join(ARCHS)})")
+    state = load_state_dict_file(path)
+    spec_arch = ARCHS[arch]
+    state = _clean_state_dict(state)
+    key = spec_arch.classifier_key
+    cands = [k for k in state if k == key or k.endswith("." + key)]
+    if not cands:
+        raise IgdError(f"{path}: no {key!r} in the state dict: not a {arch} checkpoint")
+    num_classes = int(state[cands[0]].shape[0])
+    net = spec_arch.build(num_classes)
+    _load_into(net, state, path, arch)
+    return LoadedModel(net, str(path), "file", fingerprint(net), num_classes, default_layer=spec_arch.default_layer,
+                       info={"arch": arch})
+
+
+def _clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip DataParallel's ``module.`` prefix and drop normalisation buffers saved by wrappers."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("module."):
+            k = k[len("module."):]
+        if k.split(".")[0] in ("normalize", "normalizer") or k in ("mu", "sigma", "mean", "std"):
+            continue
+        out[k] = v
+    return out
+
+
+def _load_into(net: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    target = net
+    if isinstance(net, Normalized) and not any(k.startswith("model.") for k in state):
+        target = net.model
+    elif not isinstance(net, Normalized) and all(k.startswith("model.") for k in state):
+        state = {k[len("model."):]: v for k, v in state.items()}
+    result = target.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    if missing or result.unexpected_keys:
+        raise IgdError(f"{path}: does not match --arch {arch} ({len(missing)} missing keys, e.g. "
+                       f"{missing[:2]}; {len(result.unexpected_keys)} unexpected, e.g. {result.unexpected_keys[:2]})")
+    bad = [k for k, v in target.state_dict().items() if k in state and v.shape != state[k].shape]
+    if bad:  # pragma: no cover - load_state_dict already raises on shape mismatches
+        raise IgdError(f"{path}: shape mismatch for {bad[:2]}")
+
+
+# --- torchvision ------------------------------------------------------------------------------------
+
+def _load_torchvision(spec: str) -> LoadedModel:
+    import torchvision
+
+    parts = spec.split(":")
+    name = parts[1] if len(parts) > 1 else ""
+    weights_name = parts[2] if len(parts) > 2 else "DEFAULT"
+    try:
+        builder = torchvision.models.get_model_builder(name)
+        weights_enum = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError) as exc:
+        raise IgdError(f"--model {spec}: unknown torchvision model {name!r}") from exc
+    try:
+        weights = weights_enum[weights_name] if weights_name != "DEFAULT" else weights_enum.DEFAULT
+    except KeyError as exc:
+        raise IgdError(f"--model {spec}: unknown weights {weights_name!r} "
+                       f"(choose from {', '.join(w.name for w in weights_enum)})") from exc
+    filename = Path(weights.url).name
+    target = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            net = builder(weights=weights)
+    except Exception as exc:  # network errors come in many types (URLError, OSError, ...)
+        raise IgdError(f"cannot download torchvision weights for {name} (offline?): place {filename} at "
+                       f"{target}") from exc
+    mean = tuple(weights.transforms().mean) if hasattr(weights.transforms(), "mean") else IMAGENET_MEAN
+    std = tuple(weights.transforms().std) if hasattr(weights.transforms(), "std") else IMAGENET_STD
+    model = Normalized(net, mean, std)
+    layer = "model.layer4" if hasattr(net, "layer4") else None
+    return LoadedModel(model, spec, "torchvision", fingerprint(model), len(weights.meta["categories"]),
+                       dataset="imagenet", default_layer=layer, info={"weights": weights.name})
+
+
+# --- RobustBench -------------------------------------------------------------------------------------
+
+def robustbench_entry(name: str, dataset: str | None, threat_model: str) -> tuple[str, str]:
+    """Find ``name`` in the RobustBench zoo; returns (dataset, threat model) or raises a one-line error."""
+    from ._compat import import_robustbench
+
+    import_robustbench()
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    try:
+        tm = ThreatModel(threat_model)
+    except ValueError as exc:
+        raise IgdError(f"--threat-model {threat_model}: expected Linf or L2") from exc
+    datasets = [BenchmarkDataset(RB_DATASETS[dataset])] if dataset in RB_DATASETS else list(model_dicts)
+    if dataset is not None and dataset not in RB_DATASETS:
+        raise IgdError(f"--model {name}: not a demo, torchvision:NAME or file model, and RobustBench has no "
+                       f"data set {dataset!r}")
+    for ds in datasets:
+        if name in model_dicts[ds].get(tm, {}):
+            return ds.value, tm.value
+    raise IgdError(f"--model {name}: not a file, not torchvision:NAME, and not in the RobustBench zoo "
+                   f"({'/'.join(d.value for d in datasets)}, {tm.value})")
+
+
+def _load_robustbench(name: str, dataset: str | None, threat_model: str) -> LoadedModel:
+    from ._compat import import_robustbench
+
+    rb = import_robustbench()
+    ds, tm = robustbench_entry(name, dataset, threat_model)
+    root = model_dir()
+    path = root / ds / tm / f"{name}.pt"
+    try:
+        # robustbench prints download messages on stdout, which belongs to --json results.
+        with contextlib.redirect_stdout(sys.stderr):
+            net = rb.utils.load_model(model_name=name, model_dir=str(root), dataset=ds, threat_model=tm)
+    except Exception as exc:  # gdown/requests/hub errors when offline
+        if path.exists():
+            raise IgdError(f"{path}: cannot load RobustBench checkpoint for {name} "
+                           f"({' '.join(str(exc).split())[:200]})") from exc
+        raise IgdError(f"cannot download RobustBench model {name} (offline?): place its checkpoint at {path}") from exc
+    num_classes = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}[ds]
+    eps = (DEFAULT_EPS if tm == "Linf" else DEFAULT_EPS_L2).get(ds)
+    return LoadedModel(net, name, "robustbench", fingerprint(net), num_classes, dataset=ds, eps=eps,
+                       default_layer=guess_penultimate(net), info={"threat_model": tm, "checkpoint": str(path)})
+
+
+def guess_penultimate(model: nn.Module) -> str | None:
+    """The usual masked layer of ResNets/WideResNets: ``layer4`` or ``block3``, possibly under a wrapper."""
+    names = [n for n, _ in model.named_modules()]
+    for want in ("layer4", "block3"):
+        hits = [n for n in names if n == want or n.endswith("." + want)]
+        if hits:
+            return min(hits, key=len)
+    return None

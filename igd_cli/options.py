@@ -1,0 +1,20 @@
+"""Option types shared by every command (the names are the CLI contract in CLI.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+Model = Annotated[str, typer.Option("--model", help="demo | RobustBench zoo name | torchvision:NAME | PATH.pt/.pth/.safetensors")]
+Arch = Annotated[Optional[str], typer.Option("--arch", help="architecture of a state-dict file: resnet18, preact-resnet18, wrn-34-10, resnet50, demo-cnn")]
+Dataset = Annotated[Optional[str], typer.Option("--dataset", help="digits | cifar10 | cifar100 | imagenet | PATH.safetensors (default: the model's own)")]
+DataDir = Annotated[Optional[Path], typer.Option("--data-dir", envvar="IGD_DATA_DIR", help="where torchvision data sets or ImageNet folders live")]
+ThreatModel = Annotated[str, typer.Option("--threat-model", help="Linf or L2")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="images per forward pass")]
+Seed = Annotated[int, typer.Option("--seed", help="random seed: the same seed gives the same result")]
+Json = Annotated[bool, typer.Option("--json", help="print exactly one JSON object, the result, on stdout")]
+Layer = Annotated[Optional[str], typer.Option("--layer", help="dotted module name of the masked layer (default: the model's penultimate layer)")]
+Eps = Annotated[Optional[str], typer.Option("--eps", help="l-inf budget, e.g. 8/255 or 0.0314 (default: per data set / the demo model's own)")]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Retrain the embedded demo model reproducibly: PGD adversarial training of igd's DemoCNN on digits.
 
-    python scripts/train_demo.py [--eps 0.1] [--epochs 60] [--out artifacts/demo/demo.safetensors]
+    python scripts/train_demo.py [--eps 0.2] [--epochs 60] [--out artifacts/demo/demo.safetensors]
 
 Writes the weights as a ``model`` artifact whose metadata records the ε it was trained for (attacks on
 ``--model demo`` default to it), the training settings and the clean and PGD-20 test accuracy.
@@ -44,7 +44,7 @@ def accuracy(model, x, y, eps=None, steps=20, generator=None):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--eps", type=float, default=0.1)
+    ap.add_argument("--eps", type=float, default=0.2)
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=0.05)

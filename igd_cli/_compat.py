@@ -42,3 +42,24 @@ def import_robustbench():
         import robustbench  # noqa: F401
         import robustbench.utils  # noqa: F401
     return sys.modules["robustbench"]
+
+
+def reachable(url_or_host: str, timeout: float = 3.0) -> bool:
+    """Whether a download host resolves and accepts a connection: checked before a download so that an
+    offline machine fails at once with one clear line instead of printing a doomed download.
+
+    ``IGD_OFFLINE=1`` answers False without asking the network.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("IGD_OFFLINE") == "1":
+        return False
+    host = urlparse(url_or_host).hostname if "://" in url_or_host else url_or_host
+    if not host:
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False

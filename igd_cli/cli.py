@@ -13,12 +13,14 @@ import traceback
 from pathlib import Path
 from typing import Annotated, Any, Callable
 
-import click
 import typer
 
 from . import __version__
 from ._compat import offline_guards
 from .errors import IgdError, one_line
+
+# typer >= 0.20 vendors click: take its exception classes from typer, whichever click it uses.
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   pretty_exceptions_enable=False,
@@ -42,11 +44,16 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-@app.callback()
-def _root(version: Annotated[bool, typer.Option("--version", help="print the igd version and exit")] = False) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         typer.echo(f"igd {__version__}")
         raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                                help="print the igd version and exit")] = False) -> None:
+    """IG-Defense: interpretability-guided test-time adversarial defence (ECCV 2024)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,14 +72,17 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:  # usage errors: bad option values, missing arguments
+    except _ClickException as exc:  # usage errors: bad option values, missing arguments
+        if type(exc).__name__ == "NoArgsIsHelpError":  # plain `igd` or `igd CMD` with no arguments: show help
+            print(exc.format_message())
+            return 0
         if debug:
             traceback.print_exc()
         print(f"error: {one_line(exc.format_message())}", file=sys.stderr)
         return 2
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("error: aborted", file=sys.stderr)
         return 130
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Literal, Sequence
 import numpy as np
 import torch
 
+from ._compat import reachable
 from .errors import IgdError
 
 Split = Literal["train", "test"]
@@ -56,10 +57,6 @@ class ImageSet:
 
     def all(self) -> Batch:
         return self.get(0, self.n)
-
-    def labels(self) -> torch.Tensor:
-        """All labels, without decoding images where the source allows."""
-        return self.get(0, self.n).y if not hasattr(self, "_labels") else self._labels
 
     def describe(self) -> dict:
         return {"dataset": self.name, "split": self.split, "n": self.n, "source": self.source}
@@ -124,12 +121,14 @@ def _torchvision_cifar(name: str, split: str, root: Path) -> ImageSet:
     try:
         ds = cls(str(root), train=(split == "train"), download=False)
     except RuntimeError:
+        offline = IgdError(f"--dataset {name}: not in {root} and cannot be downloaded (offline?): place "
+                           f"{Path(cls.url).name} (or its extracted {cls.base_folder}/) there or pass --data-dir")
+        if not reachable(cls.url):
+            raise offline
         try:
             ds = cls(str(root), train=(split == "train"), download=True)
         except Exception as exc:  # offline: URLError / OSError
-            archive = "cifar-10-python.tar.gz" if name == "cifar10" else "cifar-100-python.tar.gz"
-            raise IgdError(f"--dataset {name}: not found and cannot be downloaded (offline?): place {archive} "
-                           f"(or its extracted folder) in {root} or pass --data-dir") from exc
+            raise offline from exc
     x = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
     y = torch.as_tensor(ds.targets, dtype=torch.int64)
     return ImageSet(name, split, list(ds.classes), len(y), lambda i, j: (_from_uint8(x[i:j]), y[i:j]),

@@ -19,10 +19,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ._compat import reachable
 from .archs import ARCHS, IMAGENET_MEAN, IMAGENET_STD, Normalized
 from .errors import IgdError
 
 DEMO_WEIGHTS = "demo.safetensors"
+GDRIVE_HOST = "drive.google.com"  # RobustBench checkpoints are fetched with gdown
 
 #: Data set the RobustBench zoo files a model under (ours -> theirs).
 RB_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet": "imagenet"}
@@ -155,14 +157,15 @@ def _load_into(net: nn.Module, state: dict[str, torch.Tensor], path: Path, arch:
         target = net.model
     elif not isinstance(net, Normalized) and all(k.startswith("model.") for k in state):
         state = {k[len("model."):]: v for k, v in state.items()}
-    result = target.load_state_dict(state, strict=False)
+    try:
+        result = target.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even when strict=False
+        first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc)[:160])
+        raise IgdError(f"{path}: does not match --arch {arch} ({first})") from exc
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     if missing or result.unexpected_keys:
         raise IgdError(f"{path}: does not match --arch {arch} ({len(missing)} missing keys, e.g. "
                        f"{missing[:2]}; {len(result.unexpected_keys)} unexpected, e.g. {result.unexpected_keys[:2]})")
-    bad = [k for k, v in target.state_dict().items() if k in state and v.shape != state[k].shape]
-    if bad:  # pragma: no cover - load_state_dict already raises on shape mismatches
-        raise IgdError(f"{path}: shape mismatch for {bad[:2]}")
 
 
 # --- torchvision ------------------------------------------------------------------------------------
@@ -185,12 +188,14 @@ def _load_torchvision(spec: str) -> LoadedModel:
                        f"(choose from {', '.join(w.name for w in weights_enum)})") from exc
     filename = Path(weights.url).name
     target = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    offline = f"cannot download torchvision weights for {name} (offline?): place {filename} at {target}"
+    if not target.exists() and not reachable(weights.url):
+        raise IgdError(offline)
     try:
         with contextlib.redirect_stdout(sys.stderr):
             net = builder(weights=weights)
     except Exception as exc:  # network errors come in many types (URLError, OSError, ...)
-        raise IgdError(f"cannot download torchvision weights for {name} (offline?): place {filename} at "
-                       f"{target}") from exc
+        raise IgdError(offline) from exc
     mean = tuple(weights.transforms().mean) if hasattr(weights.transforms(), "mean") else IMAGENET_MEAN
     std = tuple(weights.transforms().std) if hasattr(weights.transforms(), "std") else IMAGENET_STD
     model = Normalized(net, mean, std)
@@ -231,6 +236,9 @@ def _load_robustbench(name: str, dataset: str | None, threat_model: str) -> Load
     ds, tm = robustbench_entry(name, dataset, threat_model)
     root = model_dir()
     path = root / ds / tm / f"{name}.pt"
+    offline = f"cannot download RobustBench model {name} (offline?): place its checkpoint at {path}"
+    if not path.exists() and not reachable(GDRIVE_HOST):
+        raise IgdError(offline)
     try:
         # robustbench prints download messages on stdout, which belongs to --json results.
         with contextlib.redirect_stdout(sys.stderr):
@@ -239,7 +247,7 @@ def _load_robustbench(name: str, dataset: str | None, threat_model: str) -> Load
         if path.exists():
             raise IgdError(f"{path}: cannot load RobustBench checkpoint for {name} "
                            f"({' '.join(str(exc).split())[:200]})") from exc
-        raise IgdError(f"cannot download RobustBench model {name} (offline?): place its checkpoint at {path}") from exc
+        raise IgdError(offline) from exc
     num_classes = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}[ds]
     eps = (DEFAULT_EPS if tm == "Linf" else DEFAULT_EPS_L2).get(ds)
     return LoadedModel(net, name, "robustbench", fingerprint(net), num_classes, dataset=ds, eps=eps,

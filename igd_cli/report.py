@@ -1,0 +1,134 @@
+"""Result rendering: small functions that build Rich tables and write matplotlib PNG plots.
+
+Each function takes plain data (dicts, lists, tensors) so commands, benchmarks and other reports can reuse them.
+Plots are drawn on a standalone ``Figure`` with the Agg canvas (no global pyplot state, works without a display)
+and written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from rich.table import Table
+
+from .artifacts import atomic_write_bytes
+
+
+def pct(x: float | None, digits: int = 2) -> str:
+    """A fraction as a percentage string; ``-`` for None."""
+    return "-" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def per_class_accuracy(correct: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[float | None]:
+    """Accuracy of each class (None for a class with no examples)."""
+    correct = correct.to(torch.int64)
+    out: list[float | None] = []
+    for c in range(num_classes):
+        sel = y == c
+        n = int(sel.sum())
+        out.append(int(correct[sel].sum()) / n if n else None)
+    return out
+
+
+def calibration_table(r: Mapping[str, Any]) -> Table:
+    """The calibrate-k result: every k the search evaluated, in k order, with pass/fail and the chosen k."""
+    base, tol = r["base_clean_accuracy"], r["tolerance"]
+    t = Table(title=f"calibrate-k: smallest k with clean accuracy ≥ {pct(base)} − {tol:g} points "
+                    f"({r['n_examples']} images)")
+    for col in ("k", "clean accuracy", "Δ vs base (points)", "passes"):
+        t.add_column(col, justify="right" if col != "passes" else "center")
+    for k, acc in r["curve"]:
+        ok = 100 * (base - acc) <= tol + 1e-9
+        mark = "[bold green]✓ chosen[/]" if k == r["k"] else ("✓" if ok else "[red]✗[/]")
+        t.add_row(str(k), pct(acc), f"{100 * (acc - base):+.2f}", mark)
+    return t
+
+
+def summary_table(title: str, rows: Iterable[tuple[str, str]]) -> Table:
+    """A two-column key/value table."""
+    t = Table(title=title, show_header=False)
+    t.add_column("what", style="bold")
+    t.add_column("value")
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
+
+
+def accuracy_table(title: str, rows: Sequence[tuple[str, float | None, float | None]]) -> Table:
+    """Rows of (evaluation, base accuracy, defended accuracy) with the difference in points."""
+    t = Table(title=title)
+    for col in ("evaluation", "base", "defended", "Δ (points)"):
+        t.add_column(col, justify="left" if col == "evaluation" else "right")
+    for name, base, dfd in rows:
+        delta = "-" if base is None or dfd is None else f"{100 * (dfd - base):+.2f}"
+        t.add_row(name, pct(base), pct(dfd), delta)
+    return t
+
+
+def per_class_table(classes: Sequence[str], columns: Mapping[str, Sequence[float | None]],
+                    counts: Sequence[int] | None = None, title: str = "per-class accuracy") -> Table:
+    """One row per class, one column per evaluation (e.g. base clean, defended clean)."""
+    t = Table(title=title)
+    t.add_column("class")
+    if counts is not None:
+        t.add_column("n", justify="right")
+    for name in columns:
+        t.add_column(name, justify="right")
+    for c, cname in enumerate(classes):
+        row = [cname] + ([str(counts[c])] if counts is not None else [])
+        row += [pct(vals[c]) for vals in columns.values()]
+        t.add_row(*row)
+    return t
+
+
+def timing_table(title: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Table:
+    """A benchmark table: ``rows`` are dicts, ``columns`` the keys to show (values printed as given)."""
+    t = Table(title=title)
+    for col in columns:
+        t.add_column(col, justify="left" if col == columns[0] else "right")
+    for row in rows:
+        t.add_row(*[str(row.get(c, "")) for c in columns])
+    return t
+
+
+def _save_figure(fig: Any, path: str | Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=150, bbox_inches="tight")
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
+
+
+def plot_calibration(path: str | Path, curve: Sequence[Sequence[float]], base_accuracy: float, tolerance: float,
+                     k: int, n_neurons: int, title: str = "") -> Path:
+    """Clean accuracy against k (log scale) with the base accuracy, the tolerance band and the chosen k
+    (the paper's Fig. 5A), written as a PNG."""
+    from matplotlib.figure import Figure
+
+    pts = sorted((int(a), 100 * float(b)) for a, b in curve)
+    base = 100 * base_accuracy
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.axhspan(base - tolerance, base, color="tab:green", alpha=0.15,
+               label=f"tolerance band (base − {tolerance:g} points)")
+    ax.axhline(base, color="tab:green", lw=1.5, label=f"base model ({base:.2f}%)")
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:blue", ms=5, label="IG-Defense (evaluated k)")
+    kacc = dict(pts).get(k)
+    if kacc is not None:
+        ax.plot([k], [kacc], "*", color="tab:red", ms=14, zorder=5, label=f"chosen k = {k} ({kacc:.2f}%)")
+        ax.axvline(k, color="tab:red", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(0.8, n_neurons * 1.25)
+    ax.set_xlabel(f"k (neurons kept per class, of N = {n_neurons})")
+    ax.set_ylabel("clean accuracy (%)")
+    lo = min([p[1] for p in pts] + [base - tolerance])
+    ax.set_ylim(max(0.0, lo - 0.1 * (base - lo) - 1), min(100.5, base + 0.25 * (base - lo) + 1))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title or "clean accuracy vs k")
+    ax.legend(loc="lower right", fontsize=8)
+    return _save_figure(fig, path)

@@ -1,0 +1,223 @@
+"""calibrate-k: the boundary k checked by an independent (literal, hook-based) evaluation, agreement with
+``defend-eval --attack none``, seeding, the feature cache, the mask artifact, the plot, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from igd_cli.artifacts import load_artifact, save_artifact
+from igd_cli.calibrate import calibrate_k, passes
+from igd_cli.common import open_target
+from igd_cli.data import load_dataset
+from igd_cli.defense import IGDefense, topk_mask
+from igd_cli.layers import replaced, scaled
+
+from .conftest import cifar_safetensors
+
+N_EX, BS = 160, 64  # 3 batches, the last one partial
+
+
+@pytest.fixture(scope="module")
+def target():
+    return open_target("demo", None, None, device="cpu")
+
+
+def write_importance(path, target, imp, layer="block3", method="lo-ir", **over):
+    meta = {**target.provenance(), "layer": layer, "method": method, "n_neurons": int(imp.shape[0]),
+            "data": {"dataset": "digits", "split": "train", "n": 300}, "params": {}, "seconds": 0.0, **over}
+    save_artifact(path, "importance", {"importance": imp}, meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loir(tmp_path_factory, target):
+    """A literal LO-IR importance (METHOD.md 1a: one full pass per zeroed channel) on 300 training digits."""
+    model = target.model
+    d = load_dataset("digits", "train", 300).all()
+    imp = torch.zeros(128, 10)
+    cnt = torch.bincount(d.y, minlength=10).float()
+    with torch.no_grad():
+        base = model(d.x).gather(1, d.y[:, None]).squeeze(1)
+        for j in range(128):
+            def zero(a, j=j):
+                a = a.clone()
+                a[:, j] = 0
+                return a
+            with replaced(model, "block3", zero):
+                out = model(d.x).gather(1, d.y[:, None]).squeeze(1)
+            imp[j] = torch.zeros(10).index_add_(0, d.y, (base - out).abs()) / cnt
+    return write_importance(tmp_path_factory.mktemp("imp") / "loir.safetensors", target, imp)
+
+
+@pytest.fixture(scope="module")
+def rand_imp(tmp_path_factory, target):
+    imp = torch.rand(128, 10, generator=torch.Generator().manual_seed(0))
+    return write_importance(tmp_path_factory.mktemp("imp") / "random.safetensors", target, imp, method="random")
+
+
+def literal_correct(model, mask, data, *, rs, sigma, tau, seed):
+    """Defended correct count by the literal formula with plain forwards and hooks, the noise drawn per batch in
+    order from one generator seeded with ``seed`` (the documented contract); independent of igd_cli.defense."""
+    g = torch.Generator().manual_seed(seed)
+    total = 0
+    with torch.no_grad():
+        for b in data.batches(BS):
+            x = b.x
+            logits = model(x + torch.randn((1, *x.shape), generator=g)[0] * sigma) if rs else model(x)
+            s = F.softmax(logits / tau, dim=1) @ mask.float().t()
+            with scaled(model, "block3", s):
+                total += int((model(x).argmax(1) == b.y).sum())
+    return total
+
+
+@pytest.mark.parametrize("rs", [False, True])
+@pytest.mark.parametrize("which", ["loir", "rand_imp"])
+def test_boundary_k_by_independent_evaluation(request, target, rs, which):
+    imp = load_artifact(request.getfixturevalue(which), kind="importance")["importance"]
+    data = load_dataset("digits", "test", N_EX)
+    d = IGDefense(target.model, "block3", torch.ones(128, 10), sigma=0.1, rs=rs, seed=3)
+    cal = calibrate_k(d, imp, data, tolerance=0.5, batch_size=BS)
+    assert cal.searched and cal.order[0] == 128 and cal.correct[128] == cal.base_correct
+    base = int(sum(int((target.model(b.x).argmax(1) == b.y).sum()) for b in data.batches(BS)))
+    assert base == cal.base_correct
+    k = cal.k
+    assert k > 1, "the demo model should need more than one neuron per class"
+    kw = dict(rs=rs, sigma=0.1, tau=0.01, seed=3)
+    at_k = literal_correct(target.model, topk_mask(imp, k), data, **kw)
+    below = literal_correct(target.model, topk_mask(imp, k - 1), data, **kw)
+    assert at_k == cal.correct[k] and below == cal.correct[k - 1]
+    assert passes(at_k, base, N_EX, 0.5) and not passes(below, base, N_EX, 0.5)
+    assert [kk for kk, _ in cal.curve] == sorted(cal.correct)
+
+
+def test_cache_recompute_and_seed_give_identical_results(target, rand_imp):
+    imp = load_artifact(rand_imp, kind="importance")["importance"]
+    data = load_dataset("digits", "test", N_EX)
+    d = IGDefense(target.model, "block3", torch.ones(128, 10), sigma=0.2, tau=0.5, seed=1)
+    cached = calibrate_k(d, imp, data, batch_size=BS)
+    again = calibrate_k(d, imp, data, batch_size=BS)
+    streamed = calibrate_k(d, imp, data, batch_size=BS, max_cache_bytes=0)
+    assert streamed.info["recomputed_batches"] > 0 and cached.info["recomputed_batches"] == 0
+    assert cached.correct == again.correct == streamed.correct and cached.k == streamed.k
+    d.reseed(2)
+    other = calibrate_k(d, imp, data, batch_size=BS)
+    assert other.correct != cached.correct  # the noise does matter at τ = 0.5, σ = 0.2: the check can fail
+
+
+@pytest.mark.parametrize("rs_args", [[], ["--no-rs"]])
+def test_cli_calibrate_agrees_with_defend_eval(cli, tmp_path, loir, rs_args):
+    mask = tmp_path / "mask.safetensors"
+    plot = tmp_path / "cal.png"
+    common = ["--n-examples", N_EX, "--batch-size", BS, "--seed", 5, "--device", "cpu"]
+    r = cli("calibrate-k", "--importance", loir, "--out", mask, "--plot", plot, *common, *rs_args, "--json")
+    assert r.code == 0, r.err
+    res = r.json()
+    assert {"k", "base_clean_accuracy", "clean_accuracy", "curve", "out", "seconds"} <= set(res)
+    assert dict((int(k), a) for k, a in res["curve"])[res["k"]] == res["clean_accuracy"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    art = load_artifact(mask, kind="mask")
+    m = art["mask"]
+    assert m.dtype == torch.uint8 and m.shape == (128, 10) and (m.sum(0) == res["k"]).all()
+    meta = art.meta
+    assert meta["k"] == res["k"] and meta["layer"] == "block3" and meta["method"] == "lo-ir"
+    assert meta["importance_sha256"] and meta["importance_file"] == str(loir)
+    assert meta["defense"] == {"tau": 0.01, "sigma": None if rs_args else 0.1, "n_smooth": 1, "rs": not rs_args,
+                               "eps": None if rs_args else 0.2}
+    rep = tmp_path / "report.safetensors"
+    e = cli("defend-eval", "--mask", mask, "--attack", "none", *common, "--report", rep, "--json")
+    assert e.code == 0, e.err
+    ev = e.json()
+    assert ev["clean_accuracy"] == res["clean_accuracy"]
+    assert ev["base_clean_accuracy"] == res["base_clean_accuracy"]
+    assert ev["robust_accuracy"] == {} and ev["base_robust_accuracy"] == {} and ev["worst_case"] is None
+    assert ev["n_examples"] == N_EX
+    report = load_artifact(rep, kind="eval-report")
+    assert report["correct"].shape == (N_EX, 2)
+    assert report["correct"][:, 1].float().mean().item() == pytest.approx(ev["clean_accuracy"])
+    per_class = report.meta["per_class"]["defended clean"]
+    y = report["y"]
+    for c in range(10):
+        sel = y == c
+        assert per_class[c] == pytest.approx(report["correct"][sel, 1].float().mean().item())
+
+
+def test_cli_given_k_and_human_output(cli, tmp_path, rand_imp):
+    mask = tmp_path / "m.safetensors"
+    r = cli("calibrate-k", "--importance", rand_imp, "--out", mask, "--k", 7, "--n-examples", 50, "--no-rs",
+            "--device", "cpu", "--json")
+    assert r.code == 0, r.err
+    res = r.json()
+    assert res["k"] == 7 and [c[0] for c in res["curve"]] == [7] and not res["searched"]
+    assert (load_artifact(mask, kind="mask")["mask"].sum(0) == 7).all()
+    h = cli("calibrate-k", "--importance", rand_imp, "--out", mask, "--n-examples", 50, "--device", "cpu")
+    assert h.code == 0 and "chosen" in h.out and "k =" in h.out
+    d = cli("defend-eval", "--mask", mask, "--n-examples", 50, "--device", "cpu")
+    assert d.code == 0 and "defended" in d.out
+
+
+def _bad(tmp_path, target, name, imp, **meta):
+    return write_importance(tmp_path / f"{name}.safetensors", target, imp, **meta)
+
+
+def test_cli_bad_input(cli, tmp_path, target, rand_imp):
+    good = load_artifact(rand_imp, kind="importance")["importance"]
+    nan = good.clone()
+    nan[3, 4] = float("nan")
+    cases = {
+        "k0": ([rand_imp], ["--k", 0], "between 1 and N"),
+        "k129": ([rand_imp], ["--k", 129], "between 1 and N = 128"),
+        "nan": ([_bad(tmp_path, target, "nan", nan)], [], "NaN or infinite"),
+        "inf": ([_bad(tmp_path, target, "inf", good * float("inf"))], [], "NaN or infinite"),
+        "model": ([_bad(tmp_path, target, "fp", good, model_fingerprint="0000111122223333")], [], "fingerprint"),
+        "layer": ([_bad(tmp_path, target, "l2", good[:64], layer="block2")], ["--layer", "block3"],
+                  "made for layer 'block2', not 'block3'"),
+        "nolayer": ([_bad(tmp_path, target, "l9", good, layer="layer9")], [], "does not have"),
+        "shape": ([_bad(tmp_path, target, "shape", good[:100])], [], "does not match layer block3"),
+        "tolerance": ([rand_imp], ["--tolerance", -1], "--tolerance"),
+        "n_smooth": ([rand_imp], ["--n-smooth", 0], "--n-smooth"),
+        "tau": ([rand_imp], ["--tau", 0], "--tau"),
+        "sigma": ([rand_imp], ["--sigma", -0.1], "--sigma"),
+        "n_examples": ([rand_imp], ["--n-examples", 100000], "fewer than"),
+    }
+    for name, (imp, extra, msg) in cases.items():
+        r = cli("calibrate-k", "--importance", *imp, "--out", tmp_path / "o.safetensors", "--device", "cpu",
+                "--n-examples", 20, *extra)
+        lines = r.err.strip().splitlines()
+        assert r.code == 2 and len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], (name, r.err)
+        assert not (tmp_path / "o.safetensors").exists()
+    shard = tmp_path / "shard.safetensors"
+    save_artifact(shard, "importance-shard", {"importance": good[:10]},
+                  {**target.provenance(), "layer": "block3", "neurons": [0, 10]})
+    r = cli("calibrate-k", "--importance", shard, "--out", tmp_path / "o.safetensors", "--device", "cpu")
+    assert r.code == 2 and "importance-shard" in r.err
+
+
+def test_mask_of_another_model_refused(cli, tmp_path, resnet18_path, rand_imp):
+    data = cifar_safetensors(tmp_path, n=8)
+    args = ["--model", resnet18_path, "--arch", "resnet18", "--dataset", data, "--eps", "8/255", "--device", "cpu"]
+    r = cli("calibrate-k", "--importance", rand_imp, "--out", tmp_path / "m.safetensors", *args)
+    assert r.code == 2 and "fingerprint" in r.err and len(r.err.strip().splitlines()) == 1
+    mask = tmp_path / "demo-mask.safetensors"
+    assert cli("calibrate-k", "--importance", rand_imp, "--out", mask, "--k", 3, "--n-examples", 10,
+               "--device", "cpu").code == 0
+    r = cli("defend-eval", "--mask", mask, *args)
+    assert r.code == 2 and "fingerprint" in r.err and len(r.err.strip().splitlines()) == 1
+
+
+def test_defend_eval_delegates_attacks(cli, tmp_path, rand_imp):
+    """With igd_cli.evaluate (the attacks' module) attacks are delegated to it; without it, one error line."""
+    import importlib.util
+
+    mask = tmp_path / "m.safetensors"
+    assert cli("calibrate-k", "--importance", rand_imp, "--out", mask, "--k", 30, "--n-examples", 10,
+               "--device", "cpu").code == 0
+    r = cli("defend-eval", "--mask", mask, "--attack", "fgsm", "--n-examples", 10, "--device", "cpu", "--json")
+    if importlib.util.find_spec("igd_cli.evaluate") is None:
+        assert r.code == 2 and "igd_cli.evaluate" in r.err and len(r.err.strip().splitlines()) == 1
+    else:
+        assert r.code == 0, r.err
+        res = r.json()
+        assert {"n_examples", "clean_accuracy", "base_clean_accuracy", "robust_accuracy", "base_robust_accuracy",
+                "worst_case"} <= set(res) and "fgsm" in res["robust_accuracy"] and res["k"] == 30

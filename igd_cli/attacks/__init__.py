@@ -1,0 +1,56 @@
+"""Attacks by ``--attack`` name (CLI.md): ``make_attack(name, model, eps=..., ...)`` builds one.
+
+Every attack is an :class:`~igd_cli.attacks.base.Attack`: ``attack(x, y, index) -> x_adv`` inside the ε-ball
+and [0, 1]; :func:`~igd_cli.attacks.base.run_attack` runs one over an ``ImageSet`` with a progress bar.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..errors import IgdError
+from .apgd import APGD, APGDCW, APGDEoT, APGDTargetedDLR
+from .autoattack import AutoAttackRand, AutoAttackStandard, Square
+from .base import BUDGET_KEYS, Attack, AttackResult, predict, reseed, run_attack
+from .pgd import FGSM, PGD
+from .rays import RayS
+
+#: ``--attack`` name -> attack class, in CLI.md's order.
+ATTACKS: dict[str, type[Attack]] = {
+    "aa": AutoAttackStandard,
+    "aa-rand": AutoAttackRand,
+    "apgd-ce": APGD,
+    "apgd-cw": APGDCW,
+    "apgd-t-dlr": APGDTargetedDLR,
+    "apgd-eot": APGDEoT,
+    "rays": RayS,
+    "square": Square,
+    "pgd": PGD,
+    "fgsm": FGSM,
+}
+
+
+def attack_class(name: str) -> type[Attack]:
+    """The class of ``--attack NAME`` or a one-line error listing the names."""
+    try:
+        return ATTACKS[name]
+    except KeyError:
+        raise IgdError(f"--attack {name}: unknown attack (choose from {', '.join(ATTACKS)})") from None
+
+
+def make_attack(name: str, model: nn.Module, *, eps: float, norm: str = "Linf", seed: int = 0, device=None,
+                num_classes: int | None = None, randomized: bool | None = None, strict: bool = True,
+                steps: int | None = None, restarts: int | None = None, queries: int | None = None,
+                eot_iter: int | None = None) -> Attack:
+    """Build attack ``name`` on ``model``; budget overrides of None keep the paper's defaults.
+
+    With ``strict=False`` overrides the attack has no use for are ignored (used for attack ensembles).
+    """
+    cls = attack_class(name)
+    return cls(model, eps=eps, norm=norm, seed=seed, device=device, num_classes=num_classes,
+               randomized=randomized, strict=strict, steps=steps, restarts=restarts, queries=queries,
+               eot_iter=eot_iter)
+
+
+__all__ = ["ATTACKS", "BUDGET_KEYS", "Attack", "AttackResult", "attack_class", "make_attack", "predict",
+           "reseed", "run_attack"]

@@ -1,0 +1,147 @@
+"""APGD attacks on pyautoattack's own machinery (``APGDAttack.attack_single_run``): CE, CW margin, targeted DLR
+and CE with EoT, in the *transfer* form the paper uses (Appendix B.3): for every image the returned point is
+a misclassifying iterate if the attack found one, otherwise the iterate with the highest loss — never the
+clean image, also where the attack failed.
+
+Why not ``APGDAttack.perturb``: it returns the clean image where the attack fails (``best_loss=False``) or the
+highest-loss point even where a misclassifying iterate exists (``best_loss=True``, and then it does not seed
+its random start). The restart loop below is ``perturb``'s, with both outcomes kept; the random start is
+pyautoattack's formula drawn from a per-image generator, so an image gives the same point as
+``APGDAttack(seed=image_seed(seed, index)).perturb`` run on that image alone, whatever batch it is in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+
+from .base import Attack, image_generators
+
+
+class _APGDMargin(APGDAttack):
+    """APGD with the Carlini–Wagner margin loss ``max_{j≠y} z_j − z_y``.
+
+    pyautoattack selects its loss by name from a fixed list ('ce', 'dlr', ...) and calls the bound method
+    ``self.dlr_loss`` for 'dlr'; overriding that method gives the CW loss on the unchanged APGD machinery.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs["loss"] = "dlr"
+        super().__init__(*args, **kwargs)
+
+    def dlr_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # noqa: D401 - pyautoattack hook
+        x_sorted, ind_sorted = x.sort(dim=1)
+        ind = (ind_sorted[:, -1] == y).float()
+        u = torch.arange(x.shape[0], device=x.device)
+        return -(x[u, y] - x_sorted[:, -2] * ind - x_sorted[:, -1] * (1.0 - ind))
+
+
+def random_start(apgd: APGDAttack, x: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+    """pyautoattack's random start (``attack_single_run``'s first lines) with per-image generators."""
+    if apgd.norm == "Linf":
+        t = torch.stack([2 * torch.rand(x.shape[1:], generator=g) - 1 for g in gens]).to(x.device)
+    else:  # L2
+        t = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device)
+    return x + apgd.eps * torch.ones_like(x) * apgd.normalize(t)
+
+
+class APGD(Attack):
+    """APGD-CE (transfer form): 100 steps, 1 restart."""
+
+    name = "apgd-ce"
+    defaults = {"steps": 100, "restarts": 1}
+    norms = ("Linf", "L2")
+    loss = "ce"
+
+    def _make(self) -> APGDAttack:
+        eot = self.budget.get("eot_iter", 1)
+        if not self.randomized:
+            # The model is deterministic: the EoT samples are identical, and APGD uses the mean gradient
+            # only through its sign (Linf) or direction (L2), so one sample gives the same iterates.
+            eot = 1
+        cls = _APGDMargin if self.loss == "cw" else APGDAttack
+        kwargs = {} if self.loss == "cw" else {"loss": self.loss}
+        return cls(self.model, n_iter=self.budget["steps"], norm=self.norm, n_restarts=self.budget["restarts"],
+                   eps=self.eps, seed=self.seed, eot_iter=eot, rho=0.75, device=self.device, **kwargs)
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        apgd = self._make()
+        apgd.init_hyperparam(x)
+        gens = image_generators(self.seed, index)
+        out = x.clone()
+        fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        best_loss = torch.full((len(x),), -float("inf"), device=x.device)
+        for _ in range(self.budget["restarts"]):
+            todo = (~fooled).nonzero().flatten()
+            if todo.numel() == 0:
+                break
+            self._run(apgd, x, y, todo, gens, out, fooled, best_loss)
+        return out
+
+    def _run(self, apgd: APGDAttack, x, y, todo, gens, out, fooled, best_loss) -> None:
+        init = random_start(apgd, x[todo], [gens[i] for i in todo.tolist()])
+        x_best, acc, loss_best, x_best_adv = apgd.attack_single_run(x[todo], y[todo], x_init=init)
+        _keep(out, fooled, best_loss, todo, x_best, acc, loss_best, x_best_adv)
+
+
+def _keep(out, fooled, best_loss, todo, x_best, acc, loss_best, x_best_adv) -> None:
+    """Misclassifying iterate where the run found one; else the highest-loss iterate seen so far."""
+    acc = acc.bool()
+    succ = ~acc
+    out[todo[succ]] = x_best_adv[succ]
+    fooled[todo[succ]] = True
+    better = acc & (loss_best > best_loss[todo])
+    out[todo[better]] = x_best[better]
+    best_loss[todo[better]] = loss_best[better]
+
+
+class APGDCW(APGD):
+    """APGD with the Carlini–Wagner margin loss (transfer form): 100 steps, 1 restart."""
+
+    name = "apgd-cw"
+    loss = "cw"
+
+
+class APGDEoT(APGD):
+    """APGD-CE with Expectation over Transformation: 20 gradient samples per step (transfer form)."""
+
+    name = "apgd-eot"
+    defaults = {"steps": 100, "restarts": 1, "eot_iter": 20}
+
+
+class APGDTargetedDLR(APGD):
+    """Targeted APGD-DLR (transfer form): 100 steps, 3 restarts, the 9 most likely other classes as targets.
+
+    Where every target fails, the point kept is the one with the highest targeted-DLR loss over all targets.
+    """
+
+    name = "apgd-t-dlr"
+    defaults = {"steps": 100, "restarts": 3}
+    n_target_classes = 9
+
+    def _make(self) -> APGDAttack:
+        n_classes = self.num_classes or 10
+        return APGDAttack_targeted(self.model, n_iter=self.budget["steps"], norm=self.norm,
+                                   n_restarts=self.budget["restarts"], eps=self.eps, seed=self.seed, eot_iter=1,
+                                   rho=0.75, n_target_classes=max(1, min(self.n_target_classes, n_classes - 1)),
+                                   device=self.device)
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        apgd = self._make()
+        apgd.init_hyperparam(x)
+        gens = image_generators(self.seed, index)
+        out = x.clone()
+        fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        best_loss = torch.full((len(x),), -float("inf"), device=x.device)
+        # pyautoattack's APGDAttack_targeted.perturb loop: targets = 2nd..(n+1)th most likely clean class.
+        for target_class in range(2, apgd.n_target_classes + 2):
+            for _ in range(self.budget["restarts"]):
+                todo = (~fooled).nonzero().flatten()
+                if todo.numel() == 0:
+                    return out
+                with torch.no_grad():
+                    logits = self.model(x[todo])
+                apgd.y_target = logits.sort(dim=1)[1][:, -target_class]
+                self._run(apgd, x, y, todo, gens, out, fooled, best_loss)
+        return out

@@ -1,0 +1,206 @@
+"""One small attack interface (like torchattacks): built with the model, ε, norm, budget, seed and device;
+``attack(x, y, index) -> x_adv``, batched; plus :func:`run_attack`, which runs an attack over an ``ImageSet``.
+
+Randomness is drawn per image from a generator seeded with ``(seed, index)`` wherever igd controls it (APGD
+random starts, PGD, RayS is deterministic), so an image's adversarial point does not depend on which other
+images share its batch: batch size, ``--shard`` and the skipping of broken images in IW-WC give the same
+points on a deterministic model. pyautoattack's AutoAttack and Square seed once per call (their design).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..console import progress
+from ..data import ImageSet
+from ..errors import IgdError
+
+#: budget keys that can be overridden on the command line (``--steps`` ...), by attack.
+BUDGET_KEYS = ("steps", "restarts", "queries", "eot_iter")
+_MASK63 = (1 << 63) - 1
+#: float32 rounding of ``x ± ε`` for x in [0, 1]: a few ulps of 1.0
+ROUNDING = 1e-6
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image ``index`` (its position in the split) under the run seed ``seed``."""
+    return (int(seed) * 1_000_003 + int(index) * 7919 + 0x9E3779B97F4A7C15) & _MASK63
+
+
+def image_generators(seed: int, index: torch.Tensor) -> list[torch.Generator]:
+    """One CPU generator per image (CPU, as pyautoattack draws its starts on CPU and moves them)."""
+    return [torch.Generator().manual_seed(image_seed(seed, int(i))) for i in index.tolist()]
+
+
+def is_randomized(model: nn.Module) -> bool:
+    """True for models whose output is random (the IG-Defense with randomized smoothing)."""
+    flag = getattr(model, "randomized", None)
+    if isinstance(flag, bool):
+        return flag
+    if callable(flag):
+        return bool(flag())
+    return bool(getattr(model, "rs", False)) and hasattr(model, "reseed")
+
+
+def reseed(model: nn.Module, seed: int) -> None:
+    """Restart a randomized model's noise stream (no-op for deterministic models) so reruns agree."""
+    fn = getattr(model, "reseed", None)
+    if callable(fn):
+        fn(seed)
+
+
+class Attack:
+    """Base class: subclasses set ``name``, ``defaults`` (the paper's budget) and implement ``perturb``.
+
+    ``budget`` holds the defaults with the user's overrides; an override the attack has no use for is an
+    :class:`IgdError` (with ``strict=True``) so that ``--queries`` on APGD does not pass silently.
+    """
+
+    name: ClassVar[str] = "attack"
+    defaults: ClassVar[dict[str, int]] = {}
+    norms: ClassVar[tuple[str, ...]] = ("Linf",)
+
+    def __init__(self, model: nn.Module, *, eps: float, norm: str = "Linf", seed: int = 0,
+                 device: torch.device | str | None = None, num_classes: int | None = None,
+                 randomized: bool | None = None, strict: bool = True, **overrides: int | None):
+        if norm not in self.norms:
+            raise IgdError(f"attack {self.name} supports {', '.join(self.norms)}, not {norm}")
+        if not (eps > 0):
+            raise IgdError(f"attack {self.name}: ε must be positive, got {eps}")
+        self.model = model
+        self.eps = float(eps)
+        self.norm = norm
+        self.seed = int(seed)
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.num_classes = num_classes
+        self.randomized = is_randomized(model) if randomized is None else bool(randomized)
+        self.budget: dict[str, int] = dict(self.defaults)
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if key not in self.defaults:
+                if strict:
+                    flag = "--" + key.replace("_", "-")
+                    raise IgdError(f"attack {self.name} has no {flag} budget "
+                                   f"(it takes: {', '.join('--' + k.replace('_', '-') for k in self.defaults) or 'none'})")
+                continue
+            if int(value) < 1:
+                raise IgdError(f"--{key.replace('_', '-')} {value}: must be at least 1")
+            self.budget[key] = int(value)
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Adversarial points for a batch (on the attack's device), inside the ε-ball and [0, 1]."""
+        x = x.to(self.device, torch.float32)
+        y = y.to(self.device, torch.int64)
+        if index is None:
+            index = torch.arange(len(x), dtype=torch.int64)
+        if len(x) == 0:
+            return x.clone()
+        x_adv = self.perturb(x, y, index.cpu()).detach()
+        return project(x_adv, x, self.eps, self.norm)
+
+    def describe(self) -> dict[str, Any]:
+        return {"attack": self.name, "eps": self.eps, "norm": self.norm, "budget": dict(self.budget),
+                "seed": self.seed}
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str = "Linf") -> torch.Tensor:
+    """Safety net: the projection onto the ε-ball around ``x`` and [0, 1]; the identity on points inside (up to
+    the float32 rounding of ``x ± ε``, which the attacks' own clamping produces)."""
+    if norm == "Linf":
+        delta = x_adv - x
+        if delta.abs().amax() <= eps + ROUNDING and x_adv.min() >= 0 and x_adv.max() <= 1:
+            return x_adv
+        return (x + delta.clamp(-eps, eps)).clamp(0.0, 1.0)
+    delta = (x_adv - x).flatten(1)
+    norms = delta.norm(dim=1, keepdim=True)
+    if (norms <= eps * (1 + 1e-6)).all() and x_adv.min() >= 0 and x_adv.max() <= 1:
+        return x_adv
+    delta = delta * torch.clamp(eps / (norms + 1e-12), max=1.0)
+    return (x + delta.view_as(x)).clamp(0.0, 1.0)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+@dataclass
+class AttackResult:
+    """Adversarial points of the images at ``index`` (positions in the split), on CPU."""
+
+    x_adv: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor
+    seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256,
+            device: torch.device | None = None) -> torch.Tensor:
+    """Predicted labels (CPU int64) of ``x``, in batches."""
+    device = device or _model_device(model)
+    out = []
+    for i in range(0, len(x), batch_size):
+        out.append(model(x[i:i + batch_size].to(device)).argmax(1).cpu())
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
+
+
+def run_attack(attack: Attack, data: ImageSet, *, batch_size: int = 128,
+               positions: Sequence[int] | torch.Tensor | None = None, description: str | None = None,
+               show_progress: bool = True) -> AttackResult:
+    """Run ``attack`` over the images of ``data`` at ``positions`` (default: all), in batches, with a progress
+    bar; returns the adversarial points with their labels and positions (CPU)."""
+    import time
+
+    if positions is None:
+        positions = torch.arange(len(data), dtype=torch.int64)
+    positions = torch.as_tensor(positions, dtype=torch.int64).flatten()
+    if len(positions) and (positions.min() < 0 or positions.max() >= len(data)):
+        raise IgdError(f"image positions out of range 0..{len(data) - 1}")
+    start = time.perf_counter()
+    xs, ys = [], []
+    with progress() as bar:
+        task = bar.add_task(description or attack.name, total=len(positions), visible=show_progress)
+        for b in range(0, len(positions), batch_size):
+            pos = positions[b:b + batch_size]
+            x, y = _gather(data, pos)
+            xs.append(attack(x, y, pos).cpu())
+            ys.append(y)
+            bar.advance(task, len(pos))
+    x_adv = torch.cat(xs) if xs else torch.empty(0)
+    y = torch.cat(ys) if ys else torch.empty(0, dtype=torch.int64)
+    return AttackResult(x_adv, y, positions.clone(), time.perf_counter() - start, attack.describe())
+
+
+def _gather(data: ImageSet, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images at arbitrary positions, read in contiguous runs."""
+    if len(pos) == 0:
+        raise IgdError("no images to attack")
+    p = pos.tolist()
+    if p == list(range(p[0], p[0] + len(p))):
+        b = data.get(p[0], p[0] + len(p))
+        return b.x, b.y
+    xs, ys = [], []
+    run_start = prev = p[0]
+    for q in p[1:] + [None]:
+        if q is not None and q == prev + 1:
+            prev = q
+            continue
+        b = data.get(run_start, prev + 1)
+        xs.append(b.x)
+        ys.append(b.y)
+        if q is not None:
+            run_start = prev = q
+    return torch.cat(xs), torch.cat(ys)

@@ -1,0 +1,118 @@
+"""``igd attack``: run one attack on the base model (or the defended model with ``--mask``) and write the
+adversarial set artifact (``x_adv``, ``y``, ``index``)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+
+from ..attacks import ATTACKS, attack_class, make_attack, run_attack
+from ..cli import app, emit
+from ..common import check_classes, open_target, parse_eps
+from ..console import out_console
+from ..errors import IgdError
+from ..evaluate import correct_on, defense_identity, save_adversarial, set_meta
+from ..options import Arch, BatchSize, DataDir, Dataset, Device, Eps, Json, Model, Seed, ThreatModel
+
+
+def parse_shard(text: str | None, n: int) -> tuple[int, int, int, int] | None:
+    """``I/N`` (I in 0..N-1) -> (I, N, start, stop): the I-th of N contiguous blocks of the n images."""
+    if text is None:
+        return None
+    try:
+        i_s, n_s = text.split("/")
+        i, k = int(i_s), int(n_s)
+    except ValueError:
+        raise IgdError(f"--shard {text}: expected I/N with 0 <= I < N, e.g. 0/4") from None
+    if k < 1 or not 0 <= i < k:
+        raise IgdError(f"--shard {text}: expected I/N with 0 <= I < N, e.g. 0/4")
+    if k > n:
+        raise IgdError(f"--shard {text}: {k} shards for only {n} images")
+    return i, k, i * n // k, (i + 1) * n // k
+
+
+@app.command("attack")
+def attack_cmd(
+    model: Model = "demo",
+    attack: Annotated[str, typer.Option("--attack", help=f"one of {', '.join(ATTACKS)}")] = ...,
+    out: Annotated[Path, typer.Option("--out", help="adversarial set to write (.safetensors)")] = ...,
+    mask: Annotated[Optional[Path], typer.Option("--mask", help="attack the defended model with this mask artifact")] = None,
+    eps: Eps = None,
+    n_examples: Annotated[Optional[int], typer.Option("--n-examples", help="first N test images (default: all)")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="iterations (APGD 100, PGD 20, AutoAttack's APGD/FAB 100)")] = None,
+    restarts: Annotated[Optional[int], typer.Option("--restarts", help="random restarts (APGD 1, APGD-T-DLR 3)")] = None,
+    queries: Annotated[Optional[int], typer.Option("--queries", help="query budget (RayS 10000, Square 5000)")] = None,
+    eot_iter: Annotated[Optional[int], typer.Option("--eot-iter", help="EoT gradient samples per step (apgd-eot 20)")] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="attack only block I of N of the images (I/N, 0-based)")] = None,
+    arch: Arch = None,
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
+    threat_model: ThreatModel = "Linf",
+    device: Device = "auto",
+    batch_size: BatchSize = 128,
+    seed: Seed = 0,
+    as_json: Json = False,
+) -> None:
+    """Attack the base model (or the defended model with --mask) and write the adversarial set."""
+    attack_class(attack)  # unknown names fail before any model is loaded
+    eps_v = parse_eps(eps)
+    if threat_model not in ("Linf", "L2"):
+        raise IgdError(f"--threat-model {threat_model}: expected Linf or L2")
+    if out.exists() and out.is_dir():
+        raise IgdError(f"--out {out}: is a directory")
+    target = open_target(model, arch, dataset, threat_model, device)
+    data = target.data("test", n_examples, data_dir)
+    check_classes(target, data)
+    if eps_v is None:
+        eps_v = target.default_eps()
+    sh = parse_shard(shard, len(data))
+    positions = torch.arange(len(data), dtype=torch.int64) if sh is None else torch.arange(sh[2], sh[3])
+
+    attacked = target.model
+    kind = "base"
+    extra: dict = {}
+    if mask is not None:
+        from ..defense import load_defense
+
+        attacked = load_defense(target, mask, seed=seed)
+        kind = "defended"
+        extra["defense"] = defense_identity(mask, attacked)
+        extra["mask_sha256"] = extra["defense"]["mask_sha256"]
+    atk = make_attack(attack, attacked, eps=eps_v, norm=threat_model, seed=seed, device=target.device,
+                      num_classes=target.loaded.num_classes, steps=steps, restarts=restarts, queries=queries,
+                      eot_iter=eot_iter)
+    start = time.perf_counter()
+    correct_reseed = getattr(attacked, "reseed", None)
+    if callable(correct_reseed):
+        correct_reseed(seed)
+    res = run_attack(atk, data, batch_size=batch_size, positions=positions, description=f"{kind} {attack}")
+    from ..attacks.base import _gather
+
+    x_clean, _ = _gather(data, positions)
+    clean_ok = correct_on(attacked, x_clean, res.y, seed=seed, batch_size=batch_size)
+    adv_ok = correct_on(attacked, res.x_adv, res.y, seed=seed, batch_size=batch_size)
+    robust = float((clean_ok & adv_ok).float().mean())
+    seconds = time.perf_counter() - start
+    if sh is not None:
+        extra["shard"] = [sh[0], sh[1]]
+    extra.update({"seconds": round(seconds, 3), "n_attacked": len(positions), "batch_size": batch_size,
+                  "clean_accuracy": float(clean_ok.float().mean())})
+    meta = set_meta(target.provenance(), atk.describe(), kind, data, robust, extra)
+    save_adversarial(out, res, meta)
+    result = {"out": str(out), "attack": attack, "target": kind, "robust_accuracy": robust,
+              "n_examples": len(positions), "seconds": round(seconds, 3), "clean_accuracy": meta["clean_accuracy"],
+              "eps": eps_v, "budget": atk.budget, "seed": seed}
+    if sh is not None:
+        result["shard"] = [sh[0], sh[1]]
+    emit(result, as_json, _render)
+
+
+def _render(r: dict) -> None:
+    out_console.print(f"[bold]{r['attack']}[/bold] on the {r['target']} model, ε={r['eps']:.4g}, "
+                      f"budget {r['budget'] or '—'}: clean {100 * r['clean_accuracy']:.2f}% → robust "
+                      f"[bold]{100 * r['robust_accuracy']:.2f}%[/bold] on {r['n_examples']} images "
+                      f"({r['seconds']:.1f} s) → {r['out']}")

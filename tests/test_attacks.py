@@ -1,0 +1,192 @@
+"""Attacks: AutoAttack and APGD through igd equal pyautoattack run directly; transfer variants; ε-ball; CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pyautoattack import AutoAttack
+from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+
+from igd_cli.artifacts import load_artifact
+from igd_cli.attacks import ATTACKS, make_attack, predict
+from igd_cli.attacks.apgd import _APGDMargin
+from igd_cli.attacks.base import image_seed
+from igd_cli.data import load_dataset
+
+EPS = 0.2
+
+
+@pytest.fixture(scope="module")
+def digits16():
+    d = load_dataset("digits", "test", 40)
+    return d
+
+
+@pytest.fixture(scope="module")
+def correct_batch(demo, digits16):
+    """12 clean-correct test images and their positions (pyautoattack attacks only clean-correct ones)."""
+    b = digits16.all()
+    ok = predict(demo.model, b.x) == b.y
+    idx = ok.nonzero().flatten()[:12]
+    return b.x[idx], b.y[idx], b.index[idx]
+
+
+def _in_ball(x_adv, x, eps):
+    return bool((x_adv - x).abs().amax() <= eps + 1e-6) and x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_autoattack_equals_pyautoattack_directly(demo, correct_batch):
+    x, y, idx = correct_batch
+    ours = make_attack("aa", demo.model, eps=EPS, seed=0, num_classes=10, steps=5, queries=40)(x, y, idx)
+    # pyautoattack alone, built the way its own __init__ builds the attacks, with the same small budget
+    aa = AutoAttack(demo.model, norm="Linf", eps=EPS, seed=0, version="standard", device="cpu")
+    aa.apgd = APGDAttack(demo.model, n_restarts=1, n_iter=5, verbose=False, eps=EPS, norm="Linf", eot_iter=1,
+                         rho=.75, seed=0, device="cpu", logger=aa.logger)
+    aa.apgd_targeted = APGDAttack_targeted(demo.model, n_restarts=1, n_iter=5, verbose=False, eps=EPS, norm="Linf",
+                                           eot_iter=1, rho=.75, seed=0, device="cpu", logger=aa.logger,
+                                           n_target_classes=9)
+    aa.fab.n_iter = 5
+    aa.square.n_queries = 40
+    ref, _ = aa.run_standard_evaluation(x, y, batch_size=len(x))
+    assert torch.equal(ours, ref)
+    assert (predict(demo.model, ours) != y).any()  # the attack did something on this budget
+
+
+def test_apgd_ce_matches_pyautoattack_per_image(demo, correct_batch):
+    """Fooled images: pyautoattack's perturb with the image's seed; the others: its highest-loss point."""
+    x, y, idx = correct_batch
+    ours = make_attack("apgd-ce", demo.model, eps=EPS, seed=3, steps=8)(x, y, idx)
+    fooled = predict(demo.model, ours) != y
+    assert fooled.any() and (~fooled).any()
+    for i in range(len(x)):
+        s = image_seed(3, int(idx[i]))
+        apgd = APGDAttack(demo.model, n_iter=8, norm="Linf", eps=EPS, seed=s, loss="ce", device="cpu")
+        if fooled[i]:
+            ref = apgd.perturb(x[i:i + 1], y[i:i + 1])
+        else:
+            torch.manual_seed(s)  # best_loss=True does not seed itself
+            ref = apgd.perturb(x[i:i + 1], y[i:i + 1], best_loss=True)
+        assert torch.equal(ours[i:i + 1], ref), i
+
+
+def test_apgd_points_do_not_depend_on_the_batch(demo, correct_batch):
+    x, y, idx = correct_batch
+    atk = make_attack("apgd-t-dlr", demo.model, eps=EPS, seed=0, num_classes=10, steps=4, restarts=1)
+    whole = atk(x, y, idx)
+    parts = torch.cat([atk(x[i:i + 5], y[i:i + 5], idx[i:i + 5]) for i in range(0, len(x), 5)])
+    assert torch.allclose(whole, parts, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-cw", "apgd-t-dlr", "apgd-eot"])
+def test_transfer_variants_return_perturbed_points_where_they_fail(demo, correct_batch, name):
+    x, y, idx = correct_batch
+    kw = {"steps": 4} | ({"restarts": 1} if name == "apgd-t-dlr" else {}) | ({"eot_iter": 2} if name == "apgd-eot" else {})
+    x_adv = make_attack(name, demo.model, eps=EPS, seed=0, num_classes=10, **kw)(x, y, idx)
+    failed = predict(demo.model, x_adv) == y
+    assert failed.any()
+    moved = (x_adv - x).flatten(1).abs().amax(1) > 0
+    assert moved.all()  # never the clean image, also where the attack failed
+    assert _in_ball(x_adv, x, EPS)
+    # and the AutoAttack-style attack returns the clean image where it fails (the difference the paper notes)
+    aa = make_attack("aa", demo.model, eps=EPS, seed=0, num_classes=10, steps=2, queries=5)(x, y, idx)
+    aa_failed = predict(demo.model, aa) == y
+    assert torch.equal(aa[aa_failed], x[aa_failed])
+
+
+def test_apgd_cw_uses_the_margin_loss(demo):
+    z = torch.randn(6, 10)
+    y = torch.tensor([0, 3, 9, 1, 1, 5])
+    ap = _APGDMargin(demo.model, n_iter=1, eps=EPS)
+    assert ap.loss == "dlr"  # the slot whose loss method it overrides
+    lit = torch.stack([torch.cat([z[i, :y[i]], z[i, y[i] + 1:]]).max() - z[i, y[i]] for i in range(6)])
+    assert torch.allclose(ap.dlr_loss(z, y), lit)
+
+
+def test_eot_on_a_deterministic_model_equals_literal_eot(demo, correct_batch):
+    x, y, idx = correct_batch
+    fast = make_attack("apgd-eot", demo.model, eps=EPS, seed=0, steps=5, eot_iter=3)
+    literal = make_attack("apgd-eot", demo.model, eps=EPS, seed=0, steps=5, eot_iter=3, randomized=True)
+    assert fast.randomized is False and literal.randomized is True
+    assert torch.equal(fast(x, y, idx), literal(x, y, idx))
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("fgsm", {}), ("pgd", {"steps": 3}), ("apgd-ce", {"steps": 3}), ("apgd-cw", {"steps": 3}),
+    ("apgd-t-dlr", {"steps": 2, "restarts": 1}), ("apgd-eot", {"steps": 2, "eot_iter": 2}),
+    ("rays", {"queries": 60}), ("square", {"queries": 30}), ("aa", {"steps": 2, "queries": 10}),
+    ("aa-rand", {"steps": 2, "eot_iter": 2})])
+def test_every_attack_stays_in_the_ball_and_box(demo, correct_batch, name, kw):
+    x, y, idx = correct_batch
+    x = x[:6].clone()
+    x[0, 0, 0, :] = 0.0  # pixels at the box edges
+    x[1, 0, :, 0] = 1.0
+    x_adv = make_attack(name, demo.model, eps=EPS, seed=1, num_classes=10, **kw)(x, y[:6], idx[:6])
+    assert x_adv.shape == x.shape and x_adv.dtype == torch.float32
+    assert _in_ball(x_adv, x, EPS)
+
+
+def test_registry_matches_the_cli_contract():
+    assert list(ATTACKS) == ["aa", "aa-rand", "apgd-ce", "apgd-cw", "apgd-t-dlr", "apgd-eot", "rays", "square",
+                             "pgd", "fgsm"]
+    from igd_cli.attacks import make_attack as mk
+    from igd_cli.errors import IgdError
+
+    with pytest.raises(IgdError):
+        mk("apgd-ce", torch.nn.Linear(2, 2), eps=0.1, queries=10)
+    with pytest.raises(IgdError):
+        mk("rays", torch.nn.Linear(2, 2), eps=0.1, norm="L2")
+    a = mk("apgd-t-dlr", torch.nn.Linear(2, 2), eps=0.1)
+    assert a.budget == {"steps": 100, "restarts": 3}
+    assert mk("rays", torch.nn.Linear(2, 2), eps=0.1).budget == {"queries": 10000}
+    assert mk("apgd-eot", torch.nn.Linear(2, 2), eps=0.1).budget["eot_iter"] == 20
+
+
+def test_cli_attack_writes_a_valid_artifact(cli, tmp_path, demo):
+    out = tmp_path / "adv.safetensors"
+    r = cli("attack", "--model", "demo", "--attack", "apgd-ce", "--steps", "3", "--n-examples", "10",
+            "--out", out, "--json", "--device", "cpu")
+    assert r.code == 0, r.err
+    j = r.json()
+    assert set(j) >= {"out", "attack", "target", "robust_accuracy", "n_examples", "seconds"}
+    assert j["attack"] == "apgd-ce" and j["target"] == "base" and j["n_examples"] == 10
+    art = load_artifact(out, kind="adversarial", fingerprint=demo.fingerprint)
+    assert art["x_adv"].dtype == torch.float32 and art["y"].dtype == torch.int64
+    assert torch.equal(art["index"], torch.arange(10))
+    m = art.meta
+    assert m["attack"] == "apgd-ce" and m["target"] == "base" and m["eps"] == pytest.approx(demo.eps)
+    assert m["budget"] == {"steps": 3, "restarts": 1} and m["seed"] == 0
+    assert m["data"] == {"dataset": "digits", "split": "test", "n": 10}
+    x = load_dataset("digits", "test", 10).all()
+    assert _in_ball(art["x_adv"], x.x, demo.eps)
+    acc = float((predict(demo.model, art["x_adv"]) == x.y).float().mean())
+    assert j["robust_accuracy"] == pytest.approx(acc) == pytest.approx(m["robust_accuracy"])
+
+
+def test_cli_shards_join_to_the_unsharded_set(cli, tmp_path):
+    full, s0, s1 = tmp_path / "f.st", tmp_path / "s0.st", tmp_path / "s1.st"
+    base = ["attack", "--attack", "pgd", "--steps", "3", "--n-examples", "9", "--device", "cpu", "--json"]
+    assert cli(*base, "--out", full).code == 0
+    assert cli(*base, "--shard", "0/2", "--out", s0).code == 0
+    r = cli(*base, "--shard", "1/2", "--out", s1)
+    assert r.code == 0 and r.json()["n_examples"] == 5
+    a, b, c = (load_artifact(p, kind="adversarial") for p in (full, s0, s1))
+    assert torch.equal(torch.cat([b["index"], c["index"]]), a["index"])
+    assert torch.allclose(torch.cat([b["x_adv"], c["x_adv"]]), a["x_adv"], atol=1e-6)
+    assert b.meta["shard"] == [0, 2]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--attack", "nope"], "unknown attack"),
+    (["--attack", "pgd", "--eps", "abc"], "--eps"),
+    (["--attack", "pgd", "--eps", "0"], "--eps"),
+    (["--attack", "pgd", "--shard", "2/2"], "--shard"),
+    (["--attack", "pgd", "--shard", "x"], "--shard"),
+    (["--attack", "rays", "--steps", "3"], "--steps"),
+    (["--attack", "pgd", "--steps", "0"], "--steps"),
+])
+def test_cli_bad_input_is_one_error_line(cli, tmp_path, args, needle):
+    r = cli("attack", "--n-examples", "4", "--device", "cpu", "--out", tmp_path / "o.st", *args)
+    assert r.code == 2
+    lines = [ln for ln in r.err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.err
+    assert not (tmp_path / "o.st").exists()

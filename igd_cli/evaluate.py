@@ -377,7 +377,8 @@ class Evaluator:
             adv_ok = correct_on(model, res.x_adv, res.y, seed=self.seed, batch_size=self.batch_size)
             meta = set_meta(self.target.provenance(), info, kind, self.data, _acc(clean_ok & adv_ok),
                             {"set_key": key, "seconds": round(res.seconds, 3), "n_attacked": len(positions),
-                             "batch_size": self.batch_size, **({"defense": self.defense_meta} if kind == "defended" else {})})
+                             "batch_size": self.batch_size, **({"defense": self.defense_meta, "mask_sha256": self.defense_meta.get("mask_sha256")}
+                                if kind == "defended" else {})})
             save_adversarial(path, res, meta)
         return res, (str(path) if path is not None else "")
 

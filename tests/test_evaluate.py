@@ -1,0 +1,233 @@
+"""IW-WC evaluation: worst case is the per-image minimum, skipping keeps it, resume gives the same table,
+ready-made sets (and shards) are reused, the defended target works through ``--mask``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import igd_cli.attacks as attacks_mod
+import igd_cli.evaluate as ev
+from igd_cli.artifacts import load_artifact, save_artifact
+from igd_cli.attacks import predict
+from igd_cli.attacks.apgd import APGDEoT
+from igd_cli.common import open_target
+from igd_cli.data import load_dataset
+from igd_cli.errors import IgdError
+from igd_cli.evaluate import Budgets, evaluate_defense
+
+N = 14
+TINY = Budgets(steps=3, restarts=1, queries=25, eot_iter=2)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return open_target("demo", None, None, "Linf", "cpu")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("digits", "test", N)
+
+
+def _mask_file(path, target, k=40, rs=True):
+    g = torch.Generator().manual_seed(0)
+    mask = torch.zeros(128, 10, dtype=torch.uint8)
+    for c in range(10):
+        mask[torch.randperm(128, generator=g)[:k], c] = 1
+    meta = {**target.provenance(), "layer": "block3", "k": k, "importance_file": "none", "importance_sha256": "0",
+            "method": "random", "defense": {"tau": 0.01, "sigma": 0.1, "n_smooth": 1, "rs": rs, "eps": 0.2}}
+    return save_artifact(path, "mask", {"mask": mask}, meta)
+
+
+@pytest.fixture(scope="module")
+def mask_path(tmp_path_factory, target):
+    return _mask_file(tmp_path_factory.mktemp("mask") / "mask.safetensors", target)
+
+
+def _defense(target, mask_path, rs=None):
+    from igd_cli.defense import load_defense
+
+    return load_defense(target, mask_path, rs=rs, seed=0)
+
+
+def _strip(j):
+    j = dict(j)
+    j.pop("seconds"), j.pop("sets")
+    return j
+
+
+@pytest.fixture(scope="module")
+def iwwc(tmp_path_factory, target, data, mask_path):
+    d = _defense(target, mask_path)
+    work = tmp_path_factory.mktemp("work")
+    res = evaluate_defense(target, d, data, attack="iw-wc", workdir=work, budgets=TINY, seed=0, batch_size=8,
+                           defense_meta=ev.defense_identity(mask_path, d), show_progress=False)
+    return res, work
+
+
+def test_worst_case_is_the_per_image_minimum(iwwc):
+    res, _ = iwwc
+    j = res.to_json()
+    assert set(j["robust_accuracy"]) == {"aa", "rays", "apgd-eot", "tr-apgd-ce", "tr-apgd-cw", "tr-apgd-t-dlr",
+                                         "tr-aa", "tr-rays", "tr-apgd-eot"}
+    rows = torch.stack([res.clean_defended, *res.defended.values()])
+    assert torch.equal(res.worst(True), rows.all(0))
+    assert j["worst_case"] == pytest.approx(rows.all(0).float().mean().item())
+    assert j["worst_case"] <= min(j["robust_accuracy"].values()) + 1e-9
+    base_rows = torch.stack([res.clean_base] + [res.base[f"tr-{a}"] for a in ev.TRANSFER])
+    assert j["base_worst_case"] == pytest.approx(base_rows.all(0).float().mean().item())
+    # Table 8's base row: the direct columns are the base model's own attacks
+    for a in ev.DIRECT:
+        assert j["base_robust_accuracy"][a] == j["base_robust_accuracy"][f"tr-{a}"]
+    for k, v in j["robust_accuracy"].items():  # no attack beats a clean mistake into a correct answer
+        assert v <= j["clean_accuracy"] + 1e-9
+    pc = j["per_class"]["rows"]["defended:worst_case"]
+    present = [a for a in pc["accuracy"] if a is not None]
+    assert pc["worst"] == min(present) and pc["best"] == max(present)
+    assert json.loads(json.dumps(j)) == j
+
+
+def test_sets_on_disk_are_valid_artifacts(iwwc, target, data):
+    res, work = iwwc
+    files = sorted(work.glob("*.safetensors"))
+    assert len(files) == 9
+    x = data.all().x
+    for f in files:
+        art = load_artifact(f, kind="adversarial", fingerprint=target.loaded.fingerprint)
+        m = art.meta
+        assert m["target"] in ("base", "defended") and m["attack"] in attacks_mod.ATTACKS
+        assert (art["x_adv"] - x[art["index"]]).abs().amax() <= 0.2 + 1e-6
+        if m["target"] == "defended":
+            assert m["mask_sha256"] == m["defense"]["mask_sha256"] and len(m["mask_sha256"]) == 64
+
+
+def test_resume_after_interruption_gives_the_same_table(iwwc, tmp_path, target, data, mask_path, monkeypatch):
+    full, _ = iwwc
+
+    class Boom(APGDEoT):
+        def perturb(self, x, y, index):
+            if self.randomized:
+                raise RuntimeError("interrupted")
+            return super().perturb(x, y, index)
+
+    d = _defense(target, mask_path)
+    ident = ev.defense_identity(mask_path, d)
+    monkeypatch.setitem(attacks_mod.ATTACKS, "apgd-eot", Boom)
+    with pytest.raises(RuntimeError):
+        evaluate_defense(target, d, data, attack="iw-wc", workdir=tmp_path, budgets=TINY, seed=0, batch_size=8,
+                         defense_meta=ident, show_progress=False)
+    monkeypatch.setitem(attacks_mod.ATTACKS, "apgd-eot", APGDEoT)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 7  # six base sets and the defended AA
+    ran = []
+    again = evaluate_defense(target, _defense(target, mask_path), data, attack="iw-wc", workdir=tmp_path,
+                             budgets=TINY, seed=0, batch_size=8, defense_meta=ident, show_progress=False,
+                             on_set=lambda a, k, r: ran.append((k, a)))
+    assert sorted(ran) == [("defended", "apgd-eot"), ("defended", "rays")]
+    assert _strip(again.to_json()) == _strip(full.to_json())
+    # and a third run computes nothing
+    ran.clear()
+    evaluate_defense(target, _defense(target, mask_path), data, attack="iw-wc", workdir=tmp_path, budgets=TINY,
+                     seed=0, batch_size=8, defense_meta=ident, show_progress=False,
+                     on_set=lambda a, k, r: ran.append((k, a)))
+    assert ran == []
+
+
+def test_skipping_keeps_the_worst_case(tmp_path, target, data, mask_path, monkeypatch):
+    """Per-image deterministic attacks on a deterministic defence (no smoothing): same worst case, and the
+    survivor columns are marked and never above the full ones."""
+    monkeypatch.setattr(ev, "DIRECT", ("rays", "apgd-eot"))
+    monkeypatch.setattr(ev, "DIRECT_RUN_ORDER", ("apgd-eot", "rays"))
+    monkeypatch.setattr(ev, "TRANSFER", ("apgd-ce", "pgd"))
+    d = _defense(target, mask_path, rs=False)
+    ident = ev.defense_identity(mask_path, d)
+    kw = dict(attack="iw-wc", budgets=Budgets(steps=3, queries=60, eot_iter=2), seed=0, batch_size=5,
+              defense_meta=ident, show_progress=False)
+    fast = evaluate_defense(target, d, data, workdir=tmp_path / "a", skip=True, **kw)
+    slow = evaluate_defense(target, d, data, workdir=tmp_path / "b", skip=False, **kw)
+    assert torch.equal(fast.worst(True), slow.worst(True))
+    assert set(fast.survivors_only) <= {"rays", "apgd-eot"} and fast.survivors_only
+    assert not slow.survivors_only
+    fj, sj = fast.to_json(), slow.to_json()
+    for k in fj["robust_accuracy"]:
+        assert fj["robust_accuracy"][k] <= sj["robust_accuracy"][k] + 1e-9
+        if k not in fast.survivors_only:
+            assert fj["robust_accuracy"][k] == sj["robust_accuracy"][k]
+
+
+def test_given_sets_and_shards_are_reused(tmp_path, cli, target, data, mask_path):
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"ce{i}.safetensors"
+        r = cli("attack", "--attack", "apgd-ce", "--steps", "3", "--n-examples", N, "--shard", f"{i}/2",
+                "--device", "cpu", "--out", p, "--json")
+        assert r.code == 0, r.err
+        paths.append(p)
+    d = _defense(target, mask_path)
+    ident = ev.defense_identity(mask_path, d)
+    ran = []
+    res = evaluate_defense(target, d, data, attack="none", adv_files=paths, workdir=None, seed=0,
+                           defense_meta=ident, show_progress=False, on_set=lambda a, k, r: ran.append(a))
+    assert ran == [] and set(res.defended) == {"tr-apgd-ce"}
+    whole = tmp_path / "ce.safetensors"
+    assert cli("attack", "--attack", "apgd-ce", "--steps", "3", "--n-examples", N, "--device", "cpu",
+               "--out", whole).code == 0
+    one = evaluate_defense(target, _defense(target, mask_path), data, attack="none", adv_files=[whole],
+                           workdir=None, seed=0, defense_meta=ident, show_progress=False)
+    assert _strip(one.to_json())["robust_accuracy"] == _strip(res.to_json())["robust_accuracy"]
+    art = load_artifact(whole, kind="adversarial")
+    x_clean = data.all().x
+    base_acc = float((predict(target.model, art["x_adv"]) == data.all().y)
+                     .logical_and(predict(target.model, x_clean) == data.all().y).float().mean())
+    assert one.to_json()["base_robust_accuracy"]["tr-apgd-ce"] == pytest.approx(base_acc)
+    # reruns of a randomized defence agree (fixed seed)
+    again = evaluate_defense(target, _defense(target, mask_path), data, attack="none", adv_files=[whole],
+                             workdir=None, seed=0, defense_meta=ident, show_progress=False)
+    assert _strip(again.to_json()) == _strip(one.to_json())
+
+
+def test_bad_sets_are_refused(tmp_path, target, data):
+    x = data.all()
+    far = (x.x + 0.5).clamp(0, 1)
+    p = save_artifact(tmp_path / "far.st", "adversarial", {"x_adv": far, "y": x.y, "index": x.index},
+                      {**target.provenance(), "attack": "pgd", "target": "base", "eps": 0.2,
+                       "data": {"dataset": "digits", "split": "test", "n": N}})
+    with pytest.raises(IgdError, match="ε-ball"):
+        evaluate_defense(target, None, data, adv_files=[p], workdir=None, show_progress=False)
+    q = save_artifact(tmp_path / "other.st", "adversarial", {"x_adv": x.x, "y": x.y, "index": x.index},
+                      {**target.provenance(), "model_fingerprint": "0" * 16, "attack": "pgd", "target": "base",
+                       "eps": 0.2, "data": {"dataset": "digits", "split": "test", "n": N}})
+    with pytest.raises(IgdError, match="not on this base model"):
+        evaluate_defense(target, None, data, adv_files=[q], workdir=None, show_progress=False)
+    with pytest.raises(IgdError, match="unknown"):
+        evaluate_defense(target, None, data, attack="nope", workdir=None, show_progress=False)
+
+
+def test_cli_attack_on_the_defended_model(cli, tmp_path, mask_path, target):
+    out = tmp_path / "def.safetensors"
+    r = cli("attack", "--attack", "apgd-eot", "--steps", "2", "--eot-iter", "2", "--n-examples", "6",
+            "--mask", mask_path, "--device", "cpu", "--out", out, "--json")
+    assert r.code == 0, r.err
+    j = r.json()
+    assert j["target"] == "defended"
+    art = load_artifact(out, kind="adversarial", fingerprint=target.loaded.fingerprint)
+    assert art.meta["target"] == "defended" and art.meta["mask_sha256"]
+    assert art.meta["budget"] == {"steps": 2, "restarts": 1, "eot_iter": 2}
+    r2 = cli("attack", "--attack", "apgd-eot", "--steps", "2", "--eot-iter", "2", "--n-examples", "6",
+             "--mask", mask_path, "--device", "cpu", "--out", tmp_path / "def2.safetensors", "--json")
+    assert r2.json()["robust_accuracy"] == j["robust_accuracy"]  # fixed seed: reruns agree
+    assert torch.equal(load_artifact(tmp_path / "def2.safetensors")["x_adv"], art["x_adv"])
+
+
+def test_defend_eval_uses_the_library(cli, tmp_path, mask_path):
+    adv = tmp_path / "pgd.safetensors"
+    assert cli("attack", "--attack", "pgd", "--steps", "3", "--n-examples", "8", "--device", "cpu",
+               "--out", adv).code == 0
+    r = cli("defend-eval", "--mask", mask_path, "--adv", adv, "--n-examples", "8", "--device", "cpu", "--json")
+    assert r.code == 0, r.err
+    j = r.json()
+    assert set(j) >= {"n_examples", "clean_accuracy", "base_clean_accuracy", "robust_accuracy",
+                      "base_robust_accuracy", "worst_case"}
+    assert set(j["robust_accuracy"]) == {"tr-pgd"} and j["worst_case"] == j["robust_accuracy"]["tr-pgd"]

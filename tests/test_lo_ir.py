@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn as nn
@@ -13,6 +11,8 @@ from igd_cli.data import ImageSet, load_dataset
 from igd_cli.errors import IgdError
 from igd_cli.layers import LayerSplit
 from igd_cli.ranking.lo_ir import closed_form_plan, lo_ir, lo_ir_naive
+
+from .conftest import SHARED_DATA
 
 
 def tensor_set(x: torch.Tensor, y: torch.Tensor, classes: int) -> ImageSet:
@@ -182,7 +182,7 @@ def test_labels_outside_the_classes_are_an_error(demo):
 
 
 def _cifar_probe(n: int) -> ImageSet:
-    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-4660.safetensors"
+    path = SHARED_DATA / "cifar10-train-4660.safetensors"
     if path.exists():
         return load_dataset(str(path), "train", n)
     g = torch.Generator().manual_seed(0)

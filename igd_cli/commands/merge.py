@@ -1,0 +1,39 @@
+"""``igd merge SHARD… --out FILE``: join shards (``igd rank --neurons A:B``) into the full artifact."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..cli import app, emit
+from ..console import out_console
+from ..options import Json
+from ..shards import merge
+
+
+@app.command("merge")
+def merge_cmd(
+    shards: Annotated[list[Path], typer.Argument(help="shard files; together they must cover every neuron once")],
+    out: Annotated[Path, typer.Option("--out", help="the merged artifact to write")],
+    as_json: Json = False,
+) -> None:
+    """Check that the shards belong together and cover 0..N-1 exactly once, then write the full artifact."""
+    t0 = time.perf_counter()
+    res = merge(shards, out)
+    meta = res.meta
+    result = {"out": str(res.out), "kind": res.kind, "shape": list(res.shape), "n_shards": res.n_shards,
+              "method": meta.get("method"), "layer": meta.get("layer"), "seconds": round(time.perf_counter() - t0, 3)}
+    emit(result, as_json, _render)
+
+
+def _render(r: dict) -> None:
+    t = Table(title=f"igd merge: {r['n_shards']} shards -> {r['out']}")
+    t.add_column("")
+    t.add_column("value", overflow="fold")
+    for k in ("kind", "method", "layer", "shape", "seconds"):
+        t.add_row(k, "×".join(map(str, r[k])) if k == "shape" else str(r[k]))
+    out_console.print(t)

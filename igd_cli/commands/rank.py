@@ -1,0 +1,80 @@
+"""``igd rank``: class-wise neuron importance at the masked layer (LO-IR, CD-IR or random), whole or a shard."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ..cli import app, emit
+from ..common import check_classes, open_target, resolve_model_layer
+from ..console import out_console, progress_enabled
+from ..options import Arch, BatchSize, DataDir, Dataset, Device, Json, Layer, Model, Seed, ThreatModel
+from ..ranking import METHODS, RankRequest, get_method, rank
+from ..ranking.cd_ir import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, DEFAULT_TEMPLATE
+from ..shards import parse_neurons
+
+
+@app.command("rank")
+def rank_cmd(
+    out: Annotated[Path, typer.Option("--out", help="importance artifact to write (a shard with --neurons)")],
+    model: Model = "demo",
+    arch: Arch = None,
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
+    threat_model: ThreatModel = "Linf",
+    split: Annotated[str, typer.Option("--split", help="probe images from train (default) or test")] = "train",
+    layer: Layer = None,
+    method: Annotated[str, typer.Option("--method", help=" | ".join(METHODS))] = "lo-ir",
+    n_probe: Annotated[Optional[int], typer.Option("--n-probe", min=1, help="first N images of the split (default: all)")] = None,
+    neurons: Annotated[Optional[str], typer.Option("--neurons", help="A:B computes rows A..B-1 only (a shard for igd merge)")] = None,
+    clip_model: Annotated[str, typer.Option("--clip-model", help="open_clip model name (cd-ir)")] = DEFAULT_CLIP_MODEL,
+    clip_pretrained: Annotated[str, typer.Option("--clip-pretrained", help="open_clip weights tag, a local checkpoint PATH, or none (untrained)")] = DEFAULT_CLIP_PRETRAINED,
+    clip_cache: Annotated[Optional[Path], typer.Option("--clip-cache", help="CLIP embeddings cache, written or reused when it matches (default: under $IGD_HOME/clip-cache)")] = None,
+    clip_template: Annotated[str, typer.Option("--clip-template", help="text prompt per class, {} = class name (CLIP-Dissect: the bare name)")] = DEFAULT_TEMPLATE,
+    batch_size: BatchSize = 128,
+    seed: Seed = 0,
+    device: Device = "auto",
+    exact_naive: Annotated[bool, typer.Option("--exact-naive", help="lo-ir: the literal algorithm (one pass per neuron), the reference")] = False,
+    force: Annotated[bool, typer.Option("--force", help="recompute even when --out already holds this result")] = False,
+    as_json: Json = False,
+) -> None:
+    """Rank the masked layer's neurons per class; writes tensor importance (N, C), larger = more important."""
+    t0 = time.perf_counter()
+    m = get_method(method)
+    target = open_target(model, arch, dataset, threat_model, device)
+    data = target.data(split, n_probe, data_dir)
+    check_classes(target, data)
+    full_layer, n = resolve_model_layer(target, layer, tuple(data.get(0, 1).x.shape[1:]))
+    a, b = parse_neurons(neurons, n)
+    req = RankRequest(model=target.model, layer=full_layer, n_neurons=n, num_classes=target.loaded.num_classes,
+                      data=data, neurons=(a, b), batch_size=batch_size, seed=seed, exact_naive=exact_naive,
+                      clip_model=clip_model, clip_pretrained=clip_pretrained, clip_cache=clip_cache,
+                      clip_template=clip_template, show_progress=progress_enabled())
+    res = rank(req, m.name, target.provenance(), out, force=force)
+    details = res.meta.get("details") or {}
+    result = {"out": str(out), "method": m.name, "layer": full_layer, "shape": list(res.shape), "n_probe": len(data),
+              "seconds": round(time.perf_counter() - t0, 3), "kind": res.kind, "neurons": [a, b], "n_neurons": n,
+              "skipped": res.skipped, "compute_seconds": res.meta.get("seconds"), "path": details.get("path")}
+    for key in ("fallback_reason", "clip_cache", "clip_cache_reused", "classes_without_probes"):
+        if key in details:
+            result[key] = details[key]
+    emit(result, as_json, _render)
+
+
+def _render(r: dict) -> None:
+    t = Table(title=f"igd rank: {r['method']} at {r['layer']}" + ("  (already done: skipped)" if r["skipped"] else ""))
+    t.add_column("")
+    t.add_column("value", overflow="fold")
+    rows = [("out", r["out"]), ("kind", r["kind"]), ("shape (N, C)", "×".join(map(str, r["shape"]))),
+            ("neurons", f"{r['neurons'][0]}:{r['neurons'][1]} of {r['n_neurons']}"), ("probe images", r["n_probe"]),
+            ("computed by", r.get("path") or "-"), ("seconds", r["seconds"])]
+    for key in ("fallback_reason", "clip_cache", "clip_cache_reused", "classes_without_probes"):
+        if r.get(key) not in (None, []):
+            rows.append((key.replace("_", " "), r[key]))
+    for k, v in rows:
+        t.add_row(k, str(v))
+    out_console.print(t)

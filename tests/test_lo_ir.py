@@ -87,20 +87,20 @@ def _tiny_resnet(seed: int = 0) -> nn.Module:
     return net.eval()
 
 
-@pytest.mark.parametrize("layer,rows,path", [("layer4", (496, 512), "closed-form"), ("layer3", (0, 24), "batched-tail")])
+@pytest.mark.parametrize("layer,rows,path", [("layer4", (504, 512), "closed-form"), ("layer3", (0, 8), "batched-tail")])
 def test_tiny_resnet_matches_literal(layer, rows, path):
     net = _tiny_resnet()
     g = torch.Generator().manual_seed(1)
-    x = torch.rand(7, 3, 32, 32, generator=g)
-    y = torch.tensor([0, 1, 1, 3, 3, 3, 9])  # classes 2, 4..8 have no probe image
+    x = torch.rand(6, 3, 32, 32, generator=g)
+    y = torch.tensor([0, 1, 3, 3, 3, 9])  # classes 2, 4..8 have no probe image
     data = tensor_set(x, y, 10)
-    ref = lo_ir_naive(net, layer, data, 10, batch_size=4, neurons=rows, show_progress=False)
-    res = lo_ir(net, layer, data, 10, batch_size=4, neurons=rows, show_progress=False)
+    ref = lo_ir_naive(net, layer, data, 10, batch_size=3, neurons=rows, show_progress=False)
+    res = lo_ir(net, layer, data, 10, batch_size=3, neurons=rows, show_progress=False)
     assert res.path == path and res.importance.shape == (rows[1] - rows[0], 10)
     assert_same(res.importance, ref.importance)
     empty = [2, 4, 5, 6, 7, 8]
     assert torch.all(res.importance[:, empty] == 0) and torch.all(ref.importance[:, empty] == 0)
-    assert res.class_counts.tolist() == [1, 2, 0, 3, 0, 0, 0, 0, 0, 1]
+    assert res.class_counts.tolist() == [1, 1, 0, 3, 0, 0, 0, 0, 0, 1]
 
 
 class _PartialPool(nn.Module):
@@ -189,11 +189,11 @@ def _cifar_probe(n: int) -> ImageSet:
     return tensor_set(torch.rand(n, 3, 32, 32, generator=g), torch.arange(n) % 10, 10)
 
 
-@pytest.mark.parametrize("layer,rows,path", [("layer4", (100, 110), "closed-form"), ("layer3", (40, 48), "batched-tail")])
+@pytest.mark.parametrize("layer,rows,path", [("layer4", (100, 106), "closed-form"), ("layer3", (40, 46), "batched-tail")])
 def test_real_resnet18_matches_literal(resnet18, layer, rows, path):
-    data = _cifar_probe(10)
-    ref = lo_ir_naive(resnet18.model, layer, data, 10, batch_size=10, neurons=rows, show_progress=False)
-    res = lo_ir(resnet18.model, layer, data, 10, batch_size=10, neurons=rows, show_progress=False)
+    data = _cifar_probe(6)
+    ref = lo_ir_naive(resnet18.model, layer, data, 10, batch_size=6, neurons=rows, show_progress=False)
+    res = lo_ir(resnet18.model, layer, data, 10, batch_size=6, neurons=rows, show_progress=False)
     assert res.path == path
     assert_same(res.importance, ref.importance)
     assert float(ref.importance.max()) > 0

@@ -355,7 +355,7 @@ def lo_ir(model: nn.Module, layer: str, data: ImageSet, num_classes: int, *,
             x, y = batch.x.to(device), batch.y.to(device)
             _check_labels(y, num_classes)
             if bi == 0:
-                split.check(x)  # the fx split must reproduce the model, else LayerSplit falls back to hooks
+                split.check(x[:8])  # the fx split must reproduce the model, else LayerSplit falls back to hooks
             a, ctx = split.head(x)
             if bi == 0:
                 a0, b0 = _rows(neurons, a.shape[1])

@@ -513,8 +513,8 @@ def defense_identity(mask_path: str | Path, defense: nn.Module | None = None,
 # --- rendering ----------------------------------------------------------------------------------------
 
 def render_table(result: EvalResult | dict[str, Any], console=None, title: str | None = None) -> None:
-    """A Rich table like the paper's Table 8: rows base model / + IG-Defense, columns clean, each attack and
-    IW-WC (accuracies in %); columns measured on survivors carry a dagger."""
+    """The paper's Table 8 for one defence, transposed to fit a terminal: rows clean, each attack and IW-WC,
+    columns base model, + IG-Defense and the gain (accuracies in %); rows measured on survivors carry a dagger."""
     from rich.table import Table
 
     from .console import out_console
@@ -527,23 +527,28 @@ def render_table(result: EvalResult | dict[str, Any], console=None, title: str |
     keys.sort(key=lambda k: (order.index(k) if k in order else len(order), k))
     surv = r.get("measured_on_survivors", {})
     t = Table(title=title or f"robust accuracy (%), {r['n_examples']} images, ε={r.get('eps', 0):.4g}")
-    t.add_column("model")
-    t.add_column("Clean", justify="right")
-    for k in keys:
-        t.add_column(column_label(k) + ("†" if k in surv else ""), justify="right")
-    t.add_column("IW-WC" if r.get("mode") == "iw-wc" else "worst case", justify="right")
+    t.add_column("attack")
+    t.add_column("base model", justify="right")
+    if has_def:
+        t.add_column("+ IG-Defense", justify="right")
+        t.add_column("gain", justify="right")
 
     def fmt(v: float | None) -> str:
         return "—" if v is None else f"{100 * v:.2f}"
 
-    t.add_row("base model", fmt(r["base_clean_accuracy"]), *[fmt(r["base_robust_accuracy"].get(k)) for k in keys],
-              fmt(r.get("base_worst_case")))
-    if has_def:
-        gain = ""
-        if r.get("worst_case") is not None and r.get("base_worst_case") is not None:
-            gain = f" ({100 * (r['worst_case'] - r['base_worst_case']):+.2f})"
-        t.add_row("+ IG-Defense", fmt(r["clean_accuracy"]), *[fmt(r["robust_accuracy"].get(k)) for k in keys],
-                  fmt(r.get("worst_case")) + gain)
+    def row(name: str, b: float | None, d: float | None) -> None:
+        if not has_def:
+            t.add_row(name, fmt(b))
+            return
+        gain = "" if b is None or d is None else f"{100 * (d - b):+.2f}"
+        t.add_row(name, fmt(b), fmt(d), gain)
+
+    row("Clean", r["base_clean_accuracy"], r["clean_accuracy"])
+    for k in keys:
+        row(column_label(k) + ("†" if k in surv else ""), r["base_robust_accuracy"].get(k),
+            r["robust_accuracy"].get(k) if has_def else None)
+    worst_name = "IW-WC" if r.get("mode") == "iw-wc" else "worst case"
+    row(worst_name, r.get("base_worst_case"), r.get("worst_case") if has_def else None)
     console.print(t)
     if surv:
         console.print("† measured only on the images that survived the attacks run before it "

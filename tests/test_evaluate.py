@@ -231,3 +231,17 @@ def test_defend_eval_uses_the_library(cli, tmp_path, mask_path):
     assert set(j) >= {"n_examples", "clean_accuracy", "base_clean_accuracy", "robust_accuracy",
                       "base_robust_accuracy", "worst_case"}
     assert set(j["robust_accuracy"]) == {"tr-pgd"} and j["worst_case"] == j["robust_accuracy"]["tr-pgd"]
+
+
+def test_table_rendering(iwwc):
+    from rich.console import Console
+
+    res, _ = iwwc
+    con = Console(record=True, width=100)
+    ev.render_table(res, con)
+    ev.render_per_class(res, con)
+    text = con.export_text()
+    for label in ("Clean", "AA", "RayS", "APGD+EoT", "Tr-APGD-CE", "Tr-APGD-CW", "Tr-APGD-tgt-DLR", "Tr-AA",
+                  "Tr-RayS", "Tr-APGD+EoT", "IW-WC", "+ IG-Defense", "defended:worst_case"):
+        assert label in text, label
+    assert f"{100 * res.to_json()['worst_case']:.2f}" in text

@@ -66,6 +66,10 @@ def test_shards_then_merge_equal_one_run(cli, tmp_path, method, extra):
     for key in ("model_fingerprint", "layer", "method", "n_neurons", "data", "params", "num_classes"):
         assert got.meta[key] == want.meta[key]
     assert [s["neurons"] for s in got.meta["merged_from"]] == [list(c) for c in cuts]
+    # --neurons 0:N is still a shard (a job array with one job), and merges alone
+    one = tmp_path / "one.safetensors"
+    assert rank(cli, *args, "--neurons", f"0:{n}", "--out", one)["kind"] == "importance-shard"
+    assert cli("merge", one, "--out", tmp_path / "one-merged.safetensors").code == 0
 
 
 def test_resume_skips_a_finished_shard_and_force_recomputes(cli, tmp_path):

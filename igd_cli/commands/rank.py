@@ -54,7 +54,7 @@ def rank_cmd(
                       data=data, neurons=(a, b), batch_size=batch_size, seed=seed, exact_naive=exact_naive,
                       clip_model=clip_model, clip_pretrained=clip_pretrained, clip_cache=clip_cache,
                       clip_template=clip_template, show_progress=progress_enabled())
-    res = rank(req, m.name, target.provenance(), out, force=force)
+    res = rank(req, m.name, target.provenance(), out, force=force, shard=neurons is not None)
     details = res.meta.get("details") or {}
     result = {"out": str(out), "method": m.name, "layer": full_layer, "shape": list(res.shape), "n_probe": len(data),
               "seconds": round(time.perf_counter() - t0, 3), "kind": res.kind, "neurons": [a, b], "n_neurons": n,

@@ -141,14 +141,20 @@ def rank_meta(provenance: dict[str, Any], req: RankRequest, method: Method) -> d
 
 
 def rank(req: RankRequest, method_name: str, provenance: dict[str, Any], out: Path, *,
-         force: bool = False) -> RankResult:
+         force: bool = False, shard: bool | None = None) -> RankResult:
     """Compute rows ``req.neurons`` with the method and write the artifact atomically; a complete file at ``out``
-    made with the same identity is kept and the work skipped (resume), unless ``force``."""
+    made with the same identity is kept and the work skipped (resume), unless ``force``. ``shard``: write an
+    ``importance-shard`` (True; what ``--neurons`` asks for, even for 0:N), the full ``importance`` (False), or
+    decide from the range (None)."""
     from ..shards import matching_artifact
 
     method = get_method(method_name)
     a, b = req.neurons
-    kind = "importance" if (a, b) == (0, req.n_neurons) else "importance-shard"
+    if shard is None:
+        shard = (a, b) != (0, req.n_neurons)
+    if not shard and (a, b) != (0, req.n_neurons):
+        raise ValueError("a partial range of neurons can only be written as a shard")
+    kind = "importance-shard" if shard else "importance"
     meta = rank_meta(provenance, req, method)
     if kind == "importance-shard":
         meta["neurons"] = [a, b]

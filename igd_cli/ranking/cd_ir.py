@@ -349,11 +349,13 @@ def cd_ir(model: nn.Module, layer: str, data: ImageSet, *, neurons: tuple[int, i
     p = img.to(device) @ txt.to(device).T  # P = E_img · E_txtᵀ (M, C)
     consts = {key: v for key, v in SOFT_WPMI.items() if key != "top_k"}
     imp = soft_wpmi(p, top_idx, **consts).to(torch.float32).cpu()
+    t3 = time.perf_counter()
     n = imp.shape[0]
     a, b = (0, n) if neurons is None else neurons
     if not 0 <= a < b <= n:
         raise IgdError(f"--neurons {a}:{b}: need 0 <= A < B <= N = {n}")
-    info = {"clip_seconds": round(t1 - t0, 3), "activation_seconds": round(t2 - t1, 3), "top_k": k}
+    info = {"clip_seconds": round(t1 - t0, 3), "activation_seconds": round(t2 - t1, 3),
+            "wpmi_seconds": round(t3 - t2, 3), "top_k": k}
     return CdIrResult(imp[a:b].contiguous(), (a, b), path, reused, info)
 
 

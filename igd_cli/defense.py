@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .artifacts import Artifact, file_sha256, load_artifact, save_artifact
 from .errors import IgdError
-from .layers import LayerSplit, capture, resolve_layer, scale_output
+from .layers import LayerSplit, capture, replaced, resolve_layer, scale_output
 
 if TYPE_CHECKING:  # pragma: no cover
     from .common import Target
@@ -201,30 +201,51 @@ class IGDefense(nn.Module):
                 a, ctx = box["out"], (x,)
             return Features(a, ctx, F.softmax(logits / self.tau, dim=1), logits if with_base else None)
 
-        noisy = (x.unsqueeze(0) + self.sample_noise(x)).reshape(self.n_smooth * b, *x.shape[1:])
         if split.fast and self.batch_passes:
+            noisy = self._noisy(x)
             a_all, ctx_all = split.head(torch.cat([noisy, x], dim=0))
             nb = self.n_smooth * b
             noisy_logits = split.tail(a_all[:nb], tuple(c[:nb] for c in ctx_all))
             a, ctx = a_all[nb:], tuple(c[nb:] for c in ctx_all)
+            yhat = self._soft_label(noisy_logits, b)
         else:
-            noisy_logits = self.model(noisy)
+            yhat = self.smoothed_label(x)
             a, ctx = split.head(x)
-        mean_logits = noisy_logits.reshape(self.n_smooth, b, -1).mean(dim=0)
-        yhat = F.softmax(mean_logits / self.tau, dim=1)
         base = split.tail(a, ctx) if with_base else None
         return Features(a, ctx, yhat, base)
+
+    def _noisy(self, x: torch.Tensor) -> torch.Tensor:
+        """The n_s noisy copies of ``x`` stacked along the batch (copy i of every example, then copy i + 1)."""
+        return (x.unsqueeze(0) + self.sample_noise(x)).reshape(self.n_smooth * x.shape[0], *x.shape[1:])
+
+    def _soft_label(self, noisy_logits: torch.Tensor, b: int) -> torch.Tensor:
+        return F.softmax(noisy_logits.reshape(self.n_smooth, b, -1).mean(dim=0) / self.tau, dim=1)
+
+    def smoothed_label(self, x: torch.Tensor) -> torch.Tensor:
+        """Pass 1 with smoothing as a full forward of the noisy copies: ``ŷ`` (B, C)."""
+        return self._soft_label(self.model(self._noisy(x)), x.shape[0])
 
     def masked_tail(self, feats: Features, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Pass 2: ``h(A(x) ⊙ m ŷ)`` for the given (N, C) mask (default: the module's own)."""
         m = self.mask if mask is None else mask
         s = feats.yhat @ m.to(dtype=feats.yhat.dtype).t()  # (B, C) @ (C, N) -> (B, N)
-        if feats.a.shape[1] != s.shape[1]:
-            raise IgdError(f"mask has {s.shape[1]} neurons but layer {self.layer} outputs {feats.a.shape[1]}")
-        return self.split.tail(scale_output(feats.a, s.to(feats.a.dtype)), feats.ctx)
+        return self.split.tail(scale_output(feats.a, self._fit(s, feats.a)), feats.ctx)
+
+    def _fit(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        if a.shape[1] != s.shape[1]:
+            raise IgdError(f"mask has {s.shape[1]} neurons but layer {self.layer} outputs {a.shape[1]}")
+        return s.to(a.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Defended logits for images ``x`` in [0, 1]; differentiable through both passes."""
+        self._ensure_checked(x)
+        if self.rs and not self.split.fast:
+            # hook fallback: ŷ first, then one forward of x whose layer output is scaled on the fly, so A(x) is
+            # computed once (2 forwards in all instead of the 3 of features() + masked_tail()). Same formula and
+            # noise as features(); only float rounding can differ.
+            s = self.smoothed_label(x) @ self.mask.to(x.dtype).t()
+            with replaced(self.model, self.layer, lambda a: scale_output(a, self._fit(s, a))):
+                return self.model(x)
         return self.masked_tail(self.features(x))
 
 

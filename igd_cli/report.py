@@ -122,13 +122,21 @@ def plot_calibration(path: str | Path, curve: Sequence[Sequence[float]], base_ac
     if kacc is not None:
         ax.plot([k], [kacc], "*", color="tab:red", ms=14, zorder=5, label=f"chosen k = {k} ({kacc:.2f}%)")
         ax.axvline(k, color="tab:red", lw=0.8, ls="--")
-    ax.set_xscale("log", base=2)
-    ax.set_xlim(0.8, n_neurons * 1.25)
+    ks = [p[0] for p in pts]
+    if max(ks) / min(ks) > 8:  # the search went far down: a log axis shows every step
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(min(ks) / 1.3, n_neurons * 1.25)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    else:
+        pad = max(1.0, 0.05 * (max(ks) - min(ks)))
+        ax.set_xlim(min(ks) - pad, max(ks) + pad)
     ax.set_xlabel(f"k (neurons kept per class, of N = {n_neurons})")
     ax.set_ylabel("clean accuracy (%)")
     lo = min([p[1] for p in pts] + [base - tolerance])
     ax.set_ylim(max(0.0, lo - 0.1 * (base - lo) - 1), min(100.5, base + 0.25 * (base - lo) + 1))
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title or "clean accuracy vs k")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     return _save_figure(fig, path)

@@ -183,3 +183,64 @@ def calibrate_k(defense: IGDefense, importance: torch.Tensor, data: ImageSet, *,
             "batches": len(store.entries), "fast_tail": defense.split.fast}
     return Calibration(result_k, n_neurons, n, float(tolerance), store.base_correct, correct, order, k is None,
                        time.perf_counter() - t0, info)
+
+
+DEFAULT_N_EXAMPLES = 1000
+
+
+def run_calibration(target: Any, importance_path: str | Path, out: str | Path, *, layer: str | None = None,
+                    split: str = "test", n_examples: int | None = None, tolerance: float = 0.5,
+                    eps: float | None = None, sigma: float | None = None, n_smooth: int = 1, tau: float = 0.01,
+                    rs: bool = True, k: int | None = None, batch_size: int = 256, seed: int = 0,
+                    cache_bytes: int = DEFAULT_CACHE_BYTES, data_dir: str | Path | None = None,
+                    plot: str | Path | None = None) -> dict[str, Any]:
+    """``igd calibrate-k`` as a library call: choose k on the first ``n_examples`` images (default 1000, or the
+    whole split when smaller), write the mask artifact (and the plot) and return the result dictionary."""
+    from .defense import check_settings, save_mask, topk_mask
+    from .report import plot_calibration
+
+    if tolerance < 0:
+        raise IgdError(f"--tolerance {tolerance}: must be >= 0 percentage points")
+    eps_value = eps
+    if rs and sigma is None:
+        eps_value = eps_value if eps_value is not None else target.default_eps()
+        sigma = eps_value / 2
+    check_settings(tau=tau, sigma=sigma, n_smooth=n_smooth, rs=rs)
+    if n_examples is not None and n_examples < 1:
+        raise IgdError(f"--n-examples {n_examples}: must be at least 1")
+    data = target.data(split, None, data_dir)
+    if n_examples is not None and n_examples > len(data):
+        raise IgdError(f"--dataset {data.name} ({split}) has {len(data)} images, fewer than the {n_examples} asked for")
+    data.n = n_examples if n_examples is not None else min(DEFAULT_N_EXAMPLES, len(data))
+    if target.loaded.num_classes != data.num_classes:
+        raise IgdError(f"--dataset {data.name} has {data.num_classes} classes but the model predicts "
+                       f"{target.loaded.num_classes}")
+    input_shape = tuple(data.get(0, 1).x.shape[1:])
+    art, layer_name, imp = load_importance(importance_path, target, layer, input_shape)
+    n_neurons = imp.shape[0]
+    if k is not None and not 1 <= k <= n_neurons:
+        raise IgdError(f"--k {k}: must be between 1 and N = {n_neurons} (the masked layer's neuron count)")
+
+    full_mask = torch.ones(n_neurons, target.loaded.num_classes)
+    defense = IGDefense(target.model, layer_name, full_mask.to(target.device), tau=tau, sigma=sigma,
+                        n_smooth=n_smooth, rs=rs, seed=seed)
+    cal = calibrate_k(defense, imp, data, tolerance=tolerance, batch_size=batch_size, k=k,
+                      max_cache_bytes=cache_bytes)
+    mask = topk_mask(imp, cal.k)
+    settings = {**defense.settings(), "eps": eps_value}
+    calibration = {"tolerance": tolerance, "n_examples": cal.n_examples, "split": split, "seed": seed,
+                   "batch_size": batch_size, "base_clean_accuracy": cal.base_accuracy,
+                   "clean_accuracy": cal.accuracy, "curve": cal.curve, "searched": cal.searched,
+                   "data": {"dataset": data.name, "split": split, "n": cal.n_examples}}
+    save_mask(out, target, layer_name, mask, k=cal.k, importance_path=importance_path, importance_meta=art.meta,
+              defense=settings, extra={"calibration": calibration, "seconds": cal.seconds})
+    result = {"k": cal.k, "base_clean_accuracy": cal.base_accuracy, "clean_accuracy": cal.accuracy,
+              "curve": cal.curve, "out": str(out), "seconds": cal.seconds,
+              "n_neurons": n_neurons, "n_examples": cal.n_examples, "tolerance": tolerance, "layer": layer_name,
+              "searched": cal.searched, "order": cal.order, "defense": settings, **cal.info}
+    if plot is not None:
+        plot_calibration(plot, cal.curve, cal.base_accuracy, tolerance, cal.k, n_neurons,
+                         title=f"{target.loaded.name.split('/')[-1]} · {layer_name} · {art.meta.get('method', '?')} "
+                               f"· {cal.n_examples} images")
+        result["plot"] = str(plot)
+    return result

@@ -5,19 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
 import typer
 
-from ..calibrate import DEFAULT_CACHE_BYTES, calibrate_k, load_importance
+from ..calibrate import DEFAULT_CACHE_BYTES, DEFAULT_N_EXAMPLES, run_calibration
 from ..cli import app, emit
 from ..common import open_target, parse_eps
 from ..console import out_console
-from ..defense import DEFAULT_N_SMOOTH, DEFAULT_TAU, IGDefense, check_settings, save_mask, topk_mask
-from ..errors import IgdError
+from ..defense import DEFAULT_N_SMOOTH, DEFAULT_TAU
 from ..options import Arch, BatchSize, DataDir, Dataset, Device, Eps, Json, Layer, Model, Seed, ThreatModel
-from ..report import calibration_table, plot_calibration
-
-DEFAULT_N_EXAMPLES = 1000
+from ..report import calibration_table
 
 
 @app.command("calibrate-k")
@@ -52,52 +48,11 @@ def calibrate_cmd(
     layer's clean features do not depend on k: they are computed once (seeded noise, same seed -> same k) and each
     candidate k only runs the rest of the network.
     """
-    if tolerance < 0:
-        raise IgdError(f"--tolerance {tolerance}: must be >= 0 percentage points")
-    rs = not no_rs
     target = open_target(model, arch, dataset, threat_model, device)
-    eps_value = parse_eps(eps)
-    if rs and sigma is None:
-        eps_value = eps_value if eps_value is not None else target.default_eps()
-        sigma = eps_value / 2
-    check_settings(tau=tau, sigma=sigma, n_smooth=n_smooth, rs=rs)
-    if n_examples is not None and n_examples < 1:
-        raise IgdError(f"--n-examples {n_examples}: must be at least 1")
-    data = target.data(split, None, data_dir)
-    if n_examples is not None and n_examples > len(data):
-        raise IgdError(f"--dataset {data.name} ({split}) has {len(data)} images, fewer than the {n_examples} asked for")
-    data.n = n_examples if n_examples is not None else min(DEFAULT_N_EXAMPLES, len(data))
-    if target.loaded.num_classes != data.num_classes:
-        raise IgdError(f"--dataset {data.name} has {data.num_classes} classes but the model predicts "
-                       f"{target.loaded.num_classes}")
-    input_shape = tuple(data.get(0, 1).x.shape[1:])
-    art, layer_name, imp = load_importance(importance, target, layer, input_shape)
-    n_neurons = imp.shape[0]
-    if k is not None and not 1 <= k <= n_neurons:
-        raise IgdError(f"--k {k}: must be between 1 and N = {n_neurons} (the masked layer's neuron count)")
-
-    full_mask = torch.ones(n_neurons, target.loaded.num_classes)
-    defense = IGDefense(target.model, layer_name, full_mask.to(target.device), tau=tau, sigma=sigma,
-                        n_smooth=n_smooth, rs=rs, seed=seed)
-    cal = calibrate_k(defense, imp, data, tolerance=tolerance, batch_size=batch_size, k=k,
-                      max_cache_bytes=cache_mb << 20)
-    mask = topk_mask(imp, cal.k)
-    settings = {**defense.settings(), "eps": eps_value}
-    calibration = {"tolerance": tolerance, "n_examples": cal.n_examples, "split": split, "seed": seed,
-                   "batch_size": batch_size, "base_clean_accuracy": cal.base_accuracy,
-                   "clean_accuracy": cal.accuracy, "curve": cal.curve, "searched": cal.searched,
-                   "data": {"dataset": data.name, "split": split, "n": cal.n_examples}}
-    save_mask(out, target, layer_name, mask, k=cal.k, importance_path=importance, importance_meta=art.meta,
-              defense=settings, extra={"calibration": calibration, "seconds": cal.seconds})
-    result = {"k": cal.k, "base_clean_accuracy": cal.base_accuracy, "clean_accuracy": cal.accuracy,
-              "curve": cal.curve, "out": str(out), "seconds": cal.seconds,
-              "n_neurons": n_neurons, "n_examples": cal.n_examples, "tolerance": tolerance, "layer": layer_name,
-              "searched": cal.searched, "order": cal.order, "defense": settings, **cal.info}
-    if plot is not None:
-        plot_calibration(plot, cal.curve, cal.base_accuracy, tolerance, cal.k, n_neurons,
-                         title=f"{target.loaded.name.split('/')[-1]} · {layer_name} · {art.meta.get('method', '?')} "
-                               f"· {cal.n_examples} images")
-        result["plot"] = str(plot)
+    result = run_calibration(target, importance, out, layer=layer, split=split, n_examples=n_examples,
+                             tolerance=tolerance, eps=parse_eps(eps), sigma=sigma, n_smooth=n_smooth, tau=tau,
+                             rs=not no_rs, k=k, batch_size=batch_size, seed=seed, cache_bytes=cache_mb << 20,
+                             data_dir=data_dir, plot=plot)
     emit(result, as_json, _render)
 
 

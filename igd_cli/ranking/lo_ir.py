@@ -248,8 +248,10 @@ def closed_form_plan(split: LayerSplit, a: torch.Tensor, ctx: tuple) -> tuple[Cl
 
 def _classify(gm: fx.GraphModule, nd: fx.Node, in_shape, out_shape, n: int, bsz: int, pooled: bool) -> str | None:
     """``elementwise`` | ``pool`` | ``reshape`` | ``linear`` for a recognised node, else None."""
-    if in_shape is None or out_shape is None or in_shape[:2] != (bsz, n):
-        if not (pooled and in_shape is not None and in_shape[0] == bsz and math.prod(in_shape[1:]) == n):
+    if in_shape is None or out_shape is None:
+        return None
+    if in_shape[:2] != (bsz, n):
+        if not (pooled and in_shape[0] == bsz and math.prod(in_shape[1:]) == n):
             return None
     mod = gm.get_submodule(nd.target) if nd.op == "call_module" else None
     same = out_shape == in_shape
@@ -355,7 +357,7 @@ def lo_ir(model: nn.Module, layer: str, data: ImageSet, num_classes: int, *,
             x, y = batch.x.to(device), batch.y.to(device)
             _check_labels(y, num_classes)
             if bi == 0:
-                split.check(x[:8])  # the fx split must reproduce the model, else LayerSplit falls back to hooks
+                split.check(x[:4])  # the fx split must reproduce the model, else LayerSplit falls back to hooks
             a, ctx = split.head(x)
             if bi == 0:
                 a0, b0 = _rows(neurons, a.shape[1])

@@ -193,7 +193,7 @@ def run_calibration(target: Any, importance_path: str | Path, out: str | Path, *
                     eps: float | None = None, sigma: float | None = None, n_smooth: int = 1, tau: float = 0.01,
                     rs: bool = True, k: int | None = None, batch_size: int = 256, seed: int = 0,
                     cache_bytes: int = DEFAULT_CACHE_BYTES, data_dir: str | Path | None = None,
-                    plot: str | Path | None = None) -> dict[str, Any]:
+                    plot: str | Path | None = None, extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """``igd calibrate-k`` as a library call: choose k on the first ``n_examples`` images (default 1000, or the
     whole split when smaller), write the mask artifact (and the plot) and return the result dictionary."""
     from .defense import check_settings, save_mask, topk_mask
@@ -233,7 +233,7 @@ def run_calibration(target: Any, importance_path: str | Path, out: str | Path, *
                    "clean_accuracy": cal.accuracy, "curve": cal.curve, "searched": cal.searched,
                    "data": {"dataset": data.name, "split": split, "n": cal.n_examples}}
     save_mask(out, target, layer_name, mask, k=cal.k, importance_path=importance_path, importance_meta=art.meta,
-              defense=settings, extra={"calibration": calibration, "seconds": cal.seconds})
+              defense=settings, extra={"calibration": calibration, "seconds": cal.seconds, **(extra_meta or {})})
     result = {"k": cal.k, "base_clean_accuracy": cal.base_accuracy, "clean_accuracy": cal.accuracy,
               "curve": cal.curve, "out": str(out), "seconds": cal.seconds,
               "n_neurons": n_neurons, "n_examples": cal.n_examples, "tolerance": tolerance, "layer": layer_name,

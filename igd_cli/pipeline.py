@@ -1,0 +1,195 @@
+"""The whole method in one cached run: rank -> calibrate-k -> transfer sets on the base model -> defend-eval.
+
+Every stage writes its artifact into the run folder and is skipped when an artifact made with the same inputs
+is already there (model fingerprint, layer, method, data, settings, and the hash of the artifact it was built
+from), so a second run with the same arguments only re-reads results, and an interrupted run continues from the
+stages (and, inside the evaluation, the attacks) it finished. What each stage did is reported in ``stages``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .artifacts import file_sha256, read_metadata
+from .calibrate import run_calibration
+from .common import Target, check_classes, resolve_model_layer
+from .console import err_console, progress_enabled
+from .defense import load_defense
+from .errors import IgdError
+from .evaluate import Budgets, EvalResult, defense_identity, evaluate_defense
+from .ranking import RankRequest, get_method, rank
+
+Stage = Literal["computed", "reused"]
+
+
+@dataclass
+class PipelineConfig:
+    """Everything that decides the results of a pipeline run (recorded in its artifacts)."""
+
+    layer: str | None = None
+    method: str = "lo-ir"
+    attack: str = "iw-wc"  # iw-wc | aa
+    n_probe: int | None = None  # probe images for ranking (first N of the training split; None = all)
+    n_examples: int | None = None  # test images for calibration and evaluation (None = all, at most 1000)
+    tolerance: float = 0.5
+    k: int | None = None  # skip the search
+    eps: float | None = None
+    rs: bool = True
+    budgets: Budgets = field(default_factory=Budgets)
+    clip_model: str = "ViT-B-16"
+    clip_pretrained: str = "openai"
+    batch_size: int = 128
+    seed: int = 0
+
+
+@dataclass
+class PipelineResult:
+    out: Path
+    stages: dict[str, Stage]
+    importance: Path
+    mask: Path
+    report: Path
+    adv_dir: Path
+    k: int
+    n_neurons: int
+    layer: str
+    calibration: dict[str, Any]
+    evaluation: dict[str, Any]
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        ev = self.evaluation
+        return {
+            "base_clean_accuracy": ev["base_clean_accuracy"], "clean_accuracy": ev["clean_accuracy"],
+            "base_worst_case": ev.get("base_worst_case"), "worst_case": ev.get("worst_case"),
+            "k": self.k, "n_neurons": self.n_neurons, "layer": self.layer, "n_examples": ev["n_examples"],
+            "robust_accuracy": ev.get("robust_accuracy", {}), "base_robust_accuracy": ev.get("base_robust_accuracy", {}),
+            "measured_on_survivors": ev.get("measured_on_survivors", {}),
+            "calibration": {k: self.calibration.get(k) for k in ("k", "base_clean_accuracy", "clean_accuracy",
+                                                                  "n_examples", "tolerance", "curve")},
+            "stages": dict(self.stages),
+            "paths": {"out": str(self.out), "importance": str(self.importance), "mask": str(self.mask),
+                      "report": str(self.report), "adversarial_sets": str(self.adv_dir)},
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_dir: str | Path | None = None,
+                 force: bool = False) -> PipelineResult:
+    """Run (or re-read) every stage for ``target`` into the folder ``out``."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise IgdError(f"--out {out}: is a file, expected a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.attack not in ("iw-wc", "aa"):
+        raise IgdError(f"--attack {cfg.attack}: the pipeline evaluates iw-wc or aa")
+    stages: dict[str, Stage] = {}
+    show = progress_enabled()
+
+    # 1. rank (the probe set: the first n_probe training images)
+    probe = target.data("train", cfg.n_probe, data_dir)
+    check_classes(target, probe)
+    layer, n_neurons = resolve_model_layer(target, cfg.layer, tuple(probe.get(0, 1).x.shape[1:]))
+    method = get_method(cfg.method)
+    slug = layer.replace(".", "-")
+    importance = out / f"importance-{method.name}-{slug}.safetensors"
+    req = RankRequest(model=target.model, layer=layer, n_neurons=n_neurons, num_classes=target.loaded.num_classes,
+                      data=probe, neurons=(0, n_neurons), batch_size=cfg.batch_size, seed=cfg.seed,
+                      clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained,
+                      clip_cache=out / "clip-cache.safetensors", show_progress=show)
+    _say(f"[1/4] rank: {method.name} at {layer} on {len(probe)} {probe.name} training images")
+    ranked = rank(req, method.name, target.provenance(), importance, force=force, shard=False)
+    stages["rank"] = "reused" if ranked.skipped else "computed"
+
+    # 2. calibrate-k (mask), reused when made from this very importance file with the same settings
+    mask = out / f"mask-{method.name}-{slug}.safetensors"
+    want = _calibration_identity(target, importance, cfg)
+    cal = None if force else _reusable_mask(mask, want)
+    _say(f"[2/4] calibrate-k: tolerance {cfg.tolerance} points" + (" (reused)" if cal else ""))
+    if cal is None:
+        cal = run_calibration(target, importance, mask, split="test", n_examples=cfg.n_examples,
+                              tolerance=cfg.tolerance, eps=cfg.eps, n_smooth=1, rs=cfg.rs, k=cfg.k,
+                              batch_size=cfg.batch_size, seed=cfg.seed, data_dir=data_dir,
+                              plot=out / f"calibration-{method.name}-{slug}.png",
+                              extra_meta={"pipeline_identity": want})
+        stages["calibrate"] = "computed"
+    else:
+        stages["calibrate"] = "reused"
+
+    # 3 + 4. attacks: transfer sets on the base model, then the defended evaluation (sets cached in adv/)
+    data = target.data("test", cal["n_examples"], data_dir)
+    adv_dir = out / "adv"
+    defense = load_defense(target, mask, seed=cfg.seed)
+    ident = defense_identity(mask, defense)
+    report = out / f"eval-{cfg.attack}-{method.name}-{slug}.safetensors"
+    eval_id = {"mask_sha256": ident["mask_sha256"], "attack": cfg.attack, "n_examples": len(data),
+               "eps": cfg.eps, "budgets": asdict(cfg.budgets), "seed": cfg.seed, "dataset": data.name,
+               "model_fingerprint": target.loaded.fingerprint}
+    evaluation = None if force else _reusable_report(report, eval_id)
+    if evaluation is not None:
+        stages["transfer"] = stages["defend-eval"] = "reused"
+    else:
+        ran: list[str] = []
+
+        def on_set(attack: str, kind: str, _res) -> None:
+            ran.append(f"{kind}:{attack}")
+
+        _say(f"[3/4] attacks on the base model ({cfg.attack}) for transfer, cached in {adv_dir}")
+        evaluate_defense(target, None, data, attack=cfg.attack, workdir=adv_dir, budgets=cfg.budgets,
+                         eps=cfg.eps, seed=cfg.seed, batch_size=cfg.batch_size, show_progress=show, on_set=on_set)
+        stages["transfer"] = "computed" if ran else "reused"
+        n_base = len(ran)
+        _say(f"[4/4] defend-eval --attack {cfg.attack} on {len(data)} test images")
+        res: EvalResult = evaluate_defense(target, defense, data, attack=cfg.attack, workdir=adv_dir,
+                                           budgets=cfg.budgets, eps=cfg.eps, seed=cfg.seed,
+                                           batch_size=cfg.batch_size, defense_meta=ident, show_progress=show,
+                                           on_set=on_set)
+        stages["defend-eval"] = "computed"
+        evaluation = res.to_json()
+        res.save(report, {**target.provenance(), **ident, "pipeline_identity": eval_id,
+                          "attacks_run": ran, "attacks_run_on_base": ran[:n_base]})
+    return PipelineResult(out, stages, importance, mask, report, adv_dir, int(cal["k"]), n_neurons, layer, cal,
+                          evaluation, time.perf_counter() - t0)
+
+
+def _say(text: str) -> None:
+    err_console.print(text, highlight=False)
+
+
+def _calibration_identity(target: Target, importance: Path, cfg: PipelineConfig) -> dict[str, Any]:
+    return json.loads(json.dumps({
+        "model_fingerprint": target.loaded.fingerprint, "importance_sha256": file_sha256(importance),
+        "n_examples": cfg.n_examples, "tolerance": cfg.tolerance, "k": cfg.k, "eps": cfg.eps, "rs": cfg.rs,
+        "seed": cfg.seed, "batch_size": cfg.batch_size}))
+
+
+def _reusable_mask(path: Path, want: dict[str, Any]) -> dict[str, Any] | None:
+    """The calibration stored in an existing mask made with the same identity, else None."""
+    if not path.is_file():
+        return None
+    try:
+        meta = read_metadata(path)
+    except IgdError:
+        return None
+    if meta.get("kind") != "mask" or meta.get("pipeline_identity") != want:
+        return None
+    cal = dict(meta.get("calibration") or {})
+    cal.update({"k": meta["k"], "out": str(path)})
+    return cal
+
+
+def _reusable_report(path: Path, want: dict[str, Any]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        meta = read_metadata(path)
+    except IgdError:
+        return None
+    if meta.get("kind") != "eval-report" or meta.get("pipeline_identity") != json.loads(json.dumps(want)):
+        return None
+    return meta.get("result")

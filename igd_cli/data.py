@@ -61,6 +61,33 @@ class ImageSet:
     def describe(self) -> dict:
         return {"dataset": self.name, "split": self.split, "n": self.n, "source": self.source}
 
+    def view(self, start: int, stop: int) -> "ImageSet":
+        """Images start..stop-1 as a set of their own (an evaluation shard) whose batches keep their positions
+        in the split in ``index``, so per-example results can be put back in place."""
+        if not 0 <= start < stop <= self.n:
+            raise IgdError(f"images {start}..{stop - 1}: outside the {self.n} images of {self.name} ({self.split})")
+        return _ImageSetView(self, start, stop)
+
+
+class _ImageSetView(ImageSet):
+    """Positions start..stop-1 of ``parent``: local ``get(i, j)``, absolute ``Batch.index``."""
+
+    def __init__(self, parent: ImageSet, start: int, stop: int):
+        def getter(i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+            b = parent.get(start + i, start + j)
+            return b.x, b.y
+
+        super().__init__(parent.name, parent.split, parent.classes, stop - start, getter, parent.source)
+        self.parent, self.start, self.stop = parent, start, stop
+
+    def get(self, start: int, stop: int) -> Batch:
+        stop = min(stop, self.n)
+        b = self.parent.get(self.start + start, self.start + stop)
+        return Batch(b.x, b.y, b.index)
+
+    def describe(self) -> dict:
+        return {**self.parent.describe(), "positions": [self.start, self.stop]}
+
 
 def data_dir(arg: str | os.PathLike | None = None) -> Path:
     """``--data-dir``, else ``$IGD_DATA_DIR``, else ``$IGD_HOME/data``."""

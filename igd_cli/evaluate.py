@@ -285,7 +285,8 @@ class Evaluator:
                  norm: str = "Linf", budgets: Budgets | None = None, seed: int = 0, batch_size: int = 128,
                  workdir: str | Path | None = None, defense_meta: dict[str, Any] | None = None,
                  adv_files: Sequence[str | Path] = (), show_progress: bool = True,
-                 on_set: Callable[[str, str, AttackResult], None] | None = None):
+                 on_set: Callable[[str, str, AttackResult], None] | None = None,
+                 positions: torch.Tensor | None = None):
         self.target, self.defense, self.data = target, defense, data
         self.eps = float(eps if eps is not None else target.default_eps())
         self.norm, self.seed, self.batch_size = norm, int(seed), batch_size
@@ -294,8 +295,19 @@ class Evaluator:
         self.defense_meta = dict(defense_meta or {})
         self.show_progress = show_progress
         self.on_set = on_set
-        self.positions = torch.arange(len(data), dtype=torch.int64)
-        self.y = data.labels().clone() if hasattr(data, "labels") else _clean(data, self.positions)[1]
+        if positions is None:
+            self.positions = torch.arange(len(data), dtype=torch.int64)
+            self.y = data.labels().clone() if hasattr(data, "labels") else _clean(data, self.positions)[1]
+        else:  # a subset (an evaluation shard): columns are aligned with these absolute positions
+            self.positions = torch.as_tensor(positions, dtype=torch.int64).flatten().clone()
+            if len(self.positions) == 0 or int(self.positions.min()) < 0 or int(self.positions.max()) >= len(data):
+                raise IgdError(f"image positions must lie in 0..{len(data) - 1}")
+            if len(torch.unique(self.positions)) != len(self.positions):
+                raise IgdError("image positions must be distinct")
+            self.y = _clean(data, self.positions)[1]
+        #: absolute position -> row of the columns (-1: not evaluated)
+        self.row_of = torch.full((len(data),), -1, dtype=torch.int64)
+        self.row_of[self.positions] = torch.arange(len(self.positions))
         self.given = self._load_given(adv_files)
 
     # -- sets ------------------------------------------------------------------------------------------
@@ -347,7 +359,9 @@ class Evaluator:
             res, src = self.given[(kind, attack)]
             part = restrict(res, positions)
             if part is None:
-                raise IgdError(f"{src}: the {attack} set lacks some of the first {len(self.data)} images")
+                where = (f"the first {len(self.data)} images" if len(self.positions) == len(self.data) else
+                         f"images {int(self.positions.min())}..{int(self.positions.max())}")
+                raise IgdError(f"{src}: the {attack} set lacks some of {where}")
             return part, src
         model = self._model(kind)
         atk = make_attack(attack, model, eps=self.eps, norm=self.norm, seed=self.seed,
@@ -365,7 +379,7 @@ class Evaluator:
                         return part, str(path)
             except IgdError:
                 pass  # unreadable or stale: recompute and overwrite
-        label = f"{kind} {attack}" + (f" ({len(positions)} survivors)" if len(positions) < len(self.data) else "")
+        label = f"{kind} {attack}" + (f" ({len(positions)} survivors)" if len(positions) < len(self.positions) else "")
         reseed(model, self.seed)
         res = run_attack(atk, self.data, batch_size=self.batch_size, positions=positions, description=label,
                          show_progress=self.show_progress)
@@ -388,10 +402,11 @@ class Evaluator:
         return correct_on(self._model(kind), x, y, seed=self.seed, batch_size=self.batch_size)
 
     def column(self, res: AttackResult, kind: str, clean_ok: torch.Tensor) -> torch.Tensor:
-        """Per-image correctness over all n images; images outside the set count as broken."""
+        """Per-image correctness over the evaluated positions; images outside the set count as broken."""
         ok = correct_on(self._model(kind), res.x_adv, res.y, seed=self.seed, batch_size=self.batch_size)
-        out = torch.zeros(len(self.data), dtype=torch.bool)
-        out[res.index] = ok
+        out = torch.zeros(len(self.positions), dtype=torch.bool)
+        rows = self.row_of[res.index]
+        out[rows[rows >= 0]] = ok[rows >= 0]
         return out & clean_ok
 
 
@@ -407,7 +422,8 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
                      budgets: Budgets | None = None, eps: float | None = None, norm: str = "Linf", seed: int = 0,
                      batch_size: int = 128, skip: bool = True, base: bool = True,
                      defense_meta: dict[str, Any] | None = None, show_progress: bool = True,
-                     on_set: Callable[[str, str, AttackResult], None] | None = None) -> EvalResult:
+                     on_set: Callable[[str, str, AttackResult], None] | None = None,
+                     positions: torch.Tensor | None = None) -> EvalResult:
     """Evaluate ``defense`` (and the base model ``target.model``) on the first ``len(data)`` images.
 
     ``attack``: ``none`` (clean, plus any ``adv_files``), an attack name (run on the defended model, and on the
@@ -415,6 +431,8 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
     for the attacks they hold). ``defense=None`` evaluates the base model alone (its IW-WC uses the six base
     sets). ``skip`` runs the IW-WC attacks on the defended model only on images still unbroken.
     ``workdir``: where sets are kept and reused (``"auto"``: :func:`default_workdir`; None: nowhere).
+    ``positions``: evaluate only these positions of ``data`` (an evaluation shard; default all); the result's
+    ``index`` holds them, and attacks see the same absolute positions (per-image seeds) as in a whole run.
     """
     if workdir == "auto":
         workdir = default_workdir(target)
@@ -425,7 +443,7 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
                        f"{target.loaded.num_classes}")
     ev = Evaluator(target, defense, data, eps=eps, norm=norm, budgets=budgets, seed=seed, batch_size=batch_size,
                    workdir=workdir, defense_meta=defense_meta, adv_files=adv_files, show_progress=show_progress,
-                   on_set=on_set)
+                   on_set=on_set, positions=positions)
     t0 = time.perf_counter()
     has_def = defense is not None
     result = EvalResult(ev.y.clone(), ev.positions.clone(), list(data.classes), ev.clean("base"),
@@ -465,12 +483,12 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
                 alive = result.worst(True) if skip else result.clean_defended
                 todo = everything[alive] if skip else everything
                 if len(todo) == 0:
-                    result.defended[name] = torch.zeros(len(data), dtype=torch.bool)
+                    result.defended[name] = torch.zeros(len(everything), dtype=torch.bool)
                     result.survivors_only[name] = 0
                     continue
                 res, src = ev.obtain(name, "defended", todo)
                 result.defended[name] = ev.column(res, "defended", result.clean_defended)
-                if skip and len(todo) < len(data):
+                if skip and len(todo) < len(everything):
                     result.survivors_only[name] = len(todo)
                 result.sets[name] = src
                 result.seconds[name] = time.perf_counter() - t

@@ -38,6 +38,22 @@ def parse_neurons(text: str | None, n: int) -> tuple[int, int]:
     return a, b
 
 
+def parse_shard(text: str | None, n: int) -> tuple[int, int, int, int] | None:
+    """``I/N`` (I in 0..N-1) -> (I, N, start, stop): the I-th of N contiguous blocks of the n images."""
+    if text is None:
+        return None
+    try:
+        i_s, n_s = text.split("/")
+        i, k = int(i_s), int(n_s)
+    except ValueError:
+        raise IgdError(f"--shard {text}: expected I/N with 0 <= I < N, e.g. 0/4") from None
+    if k < 1 or not 0 <= i < k:
+        raise IgdError(f"--shard {text}: expected I/N with 0 <= I < N, e.g. 0/4")
+    if k > n:
+        raise IgdError(f"--shard {text}: {k} shards for only {n} images")
+    return i, k, i * n // k, (i + 1) * n // k
+
+
 def shard_ranges(n: int, size: int) -> list[tuple[int, int]]:
     """Consecutive ranges of at most ``size`` neurons covering 0..n-1 (for job arrays)."""
     if size < 1:

@@ -17,22 +17,7 @@ from ..console import out_console
 from ..errors import IgdError
 from ..evaluate import correct_on, defense_identity, save_adversarial, set_meta
 from ..options import Arch, BatchSize, DataDir, Dataset, Device, Eps, Json, Model, Seed, ThreatModel
-
-
-def parse_shard(text: str | None, n: int) -> tuple[int, int, int, int] | None:
-    """``I/N`` (I in 0..N-1) -> (I, N, start, stop): the I-th of N contiguous blocks of the n images."""
-    if text is None:
-        return None
-    try:
-        i_s, n_s = text.split("/")
-        i, k = int(i_s), int(n_s)
-    except ValueError:
-        raise IgdError(f"--shard {text}: expected I/N with 0 <= I < N, e.g. 0/4") from None
-    if k < 1 or not 0 <= i < k:
-        raise IgdError(f"--shard {text}: expected I/N with 0 <= I < N, e.g. 0/4")
-    if k > n:
-        raise IgdError(f"--shard {text}: {k} shards for only {n} images")
-    return i, k, i * n // k, (i + 1) * n // k
+from ..shards import parse_shard  # noqa: F401  (shared with defend-eval; importable from here as before)
 
 
 @app.command("attack")

@@ -1,4 +1,5 @@
-"""``igd merge SHARD… --out FILE``: join shards (``igd rank --neurons A:B``) into the full artifact."""
+"""``igd merge SHARD… --out FILE``: join shards (``igd rank --neurons A:B``; ``igd attack`` and ``igd defend-eval``
+with ``--shard I/N``) into the full artifact."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from .. import eval_shards  # registers the adversarial-set and eval-report mergers
 from ..cli import app, emit
 from ..console import out_console
 from ..options import Json
@@ -17,7 +19,8 @@ from ..shards import merge
 
 @app.command("merge")
 def merge_cmd(
-    shards: Annotated[list[Path], typer.Argument(help="shard files; together they must cover every neuron once")],
+    shards: Annotated[list[Path], typer.Argument(help="shard files; together they must cover every neuron "
+                                                     "(importance) or every example (sets, reports) once")],
     out: Annotated[Path, typer.Option("--out", help="the merged artifact to write")],
     as_json: Json = False,
 ) -> None:
@@ -27,6 +30,7 @@ def merge_cmd(
     meta = res.meta
     result = {"out": str(res.out), "kind": res.kind, "shape": list(res.shape), "n_shards": res.n_shards,
               "method": meta.get("method"), "layer": meta.get("layer"), "seconds": round(time.perf_counter() - t0, 3)}
+    result.update(eval_shards.summary(res))
     emit(result, as_json, _render)
 
 
@@ -36,4 +40,8 @@ def _render(r: dict) -> None:
     t.add_column("value", overflow="fold")
     for k in ("kind", "method", "layer", "shape", "seconds"):
         t.add_row(k, "×".join(map(str, r[k])) if k == "shape" else str(r[k]))
+    for k in ("attack", "target", "n_examples", "clean_accuracy", "base_clean_accuracy", "robust_accuracy",
+              "base_robust_accuracy", "worst_case", "base_worst_case"):
+        if r.get(k) not in (None, {}):
+            t.add_row(k, str(r[k]))
     out_console.print(t)

@@ -114,6 +114,8 @@ def test_clean_report_shards_merge_to_the_unsharded_report(cli, work, tmp_path):
               "columns", "eval_identity", "data"):
         assert b.meta[k] == a.meta[k], k
     assert b.meta["positions"] == [0, N] and "shard" not in b.meta
+    h = cli("merge", *parts, "--out", tmp_path / "again.safetensors")
+    assert h.code == 0 and f"{100 * wj['clean_accuracy']:.2f}%" in h.out
 
     # foreign shards: other seed, other mask; overlap and gap
     seed1 = tmp_path / "seed1.safetensors"

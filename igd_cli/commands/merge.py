@@ -43,5 +43,12 @@ def _render(r: dict) -> None:
     for k in ("attack", "target", "n_examples", "clean_accuracy", "base_clean_accuracy", "robust_accuracy",
               "base_robust_accuracy", "worst_case", "base_worst_case"):
         if r.get(k) not in (None, {}):
-            t.add_row(k, str(r[k]))
+            t.add_row(k, _fmt(r[k]) if "accuracy" in k or "worst" in k else str(r[k]))
     out_console.print(t)
+
+
+def _fmt(v) -> str:
+    """Accuracies (fractions) as percentages; a dict of them as ``name: %`` pairs."""
+    if isinstance(v, dict):
+        return ", ".join(f"{name}: {100 * a:.2f}%" for name, a in v.items())
+    return f"{100 * v:.2f}%"

@@ -25,6 +25,22 @@ from .ranking import RankRequest, get_method, rank
 
 Stage = Literal["computed", "reused"]
 
+#: Budget presets: ``paper`` keeps every attack's paper budget; ``quick`` is sized so that the embedded demo
+#: pipeline (IW-WC, nine attacks) finishes in minutes on 2 CPU cores. ``auto``: quick for ``demo``, else paper.
+PRESETS: dict[str, dict[str, int | None]] = {
+    "paper": {"n_examples": None, "steps": None, "restarts": None, "queries": None, "eot_iter": None},
+    "quick": {"n_examples": 200, "steps": 20, "restarts": 1, "queries": 1000, "eot_iter": 5},
+}
+
+
+def preset_values(preset: str, model_name: str) -> dict[str, int | None]:
+    """The defaults a preset gives (explicit options override each of them)."""
+    if preset == "auto":
+        preset = "quick" if model_name == "demo" else "paper"
+    if preset not in PRESETS:
+        raise IgdError(f"--preset {preset}: expected auto, quick or paper")
+    return {"preset": preset, **PRESETS[preset]}
+
 
 @dataclass
 class PipelineConfig:

@@ -12,7 +12,7 @@ from ..common import open_target, parse_eps
 from ..console import out_console
 from ..evaluate import Budgets
 from ..options import Arch, BatchSize, DataDir, Dataset, Device, Eps, Json, Layer, Model, Seed, ThreatModel
-from ..pipeline import PipelineConfig, run_pipeline
+from ..pipeline import PipelineConfig, preset_values, run_pipeline
 from ..report import accuracy_table
 
 
@@ -36,6 +36,7 @@ def pipeline_cmd(
     clip_model: Annotated[str, typer.Option("--clip-model", help="cd-ir: open_clip model")] = "ViT-B-16",
     clip_pretrained: Annotated[str, typer.Option("--clip-pretrained", help="cd-ir: weights tag, PATH or none")] = "openai",
     batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto",
+    preset: Annotated[str, typer.Option("--preset", help="attack budgets and images when not given: paper (the paper's), quick (200 images, 20 steps, 1000 queries, 5 EoT samples, 1 restart) or auto (quick for demo, else paper)")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="recompute every stage even when its artifact matches")] = False,
     as_json: Json = False,
 ) -> None:
@@ -46,14 +47,24 @@ def pipeline_cmd(
     built from): a second run with the same arguments only re-reads results; an interrupted one resumes.
     """
     target = open_target(model, arch, dataset, threat_model, device)
+    p = preset_values(preset, target.loaded.name)
+
+    def pick(value, key):
+        return value if value is not None else p[key]
+
     cfg = PipelineConfig(layer=layer, method=method, attack=attack.strip().lower(), n_probe=n_probe,
-                         n_examples=n_examples, tolerance=tolerance, k=k, eps=parse_eps(eps), rs=not no_rs,
-                         budgets=Budgets(steps=steps, restarts=restarts, queries=queries, eot_iter=eot_iter),
+                         n_examples=pick(n_examples, "n_examples"), tolerance=tolerance, k=k, eps=parse_eps(eps),
+                         rs=not no_rs, budgets=Budgets(steps=pick(steps, "steps"), restarts=pick(restarts, "restarts"),
+                                                       queries=pick(queries, "queries"),
+                                                       eot_iter=pick(eot_iter, "eot_iter")),
                          clip_model=clip_model, clip_pretrained=clip_pretrained, batch_size=batch_size, seed=seed)
     if out is None:
         out = Path("runs") / Path(target.loaded.name).stem.replace(":", "-")
     res = run_pipeline(target, cfg, out, data_dir=data_dir, force=force)
-    emit(res.to_json(), as_json, _render)
+    result = res.to_json()
+    result["preset"] = p["preset"]
+    result["budgets"] = {k: v for k, v in vars(cfg.budgets).items()}
+    emit(result, as_json, _render)
 
 
 def _render(r: dict) -> None:
@@ -69,4 +80,6 @@ def _render(r: dict) -> None:
         out_console.print("† run on the defended model only on images no earlier attack broke (a lower bound of "
                           "that attack's own accuracy; the worst case is exact)")
     stages = ", ".join(f"{k} {v}" for k, v in r["stages"].items())
+    budgets = ", ".join(f"{k} {v}" for k, v in r["budgets"].items() if v is not None) or "the paper's"
+    out_console.print(f"budgets ({r['preset']} preset): {budgets}")
     out_console.print(f"stages: {stages}; {r['seconds']:.1f} s; artifacts in {r['paths']['out']}")

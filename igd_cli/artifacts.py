@@ -199,7 +199,15 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad/unsafe pickles
-        raise IgdError(f"{path}: cannot read as a weights-only PyTorch checkpoint ({_short(exc)})") from exc
+        # torch's own message is a paragraph about the weights_only default: say what it means in one line
+        text = str(exc)
+        if "Unsupported global" in text or "safe_globals" in text:
+            reason = "it holds code or objects other than tensors, which weights_only=True refuses"
+        elif "WeightsUnpickler" in text or "invalid load key" in text or "zip" in text.lower():
+            reason = "not a PyTorch checkpoint"
+        else:
+            reason = _short(exc)
+        raise IgdError(f"{path}: cannot read as a weights-only PyTorch checkpoint ({reason})") from exc
     for key in ("state_dict", "model_state_dict", "model", "net"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]

@@ -85,10 +85,10 @@ def _order(ordered: Sequence[Artifact]) -> torch.Tensor:
     return torch.argsort(torch.cat([s["index"].long() for s in ordered]))
 
 
-def _f32_fraction(count: int, n: int) -> float:
-    """``count / n`` exactly as ``float(bools.float().mean())`` computes it (float32), so merged figures equal
+def _fraction(count: int, n: int) -> float:
+    """``count / n`` exactly as the unsharded run computes it (double precision), so merged figures equal
     those of an unsharded run bit for bit."""
-    return float(torch.tensor(float(count), dtype=torch.float32) / n)
+    return count / n
 
 
 # --- adversarial sets ---------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def merge_adversarial(shards: list[Artifact], out) -> MergeResult:
     for key in ("robust_accuracy", "clean_accuracy"):
         if all(isinstance(s.meta.get(key), (int, float)) for s in ordered):
             count = sum(round(float(s.meta[key]) * len(s["index"])) for s in ordered)
-            meta[key] = _f32_fraction(count, n)  # count-weighted mean of the shards' figures
+            meta[key] = _fraction(count, n)  # count-weighted mean of the shards' figures
     meta["seconds"] = round(sum(float(s.meta.get("seconds", 0.0)) for s in ordered), 3)
     meta["n_attacked"] = sum(int(s.meta.get("n_attacked", len(s["index"]))) for s in ordered)
     meta["merged_from"] = _merged_from(ordered)
@@ -138,7 +138,7 @@ def clean_report_stats(names: list[str], correct: torch.Tensor, y: torch.Tensor,
     out: dict[str, Any] = {
         "n_examples": n,
         "class_counts": torch.bincount(y, minlength=num_classes).tolist(),
-        "accuracy": {name: float(c.float().mean()) for name, c in col.items()},
+        "accuracy": {name: int(c.sum()) / n for name, c in col.items()},
         "per_class": {name: per_class_accuracy(c, y, num_classes) for name, c in col.items()},
     }
     if "defended clean" in col:

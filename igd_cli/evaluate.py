@@ -273,7 +273,8 @@ class EvalResult:
 
 
 def _acc(t: torch.Tensor) -> float:
-    return float(t.float().mean()) if t.numel() else 0.0
+    """Fraction correct as count / n in double precision (a float32 mean prints 0.5550000071525574)."""
+    return int(t.sum()) / t.numel() if t.numel() else 0.0
 
 
 # --- the evaluator ---------------------------------------------------------------------------------------

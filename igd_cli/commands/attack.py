@@ -80,12 +80,12 @@ def attack_cmd(
     x_clean, _ = _gather(data, positions)
     clean_ok = correct_on(attacked, x_clean, res.y, seed=seed, batch_size=batch_size)
     adv_ok = correct_on(attacked, res.x_adv, res.y, seed=seed, batch_size=batch_size)
-    robust = float((clean_ok & adv_ok).float().mean())
+    robust = int((clean_ok & adv_ok).sum()) / len(clean_ok)
     seconds = time.perf_counter() - start
     if sh is not None:
         extra["shard"] = [sh[0], sh[1]]
     extra.update({"seconds": round(seconds, 3), "n_attacked": len(positions), "batch_size": batch_size,
-                  "clean_accuracy": float(clean_ok.float().mean())})
+                  "clean_accuracy": int(clean_ok.sum()) / len(clean_ok)})
     meta = set_meta(target.provenance(), atk.describe(), kind, data, robust, extra)
     save_adversarial(out, res, meta)
     result = {"out": str(out), "attack": attack, "target": kind, "robust_accuracy": robust,

@@ -21,7 +21,7 @@ import torch
 from .artifacts import Artifact, load_artifact
 from .console import progress
 from .data import ImageSet
-from .defense import Features, IGDefense, _module_device, check_importance, importance_ranks
+from .defense import Features, IGDefense, _module_device, artifact_layer, check_importance, importance_ranks
 from .errors import IgdError
 from .layers import layer_output_shape, resolve_layer
 
@@ -32,17 +32,11 @@ def load_importance(path: str | Path, target: Any, layer: str | None, input_shap
                     ) -> tuple[Artifact, str, torch.Tensor]:
     """Read an importance artifact made for this model (and ``layer`` if given); returns (artifact, layer, I)."""
     art = load_artifact(path, kind="importance", fingerprint=target.loaded.fingerprint)
-    have = art.meta.get("layer")
-    if not isinstance(have, str):
+    if layer is not None and not isinstance(art.meta.get("layer"), str):
         raise IgdError(f"{path}: importance artifact has no layer in its metadata")
-    if layer is not None and resolve_layer(target.model, layer) != have:
-        raise IgdError(f"{path}: made for layer {have!r}, not {resolve_layer(target.model, layer)!r}")
-    try:
-        full = resolve_layer(target.model, have)
-    except IgdError as exc:
-        raise IgdError(f"{path}: made for layer {have!r}, which this model does not have") from exc
-    if full != have:
-        raise IgdError(f"{path}: made for layer {have!r}, not {full!r}")
+    if layer is not None and resolve_layer(target.model, layer) != art.meta["layer"]:
+        raise IgdError(f"{path}: made for layer {art.meta['layer']!r}, not {resolve_layer(target.model, layer)!r}")
+    have = artifact_layer(art, target.model)
     imp = check_importance(art["importance"].float(), where=str(path))
     n = layer_output_shape(target.model, have, input_shape)[0]
     if tuple(imp.shape) != (n, target.loaded.num_classes):

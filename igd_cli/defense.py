@@ -269,18 +269,24 @@ def save_mask(path: str | Path, target: "Target", layer: str, mask: torch.Tensor
     return save_artifact(path, "mask", {"mask": mask.to(torch.uint8).cpu()}, meta)
 
 
+def artifact_layer(art: Artifact, model: nn.Module) -> str:
+    """The layer an artifact was made for, checked to exist in ``model`` under that exact full name."""
+    layer = art.meta.get("layer")
+    if not isinstance(layer, str):
+        raise IgdError(f"{art.path}: {art.kind} artifact has no layer in its metadata")
+    try:
+        full = resolve_layer(model, layer)
+    except IgdError as exc:
+        raise IgdError(f"{art.path}: made for layer {layer!r}, which this model does not have") from exc
+    if full != layer:
+        raise IgdError(f"{art.path}: made for layer {layer!r}, not {full!r}")
+    return layer
+
+
 def load_mask(target: "Target", mask_path: str | Path) -> Artifact:
     """Read a mask artifact and check it belongs to this model (fingerprint), layer and class count."""
     art = load_artifact(mask_path, kind="mask", fingerprint=target.loaded.fingerprint)
-    layer = art.meta.get("layer")
-    if not isinstance(layer, str):
-        raise IgdError(f"{mask_path}: mask artifact has no layer in its metadata")
-    try:
-        full = resolve_layer(target.model, layer)
-    except IgdError as exc:
-        raise IgdError(f"{mask_path}: made for layer {layer!r}, which this model does not have") from exc
-    if full != layer:
-        raise IgdError(f"{mask_path}: made for layer {layer!r}, not {full!r}")
+    artifact_layer(art, target.model)
     m = art["mask"]
     if m.ndim != 2 or m.shape[1] != target.loaded.num_classes:
         raise IgdError(f"{mask_path}: mask shape {list(m.shape)} does not fit a model with "

@@ -184,15 +184,23 @@ def _calibration_identity(target: Target, importance: Path, cfg: PipelineConfig)
         "seed": cfg.seed, "batch_size": cfg.batch_size}))
 
 
-def _reusable_mask(path: Path, want: dict[str, Any]) -> dict[str, Any] | None:
-    """The calibration stored in an existing mask made with the same identity, else None."""
+def _matching_meta(path: Path, kind: str, want: dict[str, Any]) -> dict[str, Any] | None:
+    """The metadata of ``path`` when it is a readable ``kind`` artifact made with pipeline identity ``want``."""
     if not path.is_file():
         return None
     try:
         meta = read_metadata(path)
     except IgdError:
+        return None  # unreadable: recompute and overwrite
+    if meta.get("kind") != kind or meta.get("pipeline_identity") != json.loads(json.dumps(want)):
         return None
-    if meta.get("kind") != "mask" or meta.get("pipeline_identity") != want:
+    return meta
+
+
+def _reusable_mask(path: Path, want: dict[str, Any]) -> dict[str, Any] | None:
+    """The calibration stored in an existing mask made with the same identity, else None."""
+    meta = _matching_meta(path, "mask", want)
+    if meta is None:
         return None
     cal = dict(meta.get("calibration") or {})
     cal.update({"k": meta["k"], "out": str(path)})
@@ -200,12 +208,6 @@ def _reusable_mask(path: Path, want: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _reusable_report(path: Path, want: dict[str, Any]) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        meta = read_metadata(path)
-    except IgdError:
-        return None
-    if meta.get("kind") != "eval-report" or meta.get("pipeline_identity") != json.loads(json.dumps(want)):
-        return None
-    return meta.get("result")
+    """The evaluation result stored in an existing report made with the same identity, else None."""
+    meta = _matching_meta(path, "eval-report", want)
+    return None if meta is None else meta.get("result")

@@ -65,13 +65,16 @@ class APGD(Attack):
         return cls(self.model, n_iter=self.budget["steps"], norm=self.norm, n_restarts=self.budget["restarts"],
                    eps=self.eps, seed=self.seed, eot_iter=eot, rho=0.75, device=self.device, **kwargs)
 
-    def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def _start(self, x: torch.Tensor, index: torch.Tensor):
+        """The APGD object and the per-image state a run keeps: generators, best points, fooled, best loss."""
         apgd = self._make()
         apgd.init_hyperparam(x)
-        gens = image_generators(self.seed, index)
-        out = x.clone()
-        fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        best_loss = torch.full((len(x),), -float("inf"), device=x.device)
+        return (apgd, image_generators(self.seed, index), x.clone(),
+                torch.zeros(len(x), dtype=torch.bool, device=x.device),
+                torch.full((len(x),), -float("inf"), device=x.device))
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        apgd, gens, out, fooled, best_loss = self._start(x, index)
         for _ in range(self.budget["restarts"]):
             todo = (~fooled).nonzero().flatten()
             if todo.numel() == 0:
@@ -128,12 +131,7 @@ class APGDTargetedDLR(APGD):
                                    device=self.device)
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        apgd = self._make()
-        apgd.init_hyperparam(x)
-        gens = image_generators(self.seed, index)
-        out = x.clone()
-        fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        best_loss = torch.full((len(x),), -float("inf"), device=x.device)
+        apgd, gens, out, fooled, best_loss = self._start(x, index)
         # pyautoattack's APGDAttack_targeted.perturb loop: targets = 2nd..(n+1)th most likely clean class.
         for target_class in range(2, apgd.n_target_classes + 2):
             for _ in range(self.budget["restarts"]):

@@ -11,13 +11,9 @@ _done = False
 
 
 def register_all() -> None:
+    """Import every command module once (the CLI entry point calls this before parsing)."""
     global _done
-    if _done:
-        return
-    for name in MODULES:
-        try:
+    if not _done:
+        for name in MODULES:
             importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":  # a real missing dependency, not a command not written yet
-                raise
-    _done = True
+        _done = True

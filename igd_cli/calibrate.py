@@ -190,6 +190,7 @@ def run_calibration(target: Any, importance_path: str | Path, out: str | Path, *
                     plot: str | Path | None = None, extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """``igd calibrate-k`` as a library call: choose k on the first ``n_examples`` images (default 1000, or the
     whole split when smaller), write the mask artifact (and the plot) and return the result dictionary."""
+    from .common import check_classes
     from .defense import check_settings, save_mask, topk_mask
     from .report import plot_calibration
 
@@ -200,15 +201,10 @@ def run_calibration(target: Any, importance_path: str | Path, out: str | Path, *
         eps_value = eps_value if eps_value is not None else target.default_eps()
         sigma = eps_value / 2
     check_settings(tau=tau, sigma=sigma, n_smooth=n_smooth, rs=rs)
-    if n_examples is not None and n_examples < 1:
-        raise IgdError(f"--n-examples {n_examples}: must be at least 1")
-    data = target.data(split, None, data_dir)
-    if n_examples is not None and n_examples > len(data):
-        raise IgdError(f"--dataset {data.name} ({split}) has {len(data)} images, fewer than the {n_examples} asked for")
-    data.n = n_examples if n_examples is not None else min(DEFAULT_N_EXAMPLES, len(data))
-    if target.loaded.num_classes != data.num_classes:
-        raise IgdError(f"--dataset {data.name} has {data.num_classes} classes but the model predicts "
-                       f"{target.loaded.num_classes}")
+    data = target.data(split, n_examples, data_dir)  # checks 1 <= n_examples <= the split's size
+    if n_examples is None:
+        data.n = min(DEFAULT_N_EXAMPLES, len(data))
+    check_classes(target, data)
     input_shape = tuple(data.get(0, 1).x.shape[1:])
     art, layer_name, imp = load_importance(importance_path, target, layer, input_shape)
     n_neurons = imp.shape[0]

@@ -29,7 +29,7 @@ import torch.nn as nn
 from .artifacts import file_sha256, load_artifact, read_metadata, save_artifact
 from .attacks import ATTACKS, make_attack, predict, reseed, run_attack
 from .attacks.base import AttackResult, is_randomized
-from .common import Target
+from .common import Target, check_classes
 from .data import ImageSet
 from .errors import IgdError
 
@@ -439,9 +439,7 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
         workdir = default_workdir(target)
     if attack not in ("none", "iw-wc") and attack not in ATTACKS:
         raise IgdError(f"--attack {attack}: unknown (choose from none, iw-wc, {', '.join(ATTACKS)})")
-    if data.num_classes != target.loaded.num_classes:
-        raise IgdError(f"--dataset {data.name} has {data.num_classes} classes but the model predicts "
-                       f"{target.loaded.num_classes}")
+    check_classes(target, data)
     ev = Evaluator(target, defense, data, eps=eps, norm=norm, budgets=budgets, seed=seed, batch_size=batch_size,
                    workdir=workdir, defense_meta=defense_meta, adv_files=adv_files, show_progress=show_progress,
                    on_set=on_set, positions=positions)

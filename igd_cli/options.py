@@ -18,3 +18,8 @@ Seed = Annotated[int, typer.Option("--seed", help="random seed: the same seed gi
 Json = Annotated[bool, typer.Option("--json", help="print exactly one JSON object, the result, on stdout")]
 Layer = Annotated[Optional[str], typer.Option("--layer", help="dotted module name of the masked layer (default: the model's penultimate layer)")]
 Eps = Annotated[Optional[str], typer.Option("--eps", help="l-inf budget, e.g. 8/255 or 0.0314 (default: per data set / the demo model's own)")]
+Steps = Annotated[Optional[int], typer.Option("--steps", help="attack iterations (default: the paper's: APGD 100, PGD 20, AutoAttack's APGD/FAB 100)")]
+Restarts = Annotated[Optional[int], typer.Option("--restarts", help="random restarts (default: the paper's: APGD 1, APGD-T-DLR 3)")]
+Queries = Annotated[Optional[int], typer.Option("--queries", help="query budget (default: the paper's: RayS 10000, Square 5000)")]
+EotIter = Annotated[Optional[int], typer.Option("--eot-iter", help="EoT gradient samples per step (default: the paper's 20)")]
+Shard = Annotated[Optional[str], typer.Option("--shard", help="work only on block I of N of the images (I/N, 0-based), for igd merge")]

@@ -16,7 +16,8 @@ from ..common import check_classes, open_target, parse_eps
 from ..console import out_console
 from ..errors import IgdError
 from ..evaluate import correct_on, defense_identity, save_adversarial, set_meta
-from ..options import Arch, BatchSize, DataDir, Dataset, Device, Eps, Json, Model, Seed, ThreatModel
+from ..options import (Arch, BatchSize, DataDir, Dataset, Device, EotIter, Eps, Json, Model, Queries, Restarts, Seed,
+                       Shard, Steps, ThreatModel)
 from ..shards import parse_shard  # noqa: F401  (shared with defend-eval; importable from here as before)
 
 
@@ -28,11 +29,11 @@ def attack_cmd(
     mask: Annotated[Optional[Path], typer.Option("--mask", help="attack the defended model with this mask artifact")] = None,
     eps: Eps = None,
     n_examples: Annotated[Optional[int], typer.Option("--n-examples", help="first N test images (default: all)")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="iterations (APGD 100, PGD 20, AutoAttack's APGD/FAB 100)")] = None,
-    restarts: Annotated[Optional[int], typer.Option("--restarts", help="random restarts (APGD 1, APGD-T-DLR 3)")] = None,
-    queries: Annotated[Optional[int], typer.Option("--queries", help="query budget (RayS 10000, Square 5000)")] = None,
-    eot_iter: Annotated[Optional[int], typer.Option("--eot-iter", help="EoT gradient samples per step (apgd-eot 20)")] = None,
-    shard: Annotated[Optional[str], typer.Option("--shard", help="attack only block I of N of the images (I/N, 0-based)")] = None,
+    steps: Steps = None,
+    restarts: Restarts = None,
+    queries: Queries = None,
+    eot_iter: EotIter = None,
+    shard: Shard = None,
     arch: Arch = None,
     dataset: Dataset = None,
     data_dir: DataDir = None,

@@ -22,13 +22,14 @@ import typer
 
 from ..artifacts import read_metadata, save_artifact
 from ..cli import app, emit
-from ..common import open_target, parse_eps
+from ..common import check_classes, open_target, parse_eps
 from ..console import out_console
 from ..defense import CleanEval, check_settings, clean_eval, load_defense
 from ..errors import IgdError
 from ..eval_shards import COLUMNS_BY_IMAGES, IMAGES_BY_COLUMNS, LAYOUT_KEY, clean_report_stats
 from ..evaluate import Budgets, default_workdir, defense_identity, evaluate_defense, render_table
-from ..options import Arch, BatchSize, DataDir, Dataset, Device, Eps, Json, Model, Seed, ThreatModel
+from ..options import (Arch, BatchSize, DataDir, Dataset, Device, EotIter, Eps, Json, Model, Queries, Restarts, Seed,
+                       Shard, Steps, ThreatModel)
 from ..report import accuracy_table, per_class_accuracy, per_class_table, summary_table
 from ..shards import parse_shard
 
@@ -47,15 +48,15 @@ def defend_eval_cmd(
     n_smooth: Annotated[Optional[int], typer.Option("--n-smooth", help="noise samples (default: the mask's)")] = None,
     tau: Annotated[Optional[float], typer.Option("--tau", help="soft pseudo-label temperature (default: the mask's)")] = None,
     rs: Annotated[Optional[bool], typer.Option("--rs/--no-rs", help="randomized smoothing on/off (default: the mask's)")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="attack iterations (default: each attack's paper budget)")] = None,
-    restarts: Annotated[Optional[int], typer.Option("--restarts", help="random restarts (default: paper budget)")] = None,
-    queries: Annotated[Optional[int], typer.Option("--queries", help="query budget of RayS/Square (default: paper budget)")] = None,
-    eot_iter: Annotated[Optional[int], typer.Option("--eot-iter", help="EoT gradient samples per step (default: 20)")] = None,
+    steps: Steps = None,
+    restarts: Restarts = None,
+    queries: Queries = None,
+    eot_iter: EotIter = None,
     workdir: Annotated[Optional[Path], typer.Option("--workdir", help="where attack sets are kept and resumed "
                                                     "(default: $IGD_HOME/adv/<model fingerprint>)")] = None,
     skip: Annotated[bool, typer.Option("--skip/--no-skip", help="IW-WC: attack the defended model only on images no "
                                        "earlier attack broke (same worst case, faster)")] = True,
-    shard: Annotated[Optional[str], typer.Option("--shard", help="evaluate only block I of N of the images (I/N, 0-based)")] = None,
+    shard: Shard = None,
     batch_size: BatchSize = 256, seed: Seed = 0, device: Device = "auto",
     report: Annotated[Optional[Path], typer.Option("--report", help="write an eval-report artifact: per-example "
                                                    "correctness and per-class accuracy")] = None,
@@ -79,9 +80,7 @@ def defend_eval_cmd(
     eps_value = parse_eps(eps)
     defense = load_defense(target, mask, sigma=sigma, n_smooth=n_smooth, tau=tau, rs=rs, seed=seed)
     data = target.data(split, n_examples, data_dir)
-    if target.loaded.num_classes != data.num_classes:
-        raise IgdError(f"--dataset {data.name} has {data.num_classes} classes but the model predicts "
-                       f"{target.loaded.num_classes}")
+    check_classes(target, data)
     sh = parse_shard(shard, len(data))
     ident = defense_identity(mask, defense)
     identity = _eval_identity(target, ident, data, attack=attack, eps=eps_value, threat_model=threat_model,

@@ -4,7 +4,7 @@ within ``tolerance`` percentage points of the base model's, on cached k-independ
 The smoothing pass (``ŷ``) and the clean layer output ``A(x)`` do not depend on k, so they are computed once per
 batch (with the defence's seeded noise, batch by batch exactly as :func:`igd_cli.defense.clean_eval` does) and each
 candidate k only runs the tail ``h(A(x) ⊙ m_k ŷ)``. Features are cached on the model's device up to
-``max_cache_bytes``; batches beyond that are recomputed for every candidate from the saved generator state, so the
+``max_cache_bytes``; batches beyond that are recomputed for every candidate from the saved noise state, so the
 result is identical either way, only slower.
 """
 
@@ -82,7 +82,7 @@ class Calibration:
 
 
 class _FeatureStore:
-    """k-independent features per batch: cached, or recomputable from the saved noise-generator state."""
+    """k-independent features per batch: cached, or recomputable from the saved noise state."""
 
     def __init__(self, defense: IGDefense, data: ImageSet, batch_size: int, max_cache_bytes: int):
         self.defense, self.data, self.batch_size = defense, data, batch_size
@@ -96,8 +96,8 @@ class _FeatureStore:
             task = bar.add_task("features (pass 1)", total=len(data))
             for batch in data.batches(batch_size):
                 start, stop = int(batch.index[0]), int(batch.index[-1]) + 1
-                state = defense.noise_state(self.device) if defense.rs else None
                 x, y = batch.x.to(self.device), batch.y.to(self.device)
+                state = defense.noise_state(x) if defense.rs else None
                 feats = defense.features(x, with_base=True)
                 self.base_correct += int((feats.base_logits.argmax(1) == y).sum())
                 feats.base_logits = None
@@ -111,7 +111,7 @@ class _FeatureStore:
         for start, stop, y, feats, state in self.entries:
             if feats is None:
                 if state is not None:
-                    self.defense.set_noise_state(self.device, state)
+                    self.defense.set_noise_state(state)
                 feats = self.defense.features(self.data.get(start, stop).x.to(self.device))
                 self.recomputed += 1
             yield y, feats

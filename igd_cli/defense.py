@@ -6,9 +6,10 @@ prediction is ``h(A(x) ⊙ s)``. Nothing is detached: gradients flow through bot
 The network is split at the masked layer with :class:`igd_cli.layers.LayerSplit` (fx graph split; hook fallback
 when the model does not trace), so any model with a named layer works: RobustBench, torchvision, files, demo.
 
-Noise: every forward with smoothing draws ``randn((n_s, *x.shape))`` from the module's own ``torch.Generator``
-(on the input's device), in call order. ``reseed(seed)`` restarts the stream, so two runs that reseed and feed the
-same batches in the same order see the same noise (this is how ``calibrate-k`` and ``defend-eval`` agree).
+Noise (:mod:`igd_cli.noise`): the ``n_s`` draws of a row are a pure function of ``(seed, the row's bytes, k)``,
+``k`` = the row's earlier occurrences since ``reseed``. An image's first evaluation after ``reseed`` therefore
+gets the same noise in any batch, shard or order (so ``calibrate-k``, ``defend-eval`` and IW-WC with and without
+skipping agree image by image), and repeated queries of one point (EoT) get fresh noise.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from .artifacts import Artifact, file_sha256, load_artifact, save_artifact
 from .errors import IgdError
 from .layers import LayerSplit, capture, replaced, resolve_layer, scale_output
+from .noise import ContentNoise
 
 if TYPE_CHECKING:  # pragma: no cover
     from .common import Target
@@ -131,8 +133,7 @@ class IGDefense(nn.Module):
         self.register_buffer("mask", mask.detach().to(device=device, dtype=torch.float32), persistent=False)
         self.split = LayerSplit(model, self.layer)
         self._checked = False
-        self._seed = int(seed)
-        self._gen: torch.Generator | None = None
+        self._noise = ContentNoise(seed)
 
     # -- settings / noise ----------------------------------------------------------------------------
     @property
@@ -149,28 +150,21 @@ class IGDefense(nn.Module):
         return {"tau": self.tau, "sigma": self.sigma, "n_smooth": self.n_smooth, "rs": self.rs}
 
     def reseed(self, seed: int | None = None) -> None:
-        """Restart the smoothing-noise stream (from ``seed``, or the seed given at construction)."""
-        if seed is not None:
-            self._seed = int(seed)
-        self._gen = None
+        """Restart the smoothing-noise stream (from ``seed``, or the seed given at construction): every row
+        counts as unseen again."""
+        self._noise.restart(seed)
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if self._gen is None or self._gen.device != device:
-            self._gen = torch.Generator(device=device)
-            self._gen.manual_seed(self._seed)
-        return self._gen
+    def noise_state(self, x: torch.Tensor | None = None) -> tuple:
+        """The stream's state before the next draw, to replay the noise exactly (of the batch ``x`` only, if
+        given: much smaller)."""
+        return self._noise.state(x)
 
-    def noise_state(self, device: torch.device) -> torch.Tensor:
-        """The generator state before the next draw (to replay a batch's noise exactly)."""
-        return self._generator(device).get_state()
-
-    def set_noise_state(self, device: torch.device, state: torch.Tensor) -> None:
-        self._generator(device).set_state(state)
+    def set_noise_state(self, state: tuple) -> None:
+        self._noise.set_state(state)
 
     def sample_noise(self, x: torch.Tensor) -> torch.Tensor:
-        """``v`` of shape (n_s, *x.shape), ``N(0, σ²)``, drawn from the module's generator on ``x``'s device."""
-        g = self._generator(x.device)
-        return torch.randn((self.n_smooth, *x.shape), generator=g, device=x.device, dtype=x.dtype) * self.sigma
+        """``v`` of shape (n_s, *x.shape), ``N(0, σ²)``, per row a function of (seed, its bytes, occurrence)."""
+        return self._noise.sample(x, self.n_smooth).mul_(self.sigma)
 
     def _apply(self, fn, *args, **kwargs):  # .to()/.cuda(): the fx graphs hold their own buffer references
         out = super()._apply(fn, *args, **kwargs)

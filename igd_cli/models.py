@@ -98,7 +98,10 @@ def load_model(spec: str = "demo", arch: str | None = None, dataset: str | None 
 # --- demo -------------------------------------------------------------------------------------------
 
 def demo_weights_path() -> Path:
-    return Path(str(resources.files("igd_cli._demo").joinpath(DEMO_WEIGHTS)))
+    try:
+        return Path(str(resources.files("igd_cli._demo").joinpath(DEMO_WEIGHTS)))
+    except ModuleNotFoundError:  # a source tree on sys.path without `pip install` (benchmarks/, scripts/)
+        return Path(__file__).resolve().parents[1] / "artifacts" / "demo" / DEMO_WEIGHTS
 
 
 def _load_demo() -> LoadedModel:

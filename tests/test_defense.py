@@ -11,6 +11,7 @@ from igd_cli.artifacts import save_artifact
 from igd_cli.defense import IGDefense, importance_ranks, load_defense, save_mask, topk_mask
 from igd_cli.errors import IgdError
 from igd_cli.layers import scaled
+from igd_cli.noise import ContentNoise
 
 
 def literal(model, layer, mask, x, *, tau=0.01, noise=None):
@@ -27,9 +28,9 @@ def literal(model, layer, mask, x, *, tau=0.01, noise=None):
 
 
 def seeded_noise(seed, n_smooth, x, sigma):
-    """The documented noise contract: randn((n_s, *x.shape)) from a fresh generator seeded with ``seed``."""
-    g = torch.Generator(device=x.device).manual_seed(seed)
-    return torch.randn((n_smooth, *x.shape), generator=g, device=x.device) * sigma
+    """The documented noise contract: σ times the (n_s, *x.shape) standard normals of a fresh content-keyed
+    stream with ``seed`` (the stream itself is tested in test_noise.py)."""
+    return ContentNoise(seed).sample(x, n_smooth) * sigma
 
 
 def random_mask(n, c, k, seed=0):

@@ -135,19 +135,27 @@ def test_resume_after_interruption_gives_the_same_table(iwwc, tmp_path, target, 
     assert ran == []
 
 
-def test_skipping_keeps_the_worst_case(tmp_path, target, data, mask_path, monkeypatch):
-    """Per-image deterministic attacks on a deterministic defence (no smoothing): same worst case, and the
+@pytest.mark.parametrize("rs", [False, True])
+def test_skipping_keeps_the_worst_case(tmp_path, target, data, mask_path, monkeypatch, rs):
+    """Per-image seeded attacks, on a deterministic defence and on the randomized one (its noise is keyed by
+    image content, so survivors attacked in other batches see the same noise): same worst case, and the
     survivor columns are marked and never above the full ones."""
     monkeypatch.setattr(ev, "DIRECT", ("rays", "apgd-eot"))
     monkeypatch.setattr(ev, "DIRECT_RUN_ORDER", ("apgd-eot", "rays"))
     monkeypatch.setattr(ev, "TRANSFER", ("apgd-ce", "pgd"))
-    d = _defense(target, mask_path, rs=False)
+    d = _defense(target, mask_path, rs=rs)
+    if rs:  # noise strong enough to flip predictions, so that other noise for a survivor would show
+        from igd_cli.defense import load_defense
+
+        d = load_defense(target, mask_path, rs=True, sigma=0.35, tau=0.3, seed=0)
+    assert d.randomized == rs
     ident = ev.defense_identity(mask_path, d)
     kw = dict(attack="iw-wc", budgets=Budgets(steps=3, queries=60, eot_iter=2), seed=0, batch_size=5,
               defense_meta=ident, show_progress=False)
     fast = evaluate_defense(target, d, data, workdir=tmp_path / "a", skip=True, **kw)
     slow = evaluate_defense(target, d, data, workdir=tmp_path / "b", skip=False, **kw)
     assert torch.equal(fast.worst(True), slow.worst(True))
+    assert 0 < int(fast.worst(True).sum()) < int(fast.clean_defended.sum())
     assert set(fast.survivors_only) <= {"rays", "apgd-eot"} and fast.survivors_only
     assert not slow.survivors_only
     fj, sj = fast.to_json(), slow.to_json()

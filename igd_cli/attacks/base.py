@@ -2,9 +2,10 @@
 ``attack(x, y, index) -> x_adv``, batched; plus :func:`run_attack`, which runs an attack over an ``ImageSet``.
 
 Randomness is drawn per image from a generator seeded with ``(seed, index)`` wherever igd controls it (APGD
-random starts, PGD, RayS is deterministic), so an image's adversarial point does not depend on which other
-images share its batch: batch size, ``--shard`` and the skipping of broken images in IW-WC give the same
-points on a deterministic model. pyautoattack's AutoAttack and Square seed once per call (their design).
+random starts, PGD, RayS is deterministic), and the IG-Defense's smoothing noise is keyed by image content
+(:mod:`igd_cli.noise`), so an image's adversarial point does not depend on which other images share its batch:
+batch size, ``--shard`` and the skipping of broken images in IW-WC give the same points, with or without
+randomized smoothing. pyautoattack's AutoAttack and Square seed once per call (their design).
 """
 
 from __future__ import annotations
@@ -176,6 +177,9 @@ def run_attack(attack: Attack, data: ImageSet, *, batch_size: int = 128,
         for b in range(0, len(positions), batch_size):
             pos = positions[b:b + batch_size]
             x, y = _gather(data, pos)
+            # a randomized model's noise stream restarts per batch: its noise is keyed by image content, so
+            # this changes no image's noise, and the stream's record of seen rows stays one batch long
+            reseed(attack.model, attack.seed)
             xs.append(attack(x, y, pos).cpu())
             ys.append(y)
             bar.advance(task, len(pos))

@@ -3,11 +3,18 @@ without skipping (every attack on every image), measured in the same run on the 
 
 The six base-model (transfer) sets are computed once, timed apart, and shared by both runs, as in real use
 (they are reused by every defence of a base model). Prints both worst cases, the images on which they differ,
-the time of the defended-model phase of each run and the ratio.
+the time of the defended-model phase of each run and the ratio, and per direct attack the images it attacked
+and its seconds in each run.
+
+Skipping can only save the work the attacks on the defended model spend on images an earlier attack broke; on
+images that stay robust every attack must spend its whole budget either way. So the ratio is at most
+``1 + (work on broken images without skipping) / (work on the survivors)``: large when most images break (a
+weak model, a large ε), small for a robust model whose attacks already stop early on broken images.
 
     python benchmarks/bench_iwwc.py                       # demo model, 100 images, reduced budgets
     python benchmarks/bench_iwwc.py --paper --n 450       # the paper's budgets
     python benchmarks/bench_iwwc.py --mask MASK.safetensors --device cuda
+    python benchmarks/bench_iwwc.py --mask MASK --eps 0.3  # another ε than the model's default
 """
 
 from __future__ import annotations
@@ -22,11 +29,13 @@ import time
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from igd_cli.artifacts import save_artifact  # noqa: E402
-from igd_cli.common import open_target  # noqa: E402
+from igd_cli.common import open_target, parse_eps  # noqa: E402
 from igd_cli.defense import load_defense  # noqa: E402
 from igd_cli.evaluate import Budgets, defense_identity, evaluate_defense, render_table  # noqa: E402
 
@@ -43,6 +52,15 @@ def random_mask(path: Path, target, layer: str, n: int, k: int) -> Path:
     return save_artifact(path, "mask", {"mask": m}, meta)
 
 
+def transfer_survivors(res) -> torch.Tensor:
+    """Images correct clean and under every transfer set on the defended model (what the direct phase starts with)."""
+    alive = res.clean_defended.clone()
+    for k, v in res.defended.items():
+        if k.startswith("tr-"):
+            alive &= v
+    return alive
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="demo")
@@ -51,6 +69,7 @@ def main() -> None:
     ap.add_argument("--mask", type=Path, default=None)
     ap.add_argument("--k", type=int, default=40, help="neurons kept per class in the random mask")
     ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--eps", default=None, help="attack ε, e.g. 8/255 (default: the data set's)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--paper", action="store_true", help="the paper's budgets (slow on CPU)")
@@ -75,8 +94,9 @@ def main() -> None:
         mask = random_mask(tmp / "mask.safetensors", target, layer, n_neurons, a.k)
     defense = load_defense(target, mask, seed=0)
     ident = defense_identity(mask, defense)
+    eps = parse_eps(a.eps) if a.eps is not None else target.default_eps()
     common = dict(attack="iw-wc", budgets=budgets, seed=0, batch_size=a.batch_size, defense_meta=ident,
-                  show_progress=False)
+                  show_progress=False, eps=eps)
 
     t = time.perf_counter()
     base = evaluate_defense(target, None, data, workdir=tmp / "base", **common)
@@ -94,8 +114,23 @@ def main() -> None:
     differ = int((fast.worst(True) != slow.worst(True)).sum())
     render_table(fast, title=f"IW-WC with skipping, {a.model}, {len(data)} images")
     render_table(slow, title=f"IW-WC without skipping, {a.model}, {len(data)} images")
+    direct = [k for k in fast.seconds if k in fast.defended and not k.startswith("tr-")]
+    per_attack = {k: {"images_skip": fast.survivors_only.get(k, int(fast.clean_defended.sum())),
+                      "images_no_skip": len(data), "seconds_skip": round(fast.seconds[k], 2),
+                      "seconds_no_skip": round(slow.seconds.get(k, float("nan")), 2)} for k in direct}
+    t = Table(title=f"defended-model attacks, {a.model}, {len(data)} images, ε={eps:.4g}")
+    for col in ("attack", "images (skip)", "s (skip)", "images (no skip)", "s (no skip)", "ratio"):
+        t.add_column(col, justify="left" if col == "attack" else "right")
+    for k, v in per_attack.items():
+        t.add_row(k, str(v["images_skip"]), f"{v['seconds_skip']:.2f}", str(v["images_no_skip"]),
+                  f"{v['seconds_no_skip']:.2f}", f"{v['seconds_no_skip'] / max(v['seconds_skip'], 1e-9):.2f}x")
+    t.add_row("all", "", f"{t_fast:.2f}", "", f"{t_slow:.2f}", f"{t_slow / t_fast:.2f}x")
+    Console(stderr=True).print(t)
     out = {
-        "model": a.model, "n": len(data), "device": a.device, "budgets": "paper" if a.paper else budgets.kwargs(),
+        "model": a.model, "n": len(data), "eps": eps, "device": a.device,
+        "budgets": "paper" if a.paper else budgets.kwargs(),
+        "survivors_of_transfer": int(transfer_survivors(fast).sum()),
+        "per_direct_attack": per_attack,
         "base_sets_seconds": round(t_base, 2),
         "defended_seconds_skip": round(t_fast, 2), "defended_seconds_no_skip": round(t_slow, 2),
         "speedup_defended_phase": round(t_slow / t_fast, 2),

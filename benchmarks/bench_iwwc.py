@@ -142,8 +142,9 @@ def main() -> None:
         "per_attack_seconds_no_skip": {k: round(v, 2) for k, v in slow.seconds.items()},
         "survivors_attacked": fast.survivors_only,
         "table_skip": fast.to_json(),
+        "table_no_skip": slow.to_json(),
     }
-    print(json.dumps({k: v for k, v in out.items() if k != "table_skip"}, indent=1))
+    print(json.dumps({k: v for k, v in out.items() if not k.startswith("table_")}, indent=1))
     if a.json_out:
         a.json_out.write_text(json.dumps(out, indent=1))
     shutil.rmtree(tmp, ignore_errors=True)

@@ -10,7 +10,8 @@ each attack on the defended model runs only on the images no earlier attack brok
 
 Every attack's set is written to ``workdir`` as an ``adversarial`` artifact as soon as it is done and reused
 when its metadata match, so an interrupted run resumes from the attacks it finished. Randomized defences are
-evaluated after ``reseed(seed)`` so reruns agree.
+evaluated after ``reseed(seed)`` so reruns agree; attacks query them on a separate noise stream
+(:data:`igd_cli.attacks.base.ATTACK_STREAM`), so the evaluation of a point never replays the attack's draw.
 """
 
 from __future__ import annotations
@@ -381,7 +382,6 @@ class Evaluator:
             except IgdError:
                 pass  # unreadable or stale: recompute and overwrite
         label = f"{kind} {attack}" + (f" ({len(positions)} survivors)" if len(positions) < len(self.positions) else "")
-        reseed(model, self.seed)
         res = run_attack(atk, self.data, batch_size=self.batch_size, positions=positions, description=label,
                          show_progress=self.show_progress)
         if self.on_set is not None:

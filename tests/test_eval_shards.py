@@ -181,6 +181,27 @@ def test_adv_report_shards_merge_to_the_unsharded_report(cli, work, tmp_path):
     _refused(cli, steps, tmp_path / "bad.safetensors", "different budget")
 
 
+def test_randomized_defence_shards_merge_to_the_unsharded_report(cli, work, tmp_path):
+    # smoothing on, with noise strong enough to change predictions, and batches that do not line up with the
+    # shards: the noise is keyed by image content and APGD+EoT seeds per image, so the merge equals the whole run
+    mask = tmp_path / "mask-rs.safetensors"
+    r = cli("calibrate-k", "--importance", work / "imp.safetensors", "--k", 24, "--sigma", 0.35, "--tau", 0.3,
+            "--n-examples", N, "--device", "cpu", "--out", mask, "--json")
+    assert r.code == 0, r.err
+    common = ["--mask", mask, "--attack", "apgd-eot", *TINY, "--n-examples", N, "--device", "cpu",
+              "--batch-size", 7, "--workdir", tmp_path / "wd"]
+    whole = tmp_path / "whole.safetensors"
+    r = cli("defend-eval", *common, "--report", whole, "--json")
+    assert r.code == 0, r.err
+    wj = r.json()
+    assert 0 < wj["robust_accuracy"]["apgd-eot"] < wj["clean_accuracy"]
+    j = _merge(cli, _shards(cli, tmp_path, common, 3, "rs"), tmp_path / "merged.safetensors")
+    for k in ("clean_accuracy", "robust_accuracy", "base_robust_accuracy", "worst_case"):
+        assert j[k] == wj[k], k
+    a, b = load_artifact(whole, kind="eval-report"), load_artifact(tmp_path / "merged.safetensors", kind="eval-report")
+    assert torch.equal(a["correct"], b["correct"])
+
+
 def test_iwwc_shards_merge_to_the_unsharded_report(cli, work, tmp_path):
     # --no-skip and batches aligned with the shards: AutoAttack seeds once per batch, so with these the sharded
     # run makes exactly the calls of the whole run, and the merged report must equal it bit for bit

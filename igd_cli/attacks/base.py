@@ -47,6 +47,18 @@ def is_randomized(model: nn.Module) -> bool:
     return bool(getattr(model, "rs", False)) and hasattr(model, "reseed")
 
 
+#: attacks query a randomized model on their own noise stream (seed XOR this): evaluation uses ``seed`` itself, so
+#: a point an attack kept because one noise draw misclassified it is judged under an independent draw, as a
+#: deployed defence drawing fresh noise would judge it (with content-keyed noise, one shared stream would
+#: replay the attacker's lucky draw)
+ATTACK_STREAM = 0x5DEECE66D
+
+
+def attack_stream(seed: int) -> int:
+    """The noise seed attacks use against a randomized model whose evaluations use ``seed``."""
+    return int(seed) ^ ATTACK_STREAM
+
+
 def reseed(model: nn.Module, seed: int) -> None:
     """Restart a randomized model's noise stream (no-op for deterministic models) so reruns agree."""
     fn = getattr(model, "reseed", None)
@@ -177,9 +189,10 @@ def run_attack(attack: Attack, data: ImageSet, *, batch_size: int = 128,
         for b in range(0, len(positions), batch_size):
             pos = positions[b:b + batch_size]
             x, y = _gather(data, pos)
-            # a randomized model's noise stream restarts per batch: its noise is keyed by image content, so
-            # this changes no image's noise, and the stream's record of seen rows stays one batch long
-            reseed(attack.model, attack.seed)
+            # a randomized model's noise stream (the attack's own, see ATTACK_STREAM) restarts per batch: its
+            # noise is keyed by image content, so this changes no image's noise, and the stream's record of
+            # seen rows stays one batch long
+            reseed(attack.model, attack_stream(attack.seed))
             xs.append(attack(x, y, pos).cpu())
             ys.append(y)
             bar.advance(task, len(pos))

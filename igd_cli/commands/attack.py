@@ -72,9 +72,6 @@ def attack_cmd(
                       num_classes=target.loaded.num_classes, steps=steps, restarts=restarts, queries=queries,
                       eot_iter=eot_iter)
     start = time.perf_counter()
-    correct_reseed = getattr(attacked, "reseed", None)
-    if callable(correct_reseed):
-        correct_reseed(seed)
     res = run_attack(atk, data, batch_size=batch_size, positions=positions, description=f"{kind} {attack}")
     from ..attacks.base import _gather
 

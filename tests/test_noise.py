@@ -106,3 +106,25 @@ def test_cuda_noise_equals_cpu_noise():
     cpu = ContentNoise(5).sample(x, 2)
     gpu = ContentNoise(5).sample(x.cuda(), 2).cpu()
     assert torch.allclose(cpu, gpu, atol=1e-5)
+
+
+def test_attacks_query_a_randomized_defence_on_their_own_stream(demo):
+    """run_attack restarts the defence's noise on the attack stream (seed XOR ATTACK_STREAM); evaluation uses
+    the seed itself, so the point an attack keeps is judged under another draw than the attack saw."""
+    from igd_cli.attacks import make_attack, run_attack
+    from igd_cli.attacks.base import attack_stream
+    from igd_cli.data import load_dataset
+
+    data = load_dataset("digits", "test", 6)
+    mask = topk_mask(torch.rand(128, 10, generator=torch.Generator().manual_seed(0)), 6)
+    d = IGDefense(demo.model, "block3", mask, tau=0.5, sigma=0.4, seed=3)
+    seen = []
+    original = d.reseed
+    d.reseed = lambda seed=None: (seen.append(seed), original(seed))[1]
+    run_attack(make_attack("fgsm", d, eps=0.1, seed=3), data, batch_size=4, show_progress=False)
+    assert seen == [attack_stream(3)] * 2 and attack_stream(3) != 3
+    x = data.all().x
+    d.reseed(attack_stream(3))
+    on_attack_stream = d(x)
+    d.reseed(3)
+    assert not torch.allclose(d(x), on_attack_stream, atol=1e-3)

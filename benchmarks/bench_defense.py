@@ -57,7 +57,7 @@ def main() -> None:
     mask = topk_mask(torch.rand(512, 10, generator=g), args.k).to(dev)
     sigma, tau = 4 / 255, 0.01
     d_off = IGDefense(model, "layer4", mask, rs=False)
-    d_on = IGDefense(model, "layer4", mask, sigma=sigma, seed=0)
+    d_on = IGDefense(model, "layer4", mask, sigma=sigma, seed=0, batch_passes=True)
     d_sep = IGDefense(model, "layer4", mask, sigma=sigma, seed=0, batch_passes=False)
     d_hook_off = IGDefense(model, "layer4", mask, rs=False)
     d_hook_off.split.fast = False

@@ -66,9 +66,10 @@ def test_injected_noise_and_batched_vs_separate_passes(demo, digits_x, monkeypat
     monkeypatch.setattr(d, "sample_noise", lambda x: noise)
     with torch.no_grad():
         want = literal(demo.model, "block3", mask, digits_x, noise=noise)
-        assert torch.allclose(d(digits_x), want, atol=1e-5)
-        d.batch_passes = False
-        assert torch.allclose(d(digits_x), want, atol=1e-5)
+        assert torch.allclose(d(digits_x), want, atol=1e-5)  # the default (separate passes on the CPU)
+        for batched in (True, False):
+            d.batch_passes = batched
+            assert torch.allclose(d(digits_x), want, atol=1e-5)
 
 
 @pytest.mark.parametrize("layer", ["layer4", "layer2.1.conv1"])  # no context / a skip connection in the context

@@ -24,6 +24,9 @@ import torch
 M32 = 0xFFFFFFFF
 _MUL = 0x45D9F3B  # a well-tested 32-bit avalanche multiplier (< 2**31)
 _CHUNK = 1 << 24  # elements per int64 temporary when hashing large inputs
+#: rows the stream remembers before it forgets them all (a long-lived defence serving distinct images must not
+#: grow without bound; an attack batch — RayS: 10,000 queries x 256 images — stays well below)
+MAX_SEEN = 1 << 22
 
 
 def mix32(h: torch.Tensor) -> torch.Tensor:
@@ -100,7 +103,8 @@ class ContentNoise:
     """The noise stream of one defence: ``sample(x, n)`` gives (n, *x.shape) standard normals per row of ``x``.
 
     ``restart(seed)`` forgets the rows seen so far. Every row's ``k`` (its earlier occurrences since the
-    restart) is kept in a dict of hashes, so a long attack should restart per batch (``run_attack`` does).
+    restart) is kept in a dict of hashes, so a long attack should restart per batch (``run_attack`` does); past
+    ``MAX_SEEN`` rows the dict is cleared.
     """
 
     def __init__(self, seed: int = 0):
@@ -124,6 +128,8 @@ class ContentNoise:
     def counts(self, hashes: torch.Tensor) -> torch.Tensor:
         """Each row's number of earlier occurrences (rows before it in this batch included); records the rows."""
         out = []
+        if len(self.seen) > MAX_SEEN:
+            self.seen = {}  # forgetting only lets a point queried again much later repeat its first draw
         seen = self.seen
         for h in hashes.tolist():
             c = seen.get(h, 0)

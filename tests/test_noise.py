@@ -128,3 +128,13 @@ def test_attacks_query_a_randomized_defence_on_their_own_stream(demo):
     on_attack_stream = d(x)
     d.reseed(3)
     assert not torch.allclose(d(x), on_attack_stream, atol=1e-3)
+
+
+def test_the_record_of_seen_rows_is_bounded(monkeypatch):
+    import igd_cli.noise as noise
+
+    monkeypatch.setattr(noise, "MAX_SEEN", 10)
+    s = ContentNoise(0)
+    for i in range(5):
+        s.sample(_x(4, 8, seed=i), 1)
+    assert len(s.seen) <= 14  # cleared once past 10, then refilled by at most one batch

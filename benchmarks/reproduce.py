@@ -561,6 +561,21 @@ def verdicts(R: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+
+def busy_note(s: dict[str, Any]) -> str:
+    """One setup line on how far the timings can be trusted, from the load averages measured at start and end."""
+    try:
+        loads = [float(v) for part in (s["load_start"], s["load_end"]) for v in str(part).split()[:1]]
+    except (KeyError, ValueError):
+        loads = []
+    cpus = int(s.get("cpus") or 1)
+    if loads and max(loads) > 0.75 * cpus + 0.5:
+        return (f"- **Timings are noisy**: the CPU was shared with other jobs (1-minute load up to {max(loads):.1f} on "
+                f"{cpus} cores); ratios measured in the same run are more trustworthy than absolute seconds.")
+    return (f"- The machine was otherwise idle (1-minute load ≤ {max(loads, default=0):.1f} on {cpus} cores, this run "
+            "included); ratios measured in the same run are still more trustworthy than absolute seconds.")
+
+
 def write_report(R: dict, out_dir: Path, tag: str) -> Path:
     cfg, s = R["budgets"], R["setup"]
     L: list[str] = [f"# IG-Defense reproduction on this machine ({tag})", "",
@@ -571,8 +586,7 @@ def write_report(R: dict, out_dir: Path, tag: str) -> Path:
                     "## 1. Setup", "",
                     f"- machine: {s['machine']}, {s['cpus']} CPUs, load average at start {s['load_start']}, at end "
                     f"{s['load_end']}; torch {s['torch']} ({s['threads']} threads), device `{s['device']}`.",
-                    "- **Timings are noisy**: the CPU is shared with other jobs (load ≈ 3-4 on 2 cores while this ran); "
-                    "ratios measured in the same run are more trustworthy than absolute seconds.",
+                    busy_note(s),
                     f"- models: the real CIFAR-10 ResNet-18 (`pyautoattack/examples/model_test.pt`, standard training, "
                     f"**not** adversarially trained), masked at `layer4` (N = 512); the embedded `demo` CNN "
                     f"(PGD-trained on scikit-learn digits at ε = 0.2, masked at `block3`, N = 128).",

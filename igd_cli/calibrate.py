@@ -21,7 +21,8 @@ import torch
 from .artifacts import Artifact, load_artifact
 from .console import progress
 from .data import ImageSet
-from .defense import Features, IGDefense, _module_device, artifact_layer, check_importance, importance_ranks
+from .defense import Features, IGDefense, artifact_layer, check_importance, importance_ranks
+from .devices import module_device
 from .errors import IgdError
 from .layers import layer_output_shape, resolve_layer
 
@@ -86,7 +87,7 @@ class _FeatureStore:
 
     def __init__(self, defense: IGDefense, data: ImageSet, batch_size: int, max_cache_bytes: int):
         self.defense, self.data, self.batch_size = defense, data, batch_size
-        self.device = _module_device(defense.model)
+        self.device = module_device(defense.model)
         self.entries: list[tuple[int, int, torch.Tensor, Features | None, torch.Tensor | None]] = []
         self.base_correct = 0
         self.cached_bytes = 0
@@ -133,7 +134,7 @@ def calibrate_k(defense: IGDefense, importance: torch.Tensor, data: ImageSet, *,
     n_neurons = importance.shape[0]
     if k is not None and not 1 <= k <= n_neurons:
         raise IgdError(f"--k {k}: must be between 1 and N = {n_neurons} (the masked layer's neuron count)")
-    device = _module_device(defense.model)
+    device = module_device(defense.model)
     ranks = importance_ranks(importance).to(device)
     store = _FeatureStore(defense, data, batch_size, max_cache_bytes)
     n = len(data)

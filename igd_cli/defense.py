@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .artifacts import Artifact, file_sha256, load_artifact, save_artifact
+from .devices import module_device
 from .errors import IgdError
 from .layers import LayerSplit, capture, replaced, resolve_layer, scale_output
 from .noise import ContentNoise
@@ -131,7 +132,7 @@ class IGDefense(nn.Module):
         self.layer = resolve_layer(model, layer)
         self.tau, self.sigma, self.n_smooth, self.rs = float(tau), sigma, int(n_smooth), bool(rs)
         self.batch_passes = batch_passes
-        device = _module_device(model)
+        device = module_device(model)
         self.register_buffer("mask", mask.detach().to(device=device, dtype=torch.float32), persistent=False)
         self.split = LayerSplit(model, self.layer)
         self._checked = False
@@ -246,14 +247,6 @@ class IGDefense(nn.Module):
         return self.masked_tail(self.features(x))
 
 
-def _module_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 # --- mask artifacts ---------------------------------------------------------------------------------
 
 def save_mask(path: str | Path, target: "Target", layer: str, mask: torch.Tensor, *, k: int,
@@ -342,7 +335,7 @@ def clean_eval(defense: IGDefense, data: "ImageSet", batch_size: int, descriptio
     """
     from .console import progress
 
-    device = _module_device(defense.model)
+    device = module_device(defense.model)
     defense.reseed()
     ys, idx, base, dfd = [], [], [], []
     with progress() as bar:

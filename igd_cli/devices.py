@@ -1,4 +1,4 @@
-"""Device selection: ``auto`` means CUDA when available, else CPU."""
+"""Device selection (``auto`` means CUDA when available, else CPU) and the device a model lives on."""
 
 from __future__ import annotations
 
@@ -21,3 +21,12 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if spec == "cpu":
         return torch.device("cpu")
     raise IgdError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def module_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's first parameter (or buffer); CPU for a model with neither."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")

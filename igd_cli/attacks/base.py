@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..console import progress
 from ..data import ImageSet
+from ..devices import module_device
 from ..errors import IgdError
 
 #: budget keys that can be overridden on the command line (``--steps`` ...), by attack.
@@ -88,7 +89,7 @@ class Attack:
         self.eps = float(eps)
         self.norm = norm
         self.seed = int(seed)
-        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.device = torch.device(device) if device is not None else module_device(model)
         self.num_classes = num_classes
         self.randomized = is_randomized(model) if randomized is None else bool(randomized)
         self.budget: dict[str, int] = dict(self.defaults)
@@ -140,14 +141,6 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str = "Linf"
     return (x + delta.view_as(x)).clamp(0.0, 1.0)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
 @dataclass
 class AttackResult:
     """Adversarial points of the images at ``index`` (positions in the split), on CPU."""
@@ -163,7 +156,7 @@ class AttackResult:
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256,
             device: torch.device | None = None) -> torch.Tensor:
     """Predicted labels (CPU int64) of ``x``, in batches."""
-    device = device or _model_device(model)
+    device = device or module_device(model)
     out = []
     for i in range(0, len(x), batch_size):
         out.append(model(x[i:i + batch_size].to(device)).argmax(1).cpu())

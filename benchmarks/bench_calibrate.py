@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from igd_cli.calibrate import calibrate_k, passes  # noqa: E402
 from igd_cli.data import ImageSet, load_dataset  # noqa: E402
 from igd_cli.defense import IGDefense, clean_eval, topk_mask  # noqa: E402
+from igd_cli.devices import module_device  # noqa: E402
 from igd_cli.models import load_model  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-test-846.safetensors"
@@ -41,7 +42,7 @@ def naive_calibration(model, imp, data: ImageSet, batch_size: int, tolerance: fl
     def run(k: int):
         nonlocal evals
         evals += 1
-        d = IGDefense(model, "layer4", topk_mask(imp, k).to(_dev(model)), sigma=4 / 255, seed=seed)
+        d = IGDefense(model, "layer4", topk_mask(imp, k).to(module_device(model)), sigma=4 / 255, seed=seed)
         ev = clean_eval(d, data, batch_size)
         return int(ev.defended_correct.sum()), int(ev.base_correct.sum())
 
@@ -55,10 +56,6 @@ def naive_calibration(model, imp, data: ImageSet, batch_size: int, tolerance: fl
         else:
             lo = mid + 1
     return hi, evals
-
-
-def _dev(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def main() -> None:

@@ -229,22 +229,15 @@ class EvalResult:
 
     def correct_matrix(self) -> tuple[list[str], torch.Tensor]:
         """(names, bool matrix columns × images): clean, each column and worst case, base then defended."""
-        names, rows = ["base:clean"], [self.clean_base]
-        for k, v in self.base.items():
-            names.append(f"base:{k}")
-            rows.append(v)
-        if (w := self.worst(False)) is not None:
-            names.append("base:worst_case")
-            rows.append(w)
-        if self.clean_defended is not None:
-            names.append("defended:clean")
-            rows.append(self.clean_defended)
-            for k, v in self.defended.items():
-                names.append(f"defended:{k}")
+        names, rows = [], []
+        for side, clean, cols in (("base", self.clean_base, self.base),
+                                  ("defended", self.clean_defended, self.defended)):
+            if clean is None:
+                continue
+            worst = self.worst(side == "defended")
+            for k, v in [("clean", clean), *cols.items(), *([("worst_case", worst)] if worst is not None else [])]:
+                names.append(f"{side}:{k}")
                 rows.append(v)
-            if (w := self.worst(True)) is not None:
-                names.append("defended:worst_case")
-                rows.append(w)
         return names, torch.stack(rows)
 
     def per_class(self) -> dict[str, Any]:

@@ -22,11 +22,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class Normalized(nn.Module):
     """``model((x - mean) / std)`` for inputs in [0, 1]; children are named ``normalize`` and ``model``
-    like RobustBench's ``normalize_model``, so layer names read ``model.layer4``."""
+    like RobustBench's ``normalize_model``, so layer names read ``model.layer4``. ``persistent``: keep mean and
+    std in the state dict, so the model fingerprint covers them (a ``--normalize`` given by the user)."""
 
-    def __init__(self, model: nn.Module, mean, std):
+    def __init__(self, model: nn.Module, mean, std, persistent: bool = False):
         super().__init__()
-        self.normalize = _Normalize(mean, std)
+        self.normalize = _Normalize(mean, std, persistent)
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -34,10 +35,10 @@ class Normalized(nn.Module):
 
 
 class _Normalize(nn.Module):
-    def __init__(self, mean, std):
+    def __init__(self, mean, std, persistent: bool = False):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=persistent)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=persistent)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std

@@ -57,9 +57,9 @@ class Target:
 
 
 def open_target(model: str, arch: str | None, dataset: str | None, threat_model: str = "Linf",
-                device: str = "auto") -> Target:
+                device: str = "auto", normalize: str | None = None) -> Target:
     dev = resolve_device(device)
-    loaded = load_model(model, arch, dataset, threat_model, dev)
+    loaded = load_model(model, arch, dataset, threat_model, dev, normalize=normalize)
     ds = dataset or loaded.dataset
     if ds is None:
         raise IgdError(f"--model {model}: pass --dataset (the model does not say which data it was trained on)")

@@ -78,15 +78,19 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def load_model(spec: str = "demo", arch: str | None = None, dataset: str | None = None,
-               threat_model: str = "Linf", device: torch.device | str = "cpu") -> LoadedModel:
-    """Resolve ``--model`` (and ``--arch``) into a :class:`LoadedModel` in eval mode on ``device``."""
+               threat_model: str = "Linf", device: torch.device | str = "cpu",
+               normalize: str | None = None) -> LoadedModel:
+    """Resolve ``--model`` (and ``--arch``, ``--normalize``) into a :class:`LoadedModel` in eval mode on ``device``."""
     spec = (spec or "demo").strip()
+    is_file = Path(spec).suffix in (".pt", ".pth", ".safetensors") or os.sep in spec
+    if normalize is not None and (spec == "demo" or spec.startswith("torchvision:") or not is_file):
+        raise IgdError(f"--normalize applies to a state-dict file (--model PATH --arch ...), not to --model {spec}")
     if spec == "demo":
         loaded = _load_demo()
     elif spec.startswith("torchvision:"):
         loaded = _load_torchvision(spec)
-    elif Path(spec).suffix in (".pt", ".pth", ".safetensors") or os.sep in spec:
-        loaded = _load_file(spec, arch)
+    elif is_file:
+        loaded = _load_file(spec, arch, normalize)
     else:
         loaded = _load_robustbench(spec, dataset, threat_model)
     loaded.model.eval().to(device)
@@ -120,35 +124,61 @@ def _load_demo() -> LoadedModel:
 
 # --- state-dict files -------------------------------------------------------------------------------
 
-def _load_file(spec: str, arch: str | None) -> LoadedModel:
+def _load_file(spec: str, arch: str | None, normalize: str | None = None) -> LoadedModel:
     from .artifacts import load_state_dict_file
+    from .user_arch import build_user_arch, check_channels, is_user_arch, parse_normalize
 
     path = Path(spec).expanduser()
     if arch is None:
-        raise IgdError(f"--model {spec}: a state-dict file needs --arch (one of {', '.join(ARCHS)})")
-    if arch not in ARCHS:
-        raise IgdError(f"--arch {arch}: unknown architecture (choose from {', '.join(ARCHS)})")
+        raise IgdError(f"--model {spec}: a state-dict file needs --arch (one of {', '.join(ARCHS)}, or your own "
+                       "MODULE:CALLABLE or path/to/file.py:CALLABLE)")
+    user = is_user_arch(arch)
+    if not user and arch not in ARCHS:
+        raise IgdError(f"--arch {arch}: unknown architecture (choose from {', '.join(ARCHS)}, or your own "
+                       "MODULE:CALLABLE or path/to/file.py:CALLABLE)")
+    norm = parse_normalize(normalize) if normalize is not None else None
     state = load_state_dict_file(path)
-    spec_arch = ARCHS[arch]
-    state = _clean_state_dict(state)
-    key = spec_arch.classifier_key
-    cands = [k for k in state if k == key or k.endswith("." + key)]
-    if not cands:
-        raise IgdError(f"{path}: no {key!r} in the state dict: not a {arch} checkpoint")
-    num_classes = int(state[cands[0]].shape[0])
-    net = spec_arch.build(num_classes)
+    if user:
+        state = _strip_prefix(state)
+        net, num_classes = build_user_arch(arch, state, path)
+        state = _clean_state_dict(state, expected=set(net.state_dict()))
+        default_layer = None
+    else:
+        spec_arch = ARCHS[arch]
+        state = _clean_state_dict(state)
+        key = spec_arch.classifier_key
+        cands = [k for k in state if k == key or k.endswith("." + key)]
+        if not cands:
+            raise IgdError(f"{path}: no {key!r} in the state dict: not a {arch} checkpoint")
+        num_classes = int(state[cands[0]].shape[0])
+        net = spec_arch.build(num_classes)
+        default_layer = spec_arch.default_layer
     _load_into(net, state, path, arch)
-    return LoadedModel(net, str(path), "file", fingerprint(net), num_classes, default_layer=spec_arch.default_layer,
-                       info={"arch": arch})
+    info: dict[str, Any] = {"arch": arch}
+    if norm is not None:
+        if isinstance(net, Normalized):
+            raise IgdError(f"--normalize: --arch {arch} already normalises its input")
+        check_channels(net, norm[0], normalize)
+        net = Normalized(net, *norm, persistent=True)
+        info["normalize"] = {"mean": list(norm[0]), "std": list(norm[1])}
+        default_layer = f"model.{default_layer}" if default_layer else None
+    if default_layer is None:
+        default_layer = guess_penultimate(net)
+    return LoadedModel(net, str(path), "file", fingerprint(net), num_classes, default_layer=default_layer, info=info)
 
 
-def _clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip DataParallel's ``module.`` prefix and drop normalisation buffers saved by wrappers."""
+def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Without DataParallel's ``module.`` prefix."""
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def _clean_state_dict(state: dict[str, torch.Tensor], expected: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """Strip DataParallel's ``module.`` prefix and drop normalisation buffers saved by wrappers (unless the
+    network has keys of those names itself, ``expected``)."""
     out = {}
-    for k, v in state.items():
-        if k.startswith("module."):
-            k = k[len("module."):]
-        if k.split(".")[0] in ("normalize", "normalizer") or k in ("mu", "sigma", "mean", "std"):
+    for k, v in _strip_prefix(state).items():
+        is_norm = k.split(".")[0] in ("normalize", "normalizer") or k in ("mu", "sigma", "mean", "std")
+        if is_norm and (expected is None or k not in expected):
             continue
         out[k] = v
     return out
@@ -158,7 +188,8 @@ def _load_into(net: nn.Module, state: dict[str, torch.Tensor], path: Path, arch:
     target = net
     if isinstance(net, Normalized) and not any(k.startswith("model.") for k in state):
         target = net.model
-    elif not isinstance(net, Normalized) and all(k.startswith("model.") for k in state):
+    elif not isinstance(net, Normalized) and all(k.startswith("model.") for k in state) \
+            and not all(k.startswith("model.") for k in net.state_dict()):
         state = {k[len("model."):]: v for k, v in state.items()}
     try:
         result = target.load_state_dict(state, strict=False)

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 Model = Annotated[str, typer.Option("--model", help="demo | RobustBench zoo name | torchvision:NAME | PATH.pt/.pth/.safetensors")]
-Arch = Annotated[Optional[str], typer.Option("--arch", help="architecture of a state-dict file: resnet18, preact-resnet18, wrn-34-10, resnet50, demo-cnn")]
+Arch = Annotated[Optional[str], typer.Option("--arch", help="architecture of a state-dict file: resnet18, preact-resnet18, wrn-34-10, resnet50, demo-cnn, or your own MODULE:CALLABLE or path/to/file.py:CALLABLE")]
+Normalize = Annotated[Optional[str], typer.Option("--normalize", help="wrap a state-dict model whose normalisation is not inside it: MEAN,STD per channel (0.5,0.5 or m1,m2,m3,s1,s2,s3) or cifar10, cifar100, imagenet, mnist")]
 Dataset = Annotated[Optional[str], typer.Option("--dataset", help="digits | cifar10 | cifar100 | imagenet | PATH.safetensors (default: the model's own)")]
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", envvar="IGD_DATA_DIR", help="where torchvision data sets or ImageNet folders live")]
 ThreatModel = Annotated[str, typer.Option("--threat-model", help="Linf or L2")]

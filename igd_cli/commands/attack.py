@@ -17,7 +17,7 @@ from ..console import out_console
 from ..errors import IgdError
 from ..evaluate import correct_on, defense_identity, save_adversarial, set_meta
 from ..options import (Arch, BatchSize, DataDir, Dataset, Device, EotIter, Eps, Json, Model, Queries, Restarts, Seed,
-                       Shard, Steps, ThreatModel)
+                       Normalize, Shard, Steps, ThreatModel)
 from ..shards import parse_shard  # noqa: F401  (shared with defend-eval; importable from here as before)
 
 
@@ -35,6 +35,7 @@ def attack_cmd(
     eot_iter: EotIter = None,
     shard: Shard = None,
     arch: Arch = None,
+    normalize: Normalize = None,
     dataset: Dataset = None,
     data_dir: DataDir = None,
     threat_model: ThreatModel = "Linf",
@@ -50,7 +51,7 @@ def attack_cmd(
         raise IgdError(f"--threat-model {threat_model}: expected Linf or L2")
     if out.exists() and out.is_dir():
         raise IgdError(f"--out {out}: is a directory")
-    target = open_target(model, arch, dataset, threat_model, device)
+    target = open_target(model, arch, dataset, threat_model, device, normalize)
     data = target.data("test", n_examples, data_dir)
     check_classes(target, data)
     if eps_v is None:

@@ -9,14 +9,15 @@ from ..cli import app, emit
 from ..common import open_target
 from ..console import out_console
 from ..data import load_dataset
-from ..options import Arch, DataDir, Dataset, Device, Json, Model, ThreatModel
+from ..options import Arch, DataDir, Dataset, Device, Json, Model, Normalize, ThreatModel
 
 
 @app.command("layers")
 def layers_cmd(model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
-               threat_model: ThreatModel = "Linf", device: Device = "auto", as_json: Json = False) -> None:
+               threat_model: ThreatModel = "Linf", device: Device = "auto", as_json: Json = False,
+               normalize: Normalize = None) -> None:
     """List the model's layers with their output shapes (N = the first dimension after the batch)."""
-    target = open_target(model, arch, dataset, threat_model, device)
+    target = open_target(model, arch, dataset, threat_model, device, normalize)
     x = load_dataset(target.dataset, "test", 1, data_dir).get(0, 1).x.to(target.device)
     shapes: dict[str, list[int]] = {}
     hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: shapes.__setitem__(n, list(out.shape[1:]))

@@ -12,7 +12,7 @@ from rich.table import Table
 from ..cli import app, emit
 from ..common import check_classes, open_target, resolve_model_layer
 from ..console import out_console, progress_enabled
-from ..options import Arch, BatchSize, DataDir, Dataset, Device, Json, Layer, Model, Seed, ThreatModel
+from ..options import Arch, BatchSize, DataDir, Dataset, Device, Json, Layer, Model, Normalize, Seed, ThreatModel
 from ..ranking import METHODS, RankRequest, get_method, rank
 from ..ranking.cd_ir import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, DEFAULT_TEMPLATE
 from ..shards import parse_neurons
@@ -23,6 +23,7 @@ def rank_cmd(
     out: Annotated[Path, typer.Option("--out", help="importance artifact to write (a shard with --neurons)")],
     model: Model = "demo",
     arch: Arch = None,
+    normalize: Normalize = None,
     dataset: Dataset = None,
     data_dir: DataDir = None,
     threat_model: ThreatModel = "Linf",
@@ -45,7 +46,7 @@ def rank_cmd(
     """Rank the masked layer's neurons per class; writes tensor importance (N, C), larger = more important."""
     t0 = time.perf_counter()
     m = get_method(method)
-    target = open_target(model, arch, dataset, threat_model, device)
+    target = open_target(model, arch, dataset, threat_model, device, normalize)
     data = target.data(split, n_probe, data_dir)
     check_classes(target, data)
     full_layer, n = resolve_model_layer(target, layer, tuple(data.get(0, 1).x.shape[1:]))

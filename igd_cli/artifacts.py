@@ -37,6 +37,17 @@ KINDS: dict[str, tuple[str, ...]] = {
     "adversarial": ("x_adv", "y", "index"),
     "eval-report": ("correct",),
 }
+#: kinds whose artifact may hold one tensor per layer instead of KINDS' tensors: those named in metadata ``layers``
+#: (a mask of several layers)
+PER_LAYER_KINDS = ("mask",)
+
+
+def required_tensors(kind: str, meta: Mapping[str, Any]) -> tuple[str, ...]:
+    """The tensors an artifact of ``kind`` with metadata ``meta`` must hold."""
+    layers = meta.get("layers")
+    if kind in PER_LAYER_KINDS and isinstance(layers, list) and layers:
+        return tuple(str(layer) for layer in layers)
+    return KINDS[kind]
 
 
 @dataclass
@@ -78,7 +89,7 @@ def save_artifact(path: str | os.PathLike, kind: str, tensors: Mapping[str, torc
     """Write ``tensors`` with standard provenance metadata to ``path`` atomically; returns the path."""
     if kind not in KINDS:
         raise ValueError(f"unknown artifact kind {kind!r}")
-    missing = [t for t in KINDS[kind] if t not in tensors]
+    missing = [t for t in required_tensors(kind, meta or {}) if t not in tensors]
     if missing:
         raise ValueError(f"a {kind} artifact needs tensors {missing}")
     path = Path(path)
@@ -164,7 +175,7 @@ def check_artifact(art: Artifact, kind: str | tuple[str, ...] | None = None, fin
         version = art.meta.get("format_version")
         if isinstance(version, int) and version > FORMAT_VERSION:
             raise IgdError(f"{art.path}: format version {version} is newer than this igd ({__version__}) reads")
-        missing = [t for t in KINDS[art.kind] if t not in art.tensors]
+        missing = [t for t in required_tensors(art.kind, art.meta) if t not in art.tensors]
         if missing:
             raise IgdError(f"{art.path}: {art.kind} artifact lacks tensor(s) {', '.join(missing)}")
     if fingerprint is not None:

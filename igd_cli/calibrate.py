@@ -6,6 +6,10 @@ batch (with the defence's seeded noise, batch by batch exactly as :func:`igd_cli
 candidate k only runs the tail ``h(A(x) ⊙ m_k ŷ)``. Features are cached on the model's device up to
 ``max_cache_bytes``; batches beyond that are recomputed for every candidate from the saved noise state, so the
 result is identical either way, only slower.
+
+Several layers (one importance matrix each): by default every layer keeps the same fraction of its neurons,
+``k_l = ⌈k · N_l / N⌉`` with ``N`` the widest searched layer, and the binary search runs over that shared ``k``;
+``--k LAYER=K`` fixes a layer's k (:class:`KSchedule`). The cached features are those of the first masked layer.
 """
 
 from __future__ import annotations
@@ -14,14 +18,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from .artifacts import Artifact, load_artifact
 from .console import progress
 from .data import ImageSet
-from .defense import Features, IGDefense, artifact_layer, check_importance, importance_ranks
+from .defense import Features, IGDefense, artifact_layer, check_importance, check_layers, importance_ranks
 from .devices import module_device
 from .errors import IgdError
 from .layers import layer_output_shape, resolve_layer
@@ -51,9 +55,41 @@ def passes(correct: int, base_correct: int, n: int, tolerance: float) -> bool:
     return 100 * (base_correct - correct) <= tolerance * n + 1e-9
 
 
+@dataclass(frozen=True)
+class KSchedule:
+    """Every masked layer's k from the one k the search varies: layers in ``fixed`` keep their k, the others keep
+    the same fraction ``k / n`` of their neurons, rounded up (so k = n keeps them whole), where ``n`` is the width
+    of the ``reference`` layer, the widest searched one. One layer: ``ks(k) == {layer: k}``.
+
+    >>> KSchedule({"layer3": 256, "layer4": 512}, {}).ks(100)
+    {'layer3': 50, 'layer4': 100}
+    """
+
+    sizes: dict[str, int]  # layer -> N_l, in the defence's layer order
+    fixed: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def searched(self) -> bool:
+        return any(layer not in self.fixed for layer in self.sizes)
+
+    @property
+    def reference(self) -> str:
+        """The layer whose k is the search variable (the widest searched one; all fixed: the widest)."""
+        free = [layer for layer in self.sizes if layer not in self.fixed] or list(self.sizes)
+        return max(free, key=lambda layer: self.sizes[layer])
+
+    @property
+    def n(self) -> int:
+        return self.sizes[self.reference]
+
+    def ks(self, k: int) -> dict[str, int]:
+        return {layer: self.fixed.get(layer, -(-k * size // self.n)) for layer, size in self.sizes.items()}
+
+
 @dataclass
 class Calibration:
-    """The result of :func:`calibrate_k`; accuracies are fractions, the curve is sorted by k."""
+    """The result of :func:`calibrate_k`; accuracies are fractions, the curve is sorted by k (the search variable:
+    the k of ``schedule.reference``; one layer: its k)."""
 
     k: int
     n_neurons: int
@@ -65,6 +101,12 @@ class Calibration:
     searched: bool
     seconds: float
     info: dict[str, Any] = field(default_factory=dict)
+    schedule: KSchedule | None = None
+
+    @property
+    def ks(self) -> dict[str, int]:
+        """Every layer's k at the result."""
+        return self.schedule.ks(self.k) if self.schedule is not None else {}
 
     @property
     def base_accuracy(self) -> float:
@@ -119,23 +161,42 @@ class _FeatureStore:
 
 
 @torch.no_grad()
-def calibrate_k(defense: IGDefense, importance: torch.Tensor, data: ImageSet, *, tolerance: float = 0.5,
-                batch_size: int = 256, k: int | None = None, max_cache_bytes: int = DEFAULT_CACHE_BYTES) -> Calibration:
+def calibrate_k(defense: IGDefense, importance: torch.Tensor | Sequence[torch.Tensor], data: ImageSet, *,
+                tolerance: float = 0.5, batch_size: int = 256, k: int | Mapping[str, int] | None = None,
+                max_cache_bytes: int = DEFAULT_CACHE_BYTES) -> Calibration:
     """Binary search over k ∈ [1, N] for the smallest k whose defended clean accuracy passes.
 
     Invariant: the upper end passes (k = N keeps every neuron, so ``s = Σ_c ŷ_c = 1`` and the defence is the base
     model), and every k below the lower end was seen to fail; the result passes and k − 1 fails (or k = 1). Clean
     accuracy is not always monotone in k, so this is the boundary the search found, not necessarily the global
     smallest passing k. With ``k`` given, only that k is evaluated.
+
+    Several layers: ``importance`` holds one matrix per ``defense.layers`` entry, ``k`` maps layers to fixed k's,
+    and the search runs over the shared fraction (:class:`KSchedule`); with fixed layers the upper end need not
+    pass, and then the result is the upper end (check ``passes``).
     """
     if tolerance < 0:
         raise IgdError(f"--tolerance {tolerance}: must be >= 0 percentage points")
     t0 = time.perf_counter()
-    n_neurons = importance.shape[0]
-    if k is not None and not 1 <= k <= n_neurons:
-        raise IgdError(f"--k {k}: must be between 1 and N = {n_neurons} (the masked layer's neuron count)")
+    imps = [importance] if isinstance(importance, torch.Tensor) else list(importance)
+    if len(imps) != len(defense.layers):
+        raise ValueError(f"{len(imps)} importance matrices for {len(defense.layers)} layers")
+    sizes = {layer: int(imp.shape[0]) for layer, imp in zip(defense.layers, imps)}
+    if isinstance(k, int):
+        if len(sizes) != 1:
+            raise IgdError(f"--k {k}: with several layers give LAYER=K")
+        k = {defense.layers[0]: k}
+    fixed = dict(k or {})
+    for layer, kk in fixed.items():
+        if layer not in sizes:
+            raise IgdError(f"--k {layer}={kk}: {layer} is not one of the masked layers ({', '.join(sizes)})")
+        if not 1 <= kk <= sizes[layer]:
+            raise IgdError(f"--k {kk}: must be between 1 and N = {sizes[layer]} (the masked layer's neuron count)"
+                           + (f" of {layer}" if len(sizes) > 1 else ""))
+    schedule = KSchedule(sizes, fixed)
+    n_neurons = schedule.n
     device = module_device(defense.model)
-    ranks = importance_ranks(importance).to(device)
+    ranks = [importance_ranks(imp).to(device) for imp in imps]
     store = _FeatureStore(defense, data, batch_size, max_cache_bytes)
     n = len(data)
     correct: dict[int, int] = {}
@@ -143,10 +204,10 @@ def calibrate_k(defense: IGDefense, importance: torch.Tensor, data: ImageSet, *,
 
     def evaluate(kk: int) -> int:
         if kk not in correct:
-            mask = (ranks < kk).float()
+            masks = [(r < kl).float() for r, kl in zip(ranks, schedule.ks(kk).values())]
             total = 0
             for y, feats in store:
-                total += int((defense.masked_tail(feats, mask).argmax(1) == y).sum())
+                total += int((defense.masked_tail(feats, masks).argmax(1) == y).sum())
             correct[kk] = total
             order.append(kk)
         return correct[kk]
@@ -154,15 +215,15 @@ def calibrate_k(defense: IGDefense, importance: torch.Tensor, data: ImageSet, *,
     def ok(kk: int) -> bool:
         return passes(evaluate(kk), store.base_correct, n, tolerance)
 
-    if k is not None:
-        evaluate(k)
-        result_k = k
+    if not schedule.searched:
+        result_k = fixed[schedule.reference]
+        evaluate(result_k)
     else:
         steps = 1 + math.ceil(math.log2(n_neurons)) if n_neurons > 1 else 1
         with progress() as bar:
             task = bar.add_task("binary search over k", total=steps)
             lo, hi = 1, n_neurons
-            if not ok(hi):  # cannot happen beyond float rounding: k = N is the base model (s = 1)
+            if not ok(hi):  # one layer: beyond float rounding impossible, k = N is the base model (s = 1)
                 lo = hi
             bar.advance(task)
             while lo < hi:
@@ -176,27 +237,61 @@ def calibrate_k(defense: IGDefense, importance: torch.Tensor, data: ImageSet, *,
         result_k = hi
     info = {"cached_bytes": store.cached_bytes, "recomputed_batches": store.recomputed,
             "batches": len(store.entries), "fast_tail": defense.split.fast}
-    return Calibration(result_k, n_neurons, n, float(tolerance), store.base_correct, correct, order, k is None,
-                       time.perf_counter() - t0, info)
+    return Calibration(result_k, n_neurons, n, float(tolerance), store.base_correct, correct, order,
+                       schedule.searched, time.perf_counter() - t0, info, schedule)
+
+
+def parse_k(values: Sequence[str] | None) -> int | dict[str, int] | None:
+    """``--k``: one ``K`` (one masked layer) or ``LAYER=K`` per layer to fix, e.g. ``["layer3=64"]``."""
+    if not values:
+        return None
+    if len(values) == 1 and "=" not in values[0]:
+        return _int_k(values[0], values[0])
+    out: dict[str, int] = {}
+    for v in values:
+        layer, sep, kk = v.partition("=")
+        if not sep or not layer.strip():
+            raise IgdError(f"--k {v}: expected LAYER=K (or one K for a single masked layer)")
+        if layer.strip() in out:
+            raise IgdError(f"--k {v}: layer {layer.strip()} given twice")
+        out[layer.strip()] = _int_k(kk, v)
+    return out
+
+
+def _int_k(text: str, given: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError as exc:
+        raise IgdError(f"--k {given}: k must be a whole number") from exc
 
 
 DEFAULT_N_EXAMPLES = 1000
 
 
-def run_calibration(target: Any, importance_path: str | Path, out: str | Path, *, layer: str | None = None,
-                    split: str = "test", n_examples: int | None = None, tolerance: float = 0.5,
-                    eps: float | None = None, sigma: float | None = None, n_smooth: int = 1, tau: float = 0.01,
-                    rs: bool = True, k: int | None = None, batch_size: int = 256, seed: int = 0,
-                    cache_bytes: int = DEFAULT_CACHE_BYTES, data_dir: str | Path | None = None,
-                    plot: str | Path | None = None, extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_calibration(target: Any, importance_path: str | Path | Sequence[str | Path], out: str | Path, *,
+                    layer: str | None = None, split: str = "test", n_examples: int | None = None,
+                    tolerance: float = 0.5, eps: float | None = None, sigma: float | None = None, n_smooth: int = 1,
+                    tau: float = 0.01, rs: bool = True, k: int | Mapping[str, int] | None = None,
+                    batch_size: int = 256, seed: int = 0, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                    data_dir: str | Path | None = None, plot: str | Path | None = None,
+                    extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """``igd calibrate-k`` as a library call: choose k on the first ``n_examples`` images (default 1000, or the
-    whole split when smaller), write the mask artifact (and the plot) and return the result dictionary."""
+    whole split when smaller), write the mask artifact (and the plot) and return the result dictionary.
+
+    Several importance files (a list, one per layer) give one mask artifact masking all their layers; ``k`` is
+    then a mapping of the layers whose k is fixed, and the result's ``k`` and ``n_neurons`` are keyed by layer.
+    """
     from .common import check_classes
     from .defense import check_settings, save_mask, topk_mask
     from .report import plot_calibration
 
     if tolerance < 0:
         raise IgdError(f"--tolerance {tolerance}: must be >= 0 percentage points")
+    paths = [importance_path] if isinstance(importance_path, (str, Path)) else list(importance_path)
+    if not paths:
+        raise IgdError("--importance: give at least one importance artifact")
+    if len(paths) > 1 and layer is not None:
+        raise IgdError("--layer: with several --importance files, the layers are those the files were made for")
     eps_value = eps
     if rs and sigma is None:
         eps_value = eps_value if eps_value is not None else target.default_eps()
@@ -207,31 +302,54 @@ def run_calibration(target: Any, importance_path: str | Path, out: str | Path, *
         data.n = min(DEFAULT_N_EXAMPLES, len(data))
     check_classes(target, data)
     input_shape = tuple(data.get(0, 1).x.shape[1:])
-    art, layer_name, imp = load_importance(importance_path, target, layer, input_shape)
-    n_neurons = imp.shape[0]
-    if k is not None and not 1 <= k <= n_neurons:
-        raise IgdError(f"--k {k}: must be between 1 and N = {n_neurons} (the masked layer's neuron count)")
+    arts, layers, imps = zip(*[load_importance(p, target, layer, input_shape) for p in paths])
+    layers = list(check_layers(target.model, layers))
+    if isinstance(k, Mapping):
+        k = {_resolve_k_layer(target.model, name, layers): v for name, v in k.items()}
 
-    full_mask = torch.ones(n_neurons, target.loaded.num_classes)
-    defense = IGDefense(target.model, layer_name, full_mask.to(target.device), tau=tau, sigma=sigma,
-                        n_smooth=n_smooth, rs=rs, seed=seed)
-    cal = calibrate_k(defense, imp, data, tolerance=tolerance, batch_size=batch_size, k=k,
+    one = len(layers) == 1
+    full = [torch.ones(imp.shape[0], target.loaded.num_classes, device=target.device) for imp in imps]
+    defense = IGDefense(target.model, layers, full, tau=tau, sigma=sigma, n_smooth=n_smooth, rs=rs, seed=seed)
+    cal = calibrate_k(defense, list(imps), data, tolerance=tolerance, batch_size=batch_size, k=k,
                       max_cache_bytes=cache_bytes)
-    mask = topk_mask(imp, cal.k)
+    ks = cal.ks
+    masks = [topk_mask(imp, ks[name]) for name, imp in zip(layers, imps)]
     settings = {**defense.settings(), "eps": eps_value}
+    curve_k = [[cal.schedule.ks(kk), acc] for kk, acc in cal.curve]
     calibration = {"tolerance": tolerance, "n_examples": cal.n_examples, "split": split, "seed": seed,
                    "batch_size": batch_size, "base_clean_accuracy": cal.base_accuracy,
                    "clean_accuracy": cal.accuracy, "curve": cal.curve, "searched": cal.searched,
                    "data": {"dataset": data.name, "split": split, "n": cal.n_examples}}
-    save_mask(out, target, layer_name, mask, k=cal.k, importance_path=importance_path, importance_meta=art.meta,
-              defense=settings, extra={"calibration": calibration, "seconds": cal.seconds, **(extra_meta or {})})
-    result = {"k": cal.k, "base_clean_accuracy": cal.base_accuracy, "clean_accuracy": cal.accuracy,
+    search = {} if one else {"k_search": cal.k, "search_layer": cal.schedule.reference, "n_search": cal.n_neurons,
+                             "fraction": cal.k / cal.n_neurons, "fixed_k": dict(cal.schedule.fixed),
+                             "curve_k": curve_k, "passes": cal.passes(cal.k)}
+    calibration.update(search)
+    save_mask(out, target, layers, masks, k=[ks[name] for name in layers], importance_path=paths,
+              importance_meta=[a.meta for a in arts], defense=settings,
+              extra={"calibration": calibration, "seconds": cal.seconds, **(extra_meta or {})})
+    sizes = {name: int(imp.shape[0]) for name, imp in zip(layers, imps)}
+    result = {"k": cal.k if one else ks, "base_clean_accuracy": cal.base_accuracy, "clean_accuracy": cal.accuracy,
               "curve": cal.curve, "out": str(out), "seconds": cal.seconds,
-              "n_neurons": n_neurons, "n_examples": cal.n_examples, "tolerance": tolerance, "layer": layer_name,
-              "searched": cal.searched, "order": cal.order, "defense": settings, **cal.info}
+              "n_neurons": cal.n_neurons if one else sizes, "n_examples": cal.n_examples, "tolerance": tolerance,
+              "layer": defense.layer, "layers": layers, "searched": cal.searched, "order": cal.order,
+              "defense": settings, **search, **cal.info}
     if plot is not None:
-        plot_calibration(plot, cal.curve, cal.base_accuracy, tolerance, cal.k, n_neurons,
-                         title=f"{target.loaded.name.split('/')[-1]} · {layer_name} · {art.meta.get('method', '?')} "
-                               f"· {cal.n_examples} images")
+        methods = "+".join(dict.fromkeys(str(a.meta.get("method", "?")) for a in arts))
+        xlabel = None if one else (f"k at {cal.schedule.reference} (of N = {cal.n_neurons}; every searched layer "
+                                   f"keeps the same fraction k/N)")
+        plot_calibration(plot, cal.curve, cal.base_accuracy, tolerance, cal.k, cal.n_neurons,
+                         title=f"{target.loaded.name.split('/')[-1]} · {defense.layer} · {methods} "
+                               f"· {cal.n_examples} images", xlabel=xlabel)
         result["plot"] = str(plot)
     return result
+
+
+def _resolve_k_layer(model: Any, name: str, layers: list[str]) -> str:
+    """The masked layer a ``--k LAYER=K`` names (full name or unique suffix, like ``--layer``)."""
+    try:
+        full = resolve_layer(model, name)
+    except IgdError as exc:
+        raise IgdError(f"--k {name}=...: no such layer among the masked ones ({', '.join(layers)})") from exc
+    if full not in layers:
+        raise IgdError(f"--k {name}=...: {full} is not one of the masked layers ({', '.join(layers)})")
+    return full

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .artifacts import Artifact, file_sha256, load_artifact, save_artifact
 from .devices import module_device
 from .errors import IgdError
-from .layers import LayerSplit, capture, replaced, resolve_layer, scale_output
+from .layers import LayerSplit, capture, fit_weights, resolve_layer, scale_output, scaled_layers
 from .noise import ContentNoise
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -111,37 +111,56 @@ class IGDefense(nn.Module):
     """A base model wrapped with IG-Defense's two-pass soft masking (``METHOD.md``, steps 2-3).
 
     ``mask`` is (N, C) 0/1 (uint8, bool or float). ``sigma`` defaults to ``eps / 2`` when ``eps`` is given.
+    Several layers: ``layer`` a list and ``mask`` one (N_l, C) mask per layer; pass 2 then scales every listed layer
+    by its own ``s_l = m_l ŷ`` with the same ``ŷ`` (the fx split at the first of them, hooks on the others), e.g.
+    ``IGDefense(model, ["layer3", "layer4"], [m3, m4], sigma=4 / 255)``. One layer is the case of a one-item list.
     ``batch_passes``: with smoothing, run the noisy inputs and ``x`` through the layers before the masked layer in
     one call (concatenated along the batch). Default (None): on CUDA, where one larger batch fills the device
     better; not on the CPU, where ``benchmarks/bench_defense.py`` measured two calls faster (2.03× vs 2.14× the
     base forward for a ResNet-18 at batch 256).
     """
 
-    def __init__(self, model: nn.Module, layer: str, mask: torch.Tensor, *, tau: float = DEFAULT_TAU,
-                 sigma: float | None = None, n_smooth: int = DEFAULT_N_SMOOTH, rs: bool = True, seed: int = 0,
-                 eps: float | None = None, batch_passes: bool | None = None):
+    def __init__(self, model: nn.Module, layer: str | Sequence[str], mask: torch.Tensor | Sequence[torch.Tensor],
+                 *, tau: float = DEFAULT_TAU, sigma: float | None = None, n_smooth: int = DEFAULT_N_SMOOTH,
+                 rs: bool = True, seed: int = 0, eps: float | None = None, batch_passes: bool | None = None):
         super().__init__()
         if sigma is None and eps is not None:
             sigma = eps / 2
         check_settings(tau=tau, sigma=sigma, n_smooth=n_smooth, rs=rs)
-        if mask.ndim != 2:
-            raise IgdError(f"mask: expected an (N, C) matrix, found shape {list(mask.shape)}")
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise IgdError("mask: entries must be 0 or 1")
+        layers = [layer] if isinstance(layer, str) else list(layer)
+        masks = [mask] if isinstance(mask, torch.Tensor) else list(mask)
+        if not layers or len(layers) != len(masks):
+            raise IgdError(f"{len(layers)} layer(s) but {len(masks)} mask(s): give one mask per layer")
+        for m in masks:
+            check_mask(m)
         self.model = model
-        self.layer = resolve_layer(model, layer)
+        self.layers = check_layers(model, layers)
+        #: the masked layer's name (several: joined with "+"), as recorded in artifacts and reports
+        self.layer = "+".join(self.layers)
         self.tau, self.sigma, self.n_smooth, self.rs = float(tau), sigma, int(n_smooth), bool(rs)
         self.batch_passes = batch_passes
         device = module_device(model)
-        self.register_buffer("mask", mask.detach().to(device=device, dtype=torch.float32), persistent=False)
-        self.split = LayerSplit(model, self.layer)
+        for i, m in enumerate(masks):
+            self.register_buffer(_buffer(i), m.detach().to(device=device, dtype=torch.float32), persistent=False)
+        self.split = LayerSplit(model, self.layers)
         self._checked = False
         self._noise = ContentNoise(seed)
 
     # -- settings / noise ----------------------------------------------------------------------------
     @property
+    def masks(self) -> list[torch.Tensor]:
+        """The (N_l, C) float masks, in ``self.layers`` order (``self.mask`` is the first)."""
+        return [getattr(self, _buffer(i)) for i in range(len(self.layers))]
+
+    @property
     def num_neurons(self) -> int:
         return int(self.mask.shape[0])
+
+    @property
+    def k(self) -> int | dict[str, int | None] | None:
+        """Neurons kept per class (None where classes keep different numbers); one per layer for several."""
+        ks = {layer: mask_k(m) for layer, m in zip(self.layers, self.masks)}
+        return ks[self.layers[0]] if len(ks) == 1 else ks
 
     @property
     def randomized(self) -> bool:
@@ -172,7 +191,7 @@ class IGDefense(nn.Module):
     def _apply(self, fn, *args, **kwargs):  # .to()/.cuda(): the fx graphs hold their own buffer references
         out = super()._apply(fn, *args, **kwargs)
         fast_before = self.split.fast
-        self.split = LayerSplit(self.model, self.layer)
+        self.split = LayerSplit(self.model, self.layers)
         self.split.fast = self.split.fast and fast_before
         self._checked = False
         return out
@@ -184,7 +203,8 @@ class IGDefense(nn.Module):
             self._checked = True
 
     def features(self, x: torch.Tensor, with_base: bool = False) -> Features:
-        """Pass 1 (``ŷ``) and the clean layer output ``A(x)``; with ``with_base`` also the base logits ``f(x)``."""
+        """Pass 1 (``ŷ``) and the clean output ``A(x)`` of the layer the network is split at (the first masked
+        one); with ``with_base`` also the base logits ``f(x)``."""
         self._ensure_checked(x)
         b = x.shape[0]
         split = self.split
@@ -193,7 +213,7 @@ class IGDefense(nn.Module):
                 a, ctx = split.head(x)
                 logits = split.tail(a, ctx)
             else:  # one full forward gives both f(x) and A(x)
-                with capture(self.model, self.layer) as box:
+                with capture(self.model, split.name) as box:
                     logits = self.model(x)
                 a, ctx = box["out"], (x,)
             return Features(a, ctx, F.softmax(logits / self.tau, dim=1), logits if with_base else None)
@@ -223,45 +243,115 @@ class IGDefense(nn.Module):
         """Pass 1 with smoothing as a full forward of the noisy copies: ``ŷ`` (B, C)."""
         return self._soft_label(self.model(self._noisy(x)), x.shape[0])
 
-    def masked_tail(self, feats: Features, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Pass 2: ``h(A(x) ⊙ m ŷ)`` for the given (N, C) mask (default: the module's own)."""
-        m = self.mask if mask is None else mask
-        s = feats.yhat @ m.to(dtype=feats.yhat.dtype).t()  # (B, C) @ (C, N) -> (B, N)
-        return self.split.tail(scale_output(feats.a, self._fit(s, feats.a)), feats.ctx)
+    def weights(self, yhat: torch.Tensor, mask: torch.Tensor | Sequence[torch.Tensor] | None = None
+                ) -> dict[str, torch.Tensor]:
+        """``s_l = m_l ŷ`` (B, N_l) for every masked layer; ``mask``: the (N, C) mask of one layer or one per layer
+        in ``self.layers`` order (default: the module's own)."""
+        masks = self.masks if mask is None else ([mask] if isinstance(mask, torch.Tensor) else list(mask))
+        if len(masks) != len(self.layers):
+            raise ValueError(f"{len(masks)} masks for {len(self.layers)} layers")
+        return {layer: yhat @ m.to(dtype=yhat.dtype).t() for layer, m in zip(self.layers, masks)}
 
-    def _fit(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        if a.shape[1] != s.shape[1]:
-            raise IgdError(f"mask has {s.shape[1]} neurons but layer {self.layer} outputs {a.shape[1]}")
-        return s.to(a.dtype)
+    def masked_tail(self, feats: Features, mask: torch.Tensor | Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Pass 2: the forward with every masked layer's output ``A_l`` scaled by ``s_l = m_l ŷ``, from the cached
+        ``A`` of the split layer (fx split: only the layers after it run) or, in the hook fallback, from ``x``."""
+        s = self.weights(feats.yhat, mask)
+        if not self.split.fast:
+            return self._hooked_forward(feats.ctx[0], s)
+        first = self.split.name
+        a = scale_output(feats.a, fit_weights(s.pop(first), feats.a, first))
+        with scaled_layers(self.model, s):
+            return self.split.tail(a, feats.ctx)
+
+    def _hooked_forward(self, x: torch.Tensor, s: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One forward of ``x`` whose masked layers' outputs are scaled on the fly (the hook fallback)."""
+        with scaled_layers(self.model, s):
+            return self.model(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Defended logits for images ``x`` in [0, 1]; differentiable through both passes."""
         self._ensure_checked(x)
         if self.rs and not self.split.fast:
-            # hook fallback: ŷ first, then one forward of x whose layer output is scaled on the fly, so A(x) is
+            # hook fallback: ŷ first, then one forward of x whose layer outputs are scaled on the fly, so A(x) is
             # computed once (2 forwards in all instead of the 3 of features() + masked_tail()). Same formula and
             # noise as features(); only float rounding can differ.
-            s = self.smoothed_label(x) @ self.mask.to(x.dtype).t()
-            with replaced(self.model, self.layer, lambda a: scale_output(a, self._fit(s, a))):
-                return self.model(x)
+            return self._hooked_forward(x, self.weights(self.smoothed_label(x)))
         return self.masked_tail(self.features(x))
+
+
+def _buffer(i: int) -> str:
+    """Buffer name of the i-th layer's mask: ``mask`` for the first (as in a one-layer defence), then ``mask_1`` ..."""
+    return "mask" if i == 0 else f"mask_{i}"
+
+
+def check_mask(mask: torch.Tensor, where: str = "mask") -> None:
+    """An (N, C) matrix of zeros and ones, or a one-line IgdError."""
+    if mask.ndim != 2:
+        raise IgdError(f"{where}: expected an (N, C) matrix, found shape {list(mask.shape)}")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise IgdError(f"{where}: entries must be 0 or 1")
+
+
+def mask_k(mask: torch.Tensor) -> int | None:
+    """Neurons kept per class, when every class keeps the same number."""
+    col = mask.sum(dim=0)
+    return int(col[0]) if bool((col == col[0]).all()) else None
+
+
+def check_layers(model: nn.Module, layers: Sequence[str]) -> tuple[str, ...]:
+    """Full names of distinct, non-nested layers (masking a block and a layer inside it is refused)."""
+    full = tuple(resolve_layer(model, layer) for layer in layers)
+    for i, a in enumerate(full):
+        for b in full[i + 1:]:
+            if a == b:
+                raise IgdError(f"layer {a} is listed twice")
+            if b.startswith(a + ".") or a.startswith(b + "."):
+                outer, inner = (a, b) if b.startswith(a + ".") else (b, a)
+                raise IgdError(f"layers {outer} and {inner} nest: mask a layer or a layer inside it, not both")
+    return full
 
 
 # --- mask artifacts ---------------------------------------------------------------------------------
 
-def save_mask(path: str | Path, target: "Target", layer: str, mask: torch.Tensor, *, k: int,
-              importance_path: str | Path, importance_meta: dict[str, Any], defense: dict[str, Any],
+def save_mask(path: str | Path, target: "Target", layer: str | Sequence[str],
+              mask: torch.Tensor | Sequence[torch.Tensor], *, k: int | Sequence[int],
+              importance_path: str | Path | Sequence[str | Path],
+              importance_meta: dict[str, Any] | Sequence[dict[str, Any]], defense: dict[str, Any],
               extra: dict[str, Any] | None = None) -> Path:
-    """Write the mask artifact (contract in the brief: provenance, layer, k, importance hash, defence settings)."""
-    meta = {**target.provenance(), "layer": layer, "k": int(k), "n_neurons": int(mask.shape[0]),
-            "importance_file": str(importance_path), "importance_sha256": file_sha256(importance_path),
-            "method": importance_meta.get("method"), "defense": defense, **(extra or {})}
-    return save_artifact(path, "mask", {"mask": mask.to(torch.uint8).cpu()}, meta)
+    """Write the mask artifact: provenance, layer(s), k, the importance files' sha256 and the defence settings.
+
+    One layer: tensor ``mask`` and single values for ``layer``, ``k``, ``n_neurons`` (the CLI.md contract).
+    Several (lists, one item per layer): one tensor per layer named by the layer, ``layers`` lists them, ``layer``
+    joins them with "+", and ``k``, ``n_neurons`` are keyed by layer.
+    """
+    layers = [layer] if isinstance(layer, str) else list(layer)
+    masks = [mask] if isinstance(mask, torch.Tensor) else list(mask)
+    ks = [k] if isinstance(k, int) else list(k)
+    paths = [importance_path] if isinstance(importance_path, (str, Path)) else list(importance_path)
+    metas = [importance_meta] if isinstance(importance_meta, dict) else list(importance_meta)
+    if not len(layers) == len(masks) == len(ks) == len(paths) == len(metas):
+        raise ValueError("save_mask: one mask, k, importance file and importance metadata per layer")
+    one = len(layers) == 1
+
+    def per_layer(values: list[Any]) -> Any:
+        return values[0] if one else dict(zip(layers, values))
+
+    methods = list(dict.fromkeys(m.get("method") for m in metas))
+    meta = {**target.provenance(), "layer": "+".join(layers), "k": per_layer([int(v) for v in ks]),
+            "n_neurons": per_layer([int(m.shape[0]) for m in masks]),
+            "importance_file": str(paths[0]) if one else [str(p) for p in paths],
+            "importance_sha256": file_sha256(paths[0]) if one else [file_sha256(p) for p in paths],
+            "method": methods[0] if len(methods) == 1 else methods, "defense": defense, **(extra or {})}
+    if not one:
+        meta["layers"] = layers
+    names = ["mask"] if one else layers
+    return save_artifact(path, "mask", {n: m.to(torch.uint8).cpu() for n, m in zip(names, masks)}, meta)
 
 
-def artifact_layer(art: Artifact, model: nn.Module) -> str:
-    """The layer an artifact was made for, checked to exist in ``model`` under that exact full name."""
-    layer = art.meta.get("layer")
+def artifact_layer(art: Artifact, model: nn.Module, layer: str | None = None) -> str:
+    """The layer an artifact was made for (its ``layer``, or the given one of its layers), checked to exist in
+    ``model`` under that exact full name."""
+    layer = art.meta.get("layer") if layer is None else layer
     if not isinstance(layer, str):
         raise IgdError(f"{art.path}: {art.kind} artifact has no layer in its metadata")
     try:
@@ -273,23 +363,55 @@ def artifact_layer(art: Artifact, model: nn.Module) -> str:
     return layer
 
 
+def mask_layers(art: Artifact) -> tuple[list[str], list[torch.Tensor]]:
+    """The layers of a mask artifact and their (N, C) masks (one layer: tensor ``mask``; several: one tensor
+    per layer named in ``layers``)."""
+    layers = art.meta.get("layers")
+    if layers is None:
+        layer = art.meta.get("layer")
+        return ([layer] if isinstance(layer, str) else []), [art["mask"]]
+    return list(layers), [art[name] for name in layers]
+
+
+def mask_summary(meta: dict[str, Any], tensors: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per masked layer (layer, tensor, N, k) from a mask artifact's metadata and tensor shapes
+    (:func:`igd_cli.artifacts.tensor_info`), for ``igd inspect``."""
+    layers = meta.get("layers")
+    names = list(layers) if isinstance(layers, list) else ["mask"]
+    layer_of = dict(zip(names, layers)) if isinstance(layers, list) else {"mask": meta.get("layer")}
+    ks, sizes = meta.get("k"), meta.get("n_neurons")
+    rows = []
+    for name in names:
+        layer = layer_of[name]
+        shape = tensors.get(name, {}).get("shape")
+        rows.append({"layer": layer, "tensor": name, "shape": shape,
+                     "n_neurons": sizes.get(layer) if isinstance(sizes, dict) else (shape or [sizes])[0],
+                     "k": ks.get(layer) if isinstance(ks, dict) else ks})
+    return rows
+
+
 def load_mask(target: "Target", mask_path: str | Path) -> Artifact:
-    """Read a mask artifact and check it belongs to this model (fingerprint), layer and class count."""
+    """Read a mask artifact and check it belongs to this model (fingerprint), its layer(s) and class count."""
     art = load_artifact(mask_path, kind="mask", fingerprint=target.loaded.fingerprint)
-    artifact_layer(art, target.model)
-    m = art["mask"]
-    if m.ndim != 2 or m.shape[1] != target.loaded.num_classes:
-        raise IgdError(f"{mask_path}: mask shape {list(m.shape)} does not fit a model with "
-                       f"{target.loaded.num_classes} classes")
-    if not bool(((m == 0) | (m == 1)).all()):
-        raise IgdError(f"{mask_path}: mask entries must be 0 or 1")
+    layers, masks = mask_layers(art)
+    if not layers:
+        artifact_layer(art, target.model)  # the one-line "has no layer" error
+    for layer, m in zip(layers, masks):
+        artifact_layer(art, target.model, layer)
+        where = f"{mask_path}: mask" + (f" of {layer}" if len(layers) > 1 else "")
+        if m.ndim != 2 or m.shape[1] != target.loaded.num_classes:
+            raise IgdError(f"{where} shape {list(m.shape)} does not fit a model with "
+                           f"{target.loaded.num_classes} classes")
+        check_mask(m, where)
+    check_layers(target.model, layers)
     return art
 
 
 def load_defense(target: "Target", mask_path: str | Path, *, sigma: float | None = None,
                  n_smooth: int | None = None, tau: float | None = None, rs: bool | None = None,
                  seed: int = 0) -> IGDefense:
-    """The defended model for ``target`` from a mask artifact; unspecified settings come from the mask."""
+    """The defended model for ``target`` from a mask artifact (one layer or several); unspecified settings come
+    from the mask."""
     art = load_mask(target, mask_path)
     stored = art.meta.get("defense") or {}
     if not isinstance(stored, dict):
@@ -302,7 +424,8 @@ def load_defense(target: "Target", mask_path: str | Path, *, sigma: float | None
         if sigma is None and rs:
             eps = stored.get("eps")
             sigma = eps / 2 if eps is not None else target.default_eps() / 2
-    return IGDefense(target.model, art.meta["layer"], art["mask"].to(target.device), tau=tau, sigma=sigma,
+    layers, masks = mask_layers(art)
+    return IGDefense(target.model, layers, [m.to(target.device) for m in masks], tau=tau, sigma=sigma,
                      n_smooth=n_smooth, rs=rs, seed=seed)
 
 

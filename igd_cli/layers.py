@@ -4,12 +4,14 @@
 whatever else the rest of the network needs (skip connections that jump over the layer), and ``tail`` finishes
 the forward from there. It is built with ``torch.fx`` when the model traces, so the tail really runs only the
 layers after ``A``; otherwise it falls back to hooks (``fast = False``): correct, but the tail is a full forward.
+Given several layers, it splits at the first of them in the forward and keeps the others as modules of the tail,
+so forward hooks on them (``scaled_layers``) fire there.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -80,6 +82,27 @@ def scaled(model: nn.Module, name: str, s: torch.Tensor) -> Iterator[None]:
         yield
 
 
+def fit_weights(s: torch.Tensor, a: torch.Tensor, name: str) -> torch.Tensor:
+    """``s`` (B, N) in ``a``'s dtype, checked to have one weight per neuron of the layer output ``a``."""
+    if a.shape[1] != s.shape[1]:
+        raise IgdError(f"mask has {s.shape[1]} neurons but layer {name} outputs {a.shape[1]}")
+    return s.to(a.dtype)
+
+
+@contextmanager
+def scaled_layers(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Multiply each named layer's output by its own per-example neuron weights (B, N) inside the block, e.g.
+    ``with scaled_layers(model, {"layer3": s3, "layer4": s4}): logits = model(x)``."""
+    handles = [get_layer(model, name).register_forward_hook(
+        lambda _m, _i, out, name=name, s=s: scale_output(out, fit_weights(s, out, name)))
+        for name, s in weights.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def layer_output_shape(model: nn.Module, name: str, input_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of the layer's output for one input of ``input_shape`` (C, H, W)."""
     p = next(iter(model.parameters()), None)
@@ -102,12 +125,12 @@ class _StopForward(Exception):
 
 
 class _LeafTracer(fx.Tracer):
-    def __init__(self, leaf: str):
+    def __init__(self, leaves: Sequence[str]):
         super().__init__()
-        self.leaf = leaf
+        self.leaves = set(leaves)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname == self.leaf or super().is_leaf_module(m, qualname)
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
 
 
 class LayerSplit:
@@ -115,11 +138,16 @@ class LayerSplit:
 
     ``fast`` is True when the tail runs only the layers after ``A`` (fx graph split), False for the hook
     fallback. ``ctx`` is a tuple of tensors with the batch as first dimension (see :meth:`repeat_ctx`).
+    ``name`` may be several layers (``LayerSplit(model, ["layer3", "layer4"])``): the split is at the first of them
+    in the forward (``.name``; the first one given in the fallback) and the others stay modules of the fx tail.
     """
 
-    def __init__(self, model: nn.Module, name: str):
+    def __init__(self, model: nn.Module, name: str | Sequence[str]):
         self.model = model
-        self.name = resolve_layer(model, name)
+        self.names = tuple(resolve_layer(model, n) for n in ([name] if isinstance(name, str) else name))
+        if not self.names:
+            raise ValueError("LayerSplit needs at least one layer")
+        self.name = self.names[0]
         self.layer = model.get_submodule(self.name)
         self.fast = False
         self.reason = ""
@@ -127,17 +155,23 @@ class LayerSplit:
             self._head_gm, self._tail_gm = self._split()
             self.fast = True
         except Exception as exc:  # tracing can fail in many ways: fall back, never guess
+            self.name = self.names[0]
+            self.layer = model.get_submodule(self.name)
             self.reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
 
     # -- fx split -------------------------------------------------------------------------------------
     def _split(self) -> tuple[fx.GraphModule, fx.GraphModule]:
-        tracer = _LeafTracer(self.name)
+        tracer = _LeafTracer(self.names)
         graph = tracer.trace(self.model)
         nodes = list(graph.nodes)
-        hits = [n for n in nodes if n.op == "call_module" and n.target == self.name]
-        if len(hits) != 1:
-            raise ValueError(f"layer {self.name} is called {len(hits)} times in the forward")
-        layer_node = hits[0]
+        calls = {name: [i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == name]
+                 for name in self.names}
+        first = min(self.names, key=lambda name: calls[name][0] if calls[name] else len(nodes))
+        for name in (first, *self.names):  # the split layer must run once; the others (hooked) at least once
+            if len(calls[name]) != 1 and (name == first or not calls[name]):
+                raise ValueError(f"layer {name} is called {len(calls[name])} times in the forward")
+        self.name, self.layer = first, self.model.get_submodule(first)
+        layer_node = nodes[calls[first][0]]
         cut = nodes.index(layer_node)
         head_nodes, tail_nodes = nodes[: cut + 1], nodes[cut + 1:]
         tail_set = set(tail_nodes)

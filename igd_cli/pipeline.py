@@ -18,7 +18,7 @@ from .artifacts import file_sha256, read_metadata
 from .calibrate import run_calibration
 from .common import Target, check_classes, resolve_model_layer
 from .console import err_console, progress_enabled
-from .defense import load_defense
+from .defense import check_layers, load_defense
 from .errors import IgdError
 from .evaluate import Budgets, EvalResult, defense_identity, evaluate_defense
 from .ranking import RankRequest, get_method, rank
@@ -46,13 +46,13 @@ def preset_values(preset: str, model_name: str) -> dict[str, int | None]:
 class PipelineConfig:
     """Everything that decides the results of a pipeline run (recorded in its artifacts)."""
 
-    layer: str | None = None
+    layer: str | list[str] | None = None  # several: one mask artifact masking all of them
     method: str = "lo-ir"
     attack: str = "iw-wc"  # iw-wc | aa
     n_probe: int | None = None  # probe images for ranking (first N of the training split; None = all)
     n_examples: int | None = None  # test images for calibration and evaluation (None = all, at most 1000)
     tolerance: float = 0.5
-    k: int | None = None  # skip the search
+    k: int | dict[str, int] | None = None  # skip the search (several layers: the layers whose k is fixed)
     eps: float | None = None
     rs: bool = True
     budgets: Budgets = field(default_factory=Budgets)
@@ -66,12 +66,12 @@ class PipelineConfig:
 class PipelineResult:
     out: Path
     stages: dict[str, Stage]
-    importance: Path
+    importance: Path | list[Path]
     mask: Path
     report: Path
     adv_dir: Path
-    k: int
-    n_neurons: int
+    k: int | dict[str, int]  # several layers: keyed by layer
+    n_neurons: int | dict[str, int]
     layer: str
     calibration: dict[str, Any]
     evaluation: dict[str, Any]
@@ -88,7 +88,9 @@ class PipelineResult:
             "calibration": {k: self.calibration.get(k) for k in ("k", "base_clean_accuracy", "clean_accuracy",
                                                                   "n_examples", "tolerance", "curve")},
             "stages": dict(self.stages),
-            "paths": {"out": str(self.out), "importance": str(self.importance), "mask": str(self.mask),
+            "paths": {"out": str(self.out), "mask": str(self.mask),
+                      "importance": [str(p) for p in self.importance] if isinstance(self.importance, list)
+                      else str(self.importance),
                       "report": str(self.report), "adversarial_sets": str(self.adv_dir)},
             "seconds": round(self.seconds, 3),
         }
@@ -107,28 +109,39 @@ def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_d
     stages: dict[str, Stage] = {}
     show = progress_enabled()
 
-    # 1. rank (the probe set: the first n_probe training images)
+    # 1. rank (the probe set: the first n_probe training images), one importance file per masked layer
     probe = target.data("train", cfg.n_probe, data_dir)
     check_classes(target, probe)
-    layer, n_neurons = resolve_model_layer(target, cfg.layer, tuple(probe.get(0, 1).x.shape[1:]))
     method = get_method(cfg.method)
-    slug = layer.replace(".", "-")
-    importance = out / f"importance-{method.name}-{slug}.safetensors"
-    req = RankRequest(model=target.model, layer=layer, n_neurons=n_neurons, num_classes=target.loaded.num_classes,
-                      data=probe, neurons=(0, n_neurons), batch_size=cfg.batch_size, seed=cfg.seed,
-                      clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained,
-                      clip_cache=out / "clip-cache.safetensors", show_progress=show)
-    _say(f"[1/4] rank: {method.name} at {layer} on {len(probe)} {probe.name} training images")
-    ranked = rank(req, method.name, target.provenance(), importance, force=force, shard=False)
-    stages["rank"] = "reused" if ranked.skipped else "computed"
+    wanted = cfg.layer if isinstance(cfg.layer, list) and cfg.layer else [cfg.layer if cfg.layer else None]
+    layers, sizes, importances = [], {}, []
+    stages["rank"] = "reused"
+    for wanted_layer in wanted:
+        layer, n_neurons = resolve_model_layer(target, wanted_layer, tuple(probe.get(0, 1).x.shape[1:]))
+        importance = out / f"importance-{method.name}-{layer.replace('.', '-')}.safetensors"
+        req = RankRequest(model=target.model, layer=layer, n_neurons=n_neurons,
+                          num_classes=target.loaded.num_classes, data=probe, neurons=(0, n_neurons),
+                          batch_size=cfg.batch_size, seed=cfg.seed, clip_model=cfg.clip_model,
+                          clip_pretrained=cfg.clip_pretrained, clip_cache=out / "clip-cache.safetensors",
+                          show_progress=show)
+        _say(f"[1/4] rank: {method.name} at {layer} on {len(probe)} {probe.name} training images")
+        ranked = rank(req, method.name, target.provenance(), importance, force=force, shard=False)
+        if not ranked.skipped:
+            stages["rank"] = "computed"
+        layers.append(layer)
+        sizes[layer] = n_neurons
+        importances.append(importance)
+    check_layers(target.model, layers)
+    one = len(layers) == 1
+    slug = "+".join(layer.replace(".", "-") for layer in layers)
 
-    # 2. calibrate-k (mask), reused when made from this very importance file with the same settings
+    # 2. calibrate-k (mask), reused when made from these very importance files with the same settings
     mask = out / f"mask-{method.name}-{slug}.safetensors"
-    want = _calibration_identity(target, importance, cfg)
+    want = _calibration_identity(target, importances, cfg)
     cal = None if force else _reusable_mask(mask, want)
     _say(f"[2/4] calibrate-k: tolerance {cfg.tolerance} points" + (" (reused)" if cal else ""))
     if cal is None:
-        cal = run_calibration(target, importance, mask, split="test", n_examples=cfg.n_examples,
+        cal = run_calibration(target, importances[0] if one else importances, mask, split="test", n_examples=cfg.n_examples,
                               tolerance=cfg.tolerance, eps=cfg.eps, n_smooth=1, rs=cfg.rs, k=cfg.k,
                               batch_size=cfg.batch_size, seed=cfg.seed, data_dir=data_dir,
                               plot=out / f"calibration-{method.name}-{slug}.png",
@@ -169,17 +182,20 @@ def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_d
         evaluation = res.to_json()
         res.save(report, {**target.provenance(), **ident, "pipeline_identity": eval_id,
                           "attacks_run": ran, "attacks_run_on_base": ran[:n_base]})
-    return PipelineResult(out, stages, importance, mask, report, adv_dir, int(cal["k"]), n_neurons, layer, cal,
-                          evaluation, time.perf_counter() - t0)
+    k = int(cal["k"]) if one else {name: int(cal["k"][name]) for name in layers}
+    return PipelineResult(out, stages, importances[0] if one else importances, mask, report, adv_dir, k,
+                          sizes[layers[0]] if one else sizes, "+".join(layers), cal, evaluation,
+                          time.perf_counter() - t0)
 
 
 def _say(text: str) -> None:
     err_console.print(text, highlight=False)
 
 
-def _calibration_identity(target: Target, importance: Path, cfg: PipelineConfig) -> dict[str, Any]:
+def _calibration_identity(target: Target, importances: list[Path], cfg: PipelineConfig) -> dict[str, Any]:
+    shas = [file_sha256(p) for p in importances]
     return json.loads(json.dumps({
-        "model_fingerprint": target.loaded.fingerprint, "importance_sha256": file_sha256(importance),
+        "model_fingerprint": target.loaded.fingerprint, "importance_sha256": shas[0] if len(shas) == 1 else shas,
         "n_examples": cfg.n_examples, "tolerance": cfg.tolerance, "k": cfg.k, "eps": cfg.eps, "rs": cfg.rs,
         "seed": cfg.seed, "batch_size": cfg.batch_size}))
 

@@ -34,16 +34,23 @@ def per_class_accuracy(correct: torch.Tensor, y: torch.Tensor, num_classes: int)
 
 
 def calibration_table(r: Mapping[str, Any]) -> Table:
-    """The calibrate-k result: every k the search evaluated, in k order, with pass/fail and the chosen k."""
+    """The calibrate-k result: every k the search evaluated, in k order, with pass/fail and the chosen k (several
+    layers: the searched k and every layer's k)."""
     base, tol = r["base_clean_accuracy"], r["tolerance"]
+    chosen = r.get("k_search", r["k"])
+    per_layer = r.get("curve_k")
     t = Table(title=f"calibrate-k: smallest k with clean accuracy ≥ {pct(base)} − {tol:g} points "
                     f"({r['n_examples']} images)")
-    for col in ("k", "clean accuracy", "Δ vs base (points)", "passes"):
-        t.add_column(col, justify="right" if col != "passes" else "center")
-    for k, acc in r["curve"]:
+    cols = ("k", *(["k per layer"] if per_layer else []), "clean accuracy", "Δ vs base (points)", "passes")
+    for col in cols:
+        t.add_column(col, justify="right" if col not in ("passes", "k per layer") else "center")
+    for i, (k, acc) in enumerate(r["curve"]):
         ok = 100 * (base - acc) <= tol + 1e-9
-        mark = "[bold green]✓ chosen[/]" if k == r["k"] else ("✓" if ok else "[red]✗[/]")
-        t.add_row(str(k), pct(acc), f"{100 * (acc - base):+.2f}", mark)
+        what = "chosen" if r.get("searched", True) else "given"
+        mark = (f"[bold green]✓ {what}[/]" if ok else f"[bold red]✗ {what}[/]") if k == chosen \
+            else ("✓" if ok else "[red]✗[/]")
+        layers = [", ".join(f"{name} {v}" for name, v in per_layer[i][0].items())] if per_layer else []
+        t.add_row(str(k), *layers, pct(acc), f"{100 * (acc - base):+.2f}", mark)
     return t
 
 
@@ -105,7 +112,7 @@ def _save_figure(fig: Any, path: str | Path) -> Path:
 
 
 def plot_calibration(path: str | Path, curve: Sequence[Sequence[float]], base_accuracy: float, tolerance: float,
-                     k: int, n_neurons: int, title: str = "") -> Path:
+                     k: int, n_neurons: int, title: str = "", xlabel: str | None = None) -> Path:
     """Clean accuracy against k (log scale) with the base accuracy, the tolerance band and the chosen k
     (the paper's Fig. 5A), written as a PNG."""
     from matplotlib.figure import Figure
@@ -132,7 +139,7 @@ def plot_calibration(path: str | Path, curve: Sequence[Sequence[float]], base_ac
     else:
         pad = max(1.0, 0.05 * (max(ks) - min(ks)))
         ax.set_xlim(min(ks) - pad, max(ks) + pad)
-    ax.set_xlabel(f"k (neurons kept per class, of N = {n_neurons})")
+    ax.set_xlabel(xlabel or f"k (neurons kept per class, of N = {n_neurons})")
     ax.set_ylabel("clean accuracy (%)")
     lo = min([p[1] for p in pts] + [base - tolerance])
     ax.set_ylim(max(0.0, lo - 0.1 * (base - lo) - 1), min(100.5, base + 0.25 * (base - lo) + 1))

@@ -7,20 +7,23 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..calibrate import DEFAULT_CACHE_BYTES, DEFAULT_N_EXAMPLES, run_calibration
+from ..calibrate import DEFAULT_CACHE_BYTES, DEFAULT_N_EXAMPLES, parse_k, run_calibration
 from ..cli import app, emit
 from ..common import open_target, parse_eps
 from ..console import out_console
 from ..defense import DEFAULT_N_SMOOTH, DEFAULT_TAU
-from ..options import Arch, BatchSize, DataDir, Dataset, Device, Eps, Json, Layer, Model, Seed, ThreatModel
+from ..options import Arch, BatchSize, DataDir, Dataset, Device, Eps, Json, Layer, Model, Normalize, Seed, ThreatModel
 from ..report import calibration_table
 
 
 @app.command("calibrate-k")
 def calibrate_cmd(
-    importance: Annotated[Path, typer.Option("--importance", help="importance artifact from igd rank (or igd merge)")],
+    importance: Annotated[list[Path], typer.Option(
+        "--importance", help="importance artifact from igd rank (or igd merge); repeat it (one per layer) to mask "
+                             "several layers with one mask artifact")],
     out: Annotated[Path, typer.Option("--out", help="where to write the mask artifact (safetensors)")],
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
+    normalize: Normalize = None,
     threat_model: ThreatModel = "Linf", layer: Layer = None,
     split: Annotated[str, typer.Option("--split", help="data split to calibrate on")] = "test",
     n_examples: Annotated[Optional[int], typer.Option(
@@ -32,7 +35,9 @@ def calibrate_cmd(
     n_smooth: Annotated[int, typer.Option("--n-smooth", help="noise samples for the soft pseudo-label")] = DEFAULT_N_SMOOTH,
     tau: Annotated[float, typer.Option("--tau", help="softmax temperature of the soft pseudo-label")] = DEFAULT_TAU,
     no_rs: Annotated[bool, typer.Option("--no-rs", help="no randomized smoothing: ŷ = softmax(f(x)/τ)")] = False,
-    k: Annotated[Optional[int], typer.Option("--k", help="skip the search: write the mask for this k")] = None,
+    k: Annotated[Optional[list[str]], typer.Option(
+        "--k", help="skip the search: write the mask for this k; several layers: LAYER=K fixes that layer's k "
+                    "(repeatable; the others keep searching the same fraction k/N)")] = None,
     batch_size: BatchSize = 256, seed: Seed = 0, device: Device = "auto",
     cache_mb: Annotated[int, typer.Option(
         "--cache-mb", help="memory for cached k-independent features; batches beyond are recomputed per k")
@@ -41,23 +46,27 @@ def calibrate_cmd(
     as_json: Json = False,
 ) -> None:
     """Find the smallest k whose defended clean accuracy is at least the base clean accuracy minus --tolerance
-    points, by binary search over k in [1, N], and write the top-k-per-class mask.
+    points, by binary search over k in [1, N], and write the top-k-per-class mask. Several --importance files (one
+    per layer) write one mask artifact masking every layer; by default all keep the same fraction k/N.
 
     The result is the boundary the search found: clean accuracy at k passes and at k-1 fails. Clean accuracy is
     not always monotone in k, so a smaller passing k may exist below a failing one. The smoothing pass and the
     layer's clean features do not depend on k: they are computed once (seeded noise, same seed -> same k) and each
     candidate k only runs the rest of the network.
     """
-    target = open_target(model, arch, dataset, threat_model, device)
-    result = run_calibration(target, importance, out, layer=layer, split=split, n_examples=n_examples,
+    target = open_target(model, arch, dataset, threat_model, device, normalize)
+    result = run_calibration(target, list(importance), out, layer=layer, split=split, n_examples=n_examples,
                              tolerance=tolerance, eps=parse_eps(eps), sigma=sigma, n_smooth=n_smooth, tau=tau,
-                             rs=not no_rs, k=k, batch_size=batch_size, seed=seed, cache_bytes=cache_mb << 20,
+                             rs=not no_rs, k=parse_k(k), batch_size=batch_size, seed=seed, cache_bytes=cache_mb << 20,
                              data_dir=data_dir, plot=plot)
     emit(result, as_json, _render)
 
 
 def _render(r: dict) -> None:
     out_console.print(calibration_table(r))
-    out_console.print(f"k = [bold]{r['k']}[/bold] of N = {r['n_neurons']} at layer {r['layer']}: clean accuracy "
+    where = (f"k = [bold]{r['k']}[/bold] of N = {r['n_neurons']} at layer {r['layer']}" if isinstance(r["k"], int)
+             else "k = " + ", ".join(f"[bold]{r['k'][name]}[/bold] of {r['n_neurons'][name]} at {name}"
+                                     for name in r["layers"]))
+    out_console.print(f"{where}: clean accuracy "
                       f"{100 * r['clean_accuracy']:.2f}% (base {100 * r['base_clean_accuracy']:.2f}%), "
                       f"{r['seconds']:.1f} s -> {r['out']}" + (f", plot {r['plot']}" if "plot" in r else ""))

@@ -29,7 +29,7 @@ from ..errors import IgdError
 from ..eval_shards import COLUMNS_BY_IMAGES, IMAGES_BY_COLUMNS, LAYOUT_KEY, clean_report_stats
 from ..evaluate import Budgets, default_workdir, defense_identity, evaluate_defense, render_table
 from ..options import (Arch, BatchSize, DataDir, Dataset, Device, EotIter, Eps, Json, Model, Queries, Restarts, Seed,
-                       Shard, Steps, ThreatModel)
+                       Normalize, Shard, Steps, ThreatModel)
 from ..report import accuracy_table, per_class_accuracy, per_class_table, summary_table
 from ..shards import parse_shard
 
@@ -38,6 +38,7 @@ from ..shards import parse_shard
 def defend_eval_cmd(
     mask: Annotated[Path, typer.Option("--mask", help="mask artifact from igd calibrate-k")],
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
+    normalize: Normalize = None,
     threat_model: ThreatModel = "Linf",
     attack: Annotated[str, typer.Option("--attack", help="none (clean accuracy only), an attack NAME, or iw-wc")] = "none",
     adv: Annotated[Optional[list[Path]], typer.Option("--adv", help="ready-made adversarial set(s) to evaluate")] = None,
@@ -76,7 +77,7 @@ def defend_eval_cmd(
     if report is not None and report.is_dir():
         raise IgdError(f"--report {report}: is a directory")
     t0 = time.perf_counter()
-    target = open_target(model, arch, dataset, threat_model, device)
+    target = open_target(model, arch, dataset, threat_model, device, normalize)
     eps_value = parse_eps(eps)
     defense = load_defense(target, mask, sigma=sigma, n_smooth=n_smooth, tau=tau, rs=rs, seed=seed)
     data = target.data(split, n_examples, data_dir)
@@ -171,9 +172,8 @@ def _robust(target, defense, data, *, mask: Path, attack: str, adv: list[Path], 
     emit(result, as_json, render)
 
 
-def _mask_k(defense) -> int | None:
-    col = defense.mask.sum(dim=0)
-    return int(col[0]) if bool((col == col[0]).all()) else None
+def _mask_k(defense) -> int | dict | None:
+    return defense.k
 
 
 def _write_report(path: Path, target, clean: CleanEval, columns: dict[str, torch.Tensor], result: dict,

@@ -11,6 +11,7 @@ from rich.table import Table
 from ..artifacts import read_metadata, tensor_info
 from ..cli import app, emit
 from ..console import out_console
+from ..defense import mask_summary
 from ..options import Json
 
 
@@ -22,6 +23,8 @@ def inspect_cmd(file: Annotated[Path, typer.Argument(help="a safetensors file (i
     tensors = tensor_info(file)
     result = {"file": str(file), "kind": meta.get("kind"), "tensors": tensors, "metadata": meta,
               "bytes": file.stat().st_size}
+    if meta.get("kind") == "mask":
+        result["masks"] = mask_summary(meta, tensors)
     emit(result, as_json, _render)
 
 
@@ -34,6 +37,13 @@ def _render(r: dict) -> None:
     for name, info in r["tensors"].items():
         t.add_row(name, "×".join(map(str, info["shape"])) or "scalar", info["dtype"])
     out_console.print(t)
+    if r.get("masks"):
+        mt = Table(title="masked layers")
+        for col in ("layer", "tensor", "N", "k (neurons kept per class)"):
+            mt.add_column(col, justify="left" if col in ("layer", "tensor") else "right")
+        for row in r["masks"]:
+            mt.add_row(str(row["layer"]), row["tensor"], str(row["n_neurons"]), str(row["k"]))
+        out_console.print(mt)
     m = Table(title="metadata")
     m.add_column("key")
     m.add_column("value", overflow="fold")

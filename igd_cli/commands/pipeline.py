@@ -7,11 +7,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..calibrate import parse_k
 from ..cli import app, emit
 from ..common import open_target, parse_eps
 from ..console import out_console
 from ..evaluate import Budgets
-from ..options import Arch, BatchSize, DataDir, Dataset, Device, Eps, Json, Layer, Model, Seed, ThreatModel
+from ..options import Arch, BatchSize, DataDir, Dataset, Device, Eps, Json, Model, Normalize, Seed, ThreatModel
 from ..pipeline import PipelineConfig, preset_values, run_pipeline
 from ..report import accuracy_table
 
@@ -19,14 +20,18 @@ from ..report import accuracy_table
 @app.command("pipeline")
 def pipeline_cmd(
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
-    threat_model: ThreatModel = "Linf", layer: Layer = None,
+    normalize: Normalize = None,
+    threat_model: ThreatModel = "Linf",
+    layer: Annotated[Optional[list[str]], typer.Option(
+        "--layer", help="masked layer (default: the penultimate); repeat it to mask several layers at once")] = None,
     method: Annotated[str, typer.Option("--method", help="lo-ir | cd-ir | random")] = "lo-ir",
     attack: Annotated[str, typer.Option("--attack", help="iw-wc (the paper's nine attacks) | aa (AutoAttack)")] = "iw-wc",
     out: Annotated[Optional[Path], typer.Option("--out", help="run folder for every artifact (default runs/<model>)")] = None,
     n_probe: Annotated[Optional[int], typer.Option("--n-probe", min=1, help="ranking: first N training images (default all)")] = None,
     n_examples: Annotated[Optional[int], typer.Option("--n-examples", min=1, help="calibration and evaluation: first N test images (default all, at most 1000)")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="calibrate-k: allowed clean-accuracy drop, points")] = 0.5,
-    k: Annotated[Optional[int], typer.Option("--k", help="use this k instead of calibrating it")] = None,
+    k: Annotated[Optional[list[str]], typer.Option(
+        "--k", help="use this k instead of calibrating it (several layers: LAYER=K, repeatable)")] = None,
     eps: Eps = None,
     no_rs: Annotated[bool, typer.Option("--no-rs", help="defence without randomized smoothing")] = False,
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="attack iterations (default: the paper's)")] = None,
@@ -46,14 +51,16 @@ def pipeline_cmd(
     Every artifact goes into --out and is reused when it matches (model fingerprint, settings, the file it was
     built from): a second run with the same arguments only re-reads results; an interrupted one resumes.
     """
-    target = open_target(model, arch, dataset, threat_model, device)
+    target = open_target(model, arch, dataset, threat_model, device, normalize)
     p = preset_values(preset, target.loaded.name)
 
     def pick(value, key):
         return value if value is not None else p[key]
 
-    cfg = PipelineConfig(layer=layer, method=method, attack=attack.strip().lower(), n_probe=n_probe,
-                         n_examples=pick(n_examples, "n_examples"), tolerance=tolerance, k=k, eps=parse_eps(eps),
+    cfg = PipelineConfig(layer=(layer[0] if len(layer) == 1 else list(layer)) if layer else None, method=method,
+                         attack=attack.strip().lower(), n_probe=n_probe,
+                         n_examples=pick(n_examples, "n_examples"), tolerance=tolerance, k=parse_k(k),
+                         eps=parse_eps(eps),
                          rs=not no_rs, budgets=Budgets(steps=pick(steps, "steps"), restarts=pick(restarts, "restarts"),
                                                        queries=pick(queries, "queries"),
                                                        eot_iter=pick(eot_iter, "eot_iter")),
@@ -74,8 +81,9 @@ def _render(r: dict) -> None:
              for name, acc in r["robust_accuracy"].items()]
     rows.append(("worst case (IW-WC)" if "apgd-eot" in r["robust_accuracy"] else "worst case",
                  r["base_worst_case"], r["worst_case"]))
-    out_console.print(accuracy_table(f"igd pipeline: {r['n_examples']} test images, k = {r['k']} of "
-                                     f"{r['n_neurons']} at {r['layer']}", rows))
+    where = (f"k = {r['k']} of {r['n_neurons']} at {r['layer']}" if isinstance(r["k"], int) else
+             "k = " + ", ".join(f"{r['k'][name]} of {r['n_neurons'][name]} at {name}" for name in r["k"]))
+    out_console.print(accuracy_table(f"igd pipeline: {r['n_examples']} test images, {where}", rows))
     if survivors:
         out_console.print("† run on the defended model only on images no earlier attack broke (a lower bound of "
                           "that attack's own accuracy; the worst case is exact)")

@@ -319,3 +319,22 @@ def test_cli_calibrate_several_layers_then_every_mask_command(cli, tmp_path, imp
         assert bad.code == 2 and len(lines) == 1 and msg in lines[0], (extra, bad.err)
     same = cli("calibrate-k", "--importance", p3, "--importance", p3, "--out", tmp_path / "o.safetensors", *common)
     assert same.code == 2 and "listed twice" in same.err
+
+
+def test_pipeline_several_layers_runs_then_reuses(cli, tmp_path):
+    out = tmp_path / "run"
+    args = ["pipeline", "--layer", "block2", "--layer", "block3", "--n-probe", 60, "--n-examples", 12,
+            "--attack", "aa", "--steps", 2, "--queries", 20, "--batch-size", 64, "--out", out, "--json"]
+    r = cli(*args)
+    assert r.code == 0, r.err
+    res = r.json()
+    assert res["layer"] == "block2+block3" and set(res["k"]) == {"block2", "block3"}
+    assert res["n_neurons"] == {"block2": 64, "block3": 128} and len(res["paths"]["importance"]) == 2
+    art = load_artifact(res["paths"]["mask"], kind="mask")
+    assert art.meta["layers"] == ["block2", "block3"] and art.meta["k"] == res["k"]
+    again = cli(*args)
+    assert again.code == 0, again.err
+    assert set(again.json()["stages"].values()) == {"reused"} and again.json()["worst_case"] == res["worst_case"]
+    fixed = cli(*args[:-3], "--k", "block2=3", "--out", out, "--json")
+    assert fixed.code == 0, fixed.err
+    assert fixed.json()["k"]["block2"] == 3 and fixed.json()["stages"]["rank"] == "reused"

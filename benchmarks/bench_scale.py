@@ -8,7 +8,9 @@ loads and again during the work; the table gives the peak while loading, the RSS
 baseline: Python, torch and the model), the peak of the rest of the stage, and that peak minus the baseline, the
 memory the stage's own work needs. Stages: rank (LO-IR, random), calibrate-k (binary search; and the paper's k),
 defend-eval clean accuracy, and a small attack (APGD-CE on the defended model). Accuracies of random weights mean
-nothing; the point is that every stage runs at these sizes and what it costs.
+nothing; the point is that every stage runs at these sizes and what it costs. Time is split the same way: the
+whole stage, loading, and the work after loading, also as a multiple of one plain forward pass of the model over
+the same images (timed in the ``load`` row: the naive baseline every stage is compared with).
 
     python benchmarks/bench_scale.py [--models resnet50 wrn-34-10] [--n-images 8] [--attack-images 2]
                                      [--steps 2] [--workdir /tmp/igd-scale] [--json]
@@ -60,6 +62,7 @@ _open = common.open_target
 
 def open_target(*a, **k):
     target = _open(*a, **k)
+    marks["load_seconds"] = time.perf_counter() - t0
     marks["load_peak_mb"], marks["after_load_mb"] = status("VmHWM"), status("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as fh:
@@ -71,8 +74,15 @@ def open_target(*a, **k):
 
 common.open_target = open_target  # before the command modules import it
 t0 = time.perf_counter()
-if sys.argv[1] == "--load-only":
-    open_target(*sys.argv[2:6], device="cpu")
+if sys.argv[1] == "--load-only":  # the baseline: load, then one plain forward pass over the images
+    import torch
+    target = open_target(*sys.argv[2:6], device="cpu")
+    data = target.data("test", None)
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        for batch in data.batches(8):
+            target.model(batch.x)
+    marks["forward_seconds"] = time.perf_counter() - t1
     code = 0
 else:
     from igd_cli.cli import main
@@ -141,14 +151,19 @@ def bench(model: str, workdir: Path, n_images: int, attack_images: int, steps: i
             "--n-examples", attack_images, "--out", workdir / f"{model}-adv.safetensors", "--json"]),
     ]
     rows = []
+    forward = None
     for name, args in stages:
         print(f"{model}: {name} ...", file=sys.stderr, flush=True)
         r = run_stage(args)
+        work = r["seconds"] - r["load_seconds"]
+        forward = r.get("forward_seconds", forward)
         res = r["result"] or {}
         note = {"rank LO-IR": lambda: f"shape {res.get('shape')}, {res.get('path')}",
                 "calibrate-k (search)": lambda: f"k = {res.get('k')} of {res.get('n_neurons')}, "
                                                 f"{len(res.get('curve', []))} k evaluated"}.get(name, lambda: "")()
         rows.append({"model": model, "stage": name, "seconds": round(r["seconds"], 2),
+                     "load_seconds": round(r["load_seconds"], 2), "work_seconds": round(work, 2),
+                     "x_forward": round(work / forward, 1) if forward else None,
                      "load_peak_mb": round(r["load_peak_mb"]), "after_load_mb": round(r["after_load_mb"]),
                      "stage_peak_mb": round(r["stage_peak_mb"]),
                      "stage_extra_mb": round(r["stage_peak_mb"] - r["after_load_mb"]) if r["peak_reset"] else None,
@@ -184,8 +199,9 @@ def main() -> None:
     for r in rows:
         r["load avg (before → after)"] = f"{r['load_avg'][0]} → {r['load_avg'][1]}"
     out_console.print(timing_table(f"scale sanity ({args.n_images} images, CPU, {os.cpu_count()} cores)", rows,
-                                   ["model", "stage", "seconds", "load_peak_mb", "after_load_mb", "stage_peak_mb",
-                                    "stage_extra_mb", "load avg (before → after)", "note"]))
+                                   ["model", "stage", "seconds", "load_seconds", "work_seconds", "x_forward",
+                                    "load_peak_mb", "after_load_mb", "stage_peak_mb", "stage_extra_mb",
+                                    "load avg (before → after)", "note"]))
 
 
 if __name__ == "__main__":

@@ -363,26 +363,25 @@ def artifact_layer(art: Artifact, model: nn.Module, layer: str | None = None) ->
     return layer
 
 
+def mask_tensor_names(meta: dict[str, Any]) -> dict[str, Any]:
+    """Tensor name -> layer of a mask artifact: ``{"mask": layer}`` for one layer, ``{layer: layer}`` per layer
+    named in ``layers`` for several."""
+    layers = meta.get("layers")
+    return {str(n): n for n in layers} if isinstance(layers, list) else {"mask": meta.get("layer")}
+
+
 def mask_layers(art: Artifact) -> tuple[list[str], list[torch.Tensor]]:
-    """The layers of a mask artifact and their (N, C) masks (one layer: tensor ``mask``; several: one tensor
-    per layer named in ``layers``)."""
-    layers = art.meta.get("layers")
-    if layers is None:
-        layer = art.meta.get("layer")
-        return ([layer] if isinstance(layer, str) else []), [art["mask"]]
-    return list(layers), [art[name] for name in layers]
+    """The layers of a mask artifact and their (N, C) masks (an empty layer list when the metadata names none)."""
+    names = mask_tensor_names(art.meta)
+    return [layer for layer in names.values() if isinstance(layer, str)], [art[name] for name in names]
 
 
 def mask_summary(meta: dict[str, Any], tensors: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per masked layer (layer, tensor, N, k) from a mask artifact's metadata and tensor shapes
+    """One row per masked layer (layer, tensor, shape, N, k) from a mask artifact's metadata and tensor shapes
     (:func:`igd_cli.artifacts.tensor_info`), for ``igd inspect``."""
-    layers = meta.get("layers")
-    names = list(layers) if isinstance(layers, list) else ["mask"]
-    layer_of = dict(zip(names, layers)) if isinstance(layers, list) else {"mask": meta.get("layer")}
     ks, sizes = meta.get("k"), meta.get("n_neurons")
     rows = []
-    for name in names:
-        layer = layer_of[name]
+    for name, layer in mask_tensor_names(meta).items():
         shape = tensors.get(name, {}).get("shape")
         rows.append({"layer": layer, "tensor": name, "shape": shape,
                      "n_neurons": sizes.get(layer) if isinstance(sizes, dict) else (shape or [sizes])[0],

@@ -134,7 +134,8 @@ def call_arch(spec: str, fn: Callable[..., Any], num_classes: int | None) -> nn.
     except Exception as exc:  # the user's code may fail in any way
         raise IgdError(f"--arch {spec}: {call} failed ({_why(exc)})") from exc
     if not isinstance(net, nn.Module):
-        raise IgdError(f"--arch {spec}: {call} returned a {type(net).__name__}, not a torch.nn.Module")
+        raise IgdError(f"--arch {spec}: {call} returned an object of type {type(net).__name__}, "
+                       "not a torch.nn.Module")
     return net
 
 

@@ -2,10 +2,10 @@
 within ``tolerance`` percentage points of the base model's, on cached k-independent features.
 
 The smoothing pass (``ŷ``) and the clean layer output ``A(x)`` do not depend on k, so they are computed once per
-batch (with the defence's seeded noise, batch by batch exactly as :func:`igd_cli.defense.clean_eval` does) and each
-candidate k only runs the tail ``h(A(x) ⊙ m_k ŷ)``. Features are cached on the model's device up to
-``max_cache_bytes``; batches beyond that are recomputed for every candidate from the saved noise state, so the
-result is identical either way, only slower.
+batch (with the defence's seeded noise: each image's first draw after ``reseed``, which ``defend-eval`` scores as
+draw 0 and ``--protocol single-draw`` alone) and each candidate k only runs the tail ``h(A(x) ⊙ m_k ŷ)``. Features
+are cached on the model's device up to ``max_cache_bytes``; batches beyond that are recomputed for every candidate
+from the saved noise state, so the result is identical either way, only slower.
 """
 
 from __future__ import annotations

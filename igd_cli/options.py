@@ -23,3 +23,9 @@ Restarts = Annotated[Optional[int], typer.Option("--restarts", help="random rest
 Queries = Annotated[Optional[int], typer.Option("--queries", help="query budget (default: the paper's: RayS 10000, Square 5000)")]
 EotIter = Annotated[Optional[int], typer.Option("--eot-iter", help="EoT gradient samples per step (default: the paper's 20)")]
 Shard = Annotated[Optional[str], typer.Option("--shard", help="work only on block I of N of the images (I/N, 0-based), for igd merge")]
+Draws = Annotated[int, typer.Option("--draws", min=1, help="randomized defence: classifications per point for the "
+                                    "selection, and as many fresh ones for the score (Croce et al.); a "
+                                    "deterministic model is scored once")]
+ProtocolOpt = Annotated[str, typer.Option("--protocol", help="draws (repeated draws, per-image selection, mean ± "
+                                          "std: the default) or single-draw (one draw per set, AND over sets: "
+                                          "igd's scoring before repeated draws, to reproduce earlier numbers)")]

@@ -22,6 +22,7 @@ from .defense import load_defense
 from .errors import IgdError
 from .evaluate import Budgets, EvalResult, defense_identity, evaluate_defense
 from .ranking import RankRequest, get_method, rank
+from .scoring import DEFAULT_DRAWS
 
 Stage = Literal["computed", "reused"]
 
@@ -60,6 +61,8 @@ class PipelineConfig:
     clip_pretrained: str = "openai"
     batch_size: int = 128
     seed: int = 0
+    protocol: str = "draws"  # how a randomized defence is scored (igd_cli.scoring)
+    draws: int = DEFAULT_DRAWS
 
 
 @dataclass
@@ -79,12 +82,13 @@ class PipelineResult:
 
     def to_json(self) -> dict[str, Any]:
         ev = self.evaluation
+        keys = ("n_examples", "defended", "clean_accuracy", "clean_accuracy_std", "base_clean_accuracy",
+                "robust_accuracy", "robust_accuracy_std", "base_robust_accuracy", "worst_case", "worst_case_std",
+                "worst_case_majority", "worst_case_all_draws", "base_worst_case", "draws", "protocol", "randomized",
+                "measured_on_survivors", "eps", "mode")
         return {
-            "base_clean_accuracy": ev["base_clean_accuracy"], "clean_accuracy": ev["clean_accuracy"],
-            "base_worst_case": ev.get("base_worst_case"), "worst_case": ev.get("worst_case"),
-            "k": self.k, "n_neurons": self.n_neurons, "layer": self.layer, "n_examples": ev["n_examples"],
-            "robust_accuracy": ev.get("robust_accuracy", {}), "base_robust_accuracy": ev.get("base_robust_accuracy", {}),
-            "measured_on_survivors": ev.get("measured_on_survivors", {}),
+            **{k: ev.get(k) for k in keys},
+            "k": self.k, "n_neurons": self.n_neurons, "layer": self.layer,
             "calibration": {k: self.calibration.get(k) for k in ("k", "base_clean_accuracy", "clean_accuracy",
                                                                   "n_examples", "tolerance", "curve")},
             "stages": dict(self.stages),
@@ -145,7 +149,7 @@ def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_d
     report = out / f"eval-{cfg.attack}-{method.name}-{slug}.safetensors"
     eval_id = {"mask_sha256": ident["mask_sha256"], "attack": cfg.attack, "n_examples": len(data),
                "eps": cfg.eps, "budgets": asdict(cfg.budgets), "seed": cfg.seed, "dataset": data.name,
-               "model_fingerprint": target.loaded.fingerprint}
+               "model_fingerprint": target.loaded.fingerprint, "protocol": cfg.protocol, "draws": cfg.draws}
     evaluation = None if force else _reusable_report(report, eval_id)
     if evaluation is not None:
         stages["transfer"] = stages["defend-eval"] = "reused"
@@ -164,7 +168,7 @@ def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_d
         res: EvalResult = evaluate_defense(target, defense, data, attack=cfg.attack, workdir=adv_dir,
                                            budgets=cfg.budgets, eps=cfg.eps, seed=cfg.seed,
                                            batch_size=cfg.batch_size, defense_meta=ident, show_progress=show,
-                                           on_set=on_set)
+                                           on_set=on_set, protocol=cfg.protocol, draws=cfg.draws)
         stages["defend-eval"] = "computed"
         evaluation = res.to_json()
         res.save(report, {**target.provenance(), **ident, "pipeline_identity": eval_id,

@@ -10,10 +10,11 @@ import typer
 from ..cli import app, emit
 from ..common import open_target, parse_eps
 from ..console import out_console
-from ..evaluate import Budgets
-from ..options import Arch, BatchSize, DataDir, Dataset, Device, Eps, Json, Layer, Model, Seed, ThreatModel
+from ..evaluate import Budgets, render_table
+from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Draws, Eps, Json, Layer, Model, ProtocolOpt, Seed,
+                       ThreatModel)
+from ..scoring import DEFAULT_DRAWS, check_protocol
 from ..pipeline import PipelineConfig, preset_values, run_pipeline
-from ..report import accuracy_table
 
 
 @app.command("pipeline")
@@ -36,6 +37,8 @@ def pipeline_cmd(
     clip_model: Annotated[str, typer.Option("--clip-model", help="cd-ir: open_clip model")] = "ViT-B-16",
     clip_pretrained: Annotated[str, typer.Option("--clip-pretrained", help="cd-ir: weights tag, PATH or none")] = "openai",
     batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto",
+    draws: Draws = DEFAULT_DRAWS,
+    protocol: ProtocolOpt = "draws",
     preset: Annotated[str, typer.Option("--preset", help="attack budgets and images when not given: paper (the paper's), quick (200 images, 20 steps, 1000 queries, 5 EoT samples, 1 restart) or auto (quick for demo, else paper)")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="recompute every stage even when its artifact matches")] = False,
     as_json: Json = False,
@@ -46,6 +49,7 @@ def pipeline_cmd(
     Every artifact goes into --out and is reused when it matches (model fingerprint, settings, the file it was
     built from): a second run with the same arguments only re-reads results; an interrupted one resumes.
     """
+    check_protocol(protocol, draws)
     target = open_target(model, arch, dataset, threat_model, device)
     p = preset_values(preset, target.loaded.name)
 
@@ -57,7 +61,8 @@ def pipeline_cmd(
                          rs=not no_rs, budgets=Budgets(steps=pick(steps, "steps"), restarts=pick(restarts, "restarts"),
                                                        queries=pick(queries, "queries"),
                                                        eot_iter=pick(eot_iter, "eot_iter")),
-                         clip_model=clip_model, clip_pretrained=clip_pretrained, batch_size=batch_size, seed=seed)
+                         clip_model=clip_model, clip_pretrained=clip_pretrained, batch_size=batch_size, seed=seed,
+                         protocol=protocol, draws=draws)
     if out is None:
         out = Path("runs") / Path(target.loaded.name).stem.replace(":", "-")
     res = run_pipeline(target, cfg, out, data_dir=data_dir, force=force)
@@ -68,17 +73,8 @@ def pipeline_cmd(
 
 
 def _render(r: dict) -> None:
-    survivors = r.get("measured_on_survivors") or {}
-    rows = [("clean", r["base_clean_accuracy"], r["clean_accuracy"])]
-    rows += [(name + (" †" if name in survivors else ""), r["base_robust_accuracy"].get(name), acc)
-             for name, acc in r["robust_accuracy"].items()]
-    rows.append(("worst case (IW-WC)" if "apgd-eot" in r["robust_accuracy"] else "worst case",
-                 r["base_worst_case"], r["worst_case"]))
-    out_console.print(accuracy_table(f"igd pipeline: {r['n_examples']} test images, k = {r['k']} of "
-                                     f"{r['n_neurons']} at {r['layer']}", rows))
-    if survivors:
-        out_console.print("† run on the defended model only on images no earlier attack broke (a lower bound of "
-                          "that attack's own accuracy; the worst case is exact)")
+    render_table(r, title=f"igd pipeline: accuracy (%), {r['n_examples']} test images, ε={r['eps']:.4g}, "
+                          f"k = {r['k']} of {r['n_neurons']} at {r['layer']}")
     stages = ", ".join(f"{k} {v}" for k, v in r["stages"].items())
     budgets = ", ".join(f"{k} {v}" for k, v in r["budgets"].items() if v is not None) or "the paper's"
     out_console.print(f"budgets ({r['preset']} preset): {budgets}")

@@ -218,7 +218,7 @@ class EvalResult:
     def scores(self, defended: bool = True) -> dict[str, Score]:
         return {name: Score.of(bits) for name, bits in self.rows(defended)}
 
-    def to_json(self, per_image: bool = False) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
         has_def = self.clean_defended is not None
         base = self.scores(False)
         main = self.scores(True) if has_def else base
@@ -252,10 +252,6 @@ class EvalResult:
             "sets": dict(self.sets),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
-        if per_image:
-            names, mat = self.correct_matrix()
-            out["per_image"] = {"index": self.index.tolist(), "columns": names, "draws_correct": mat.tolist(),
-                                "draws": {"base": self.draws(False), "defended": self.draws(True)}}
         return out
 
     def correct_matrix(self) -> tuple[list[str], torch.Tensor]:
@@ -458,14 +454,21 @@ class Evaluator:
         """The clean images' bits (D, n) on the ``kind`` model (computed once)."""
         if kind not in self._clean_bits:
             self._clean_bits[kind] = classify(self._model(kind), self.x, self.y, self.rows[kind], seed=self.seed,
-                                              batch_size=self.batch_size)
+                                              batch_size=self.batch_size, description=self._label(kind, "clean"))
         return self._clean_bits[kind]
+
+    def _label(self, kind: str, what: str) -> str | None:
+        """The progress-bar name of a scoring pass (None: no bar)."""
+        if not self.show_progress:
+            return None
+        r = self.rows[kind]
+        return f"scoring {kind} {what}" + (f" ({r // 2} + {r // 2} draws)" if r > 1 else "")
 
     def column(self, res: AttackResult, kind: str) -> torch.Tensor:
         """The set's bits (D, n) over the evaluated positions on the ``kind`` model; an image outside the set
         counts as wrong in every draw (so a column measured on survivors is a lower bound)."""
         bits = classify(self._model(kind), res.x_adv, res.y, self.rows[kind], seed=self.seed,
-                        batch_size=self.batch_size)
+                        batch_size=self.batch_size, description=self._label(kind, str(res.info.get("attack", "set"))))
         out = torch.zeros(self.rows[kind], len(self.positions), dtype=torch.bool)
         rows = self.row_of[res.index]
         out[:, rows[rows >= 0]] = bits[:, rows >= 0]

@@ -144,8 +144,9 @@ class IGDefense(nn.Module):
 
     @property
     def randomized(self) -> bool:
-        """True when the output is random (smoothing on with σ > 0): attacks then use EoT / reseeding."""
-        return self.rs and bool(self.sigma)
+        """True when the output is random (smoothing on with σ > 0 and fresh noise per query): attacks then use
+        EoT and scoring repeated draws."""
+        return self.rs and bool(self.sigma) and self._noise.fresh
 
     def settings(self) -> dict[str, Any]:
         """The defence settings as stored in a mask artifact's ``defense`` metadata."""

@@ -199,7 +199,7 @@ def run_calibration(target: Any, importance_path: str | Path, out: str | Path, *
         raise IgdError(f"--tolerance {tolerance}: must be >= 0 percentage points")
     eps_value = eps
     if rs and sigma is None:
-        eps_value = eps_value if eps_value is not None else target.default_eps()
+        eps_value = eps_value if eps_value is not None else target.default_eps("σ = ε/2 of the randomized smoothing; or pass --sigma, or --no-rs")
         sigma = eps_value / 2
     check_settings(tau=tau, sigma=sigma, n_smooth=n_smooth, rs=rs)
     data = target.data(split, n_examples, data_dir)  # checks 1 <= n_examples <= the split's size

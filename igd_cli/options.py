@@ -11,6 +11,8 @@ Model = Annotated[str, typer.Option("--model", help="demo | RobustBench zoo name
 Arch = Annotated[Optional[str], typer.Option("--arch", help="architecture of a state-dict file: resnet18, preact-resnet18, wrn-34-10, resnet50, demo-cnn")]
 Dataset = Annotated[Optional[str], typer.Option("--dataset", help="digits | cifar10 | cifar100 | imagenet | PATH.safetensors (default: the model's own)")]
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", envvar="IGD_DATA_DIR", help="where torchvision data sets or ImageNet folders live")]
+ZooDataset = Annotated[Optional[str], typer.Option("--zoo-dataset", help="RobustBench zoo name listed under several data sets (cifar10, cifar100, imagenet): which entry to load (default: --dataset if it is one of them, else the one whose checkpoint is in the model dir, else cifar10); --dataset only chooses the images")]
+ProbeDataset = Annotated[Optional[str], typer.Option("--probe-dataset", help="ranking images, when not the training split of --dataset: a data set name (its --split) or PATH.safetensors, e.g. the training file beside a test file")]
 ThreatModel = Annotated[str, typer.Option("--threat-model", help="Linf or L2")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="images per forward pass")]

@@ -17,7 +17,7 @@ from ..console import out_console
 from ..errors import IgdError
 from ..evaluate import correct_on, defense_identity, save_adversarial, set_meta
 from ..options import (Arch, BatchSize, DataDir, Dataset, Device, EotIter, Eps, Json, Model, Queries, Restarts, Seed,
-                       Shard, Steps, ThreatModel)
+                       Shard, Steps, ThreatModel, ZooDataset)
 from ..shards import parse_shard  # noqa: F401  (shared with defend-eval; importable from here as before)
 
 
@@ -38,6 +38,7 @@ def attack_cmd(
     dataset: Dataset = None,
     data_dir: DataDir = None,
     threat_model: ThreatModel = "Linf",
+    zoo_dataset: ZooDataset = None,
     device: Device = "auto",
     batch_size: BatchSize = 128,
     seed: Seed = 0,
@@ -50,11 +51,11 @@ def attack_cmd(
         raise IgdError(f"--threat-model {threat_model}: expected Linf or L2")
     if out.exists() and out.is_dir():
         raise IgdError(f"--out {out}: is a directory")
-    target = open_target(model, arch, dataset, threat_model, device)
+    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset)
     data = target.data("test", n_examples, data_dir)
     check_classes(target, data)
     if eps_v is None:
-        eps_v = target.default_eps()
+        eps_v = target.default_eps("the attack's budget")
     sh = parse_shard(shard, len(data))
     positions = torch.arange(len(data), dtype=torch.int64) if sh is None else torch.arange(sh[2], sh[3])
 

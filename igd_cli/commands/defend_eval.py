@@ -29,7 +29,7 @@ from ..errors import IgdError
 from ..eval_shards import COLUMNS_BY_IMAGES, IMAGES_BY_COLUMNS, LAYOUT_KEY, clean_report_stats
 from ..evaluate import Budgets, default_workdir, defense_identity, evaluate_defense, render_table
 from ..options import (Arch, BatchSize, DataDir, Dataset, Device, EotIter, Eps, Json, Model, Queries, Restarts, Seed,
-                       Shard, Steps, ThreatModel)
+                       Shard, Steps, ThreatModel, ZooDataset)
 from ..report import accuracy_table, per_class_accuracy, per_class_table, summary_table
 from ..shards import parse_shard
 
@@ -39,6 +39,7 @@ def defend_eval_cmd(
     mask: Annotated[Path, typer.Option("--mask", help="mask artifact from igd calibrate-k")],
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
     threat_model: ThreatModel = "Linf",
+    zoo_dataset: ZooDataset = None,
     attack: Annotated[str, typer.Option("--attack", help="none (clean accuracy only), an attack NAME, or iw-wc")] = "none",
     adv: Annotated[Optional[list[Path]], typer.Option("--adv", help="ready-made adversarial set(s) to evaluate")] = None,
     split: Annotated[str, typer.Option("--split", help="data split to evaluate on")] = "test",
@@ -76,7 +77,7 @@ def defend_eval_cmd(
     if report is not None and report.is_dir():
         raise IgdError(f"--report {report}: is a directory")
     t0 = time.perf_counter()
-    target = open_target(model, arch, dataset, threat_model, device)
+    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset)
     eps_value = parse_eps(eps)
     defense = load_defense(target, mask, sigma=sigma, n_smooth=n_smooth, tau=tau, rs=rs, seed=seed)
     data = target.data(split, n_examples, data_dir)
@@ -85,7 +86,8 @@ def defend_eval_cmd(
     ident = defense_identity(mask, defense)
     identity = _eval_identity(target, ident, data, attack=attack, eps=eps_value, threat_model=threat_model,
                               budgets=budgets, seed=seed, skip=skip, adv=list(adv or []))
-    where: dict[str, Any] = {"data": {"dataset": data.name, "split": split, "n": len(data)}}
+    where: dict[str, Any] = {"data": {"dataset": data.name, "split": split, "n": len(data)},
+                             "probe": read_metadata(mask).get("probe")}  # the mask's ranking images
     if sh is not None:
         where.update({"shard": [sh[0], sh[1]], "positions": [sh[2], sh[3]]})
     if attack != "none" or adv:
@@ -127,9 +129,18 @@ def _eval_identity(target, ident: dict[str, Any], data, *, attack: str, eps: flo
            "mask_sha256": ident["mask_sha256"], "layer": ident.get("layer"), "k": ident.get("k"),
            "defense": ident.get("settings"), "data": {"dataset": data.name, "split": data.split, "n": len(data)},
            "classes": list(data.classes), "attack": attack,
-           "eps": float(eps if eps is not None else target.default_eps()), "norm": threat_model,
+           "eps": _used_eps(target, eps, attack, adv), "norm": threat_model,
            "budget": budgets.kwargs(), "seed": int(seed), "skip": bool(skip), "adv": sets}
     return json.loads(json.dumps(out, sort_keys=True, default=str))  # as it reads back from metadata
+
+
+def _used_eps(target, eps: float | None, attack: str, adv: list[Path]) -> float | None:
+    """ε as the evaluation uses it: None for clean accuracy alone (--attack none, no --adv), where it is unused."""
+    if eps is not None:
+        return float(eps)
+    if attack == "none" and not adv:
+        return None
+    return float(target.default_eps(f"--attack {attack}" if attack != "none" else "checking the --adv sets"))
 
 
 def _robust(target, defense, data, *, mask: Path, attack: str, adv: list[Path], eps: float | None,
@@ -186,7 +197,7 @@ def _write_report(path: Path, target, clean: CleanEval, columns: dict[str, torch
             **clean_report_stats(names, correct, clean.y, len(result["classes"])),
             "mask_sha256": ident["mask_sha256"], "eval_identity": identity, "seconds": round(result["seconds"], 3),
             **{k: result[k] for k in ("robust_accuracy", "base_robust_accuracy", "worst_case", "mask", "layer", "k",
-                                      "defense", "seed", "batch_size", "attack", "data")},
+                                      "defense", "seed", "batch_size", "attack", "data", "probe")},
             **{k: result[k] for k in ("shard", "positions") if k in result}}
     save_artifact(path, "eval-report", {"correct": correct, "y": clean.y, "index": clean.index}, meta)
 

@@ -11,7 +11,8 @@ from ..cli import app, emit
 from ..common import open_target, parse_eps
 from ..console import out_console
 from ..evaluate import Budgets
-from ..options import Arch, BatchSize, DataDir, Dataset, Device, Eps, Json, Layer, Model, Seed, ThreatModel
+from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Eps, Json, Layer, Model, ProbeDataset, Seed,
+                       ThreatModel, ZooDataset)
 from ..pipeline import PipelineConfig, preset_values, run_pipeline
 from ..report import accuracy_table
 
@@ -20,10 +21,15 @@ from ..report import accuracy_table
 def pipeline_cmd(
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
     threat_model: ThreatModel = "Linf", layer: Layer = None,
+    zoo_dataset: ZooDataset = None,
+    probe_dataset: ProbeDataset = None,
+    allow_overlap: Annotated[bool, typer.Option("--allow-overlap", help="accept ranking on the evaluation images "
+                                                "(a --dataset file without --probe-dataset); the paper ranks on "
+                                                "training images")] = False,
     method: Annotated[str, typer.Option("--method", help="lo-ir | cd-ir | random")] = "lo-ir",
     attack: Annotated[str, typer.Option("--attack", help="iw-wc (the paper's nine attacks) | aa (AutoAttack)")] = "iw-wc",
     out: Annotated[Optional[Path], typer.Option("--out", help="run folder for every artifact (default runs/<model>)")] = None,
-    n_probe: Annotated[Optional[int], typer.Option("--n-probe", min=1, help="ranking: first N training images (default all)")] = None,
+    n_probe: Annotated[Optional[int], typer.Option("--n-probe", min=1, help="ranking: first N probe images (the training split, or --probe-dataset; default all)")] = None,
     n_examples: Annotated[Optional[int], typer.Option("--n-examples", min=1, help="calibration and evaluation: first N test images (default all, at most 1000)")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="calibrate-k: allowed clean-accuracy drop, points")] = 0.5,
     k: Annotated[Optional[int], typer.Option("--k", help="use this k instead of calibrating it")] = None,
@@ -46,13 +52,14 @@ def pipeline_cmd(
     Every artifact goes into --out and is reused when it matches (model fingerprint, settings, the file it was
     built from): a second run with the same arguments only re-reads results; an interrupted one resumes.
     """
-    target = open_target(model, arch, dataset, threat_model, device)
+    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset)
     p = preset_values(preset, target.loaded.name)
 
     def pick(value, key):
         return value if value is not None else p[key]
 
     cfg = PipelineConfig(layer=layer, method=method, attack=attack.strip().lower(), n_probe=n_probe,
+                         probe_dataset=probe_dataset, allow_overlap=allow_overlap,
                          n_examples=pick(n_examples, "n_examples"), tolerance=tolerance, k=k, eps=parse_eps(eps),
                          rs=not no_rs, budgets=Budgets(steps=pick(steps, "steps"), restarts=pick(restarts, "restarts"),
                                                        queries=pick(queries, "queries"),
@@ -82,4 +89,9 @@ def _render(r: dict) -> None:
     stages = ", ".join(f"{k} {v}" for k, v in r["stages"].items())
     budgets = ", ".join(f"{k} {v}" for k, v in r["budgets"].items() if v is not None) or "the paper's"
     out_console.print(f"budgets ({r['preset']} preset): {budgets}")
+    probe = r.get("probe") or {}
+    if probe:
+        split = "" if probe.get("file") else f" ({probe.get('split')} split)"
+        out_console.print(f"ranked on the first {probe.get('n')} images of {probe.get('dataset')}{split}",
+                          highlight=False)
     out_console.print(f"stages: {stages}; {r['seconds']:.1f} s; artifacts in {r['paths']['out']}")

@@ -141,3 +141,16 @@ def test_pipeline_probe_dataset(tmp_path, cli):
     # same pixels; float32 rounding may differ (sklearn's digits tensor has channel stride 1, which oneDNN
     # reads as channels-last, and picks another convolution kernel)
     assert torch.allclose(imp["importance"], load_artifact(ref)["importance"], rtol=0, atol=1e-6)
+
+
+def test_pipeline_without_eps_fails_before_ranking(tmp_path, cli, monkeypatch, demo):
+    """Issue 14.3: the pipeline's attacks need ε; when neither --eps nor the model nor the data set gives one, it
+    says so before the ranking runs, not after it."""
+    for name, m in list(METHODS.items()):
+        monkeypatch.setitem(METHODS, name, type(m)(m.name, m.description, m.params, _forbid(monkeypatch, "ranking")))
+    weights = tmp_path / "demo-cnn.pt"
+    torch.save(demo.model.state_dict(), weights)
+    r = cli("pipeline", "--model", weights, "--arch", "demo-cnn", "--dataset", digits_safetensors(tmp_path, "test"),
+            "--out", tmp_path / "run", *TINY, "--allow-overlap")
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1, r.err
+    assert "pass --eps" in r.err and "attacks" in r.err

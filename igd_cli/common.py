@@ -53,7 +53,7 @@ class Target:
         table = DEFAULT_EPS_L2 if self.threat_model == "L2" else DEFAULT_EPS
         if self.dataset in table:
             return table[self.dataset]
-        raise IgdError(f"no default ε for data set {self.dataset} and model {self.loaded.name}: pass --eps "
+        raise IgdError(f"no default ε for --dataset {self.dataset}, and the model does not carry one: pass --eps "
                        f"(needed for {needed_for})")
 
     def provenance(self) -> dict[str, Any]:
@@ -73,7 +73,8 @@ def open_target(model: str, arch: str | None, dataset: str | None, threat_model:
     loaded = load_model(model, arch, dataset, threat_model, dev, zoo_dataset=zoo_dataset)
     ds = dataset or loaded.dataset
     if ds is None:
-        raise IgdError(f"--model {model}: pass --dataset (the model does not say which data it was trained on)")
+        raise IgdError(f"--model {model}: pass --dataset (e.g. cifar10 or PATH.safetensors; the model does not say "
+                       f"which data it was trained on)")
     return Target(loaded, dev, ds, threat_model)
 
 

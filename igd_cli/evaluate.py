@@ -328,7 +328,21 @@ class Evaluator:
         for key, items in groups.items():
             merged = merge_sets([r for r, _ in items]) if len(items) > 1 else items[0][0]
             out[key] = (merged, ", ".join(p for _, p in items))
+            self._check_covers(merged, out[key][1])
         return out
+
+    def _check_covers(self, res: AttackResult, where: str) -> None:
+        """A given set must hold every evaluated image: one it lacks would silently count as broken."""
+        held = torch.zeros(len(self.data), dtype=torch.bool)
+        held[res.index] = True
+        missing = int((~held[self.positions]).sum())
+        if missing:
+            n = len(self.positions)
+            hint = (f"pass --n-examples {int(res.index.max()) + 1}"
+                    if n == len(self.data) and torch.equal(res.index.sort().values, torch.arange(len(res.index)))
+                    else "give every shard of the set")
+            raise IgdError(f"{where}: holds {n - missing} of the {n} images evaluated ({missing} missing, which "
+                           f"would count as broken): {hint}")
 
     def _key_meta(self, attack_info: dict[str, Any], kind: str) -> dict[str, Any]:
         key = {"model_fingerprint": self.target.loaded.fingerprint, "attack": attack_info["attack"],

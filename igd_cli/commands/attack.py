@@ -21,7 +21,7 @@ from ..options import (Arch, BatchSize, DataDir, Dataset, Device, EotIter, Eps, 
 from ..shards import parse_shard  # noqa: F401  (shared with defend-eval; importable from here as before)
 
 
-@app.command("attack")
+@app.command("attack", short_help="adversarial examples against the base or defended model")
 def attack_cmd(
     model: Model = "demo",
     attack: Annotated[str, typer.Option("--attack", help=f"one of {', '.join(ATTACKS)}")] = ...,
@@ -95,8 +95,13 @@ def attack_cmd(
     emit(result, as_json, _render)
 
 
+def _budget(budget: dict | None) -> str:
+    """``steps 100, restarts 1`` (— for an attack without one)."""
+    return ", ".join(f"{k} {v}" for k, v in (budget or {}).items() if v is not None) or "—"
+
+
 def _render(r: dict) -> None:
     out_console.print(f"[bold]{r['attack']}[/bold] on the {r['target']} model, ε={r['eps']:.4g}, "
-                      f"budget {r['budget'] or '—'}: clean {100 * r['clean_accuracy']:.2f}% → robust "
+                      f"budget {_budget(r['budget'])}: clean {100 * r['clean_accuracy']:.2f}% → robust "
                       f"[bold]{100 * r['robust_accuracy']:.2f}%[/bold] on {r['n_examples']} images "
                       f"({r['seconds']:.1f} s) → {r['out']}")

@@ -16,7 +16,7 @@ from ..options import Arch, BatchSize, DataDir, Dataset, Device, Eps, Json, Laye
 from ..report import calibration_table
 
 
-@app.command("calibrate-k")
+@app.command("calibrate-k", short_help="choose k on clean accuracy and write the mask")
 def calibrate_cmd(
     importance: Annotated[Path, typer.Option("--importance", help="importance artifact from igd rank (or igd merge)")],
     out: Annotated[Path, typer.Option("--out", help="where to write the mask artifact (safetensors)")],

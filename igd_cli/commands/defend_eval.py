@@ -34,14 +34,14 @@ from ..report import accuracy_table, per_class_accuracy, per_class_table, summar
 from ..shards import parse_shard
 
 
-@app.command("defend-eval")
+@app.command("defend-eval", short_help="clean and robust accuracy, base vs defended model")
 def defend_eval_cmd(
     mask: Annotated[Path, typer.Option("--mask", help="mask artifact from igd calibrate-k")],
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
     threat_model: ThreatModel = "Linf",
     zoo_dataset: ZooDataset = None,
     attack: Annotated[str, typer.Option("--attack", help="none (clean accuracy only), an attack NAME, or iw-wc")] = "none",
-    adv: Annotated[Optional[list[Path]], typer.Option("--adv", help="ready-made adversarial set(s) to evaluate")] = None,
+    adv: Annotated[Optional[list[Path]], typer.Option("--adv", metavar="FILE", help="ready-made adversarial set(s) to evaluate")] = None,
     split: Annotated[str, typer.Option("--split", help="data split to evaluate on")] = "test",
     n_examples: Annotated[Optional[int], typer.Option("--n-examples", help="the first N images of the split (default: all)")] = None,
     eps: Eps = None,
@@ -173,7 +173,8 @@ def _robust(target, defense, data, *, mask: Path, attack: str, adv: list[Path], 
         result["report"] = str(report)
 
     def render(r: dict) -> None:
-        render_table(r, title=f"defend-eval --attack {attack}: robust accuracy (%), {r['n_examples']} images"
+        what = "--adv" if attack == "none" else f"--attack {attack}"
+        render_table(r, title=f"defend-eval {what}: robust accuracy (%), {r['n_examples']} images"
                               + (f" (shard {r['shard'][0]}/{r['shard'][1]})" if "shard" in r else "")
                               + f", ε={r.get('eps', 0):.4g}")
         if "report" in r:

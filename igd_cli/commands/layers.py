@@ -21,7 +21,7 @@ from ..models import load_model
 from ..options import Arch, DataDir, Dataset, Device, Json, Model, ThreatModel, ZooDataset
 
 
-@app.command("layers")
+@app.command("layers", short_help="the layers of a model with their output shapes")
 def layers_cmd(model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
                threat_model: ThreatModel = "Linf", zoo_dataset: ZooDataset = None,
                input_shape: Annotated[Optional[str], typer.Option(

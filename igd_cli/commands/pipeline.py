@@ -17,7 +17,7 @@ from ..pipeline import PipelineConfig, preset_values, run_pipeline
 from ..report import accuracy_table
 
 
-@app.command("pipeline")
+@app.command("pipeline", short_help="the whole method, cached: rank, calibrate-k, attacks, eval")
 def pipeline_cmd(
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
     threat_model: ThreatModel = "Linf", layer: Layer = None,
@@ -30,15 +30,15 @@ def pipeline_cmd(
     attack: Annotated[str, typer.Option("--attack", help="iw-wc (the paper's nine attacks) | aa (AutoAttack)")] = "iw-wc",
     out: Annotated[Optional[Path], typer.Option("--out", help="run folder for every artifact (default runs/<model>)")] = None,
     n_probe: Annotated[Optional[int], typer.Option("--n-probe", min=1, help="ranking: first N probe images (the training split, or --probe-dataset; default all)")] = None,
-    n_examples: Annotated[Optional[int], typer.Option("--n-examples", min=1, help="calibration and evaluation: first N test images (default all, at most 1000)")] = None,
+    n_examples: Annotated[Optional[int], typer.Option("--n-examples", min=1, help="calibration and evaluation: first N test images (default: the --preset's: quick 200, paper all up to 1000)")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="calibrate-k: allowed clean-accuracy drop, points")] = 0.5,
     k: Annotated[Optional[int], typer.Option("--k", help="use this k instead of calibrating it")] = None,
     eps: Eps = None,
     no_rs: Annotated[bool, typer.Option("--no-rs", help="defence without randomized smoothing")] = False,
-    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="attack iterations (default: the paper's)")] = None,
-    restarts: Annotated[Optional[int], typer.Option("--restarts", min=1, help="APGD-T-DLR restarts (default 3)")] = None,
-    queries: Annotated[Optional[int], typer.Option("--queries", min=1, help="RayS/Square queries (default 10000/5000)")] = None,
-    eot_iter: Annotated[Optional[int], typer.Option("--eot-iter", min=1, help="EoT samples per step (default 20)")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="attack iterations (default: the --preset's: quick 20, paper APGD 100)")] = None,
+    restarts: Annotated[Optional[int], typer.Option("--restarts", min=1, help="random restarts (default: the --preset's: quick 1, paper APGD 1 / APGD-T-DLR 3)")] = None,
+    queries: Annotated[Optional[int], typer.Option("--queries", min=1, help="RayS/Square queries (default: the --preset's: quick 1000, paper 10000/5000)")] = None,
+    eot_iter: Annotated[Optional[int], typer.Option("--eot-iter", min=1, help="EoT samples per step (default: the --preset's: quick 5, paper 20)")] = None,
     clip_model: Annotated[str, typer.Option("--clip-model", help="cd-ir: open_clip model")] = "ViT-B-16",
     clip_pretrained: Annotated[str, typer.Option("--clip-pretrained", help="cd-ir: weights tag, PATH or none")] = "openai",
     batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto",
@@ -81,7 +81,7 @@ def _render(r: dict) -> None:
              for name, acc in r["robust_accuracy"].items()]
     rows.append(("worst case (IW-WC)" if "apgd-eot" in r["robust_accuracy"] else "worst case",
                  r["base_worst_case"], r["worst_case"]))
-    out_console.print(accuracy_table(f"igd pipeline: {r['n_examples']} test images, k = {r['k']} of "
+    out_console.print(accuracy_table(f"igd pipeline: {r['n_examples']} evaluation images, k = {r['k']} of "
                                      f"{r['n_neurons']} at {r['layer']}", rows))
     if survivors:
         out_console.print("† run on the defended model only on images no earlier attack broke (a lower bound of "

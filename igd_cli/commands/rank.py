@@ -20,7 +20,7 @@ from ..ranking.cd_ir import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, DEFAULT
 from ..shards import parse_neurons
 
 
-@app.command("rank")
+@app.command("rank", short_help="class-wise neuron importance of one layer (N, C)")
 def rank_cmd(
     out: Annotated[Path, typer.Option("--out", help="importance artifact to write (a shard with --neurons)")],
     model: Model = "demo",

@@ -130,4 +130,4 @@ def check_classes(target: Target, data: ImageSet) -> None:
         channels = int(data.get(0, 1).x.shape[1])
         if channels != loaded.input_shape[0]:
             raise IgdError(f"--dataset {data.name} has {channels}-channel images but the model takes "
-                           f"{'×'.join(map(str, loaded.input_shape))}{hint}")
+                           f"{'×'.join(map(str, loaded.input_shape))}")

@@ -94,7 +94,8 @@ def test_same_images(tmp_path):
     a = cifar_safetensors(tmp_path, n=12)
     copy = tmp_path / "copy.safetensors"
     copy.write_bytes(a.read_bytes())
-    other = cifar_safetensors(tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path, n=12, seed=1)
+    (tmp_path / "other").mkdir()
+    other = cifar_safetensors(tmp_path / "other", n=12, seed=1)  # same size, other pixels
     assert same_images(load_dataset(str(a), "train", 3), load_dataset(str(a), "test"))
     assert same_images(load_dataset(str(a), "train"), load_dataset(str(copy), "test"))
     assert not same_images(load_dataset(str(a), "train"), load_dataset(str(other), "test"))

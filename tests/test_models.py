@@ -198,6 +198,13 @@ def test_layers_needs_no_data(offline_zoo, cli, resnet18_path):
         assert r.code == 2 and r.err.startswith("error: --input-shape") and len(r.err.strip().splitlines()) == 1
 
 
+def test_images_the_model_cannot_take(cli, tmp_path, resnet18_path):
+    """Grey 8×8 digits for a CIFAR ResNet: one line naming both shapes, not a convolution traceback."""
+    r = cli("rank", "--model", resnet18_path, "--arch", "resnet18", "--dataset", "digits",
+            "--out", tmp_path / "i.safetensors", "--device", "cpu")
+    assert r.code == 2 and r.err.strip() == "error: --dataset digits has 1-channel images but the model takes 3×32×32"
+
+
 def test_input_shape_from_data_only_when_nothing_else_says(demo):
     """A model whose source does not fix its input shape reads it from the data set, and without one asks for
     --input-shape."""

@@ -29,6 +29,10 @@ def parse_eps(text: str | float | None) -> float | None:
     return value
 
 
+#: What uses ε when the defence smooths (for :meth:`Target.default_eps`'s error).
+FOR_SMOOTHING = "σ = ε/2 of the randomized smoothing; or pass --sigma, or --no-rs"
+
+
 @dataclass
 class Target:
     """A model, its device and the data set it is used with."""

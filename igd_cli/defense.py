@@ -302,7 +302,11 @@ def load_defense(target: "Target", mask_path: str | Path, *, sigma: float | None
         sigma = stored.get("sigma")
         if sigma is None and rs:
             eps = stored.get("eps")
-            sigma = eps / 2 if eps is not None else target.default_eps("σ = ε/2 of the randomized smoothing; or pass --sigma, or --no-rs") / 2
+            if eps is None:
+                from .common import FOR_SMOOTHING
+
+                eps = target.default_eps(FOR_SMOOTHING)
+            sigma = eps / 2
     return IGDefense(target.model, art.meta["layer"], art["mask"].to(target.device), tau=tau, sigma=sigma,
                      n_smooth=n_smooth, rs=rs, seed=seed)
 

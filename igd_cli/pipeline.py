@@ -117,7 +117,8 @@ def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_d
     # 1. rank (the probe set: the first n_probe training images, or of --probe-dataset)
     probe = load_dataset(cfg.probe_dataset or target.dataset, "train", cfg.n_probe, data_dir)
     check_classes(target, probe)
-    check_probe_overlap(probe, target.data("test", None, data_dir), cfg)
+    if probe.file is not None:  # named data sets keep training and test images apart; a file has no splits
+        check_probe_overlap(probe, target.data("test", None, data_dir), cfg)
     layer, n_neurons = resolve_model_layer(target, cfg.layer, tuple(probe.get(0, 1).x.shape[1:]))
     method = get_method(cfg.method)
     slug = layer.replace(".", "-")
@@ -175,8 +176,8 @@ def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_d
                                            on_set=on_set)
         stages["defend-eval"] = "computed"
         evaluation = res.to_json()
-        res.save(report, {**target.provenance(), **ident, "pipeline_identity": eval_id, "probe": ranked.meta["data"],
-                          "attacks_run": ran, "attacks_run_on_base": ran[:n_base]})
+        res.save(report, {**target.provenance(), **ident, "pipeline_identity": eval_id,
+                          "probe": ranked.meta["data"], "attacks_run": ran, "attacks_run_on_base": ran[:n_base]})
     return PipelineResult(out, stages, importance, mask, report, adv_dir, int(cal["k"]), n_neurons, layer, cal,
                           evaluation, time.perf_counter() - t0,
                           probe={**ranked.meta["data"], "file": probe.file is not None})

@@ -186,7 +186,8 @@ def test_layers_needs_no_data(offline_zoo, cli, resnet18_path):
     r = cli("layers", "--model", ZOO_RN18, "--device", "cpu", "--json")
     assert r.code == 0, r.err
     j = r.json()
-    assert j["input_shape"] == [3, 32, 32] and {row["layer"]: row["shape"] for row in j["layers"]}["layer4"] == [512, 4, 4]
+    assert j["input_shape"] == [3, 32, 32]
+    assert {row["layer"]: row["shape"] for row in j["layers"]}["layer4"] == [512, 4, 4]
     r = cli("layers", "--model", resnet18_path, "--arch", "resnet18", "--device", "cpu", "--json")
     assert r.code == 0, r.err
     assert r.json()["input_shape"] == [3, 32, 32] and r.json()["default_layer"] == "layer4"

@@ -102,7 +102,8 @@ def test_pipeline_refuses_to_rank_on_its_evaluation_file(tmp_path, cli, monkeypa
     copy = tmp_path / "copy.safetensors"
     copy.write_bytes(test.read_bytes())
     r = cli("pipeline", "--dataset", test, "--probe-dataset", copy, "--out", tmp_path / "run", *TINY)
-    assert r.code == 2 and r.err.startswith(f"error: --probe-dataset {copy}: the same images") and "--allow-overlap" in r.err
+    assert r.code == 2 and r.err.startswith(f"error: --probe-dataset {copy}: the same images")
+    assert "--allow-overlap" in r.err
 
 
 def test_check_probe_overlap(tmp_path):

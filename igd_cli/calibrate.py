@@ -191,7 +191,7 @@ def run_calibration(target: Any, importance_path: str | Path, out: str | Path, *
                     plot: str | Path | None = None, extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """``igd calibrate-k`` as a library call: choose k on the first ``n_examples`` images (default 1000, or the
     whole split when smaller), write the mask artifact (and the plot) and return the result dictionary."""
-    from .common import check_classes
+    from .common import FOR_SMOOTHING, check_classes
     from .defense import check_settings, save_mask, topk_mask
     from .report import plot_calibration
 
@@ -199,7 +199,7 @@ def run_calibration(target: Any, importance_path: str | Path, out: str | Path, *
         raise IgdError(f"--tolerance {tolerance}: must be >= 0 percentage points")
     eps_value = eps
     if rs and sigma is None:
-        eps_value = eps_value if eps_value is not None else target.default_eps()
+        eps_value = eps_value if eps_value is not None else target.default_eps(FOR_SMOOTHING)
         sigma = eps_value / 2
     check_settings(tau=tau, sigma=sigma, n_smooth=n_smooth, rs=rs)
     data = target.data(split, n_examples, data_dir)  # checks 1 <= n_examples <= the split's size

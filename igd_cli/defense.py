@@ -255,7 +255,8 @@ def save_mask(path: str | Path, target: "Target", layer: str, mask: torch.Tensor
     """Write the mask artifact (contract in the brief: provenance, layer, k, importance hash, defence settings)."""
     meta = {**target.provenance(), "layer": layer, "k": int(k), "n_neurons": int(mask.shape[0]),
             "importance_file": str(importance_path), "importance_sha256": file_sha256(importance_path),
-            "method": importance_meta.get("method"), "defense": defense, **(extra or {})}
+            "method": importance_meta.get("method"), "probe": importance_meta.get("data"), "defense": defense,
+            **(extra or {})}
     return save_artifact(path, "mask", {"mask": mask.to(torch.uint8).cpu()}, meta)
 
 
@@ -301,6 +302,10 @@ def load_defense(target: "Target", mask_path: str | Path, *, sigma: float | None
         sigma = stored.get("sigma")
         if sigma is None and rs:
             eps = stored.get("eps")
-            sigma = eps / 2 if eps is not None else target.default_eps() / 2
+            if eps is None:
+                from .common import FOR_SMOOTHING
+
+                eps = target.default_eps(FOR_SMOOTHING)
+            sigma = eps / 2
     return IGDefense(target.model, art.meta["layer"], art["mask"].to(target.device), tau=tau, sigma=sigma,
                      n_smooth=n_smooth, rs=rs, seed=seed)

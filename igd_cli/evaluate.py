@@ -385,7 +385,21 @@ class Evaluator:
         for key, items in groups.items():
             merged = merge_sets([r for r, _ in items]) if len(items) > 1 else items[0][0]
             out[key] = (merged, ", ".join(p for _, p in items))
+            self._check_covers(merged, out[key][1])
         return out
+
+    def _check_covers(self, res: AttackResult, where: str) -> None:
+        """A given set must hold every evaluated image: one it lacks would silently count as broken."""
+        held = torch.zeros(len(self.data), dtype=torch.bool)
+        held[res.index] = True
+        missing = int((~held[self.positions]).sum())
+        if missing:
+            n = len(self.positions)
+            hint = (f"pass --n-examples {int(res.index.max()) + 1}"
+                    if n == len(self.data) and torch.equal(res.index.sort().values, torch.arange(len(res.index)))
+                    else "give every shard of the set")
+            raise IgdError(f"{where}: holds {n - missing} of the {n} images evaluated ({missing} missing, which "
+                           f"would count as broken): {hint}")
 
     def _key_meta(self, attack_info: dict[str, Any], kind: str) -> dict[str, Any]:
         key = {"model_fingerprint": self.target.loaded.fingerprint, "attack": attack_info["attack"],
@@ -517,8 +531,7 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
     if attack not in ("none", "iw-wc") and attack not in ATTACKS:
         raise IgdError(f"--attack {attack}: unknown (choose from none, iw-wc, {', '.join(ATTACKS)})")
     check_classes(target, data)
-    if eps is None and needs_eps(attack, adv_files):
-        eps = target.default_eps()
+    eps = used_eps(target, eps, attack, adv_files)
     ev = Evaluator(target, defense, data, eps=eps, norm=norm, budgets=budgets, seed=seed, batch_size=batch_size,
                    workdir=workdir, defense_meta=defense_meta, adv_files=adv_files, show_progress=show_progress,
                    on_set=on_set, positions=positions, protocol=protocol, draws=draws)
@@ -630,6 +643,16 @@ def needs_eps(attack: str, adv: Sequence[str | Path]) -> bool:
     return attack != "none" or bool(adv)
 
 
+def used_eps(target: Target, eps: float | None, attack: str, adv: Sequence[str | Path]) -> float | None:
+    """ε as the evaluation uses it: the given one, else the default (its error says what needs it), None for clean
+    accuracy alone, where it is unused."""
+    if eps is not None:
+        return float(eps)
+    if not needs_eps(attack, adv):
+        return None
+    return float(target.default_eps(f"--attack {attack}" if attack != "none" else "checking the --adv sets"))
+
+
 def defend_eval(target: Target, defense: nn.Module, mask_path: str | Path, data: ImageSet, *,
                 attack: str = "none", adv: Sequence[str | Path] = (), eps: float | None = None, norm: str = "Linf",
                 budgets: Budgets | None = None, workdir: str | Path | None = None, skip: bool = True,
@@ -642,14 +665,14 @@ def defend_eval(target: Target, defense: nn.Module, mask_path: str | Path, data:
     return the result with its JSON (CLI.md keys plus the defence, data, budgets and timings)."""
     t0 = time.perf_counter()
     budgets = budgets or Budgets()
-    if eps is None and needs_eps(attack, adv):
-        eps = target.default_eps()
+    eps = used_eps(target, eps, attack, adv)
     ident = defense_identity(mask_path, defense)
     identity = eval_identity(target, ident, data, attack=attack, eps=eps, norm=norm, budgets=budgets, seed=seed,
                              skip=skip, adv=adv, protocol=protocol, draws=draws)
     wd: Path | str = Path(workdir) if workdir is not None else "auto"
     positions = None
-    where: dict[str, Any] = {"data": {"dataset": data.name, "split": data.split, "n": len(data)}}
+    where: dict[str, Any] = {"data": {"dataset": data.name, "split": data.split, "n": len(data)},
+                             "probe": read_metadata(mask_path).get("probe")}  # the mask's ranking images
     if shard is not None:
         # each shard keeps its sets apart, so shards sharing a workdir (a cluster's shared disk) never overwrite
         # each other's sets and each resumes its own

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from .artifacts import file_sha256, read_metadata
 from .calibrate import run_calibration
 from .common import Target, check_classes, resolve_model_layer
+from .data import ImageSet, load_dataset, same_images
 from .console import err_console, progress_enabled
 from .defense import load_defense
 from .errors import IgdError
@@ -51,6 +52,8 @@ class PipelineConfig:
     method: str = "lo-ir"
     attack: str = "iw-wc"  # iw-wc | aa
     n_probe: int | None = None  # probe images for ranking (first N of the training split; None = all)
+    probe_dataset: str | None = None  # ranking images from this data set instead of the target's training split
+    allow_overlap: bool = False  # accept probe images that are the evaluation images (a split-less file)
     n_examples: int | None = None  # test images for calibration and evaluation (None = all, at most 1000)
     tolerance: float = 0.5
     k: int | None = None  # skip the search
@@ -79,6 +82,7 @@ class PipelineResult:
     calibration: dict[str, Any]
     evaluation: dict[str, Any]
     seconds: float
+    probe: dict[str, Any] = field(default_factory=dict)  # the ranking images: dataset, split, n
 
     def to_json(self) -> dict[str, Any]:
         ev = self.evaluation
@@ -91,6 +95,7 @@ class PipelineResult:
             "k": self.k, "n_neurons": self.n_neurons, "layer": self.layer,
             "calibration": {k: self.calibration.get(k) for k in ("k", "base_clean_accuracy", "clean_accuracy",
                                                                   "n_examples", "tolerance", "curve")},
+            "probe": dict(self.probe),
             "stages": dict(self.stages),
             "paths": {"out": str(self.out), "importance": str(self.importance), "mask": str(self.mask),
                       "report": str(self.report), "adversarial_sets": str(self.adv_dir)},
@@ -110,10 +115,14 @@ def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_d
         raise IgdError(f"--attack {cfg.attack}: the pipeline evaluates iw-wc or aa")
     stages: dict[str, Stage] = {}
     show = progress_enabled()
+    if cfg.eps is None:
+        target.default_eps()  # fail now, not after the ranking, when ε is unknown (the attacks need it)
 
-    # 1. rank (the probe set: the first n_probe training images)
-    probe = target.data("train", cfg.n_probe, data_dir)
+    # 1. rank (the probe set: the first n_probe training images, or of --probe-dataset)
+    probe = load_dataset(cfg.probe_dataset or target.dataset, "train", cfg.n_probe, data_dir)
     check_classes(target, probe)
+    if probe.file is not None:  # named data sets keep training and test images apart; a file has no splits
+        check_probe_overlap(probe, target.data("test", None, data_dir), cfg)
     layer, n_neurons = resolve_model_layer(target, cfg.layer, tuple(probe.get(0, 1).x.shape[1:]))
     method = get_method(cfg.method)
     slug = layer.replace(".", "-")
@@ -122,7 +131,7 @@ def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_d
                       data=probe, neurons=(0, n_neurons), batch_size=cfg.batch_size, seed=cfg.seed,
                       clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained,
                       clip_cache=out / "clip-cache.safetensors", show_progress=show)
-    _say(f"[1/4] rank: {method.name} at {layer} on {len(probe)} {probe.name} training images")
+    _say(f"[1/4] rank: {method.name} at {layer} on {probe.wording()}")
     ranked = rank(req, method.name, target.provenance(), importance, force=force, shard=False)
     stages["rank"] = "reused" if ranked.skipped else "computed"
 
@@ -164,7 +173,7 @@ def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_d
                          eps=cfg.eps, seed=cfg.seed, batch_size=cfg.batch_size, show_progress=show, on_set=on_set)
         stages["transfer"] = "computed" if ran else "reused"
         n_base = len(ran)
-        _say(f"[4/4] defend-eval --attack {cfg.attack} on {len(data)} test images")
+        _say(f"[4/4] defend-eval --attack {cfg.attack} on {data.wording()}")
         res: EvalResult = evaluate_defense(target, defense, data, attack=cfg.attack, workdir=adv_dir,
                                            budgets=cfg.budgets, eps=cfg.eps, seed=cfg.seed,
                                            batch_size=cfg.batch_size, defense_meta=ident, show_progress=show,
@@ -172,13 +181,26 @@ def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_d
         stages["defend-eval"] = "computed"
         evaluation = res.to_json()
         res.save(report, {**target.provenance(), **ident, "pipeline_identity": eval_id,
-                          "attacks_run": ran, "attacks_run_on_base": ran[:n_base]})
+                          "probe": ranked.meta["data"], "attacks_run": ran, "attacks_run_on_base": ran[:n_base]})
     return PipelineResult(out, stages, importance, mask, report, adv_dir, int(cal["k"]), n_neurons, layer, cal,
-                          evaluation, time.perf_counter() - t0)
+                          evaluation, time.perf_counter() - t0,
+                          probe={**ranked.meta["data"], "file": probe.file is not None})
+
+
+def check_probe_overlap(probe: ImageSet, evaluation: ImageSet, cfg: PipelineConfig) -> None:
+    """Refuse to rank on the images the pipeline then calibrates and attacks on (a tensor file has no splits), unless
+    ``cfg.allow_overlap``: the paper probes with training images."""
+    if cfg.allow_overlap or not same_images(probe, evaluation):
+        return
+    if cfg.probe_dataset is None:
+        raise IgdError(f"--dataset {evaluation.name} is a file without a training split: ranking would probe the "
+                       f"very images it evaluates; pass --probe-dataset TRAIN.safetensors (or --allow-overlap)")
+    raise IgdError(f"--probe-dataset {cfg.probe_dataset}: the same images as the evaluation set {evaluation.name}; "
+                   f"pass training images (or --allow-overlap)")
 
 
 def _say(text: str) -> None:
-    err_console.print(text, highlight=False)
+    err_console.print(text, highlight=False, soft_wrap=True)  # paths stay whole
 
 
 def _calibration_identity(target: Target, importance: Path, cfg: PipelineConfig) -> dict[str, Any]:

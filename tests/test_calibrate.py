@@ -15,7 +15,7 @@ from igd_cli.defense import IGDefense, topk_mask
 from igd_cli.layers import replaced, scaled
 from igd_cli.noise import ContentNoise
 
-from .conftest import cifar_safetensors
+from .conftest import cifar_safetensors, digits_safetensors
 
 N_EX, BS = 160, 64  # 3 batches, the last one partial
 SIGMA = 0.3  # smoothing strong enough to flip some defended predictions on clean digits
@@ -243,3 +243,37 @@ def test_defend_eval_delegates_attacks(cli, tmp_path, rand_imp):
         res = r.json()
         assert {"n_examples", "clean_accuracy", "base_clean_accuracy", "robust_accuracy", "base_robust_accuracy",
                 "worst_case"} <= set(res) and "fgsm" in res["robust_accuracy"] and res["k"] == 30
+
+
+def test_eps_asked_only_where_used(cli, tmp_path, demo):
+    """Issue 14.3: a model and data with no known ε (a state-dict file, a tensor file) need --eps only for the
+    smoothing noise and the attacks; the error says which option needs it. The mask's probe set reaches the
+    defend-eval report."""
+    weights = tmp_path / "demo-cnn.pt"
+    torch.save(demo.model.state_dict(), weights)
+    data = digits_safetensors(tmp_path, "test", 40)
+    common = ["--model", weights, "--arch", "demo-cnn", "--dataset", data, "--device", "cpu"]
+    imp = tmp_path / "imp.safetensors"
+    assert cli("rank", *common, "--method", "random", "--out", imp).code == 0
+    r = cli("calibrate-k", *common, "--importance", imp, "--k", 8, "--out", tmp_path / "rs.safetensors")
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1
+    assert "pass --eps" in r.err and "--sigma" in r.err and "--no-rs" in r.err
+    mask = tmp_path / "mask.safetensors"
+    r = cli("calibrate-k", *common, "--importance", imp, "--k", 8, "--no-rs", "--out", mask, "--json")
+    assert r.code == 0, r.err
+    cal = r.json()
+    report = tmp_path / "report.safetensors"
+    r = cli("defend-eval", *common, "--mask", mask, "--no-rs", "--attack", "none", "--report", report, "--json")
+    assert r.code == 0, r.err
+    j = r.json()
+    assert j["n_examples"] == 40 and j["clean_accuracy"] == cal["clean_accuracy"]
+    probe = load_artifact(imp).meta["data"]
+    assert probe["dataset"] == str(data)
+    assert load_artifact(mask).meta["probe"] == probe and j["probe"] == probe
+    meta = load_artifact(report).meta
+    assert meta["probe"] == probe and meta["eval_identity"]["eps"] is None
+    r = cli("defend-eval", *common, "--mask", mask, "--attack", "fgsm")
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1
+    assert "pass --eps" in r.err and "--attack fgsm" in r.err
+    r = cli("attack", *common, "--attack", "fgsm", "--out", tmp_path / "adv.safetensors")
+    assert r.code == 2 and "pass --eps" in r.err and "the attack's budget" in r.err

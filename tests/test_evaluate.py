@@ -262,14 +262,21 @@ def test_cli_attack_on_the_defended_model(cli, tmp_path, mask_path, target):
 
 def test_defend_eval_uses_the_library(cli, tmp_path, mask_path):
     adv = tmp_path / "pgd.safetensors"
-    assert cli("attack", "--attack", "pgd", "--steps", "3", "--n-examples", "8", "--device", "cpu",
-               "--out", adv).code == 0
+    r = cli("attack", "--attack", "pgd", "--steps", "3", "--n-examples", "8", "--device", "cpu", "--out", adv)
+    assert r.code == 0 and "budget steps 3" in " ".join(r.out.split()) and "{" not in r.out  # no dict repr
     r = cli("defend-eval", "--mask", mask_path, "--adv", adv, "--n-examples", "8", "--device", "cpu", "--json")
     assert r.code == 0, r.err
     j = r.json()
     assert set(j) >= {"n_examples", "clean_accuracy", "base_clean_accuracy", "robust_accuracy",
                       "base_robust_accuracy", "worst_case"}
     assert set(j["robust_accuracy"]) == {"tr-pgd"} and j["worst_case"] == j["robust_accuracy"]["tr-pgd"]
+    # a set holding fewer images than evaluated is refused (its missing images would read as broken)
+    r = cli("defend-eval", "--mask", mask_path, "--adv", adv, "--n-examples", "12", "--device", "cpu")
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1
+    assert r.err.strip() == (f"error: {adv}: holds 8 of the 12 images evaluated (4 missing, which would count as "
+                             f"broken): pass --n-examples 8")
+    r = cli("defend-eval", "--mask", mask_path, "--adv", adv, "--n-examples", "8", "--device", "cpu")
+    assert r.code == 0 and "defend-eval --adv:" in r.out
 
 
 def test_table_rendering(iwwc):

@@ -18,12 +18,12 @@ from ..errors import IgdError
 from ..attacks.base import gather
 from ..evaluate import defense_identity, save_adversarial, score_meta, set_meta
 from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Draws, EotIter, Eps, Json, Model, ProtocolOpt,
-                       Queries, Restarts, Seed, Shard, Steps, ThreatModel)
+                       Queries, Restarts, Seed, Shard, Steps, ThreatModel, ZooDataset)
 from ..scoring import DEFAULT_DRAWS, check_protocol, score_set
 from ..shards import parse_shard  # noqa: F401  (shared with defend-eval; importable from here as before)
 
 
-@app.command("attack")
+@app.command("attack", short_help="adversarial examples against the base or defended model")
 def attack_cmd(
     model: Model = "demo",
     attack: Annotated[str, typer.Option("--attack", help=f"one of {', '.join(ATTACKS)}")] = ...,
@@ -40,6 +40,7 @@ def attack_cmd(
     dataset: Dataset = None,
     data_dir: DataDir = None,
     threat_model: ThreatModel = "Linf",
+    zoo_dataset: ZooDataset = None,
     device: Device = "auto",
     batch_size: BatchSize = 128,
     seed: Seed = 0,
@@ -58,11 +59,11 @@ def attack_cmd(
         raise IgdError(f"--threat-model {threat_model}: expected Linf or L2")
     if out.exists() and out.is_dir():
         raise IgdError(f"--out {out}: is a directory")
-    target = open_target(model, arch, dataset, threat_model, device)
+    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset)
     data = target.data("test", n_examples, data_dir)
     check_classes(target, data)
     if eps_v is None:
-        eps_v = target.default_eps()
+        eps_v = target.default_eps("the attack's budget")
     sh = parse_shard(shard, len(data))
     positions = torch.arange(len(data), dtype=torch.int64) if sh is None else torch.arange(sh[2], sh[3])
 
@@ -101,10 +102,15 @@ def attack_cmd(
     emit(result, as_json, _render)
 
 
+def _budget(budget: dict | None) -> str:
+    """``steps 100, restarts 1`` (— for an attack without one)."""
+    return ", ".join(f"{k} {v}" for k, v in (budget or {}).items() if v is not None) or "—"
+
+
 def _render(r: dict) -> None:
     spread = (lambda k: f" ± {100 * r[k + '_std']:.2f}") if r["draws"] > 1 else (lambda k: "")
     how = f" (mean ± std over {r['draws']} draws)" if r["draws"] > 1 else ""
     out_console.print(f"[bold]{r['attack']}[/bold] on the {r['target']} model, ε={r['eps']:.4g}, "
-                      f"budget {r['budget'] or '—'}: clean {100 * r['clean_accuracy']:.2f}{spread('clean_accuracy')}%"
+                      f"budget {_budget(r['budget'])}: clean {100 * r['clean_accuracy']:.2f}{spread('clean_accuracy')}%"
                       f" → robust [bold]{100 * r['robust_accuracy']:.2f}{spread('robust_accuracy')}%[/bold]{how} "
                       f"on {r['n_examples']} images ({r['seconds']:.1f} s) → {r['out']}")

@@ -12,16 +12,17 @@ from ..cli import app, emit
 from ..common import open_target, parse_eps
 from ..console import out_console
 from ..defense import DEFAULT_N_SMOOTH, DEFAULT_TAU
-from ..options import Arch, BatchSize, DataDir, Dataset, Device, Eps, Json, Layer, Model, Seed, ThreatModel
+from ..options import Arch, BatchSize, DataDir, Dataset, Device, Eps, Json, Layer, Model, Seed, ThreatModel, ZooDataset
 from ..report import calibration_table
 
 
-@app.command("calibrate-k")
+@app.command("calibrate-k", short_help="choose k on clean accuracy and write the mask")
 def calibrate_cmd(
     importance: Annotated[Path, typer.Option("--importance", help="importance artifact from igd rank (or igd merge)")],
     out: Annotated[Path, typer.Option("--out", help="where to write the mask artifact (safetensors)")],
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
     threat_model: ThreatModel = "Linf", layer: Layer = None,
+    zoo_dataset: ZooDataset = None,
     split: Annotated[str, typer.Option("--split", help="data split to calibrate on")] = "test",
     n_examples: Annotated[Optional[int], typer.Option(
         "--n-examples", help=f"the first N images of the split (default {DEFAULT_N_EXAMPLES}, or all if fewer)")] = None,
@@ -48,7 +49,7 @@ def calibrate_cmd(
     layer's clean features do not depend on k: they are computed once (seeded noise, same seed -> same k) and each
     candidate k only runs the rest of the network.
     """
-    target = open_target(model, arch, dataset, threat_model, device)
+    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset)
     result = run_calibration(target, importance, out, layer=layer, split=split, n_examples=n_examples,
                              tolerance=tolerance, eps=parse_eps(eps), sigma=sigma, n_smooth=n_smooth, tau=tau,
                              rs=not no_rs, k=k, batch_size=batch_size, seed=seed, cache_bytes=cache_mb << 20,

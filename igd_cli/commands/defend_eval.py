@@ -18,19 +18,20 @@ from ..defense import check_settings, load_defense
 from ..errors import IgdError
 from ..evaluate import Budgets, defend_eval, render_per_class, render_table
 from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Draws, EotIter, Eps, Json, Model, ProtocolOpt,
-                       Queries, Restarts, Seed, Shard, Steps, ThreatModel)
+                       Queries, Restarts, Seed, Shard, Steps, ThreatModel, ZooDataset)
 from ..report import summary_table
 from ..scoring import DEFAULT_DRAWS, check_protocol
 from ..shards import parse_shard
 
 
-@app.command("defend-eval")
+@app.command("defend-eval", short_help="clean and robust accuracy, base vs defended model")
 def defend_eval_cmd(
     mask: Annotated[Path, typer.Option("--mask", help="mask artifact from igd calibrate-k")],
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
     threat_model: ThreatModel = "Linf",
+    zoo_dataset: ZooDataset = None,
     attack: Annotated[str, typer.Option("--attack", help="none (clean accuracy only), an attack NAME, or iw-wc")] = "none",
-    adv: Annotated[Optional[list[Path]], typer.Option("--adv", help="ready-made adversarial set(s) to evaluate")] = None,
+    adv: Annotated[Optional[list[Path]], typer.Option("--adv", metavar="FILE", help="ready-made adversarial set(s) to evaluate")] = None,
     split: Annotated[str, typer.Option("--split", help="data split to evaluate on")] = "test",
     n_examples: Annotated[Optional[int], typer.Option("--n-examples", help="the first N images of the split (default: all)")] = None,
     eps: Eps = None,
@@ -73,7 +74,7 @@ def defend_eval_cmd(
         raise IgdError("--steps/--restarts/--queries/--eot-iter set attack budgets: give --attack NAME or iw-wc")
     if report is not None and report.is_dir():
         raise IgdError(f"--report {report}: is a directory")
-    target = open_target(model, arch, dataset, threat_model, device)
+    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset)
     eps_value = parse_eps(eps)
     defense = load_defense(target, mask, sigma=sigma, n_smooth=n_smooth, tau=tau, rs=rs, seed=seed)
     data = target.data(split, n_examples, data_dir)

@@ -18,7 +18,7 @@ from ..options import Json
 from ..shards import merge
 
 
-@app.command("merge")
+@app.command("merge", short_help="join shards into the full artifact")
 def merge_cmd(
     shards: Annotated[list[Path], typer.Argument(help="shard files; together they must cover every neuron "
                                                      "(importance) or every example (sets, reports) once")],

@@ -90,7 +90,8 @@ def _render(r: dict) -> None:
     part = f" (shard {r['shard'][0]}/{r['shard'][1]}: images {r['positions'][0]}..{r['positions'][1] - 1})" \
         if "shard" in r else ""
     eps = f", ε={r['eps']:.4g}" if r.get("eps") is not None else ""
-    render_table(r, title=f"defend-eval --attack {r['attack']}: accuracy (%), {r['n_examples']} images of "
+    what = "--adv" if r["attack"] == "none" and r["robust_accuracy"] else f"--attack {r['attack']}"
+    render_table(r, title=f"defend-eval {what}: accuracy (%), {r['n_examples']} images of "
                           f"{r['data']['dataset']} ({r['data']['split']}){part}{eps}")
     d = r["defense"] or {}
     out_console.print(summary_table("defence", [

@@ -4,7 +4,7 @@ Real CIFAR-10 ResNet-18 (pyautoattack's ``examples/model_test.pt``) at ``layer4`
 ``../shared/data/cifar10-test-846.safetensors`` when present (random CIFAR-shaped images otherwise), smoothing on
 (σ = 4/255). Three timings, each the median over ``--repeats`` runs:
 
-- one defended clean-accuracy pass (``igd_cli.defense.clean_eval``: what ``defend-eval --attack none`` does);
+- one defended clean-accuracy pass (the first noise draw, as calibrate-k scores it);
 - ``calibrate_k`` (features once, then the tail for every k the binary search visits);
 - the naive calibration: the same binary search with a full defended pass for every candidate k, measured
   (``--naive-repeats``, default 1, since it is slow).
@@ -27,15 +27,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from igd_cli.calibrate import calibrate_k, passes  # noqa: E402
 from igd_cli.data import ImageSet, load_dataset  # noqa: E402
-from igd_cli.defense import IGDefense, clean_eval, topk_mask  # noqa: E402
+from igd_cli.defense import IGDefense, topk_mask  # noqa: E402
 from igd_cli.devices import module_device  # noqa: E402
 from igd_cli.models import load_model  # noqa: E402
+from igd_cli.scoring import classify  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-test-846.safetensors"
 
 
+def clean_pass(defense: IGDefense, data: ImageSet, batch_size: int, seed: int = 0) -> int:
+    """One defended clean-accuracy pass (the first noise draw, which calibrate-k and ``defend-eval`` draw 0 use):
+    the number of correct defended predictions."""
+    b = data.all()
+    return int(classify(defense, b.x, b.y, 1, seed=seed, batch_size=batch_size).sum())
+
+
 def naive_calibration(model, imp, data: ImageSet, batch_size: int, tolerance: float, seed: int) -> tuple[int, int]:
-    """Binary search where every candidate k is a full defended clean-accuracy pass (clean_eval)."""
+    """Binary search where every candidate k is a full defended clean-accuracy pass (clean_pass)."""
     n_neurons = imp.shape[0]
     evals = 0
 
@@ -43,14 +51,15 @@ def naive_calibration(model, imp, data: ImageSet, batch_size: int, tolerance: fl
         nonlocal evals
         evals += 1
         d = IGDefense(model, "layer4", topk_mask(imp, k).to(module_device(model)), sigma=4 / 255, seed=seed)
-        ev = clean_eval(d, data, batch_size)
-        return int(ev.defended_correct.sum()), int(ev.base_correct.sum())
+        return clean_pass(d, data, batch_size, seed)
 
-    correct, base = run(n_neurons)
+    b = data.all()
+    base = int(classify(model, b.x, b.y, 1, batch_size=batch_size).sum())
+    run(n_neurons)
     lo, hi = 1, n_neurons
     while lo < hi:
         mid = (lo + hi) // 2
-        c, _ = run(mid)
+        c = run(mid)
         if passes(c, base, len(data), tolerance):
             hi = mid
         else:
@@ -104,10 +113,10 @@ def main() -> None:
     d = IGDefense(model, "layer4", torch.ones(512, 10, device=dev), sigma=4 / 255, seed=0)
     d_k = IGDefense(model, "layer4", topk_mask(imp, 50).to(dev), sigma=4 / 255, seed=0)
     with torch.no_grad():
-        clean_eval(d_k, data.__class__("w", "test", data.classes, min(8, len(data)), data._get), 8)  # warm-up
+        clean_pass(d_k, data.__class__("w", "test", data.classes, min(8, len(data)), data._get), 8)  # warm-up
     t_pass, t_cal, cal = [], [], None
     for _ in range(args.repeats):  # interleaved
-        t_pass.append(timed(lambda: clean_eval(d_k, data, args.batch_size))[0])
+        t_pass.append(timed(lambda: clean_pass(d_k, data, args.batch_size))[0])
         dt, cal = timed(lambda: calibrate_k(d, imp, data, batch_size=args.batch_size))
         t_cal.append(dt)
     t_naive, naive = [], None

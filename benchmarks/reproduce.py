@@ -374,7 +374,8 @@ def smoothing_seed_check(R: dict, work: Path, device: str, seeds: int = 10) -> d
     """Is the demo's IW-WC change a property of the mask or of the smoothing noise? The defended demo model (LO-IR,
     k at the paper's ratio) on clean images and the six base-model transfer sets, with smoothing under ``seeds``
     noise seeds, and without smoothing; per image, robust = correct on clean and all six sets."""
-    from igd_cli.evaluate import TRANSFER, correct_on, load_set
+    from igd_cli.evaluate import TRANSFER, load_set
+    from igd_cli.scoring import classify
 
     target = open_target("demo", None, None, "Linf", device)
     data = target.data("test", R["iwwc"]["demo"]["n"])
@@ -394,9 +395,9 @@ def smoothing_seed_check(R: dict, work: Path, device: str, seeds: int = 10) -> d
     sets = [load_set(base.sets[a], data) for a in TRANSFER if a in base.sets]
 
     def robust(model, seed: int) -> torch.Tensor:
-        ok = correct_on(model, clean.x, clean.y, seed=seed)
+        ok = classify(model, clean.x, clean.y, 1, seed=seed)[0]  # one draw per set: the single-draw protocol
         for r in sets:
-            ok &= correct_on(model, r.x_adv, r.y, seed=seed)
+            ok &= classify(model, r.x_adv, r.y, 1, seed=seed)[0]
         return ok
 
     base_ok = robust(target.model, 0)
@@ -587,7 +588,7 @@ def write_report(R: dict, out_dir: Path, tag: str) -> Path:
                     f"- machine: {s['machine']}, {s['cpus']} CPUs, load average at start {s['load_start']}, at end "
                     f"{s['load_end']}; torch {s['torch']} ({s['threads']} threads), device `{s['device']}`.",
                     busy_note(s),
-                    f"- models: the real CIFAR-10 ResNet-18 (`pyautoattack/examples/model_test.pt`, standard training, "
+                    "- models: the real CIFAR-10 ResNet-18 (`pyautoattack/examples/model_test.pt`, standard training, "
                     f"**not** adversarially trained), masked at `layer4` (N = 512); the embedded `demo` CNN "
                     f"(PGD-trained on scikit-learn digits at ε = 0.2, masked at `block3`, N = 128).",
                     f"- data: probe set `cifar10-train-4660` (first {cfg['lo_probe']} images for LO-IR, "

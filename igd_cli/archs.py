@@ -67,12 +67,16 @@ class DemoCNN(nn.Module):
 
 @dataclass(frozen=True)
 class Arch:
-    """How to build an architecture and where its penultimate layer is."""
+    """How to build an architecture, where its penultimate layer is and what input it takes.
+
+    ``input_shape`` (C, H, W) lets commands that need only a shape (``igd layers``, the layer's N) run without data.
+    """
 
     build: Callable[[int], nn.Module]
     default_layer: str
     description: str
     classifier_key: str  # state-dict key of the final linear weight, to infer the number of classes
+    input_shape: tuple[int, int, int] | None = None  # (C, H, W) of one image, when the architecture fixes it
 
 
 def _resnet18(num_classes: int) -> nn.Module:
@@ -102,12 +106,20 @@ def _resnet50(num_classes: int) -> nn.Module:
     return Normalized(torchvision.models.resnet50(weights=None, num_classes=num_classes), IMAGENET_MEAN, IMAGENET_STD)
 
 
+CIFAR_SHAPE = (3, 32, 32)
+IMAGENET_SHAPE = (3, 224, 224)  # RobustBench's ImageNet preprocessing: resize 256, centre crop 224
+DIGITS_SHAPE = (1, 8, 8)
+
 #: ``--arch`` name -> architecture. The CIFAR ones come from RobustBench's architecture zoo.
 ARCHS: dict[str, Arch] = {
-    "resnet18": Arch(_resnet18, "layer4", "CIFAR ResNet-18 (RobustBench/AutoAttack layout)", "linear.weight"),
+    "resnet18": Arch(_resnet18, "layer4", "CIFAR ResNet-18 (RobustBench/AutoAttack layout)", "linear.weight",
+                     input_shape=CIFAR_SHAPE),
     "preact-resnet18": Arch(_preact_resnet18, "layer4", "CIFAR PreAct ResNet-18 (RobustBench layout)",
-                            "linear.weight"),
-    "wrn-34-10": Arch(_wrn_34_10, "block3", "WideResNet-34-10 (TRADES/RobustBench layout)", "fc.weight"),
-    "resnet50": Arch(_resnet50, "model.layer4", "torchvision ResNet-50 with ImageNet normalisation", "fc.weight"),
-    "demo-cnn": Arch(lambda n: DemoCNN(n), "block3", "the embedded digits CNN", "linear.weight"),
+                            "linear.weight", input_shape=CIFAR_SHAPE),
+    "wrn-34-10": Arch(_wrn_34_10, "block3", "WideResNet-34-10 (TRADES/RobustBench layout)", "fc.weight",
+                      input_shape=CIFAR_SHAPE),
+    "resnet50": Arch(_resnet50, "model.layer4", "torchvision ResNet-50 with ImageNet normalisation", "fc.weight",
+                     input_shape=IMAGENET_SHAPE),
+    "demo-cnn": Arch(lambda n: DemoCNN(n), "block3", "the embedded digits CNN", "linear.weight",
+                     input_shape=DIGITS_SHAPE),
 }

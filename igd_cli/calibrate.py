@@ -2,10 +2,10 @@
 within ``tolerance`` percentage points of the base model's, on cached k-independent features.
 
 The smoothing pass (``ŷ``) and the clean layer output ``A(x)`` do not depend on k, so they are computed once per
-batch (with the defence's seeded noise, batch by batch exactly as :func:`igd_cli.defense.clean_eval` does) and each
-candidate k only runs the tail ``h(A(x) ⊙ m_k ŷ)``. Features are cached on the model's device up to
-``max_cache_bytes``; batches beyond that are recomputed for every candidate from the saved noise state, so the
-result is identical either way, only slower.
+batch (with the defence's seeded noise: each image's first draw after ``reseed``, which ``defend-eval`` scores as
+draw 0 and ``--protocol single-draw`` alone) and each candidate k only runs the tail ``h(A(x) ⊙ m_k ŷ)``. Features
+are cached on the model's device up to ``max_cache_bytes``; batches beyond that are recomputed for every candidate
+from the saved noise state, so the result is identical either way, only slower.
 
 Several layers (one importance matrix each): by default every layer keeps the same fraction of its neurons,
 ``k_l = ⌈k · N_l / N⌉`` with ``N`` the widest searched layer, and the binary search runs over that shared ``k``;
@@ -281,7 +281,7 @@ def run_calibration(target: Any, importance_path: str | Path | Sequence[str | Pa
     Several importance files (a list, one per layer) give one mask artifact masking all their layers; ``k`` is
     then a mapping of the layers whose k is fixed, and the result's ``k`` and ``n_neurons`` are keyed by layer.
     """
-    from .common import check_classes
+    from .common import FOR_SMOOTHING, check_classes
     from .defense import check_settings, save_mask, topk_mask
     from .report import plot_calibration
 
@@ -294,7 +294,7 @@ def run_calibration(target: Any, importance_path: str | Path | Sequence[str | Pa
         raise IgdError("--layer: with several --importance files, the layers are those the files were made for")
     eps_value = eps
     if rs and sigma is None:
-        eps_value = eps_value if eps_value is not None else target.default_eps()
+        eps_value = eps_value if eps_value is not None else target.default_eps(FOR_SMOOTHING)
         sigma = eps_value / 2
     check_settings(tau=tau, sigma=sigma, n_smooth=n_smooth, rs=rs)
     data = target.data(split, n_examples, data_dir)  # checks 1 <= n_examples <= the split's size

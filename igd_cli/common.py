@@ -13,7 +13,7 @@ from .data import ImageSet, load_dataset
 from .devices import resolve_device
 from .errors import IgdError
 from .layers import layer_output_shape, resolve_layer
-from .models import DEFAULT_EPS, LoadedModel, load_model
+from .models import DEFAULT_EPS, DEFAULT_EPS_L2, LoadedModel, load_model
 
 
 def parse_eps(text: str | float | None) -> float | None:
@@ -29,6 +29,10 @@ def parse_eps(text: str | float | None) -> float | None:
     return value
 
 
+#: What uses ε when the defence smooths (for :meth:`Target.default_eps`'s error).
+FOR_SMOOTHING = "σ = ε/2 of the randomized smoothing; or pass --sigma, or --no-rs"
+
+
 @dataclass
 class Target:
     """A model, its device and the data set it is used with."""
@@ -36,6 +40,7 @@ class Target:
     loaded: LoadedModel
     device: torch.device
     dataset: str
+    threat_model: str = "Linf"
 
     @property
     def model(self) -> torch.nn.Module:
@@ -44,12 +49,16 @@ class Target:
     def data(self, split: str, n: int | None, data_dir: Path | None = None) -> ImageSet:
         return load_dataset(self.dataset, split, n, data_dir)
 
-    def default_eps(self) -> float:
-        if self.loaded.eps is not None and (self.loaded.dataset in (None, self.dataset)):
+    def default_eps(self, needed_for: str = "the attacks' budget") -> float:
+        """ε when ``--eps`` is not given: the model's own (zoo entry, demo model), else the data set's default for
+        the threat model. Call it only where ε is used; ``needed_for`` says what uses it in the error."""
+        if self.loaded.eps is not None:
             return self.loaded.eps
-        if self.dataset in DEFAULT_EPS:
-            return DEFAULT_EPS[self.dataset]
-        raise IgdError(f"no default ε for data set {self.dataset}: pass --eps")
+        table = DEFAULT_EPS_L2 if self.threat_model == "L2" else DEFAULT_EPS
+        if self.dataset in table:
+            return table[self.dataset]
+        raise IgdError(f"no default ε for --dataset {self.dataset}, and the model does not carry one: pass --eps "
+                       f"(needed for {needed_for})")
 
     def provenance(self) -> dict[str, Any]:
         return {"model": self.loaded.name, "model_fingerprint": self.loaded.fingerprint,
@@ -57,13 +66,49 @@ class Target:
 
 
 def open_target(model: str, arch: str | None, dataset: str | None, threat_model: str = "Linf",
-                device: str = "auto", normalize: str | None = None) -> Target:
+                device: str = "auto", zoo_dataset: str | None = None, normalize: str | None = None) -> Target:
+    """The model named by ``--model``/``--arch`` (a zoo entry by ``--zoo-dataset``) on ``device``, with the
+    images of ``--dataset`` (default: the data set the model was trained on); ``normalize`` (``--normalize``) wraps
+    a state-dict model whose normalisation is not inside it.
+
+    >>> open_target("demo", None, None).dataset
+    'digits'
+    """
     dev = resolve_device(device)
-    loaded = load_model(model, arch, dataset, threat_model, dev, normalize=normalize)
+    loaded = load_model(model, arch, dataset, threat_model, dev, zoo_dataset=zoo_dataset, normalize=normalize)
     ds = dataset or loaded.dataset
     if ds is None:
-        raise IgdError(f"--model {model}: pass --dataset (the model does not say which data it was trained on)")
-    return Target(loaded, dev, ds)
+        raise IgdError(f"--model {model}: pass --dataset (e.g. cifar10 or PATH.safetensors; the model does not say "
+                       f"which data it was trained on)")
+    return Target(loaded, dev, ds, threat_model)
+
+
+def parse_input_shape(text: str | None) -> tuple[int, int, int] | None:
+    """``--input-shape 3,32,32`` (or ``3x32x32``) -> (3, 32, 32); None stays None."""
+    if text is None:
+        return None
+    parts = text.replace("x", ",").replace("×", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise IgdError(f"--input-shape {text!r}: expected C,H,W of one image, e.g. 3,32,32")
+    return shape  # type: ignore[return-value]
+
+
+def model_input_shape(loaded: LoadedModel, given: tuple[int, ...] | None, dataset: str | None,
+                      data_dir: Path | None = None) -> tuple[int, ...]:
+    """The (C, H, W) of one image for ``loaded``: ``--input-shape``, else what the architecture or zoo entry says,
+    else the first image of the data set (``--dataset`` or the model's own): only then is data read."""
+    if given is not None:
+        return tuple(given)
+    if loaded.input_shape is not None:
+        return tuple(loaded.input_shape)
+    ds = dataset or loaded.dataset
+    if ds is None:
+        raise IgdError(f"--model {loaded.name}: its input shape is unknown: pass --input-shape C,H,W (or --dataset)")
+    return tuple(load_dataset(ds, "test", 1, data_dir).get(0, 1).x.shape[1:])
 
 
 def resolve_model_layer(target: Target, layer: str | None, input_shape: tuple[int, ...]) -> tuple[str, int]:
@@ -78,7 +123,16 @@ def resolve_model_layer(target: Target, layer: str | None, input_shape: tuple[in
 
 
 def check_classes(target: Target, data: ImageSet) -> None:
-    """The model's classes must match the data's."""
-    if target.loaded.num_classes != data.num_classes:
+    """The model's classes (and image channels, when the model says its input shape) must match the data's."""
+    loaded = target.loaded
+    hint = ""
+    if loaded.source == "robustbench" and len(loaded.info.get("zoo_listed_under", ())) > 1:
+        hint = f" (this zoo entry is {loaded.dataset}'s: pass --zoo-dataset to choose another)"
+    if loaded.num_classes != data.num_classes:
         raise IgdError(f"--dataset {data.name} has {data.num_classes} classes but the model predicts "
-                       f"{target.loaded.num_classes}")
+                       f"{loaded.num_classes}{hint}")
+    if loaded.input_shape is not None and len(data):
+        channels = int(data.get(0, 1).x.shape[1])
+        if channels != loaded.input_shape[0]:
+            raise IgdError(f"--dataset {data.name} has {channels}-channel images but the model takes "
+                           f"{'×'.join(map(str, loaded.input_shape))}")

@@ -32,11 +32,16 @@ class Batch:
 
 
 class ImageSet:
-    """The first ``n`` images of a split. ``get(i, j)`` returns images i..j-1 as float in [0, 1]."""
+    """The first ``n`` images of a split. ``get(i, j)`` returns images i..j-1 as float in [0, 1].
+
+    ``file`` is set for a tensor file, which has no splits: every split of it is the same images.
+    """
 
     def __init__(self, name: str, split: str, classes: Sequence[str], n: int,
-                 getter: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], source: str = ""):
+                 getter: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], source: str = "",
+                 file: Path | None = None):
         self.name, self.split, self.classes, self.n, self._get, self.source = name, split, list(classes), n, getter, source
+        self.file = file
 
     def __len__(self) -> int:
         return self.n
@@ -61,6 +66,11 @@ class ImageSet:
     def describe(self) -> dict:
         return {"dataset": self.name, "split": self.split, "n": self.n, "source": self.source}
 
+    def wording(self) -> str:
+        """How to name these images to a person: ``200 test images of cifar10``, ``64 images of FILE``."""
+        split = "" if self.file is not None else {"train": "training ", "test": "test "}.get(self.split, "")
+        return f"{self.n} {split}images of {self.name}"
+
     def view(self, start: int, stop: int) -> "ImageSet":
         """Images start..stop-1 as a set of their own (an evaluation shard) whose batches keep their positions
         in the split in ``index``, so per-example results can be put back in place."""
@@ -77,7 +87,7 @@ class _ImageSetView(ImageSet):
             b = parent.get(start + i, start + j)
             return b.x, b.y
 
-        super().__init__(parent.name, parent.split, parent.classes, stop - start, getter, parent.source)
+        super().__init__(parent.name, parent.split, parent.classes, stop - start, getter, parent.source, parent.file)
         self.parent, self.start, self.stop = parent, start, stop
 
     def get(self, start: int, stop: int) -> Batch:
@@ -221,7 +231,19 @@ def _safetensors_set(name: str, split: str, root: Path) -> ImageSet:
     except ValueError:
         classes = [str(c) for c in range(int(ys.max()) + 1)]
     return ImageSet(str(path), split, classes, shape[0], lambda i, j: (_from_uint8(xs[i:j]), ys[i:j]),
-                    meta.get("source", str(path)))
+                    meta.get("source", str(path)), file=path.resolve())
+
+
+def same_images(a: ImageSet, b: ImageSet) -> bool:
+    """Whether two sets start with the same images: one split of one named data set, or one tensor file (by
+    path or by content, so a copy counts), whatever split either was asked for. Both are first-N prefixes."""
+    from .artifacts import file_sha256
+
+    if a.file is not None and b.file is not None:
+        if a.file == b.file:
+            return True
+        return a.file.stat().st_size == b.file.stat().st_size and file_sha256(a.file) == file_sha256(b.file)
+    return a.file is None and b.file is None and a.name == b.name and a.split == b.split
 
 
 #: ``--dataset`` name -> loader(name, split, data_dir).

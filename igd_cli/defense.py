@@ -14,7 +14,7 @@ skipping agree image by image), and repeated queries of one point (EoT) get fres
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -30,7 +30,6 @@ from .noise import ContentNoise
 
 if TYPE_CHECKING:  # pragma: no cover
     from .common import Target
-    from .data import ImageSet
 
 DEFAULT_TAU = 0.01
 DEFAULT_N_SMOOTH = 1
@@ -164,8 +163,9 @@ class IGDefense(nn.Module):
 
     @property
     def randomized(self) -> bool:
-        """True when the output is random (smoothing on with σ > 0): attacks then use EoT / reseeding."""
-        return self.rs and bool(self.sigma)
+        """True when the output is random (smoothing on with σ > 0 and fresh noise per query): attacks then use
+        EoT and scoring repeated draws."""
+        return self.rs and bool(self.sigma) and self._noise.fresh
 
     def settings(self) -> dict[str, Any]:
         """The defence settings as stored in a mask artifact's ``defense`` metadata."""
@@ -341,7 +341,8 @@ def save_mask(path: str | Path, target: "Target", layer: str | Sequence[str],
             "n_neurons": per_layer([int(m.shape[0]) for m in masks]),
             "importance_file": str(paths[0]) if one else [str(p) for p in paths],
             "importance_sha256": file_sha256(paths[0]) if one else [file_sha256(p) for p in paths],
-            "method": methods[0] if len(methods) == 1 else methods, "defense": defense, **(extra or {})}
+            "method": methods[0] if len(methods) == 1 else methods, "probe": metas[0].get("data"),
+            "defense": defense, **(extra or {})}
     if not one:
         meta["layers"] = layers
     names = ["mask"] if one else layers
@@ -422,52 +423,11 @@ def load_defense(target: "Target", mask_path: str | Path, *, sigma: float | None
         sigma = stored.get("sigma")
         if sigma is None and rs:
             eps = stored.get("eps")
-            sigma = eps / 2 if eps is not None else target.default_eps() / 2
+            if eps is None:
+                from .common import FOR_SMOOTHING
+
+                eps = target.default_eps(FOR_SMOOTHING)
+            sigma = eps / 2
     layers, masks = mask_layers(art)
     return IGDefense(target.model, layers, [m.to(target.device) for m in masks], tau=tau, sigma=sigma,
                      n_smooth=n_smooth, rs=rs, seed=seed)
-
-
-# --- clean accuracy ---------------------------------------------------------------------------------
-
-@dataclass
-class CleanEval:
-    """Per-example clean correctness of the base and the defended model, in data order."""
-
-    y: torch.Tensor
-    index: torch.Tensor
-    base_correct: torch.Tensor  # bool (n,)
-    defended_correct: torch.Tensor  # bool (n,)
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def base_accuracy(self) -> float:
-        return int(self.base_correct.sum()) / len(self.base_correct)
-
-    @property
-    def accuracy(self) -> float:
-        return int(self.defended_correct.sum()) / len(self.defended_correct)
-
-
-@torch.no_grad()
-def clean_eval(defense: IGDefense, data: "ImageSet", batch_size: int, description: str = "clean accuracy") -> CleanEval:
-    """Base and defended clean accuracy over ``data`` in batches; reseeds the noise first, so reruns agree.
-
-    Base logits are ``h(A(x))`` from the same split as the defended pass (``f(x)`` up to float rounding).
-    """
-    from .console import progress
-
-    device = module_device(defense.model)
-    defense.reseed()
-    ys, idx, base, dfd = [], [], [], []
-    with progress() as bar:
-        task = bar.add_task(description, total=len(data))
-        for batch in data.batches(batch_size):
-            x, y = batch.x.to(device), batch.y.to(device)
-            feats = defense.features(x, with_base=True)
-            base.append((feats.base_logits.argmax(1) == y).cpu())
-            dfd.append((defense.masked_tail(feats).argmax(1) == y).cpu())
-            ys.append(batch.y)
-            idx.append(batch.index)
-            bar.advance(task, len(y))
-    return CleanEval(torch.cat(ys), torch.cat(idx), torch.cat(base), torch.cat(dfd))

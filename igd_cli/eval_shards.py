@@ -16,20 +16,16 @@ import torch
 
 from .artifacts import Artifact, file_sha256, save_artifact
 from .errors import IgdError
-from .report import per_class_accuracy
+from .scoring import Score
 from .shards import MergeResult, check_together, register_merger
 
 #: metadata an adversarial set's shards must share (``defense`` is compared without the mask's path)
 ADV_IDENTITY = ("model_fingerprint", "num_classes", "attack", "target", "eps", "norm", "budget", "seed", "data",
                 "mask_sha256")
-#: how an eval-report stores ``correct``: defend-eval --attack none writes images × columns; attack
-#: evaluations (``EvalResult.save``) write columns × images
-LAYOUT_KEY = "correct_layout"
-IMAGES_BY_COLUMNS = "images×columns"
-COLUMNS_BY_IMAGES = "columns×images"
 #: per-shard bookkeeping dropped from the merged metadata
 _SHARD_ONLY = ("kind", "format_version", "igd_version", "created", "shard", "positions", "seconds", "n_attacked",
-               "robust_accuracy", "clean_accuracy", "merged_from")
+               "robust_accuracy", "clean_accuracy", "robust_accuracy_std", "clean_accuracy_std", "score",
+               "clean_score", "merged_from")
 
 
 # --- positions ----------------------------------------------------------------------------------------
@@ -115,8 +111,11 @@ def merge_adversarial(shards: list[Artifact], out) -> MergeResult:
     meta = {k: v for k, v in ref.meta.items() if k not in _SHARD_ONLY}
     if any(s.meta.get("set_key") != ref.meta.get("set_key") for s in ordered):
         meta.pop("set_key", None)
-    for key in ("robust_accuracy", "clean_accuracy"):
-        if all(isinstance(s.meta.get(key), (int, float)) for s in ordered):
+    for key, score_key in (("robust_accuracy", "score"), ("clean_accuracy", "clean_score")):
+        if all(isinstance(s.meta.get(score_key), dict) for s in ordered):  # per-draw counts: exact mean and std
+            merged = Score.merged([Score.from_json(s.meta[score_key]) for s in ordered])
+            meta.update({key: merged.mean, f"{key}_std": merged.std, score_key: merged.to_json()})
+        elif all(isinstance(s.meta.get(key), (int, float)) for s in ordered):  # sets scored by a single draw
             count = sum(round(float(s.meta[key]) * len(s["index"])) for s in ordered)
             meta[key] = _fraction(count, n)  # count-weighted mean of the shards' figures
     meta["seconds"] = round(sum(float(s.meta.get("seconds", 0.0)) for s in ordered), 3)
@@ -128,29 +127,9 @@ def merge_adversarial(shards: list[Artifact], out) -> MergeResult:
 
 # --- evaluation reports -------------------------------------------------------------------------------
 
-def clean_report_stats(names: list[str], correct: torch.Tensor, y: torch.Tensor,
-                       num_classes: int) -> dict[str, Any]:
-    """Summary metadata of a ``defend-eval --attack none`` report (``correct`` images × columns): per-column
-    accuracy, per-class accuracy, class counts and the clean accuracies; the one computation for a whole run
-    and for merged shards."""
-    n = correct.shape[0]
-    col = {name: correct[:, i].bool() for i, name in enumerate(names)}
-    out: dict[str, Any] = {
-        "n_examples": n,
-        "class_counts": torch.bincount(y, minlength=num_classes).tolist(),
-        "accuracy": {name: int(c.sum()) / n for name, c in col.items()},
-        "per_class": {name: per_class_accuracy(c, y, num_classes) for name, c in col.items()},
-    }
-    if "defended clean" in col:
-        out["clean_accuracy"] = int(col["defended clean"].sum()) / n
-    if "base clean" in col:
-        out["base_clean_accuracy"] = int(col["base clean"].sum()) / n
-    return out
-
-
 def _check_identity(shards: Sequence[Artifact]) -> None:
     """Reports belong together when their ``eval_identity`` (model, defence, data, attack, budgets, ε, seed,
-    skipping, given sets) and columns agree; names the first item that differs."""
+    protocol, skipping, given sets) and candidates agree; names the first item that differs."""
     ref = shards[0]
     for s in shards:
         if not isinstance(s.meta.get("eval_identity"), dict):
@@ -162,79 +141,54 @@ def _check_identity(shards: Sequence[Artifact]) -> None:
             if a.get(k) != b.get(k):
                 raise IgdError(f"{s.path.name} does not belong with {ref.path.name}: different {k} "
                                f"({_short(a.get(k))} vs {_short(b.get(k))})")
-    check_together(list(shards), ("columns", LAYOUT_KEY))
+    check_together(list(shards), ("columns", "candidates", "protocol", "draws"))
 
 
 def merge_reports(shards: list[Artifact], out) -> MergeResult:
-    """Join evaluation reports of shards into the report of the whole, every summary recomputed."""
+    """Join evaluation reports of shards into the report of the whole: the per-draw bits of every candidate are
+    put in position order and every figure (selection, mean ± std, majority, all draws, per class) recomputed."""
+    from .evaluate import EvalResult
+
     _check_identity(shards)
     ref = shards[0].meta
     n = _whole_n(shards)
     ordered = check_positions(shards, n)
-    names = list(ref["columns"])
-    layout = ref.get(LAYOUT_KEY)
-    img_axis = 0 if layout == IMAGES_BY_COLUMNS else 1
-    for s in ordered:
-        shape = tuple(s["correct"].shape)
-        want = (len(s["index"]), len(names)) if img_axis == 0 else (len(names), len(s["index"]))
-        if shape != want:
-            raise IgdError(f"{s.path}: correct has shape {list(shape)}, expected {list(want)} ({layout})")
     perm = _order(ordered)
-    correct = torch.cat([s["correct"] for s in ordered], dim=img_axis).index_select(img_axis, perm).contiguous()
-    y = torch.cat([s["y"].long() for s in ordered])[perm].contiguous()
-    index = torch.cat([s["index"].long() for s in ordered])[perm].contiguous()
+    tensors: dict[str, torch.Tensor] = {}
+    for name in ("base_draws", "defended_draws", "y", "index"):
+        have = [name in s.tensors for s in ordered]
+        if not any(have):
+            continue
+        if not all(have):
+            raise IgdError(f"{ordered[have.index(False)].path}: lacks tensor {name} that the other shards hold")
+        tensors[name] = torch.cat([s[name] for s in ordered], dim=-1).index_select(-1, perm).contiguous()
+    parts = [EvalResult.from_tensors(s.meta, s.tensors) for s in ordered]  # checks each shard's tensors
+    res = EvalResult.from_tensors(ref, tensors)
+    res.survivors_only = _survivors([p.survivors_only for p in parts], [p.n for p in parts], list(res.defended), n)
+    res.sets, res.seconds = {}, {}
+    for p in parts:
+        for k, v in p.sets.items():
+            res.sets[k] = v if k not in res.sets or v in res.sets[k].split(", ") else f"{res.sets[k]}, {v}"
+        for k, v in p.seconds.items():
+            res.seconds[k] = res.seconds.get(k, 0.0) + float(v)
     meta = {k: v for k, v in ref.items() if k not in _SHARD_ONLY and k != "result"}
-    meta["positions"] = [0, n]
-    meta["merged_from"] = _merged_from(ordered)
-    if layout == IMAGES_BY_COLUMNS:
-        meta.update(clean_report_stats(names, correct, y, len(ref["classes"])))
-        meta["seconds"] = round(sum(float(s.meta.get("seconds", 0.0)) for s in ordered), 3)
-        save_artifact(out, "eval-report", {"correct": correct, "y": y, "index": index}, meta)
-    else:
-        res = _eval_result(ordered, names, correct, y, index)
-        got, _ = res.correct_matrix()
-        if got != names:
-            raise IgdError(f"{ordered[0].path}: columns {names} are not those of an evaluation result ({got})")
-        meta["n_examples"] = n
-        res.save(out, meta)
-        from .artifacts import read_metadata
+    meta.update({"positions": [0, n], "merged_from": _merged_from(ordered), "n_examples": n})
+    res.save(out, meta)
+    from .artifacts import read_metadata
 
-        meta = read_metadata(out)
-    return MergeResult(out, "eval-report", tuple(correct.shape), len(ordered), meta)
+    return MergeResult(out, "eval-report", (len(res.correct_matrix()[0]), n), len(ordered), read_metadata(out))
 
 
-def _eval_result(ordered: Sequence[Artifact], names: list[str], correct: torch.Tensor, y: torch.Tensor,
-                 index: torch.Tensor):
-    """The :class:`~igd_cli.evaluate.EvalResult` of the whole, rebuilt from the merged ``correct`` rows (worst
-    cases are recomputed from the columns), with survivor counts, sets and timings of the shards combined."""
-    from .evaluate import EvalResult
-
-    ref = ordered[0].meta.get("result") or {}
-    rows = {name: correct[i].bool() for i, name in enumerate(names)}
-    base = {k.split(":", 1)[1]: v for k, v in rows.items()
-            if k.startswith("base:") and k not in ("base:clean", "base:worst_case")}
-    defended = {k.split(":", 1)[1]: v for k, v in rows.items()
-                if k.startswith("defended:") and k not in ("defended:clean", "defended:worst_case")}
-    n = len(y)
-    survivors: dict[str, int] = {}
-    for col in defended:
-        if any(col in (s.meta.get("result") or {}).get("measured_on_survivors", {}) for s in ordered):
-            total = sum(int((s.meta.get("result") or {}).get("measured_on_survivors", {}).get(col, len(s["index"])))
-                        for s in ordered)
+def _survivors(parts: Sequence[dict[str, int]], sizes: Sequence[int], columns: Sequence[str], n: int) -> dict[str, int]:
+    """Images attacked per survivor-only column over all shards (a shard that attacked all of its images counts
+    them all); a column attacked on every image of the whole is not survivor-only."""
+    out: dict[str, int] = {}
+    for col in columns:
+        if any(col in p for p in parts):
+            total = sum(int(p.get(col, size)) for p, size in zip(parts, sizes))
             if total < n:
-                survivors[col] = total
-    sets: dict[str, str] = {}
-    seconds: dict[str, float] = {}
-    for s in ordered:
-        r = s.meta.get("result") or {}
-        for k, v in (r.get("sets") or {}).items():
-            sets[k] = v if k not in sets or v in sets[k].split(", ") else f"{sets[k]}, {v}"
-        for k, v in (r.get("seconds") or {}).items():
-            seconds[k] = seconds.get(k, 0.0) + float(v)
-    classes = list(ordered[0].meta.get("classes") or (ref.get("per_class") or {}).get("classes") or [])
-    return EvalResult(y, index, classes, rows["base:clean"], rows.get("defended:clean"), base, defended,
-                      survivors, sets, seconds, eps=float(ref.get("eps", 0.0)), seed=int(ref.get("seed", 0)),
-                      mode=str(ref.get("mode", "none")))
+                out[col] = total
+    return out
 
 
 def summary(res: MergeResult) -> dict[str, Any]:
@@ -242,16 +196,16 @@ def summary(res: MergeResult) -> dict[str, Any]:
     m = res.meta
     if res.kind == "adversarial":
         return {"attack": m.get("attack"), "target": m.get("target"), "n_examples": res.shape[0],
-                "robust_accuracy": m.get("robust_accuracy"), "eps": m.get("eps"), "budget": m.get("budget")}
+                "robust_accuracy": m.get("robust_accuracy"), "robust_accuracy_std": m.get("robust_accuracy_std"),
+                "eps": m.get("eps"), "budget": m.get("budget")}
     if res.kind == "eval-report":
-        r = m.get("result")
-        if isinstance(r, dict):  # attack evaluation
-            keys = ("n_examples", "clean_accuracy", "base_clean_accuracy", "robust_accuracy",
-                    "base_robust_accuracy", "worst_case", "base_worst_case")
-            return {"attack": m.get("attack"), **{k: r.get(k) for k in keys}}
-        return {"attack": m.get("attack"), "n_examples": m.get("n_examples"), "clean_accuracy": m.get("clean_accuracy"),
-                "base_clean_accuracy": m.get("base_clean_accuracy"), "robust_accuracy": {},
-                "base_robust_accuracy": {}, "worst_case": None}
+        r = m.get("result") or {}
+        keys = ("n_examples", "clean_accuracy", "clean_accuracy_std", "base_clean_accuracy", "robust_accuracy",
+                "robust_accuracy_std",
+                "base_robust_accuracy", "worst_case", "worst_case_std", "worst_case_majority",
+                "worst_case_all_draws", "base_worst_case", "draws", "protocol", "randomized", "defended",
+                "measured_on_survivors", "mode", "eps")
+        return {"attack": m.get("attack"), **{k: r.get(k) for k in keys}}
     return {}
 
 

@@ -115,6 +115,31 @@ def layer_output_shape(model: nn.Module, name: str, input_shape: tuple[int, ...]
     return tuple(out.shape[1:])
 
 
+def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Every named module with its type and output shape after the batch dimension (None where it does not run
+    or returns no tensor) for one zero image of ``input_shape``: what ``igd layers`` lists.
+
+    >>> layer_table(nn.Sequential(nn.Conv2d(3, 8, 3)), (3, 32, 32))
+    [{'layer': '0', 'type': 'Conv2d', 'shape': [8, 30, 30]}]
+    """
+    from .devices import module_device
+
+    shapes: dict[str, list[int]] = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: shapes.__setitem__(n, list(out.shape[1:]))
+                                     if isinstance(out, torch.Tensor) else None)
+             for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=module_device(model)))
+    except RuntimeError as exc:  # the model cannot take this shape
+        raise IgdError(f"the model does not run on one {'×'.join(map(str, input_shape))} image "
+                       f"({' '.join(str(exc).split())[:160]}): pass --input-shape C,H,W") from exc
+    finally:
+        for h in hooks:
+            h.remove()
+    return [{"layer": n, "type": type(m).__name__, "shape": shapes.get(n)} for n, m in model.named_modules() if n]
+
+
 def neuron_count(model: nn.Module, name: str, input_shape: tuple[int, ...]) -> int:
     """N: channels of a 4-D output, features of a 2-D output."""
     return layer_output_shape(model, name, input_shape)[0]

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ._compat import reachable
-from .archs import ARCHS, IMAGENET_MEAN, IMAGENET_STD, Normalized
+from .archs import ARCHS, CIFAR_SHAPE, IMAGENET_MEAN, IMAGENET_SHAPE, IMAGENET_STD, Normalized
 from .errors import IgdError
 
 DEMO_WEIGHTS = "demo.safetensors"
@@ -28,6 +28,8 @@ GDRIVE_HOST = "drive.google.com"  # RobustBench checkpoints are fetched with gdo
 
 #: Data set the RobustBench zoo files a model under (ours -> theirs).
 RB_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet": "imagenet"}
+#: Input shape (C, H, W) of a zoo data set's models (ImageNet: RobustBench's resize 256, centre crop 224).
+ZOO_INPUT_SHAPES = {"cifar10": CIFAR_SHAPE, "cifar100": CIFAR_SHAPE, "imagenet": IMAGENET_SHAPE}
 #: Default l-inf budget per data set (the paper's; the demo model carries its own).
 DEFAULT_EPS = {"cifar10": 8 / 255, "cifar100": 8 / 255, "imagenet": 4 / 255, "mnist": 0.3}
 DEFAULT_EPS_L2 = {"cifar10": 0.5, "cifar100": 0.5, "imagenet": 3.0}
@@ -46,11 +48,13 @@ class LoadedModel:
     eps: float | None = None  # the l-inf budget it was trained for, when known
     default_layer: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    input_shape: tuple[int, ...] | None = None  # (C, H, W) of one image, when the model's source says it
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.name, "source": self.source, "model_fingerprint": self.fingerprint,
                 "num_classes": self.num_classes, "dataset": self.dataset, "eps": self.eps,
-                "default_layer": self.default_layer}
+                "default_layer": self.default_layer,
+                "input_shape": list(self.input_shape) if self.input_shape else None}
 
 
 def igd_home() -> Path:
@@ -78,9 +82,13 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def load_model(spec: str = "demo", arch: str | None = None, dataset: str | None = None,
-               threat_model: str = "Linf", device: torch.device | str = "cpu",
-               normalize: str | None = None) -> LoadedModel:
-    """Resolve ``--model`` (and ``--arch``, ``--normalize``) into a :class:`LoadedModel` in eval mode on ``device``."""
+               threat_model: str = "Linf", device: torch.device | str = "cpu", *,
+               zoo_dataset: str | None = None, normalize: str | None = None) -> LoadedModel:
+    """Resolve ``--model`` (and ``--arch``, ``--normalize``) into a :class:`LoadedModel` in eval mode on ``device``.
+
+    ``dataset`` (``--dataset``) names the images only; for a zoo name listed under several data sets it picks
+    among them when it is one of them. ``zoo_dataset`` (``--zoo-dataset``) picks the zoo entry explicitly.
+    """
     spec = (spec or "demo").strip()
     is_file = Path(spec).suffix in (".pt", ".pth", ".safetensors") or os.sep in spec
     if normalize is not None and (spec == "demo" or spec.startswith("torchvision:") or not is_file):
@@ -92,7 +100,9 @@ def load_model(spec: str = "demo", arch: str | None = None, dataset: str | None 
     elif is_file:
         loaded = _load_file(spec, arch, normalize)
     else:
-        loaded = _load_robustbench(spec, dataset, threat_model)
+        loaded = _load_robustbench(spec, threat_model, zoo_dataset=zoo_dataset, prefer=dataset)
+    if zoo_dataset is not None and loaded.source != "robustbench":
+        raise IgdError(f"--zoo-dataset {zoo_dataset}: only for RobustBench zoo names, not --model {spec}")
     loaded.model.eval().to(device)
     for p in loaded.model.parameters():
         p.requires_grad_(False)
@@ -119,7 +129,8 @@ def _load_demo() -> LoadedModel:
     net.load_state_dict(art.tensors)
     return LoadedModel(net, "demo", "demo", fingerprint(net), int(art.meta.get("num_classes", 10)),
                        dataset="digits", eps=float(art.meta["eps"]), default_layer="block3",
-                       info={k: art.meta[k] for k in ("clean_accuracy", "pgd_accuracy") if k in art.meta})
+                       info={k: art.meta[k] for k in ("clean_accuracy", "pgd_accuracy") if k in art.meta},
+                       input_shape=ARCHS["demo-cnn"].input_shape)
 
 
 # --- state-dict files -------------------------------------------------------------------------------
@@ -143,6 +154,7 @@ def _load_file(spec: str, arch: str | None, normalize: str | None = None) -> Loa
         net, num_classes = build_user_arch(arch, state, path)
         state = _clean_state_dict(state, expected=set(net.state_dict()))
         default_layer = None
+        input_shape = None  # the user's network does not say
     else:
         spec_arch = ARCHS[arch]
         state = _clean_state_dict(state)
@@ -153,6 +165,7 @@ def _load_file(spec: str, arch: str | None, normalize: str | None = None) -> Loa
         num_classes = int(state[cands[0]].shape[0])
         net = spec_arch.build(num_classes)
         default_layer = spec_arch.default_layer
+        input_shape = spec_arch.input_shape
     _load_into(net, state, path, arch)
     info: dict[str, Any] = {"arch": arch}
     if norm is not None:
@@ -164,7 +177,8 @@ def _load_file(spec: str, arch: str | None, normalize: str | None = None) -> Loa
         default_layer = f"model.{default_layer}" if default_layer else None
     if default_layer is None:
         default_layer = guess_penultimate(net)
-    return LoadedModel(net, str(path), "file", fingerprint(net), num_classes, default_layer=default_layer, info=info)
+    return LoadedModel(net, str(path), "file", fingerprint(net), num_classes, default_layer=default_layer, info=info,
+                       input_shape=input_shape)
 
 
 def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -230,46 +244,95 @@ def _load_torchvision(spec: str) -> LoadedModel:
             net = builder(weights=weights)
     except Exception as exc:  # network errors come in many types (URLError, OSError, ...)
         raise IgdError(offline) from exc
-    mean = tuple(weights.transforms().mean) if hasattr(weights.transforms(), "mean") else IMAGENET_MEAN
-    std = tuple(weights.transforms().std) if hasattr(weights.transforms(), "std") else IMAGENET_STD
+    tf = weights.transforms()
+    mean = tuple(tf.mean) if hasattr(tf, "mean") else IMAGENET_MEAN
+    std = tuple(tf.std) if hasattr(tf, "std") else IMAGENET_STD
     model = Normalized(net, mean, std)
     layer = "model.layer4" if hasattr(net, "layer4") else None
+    crop = getattr(tf, "crop_size", None)  # the weights' own evaluation crop (224 for most, 299 for Inception)
+    shape = (3, int(crop[0]), int(crop[0])) if crop else IMAGENET_SHAPE
     return LoadedModel(model, spec, "torchvision", fingerprint(model), len(weights.meta["categories"]),
-                       dataset="imagenet", default_layer=layer, info={"weights": weights.name})
+                       dataset="imagenet", default_layer=layer, info={"weights": weights.name}, input_shape=shape)
 
 
 # --- RobustBench -------------------------------------------------------------------------------------
 
-def robustbench_entry(name: str, dataset: str | None, threat_model: str) -> tuple[str, str]:
-    """Find ``name`` in the RobustBench zoo; returns (dataset, threat model) or raises a one-line error."""
+@dataclass(frozen=True)
+class ZooEntry:
+    """Where the RobustBench zoo files a model: the data set and threat model used, every data set that lists
+    the name under that threat model (zoo order), and what chose among them."""
+
+    name: str
+    dataset: str
+    threat_model: str
+    listed_under: tuple[str, ...]
+    chosen_by: str  # only entry | --zoo-dataset | --dataset | local checkpoint | zoo order
+
+    def checkpoint(self) -> Path:
+        """Where robustbench reads (or downloads) the checkpoint."""
+        return zoo_checkpoint(self.name, self.dataset, self.threat_model)
+
+
+def zoo_checkpoint(name: str, dataset: str, threat_model: str) -> Path:
+    """``$IGD_HOME/models/<dataset>/<threat model>/<name>.pt``: robustbench's model-dir layout."""
+    return model_dir() / dataset / threat_model / f"{name}.pt"
+
+
+def robustbench_entry(name: str, threat_model: str = "Linf", *, zoo_dataset: str | None = None,
+                      prefer: str | None = None) -> ZooEntry:
+    """Find ``name`` in the RobustBench zoo; the zoo, not the images, says its data set.
+
+    A name listed under several data sets (``Addepalli2022Efficient_RN18``: cifar10 and cifar100) is resolved
+    by ``zoo_dataset``, else by ``prefer`` (``--dataset``) when it is one of them, else by the one data set whose
+    checkpoint is already in the model dir, else by the zoo's order (cifar10 first). Raises a one-line error.
+
+    >>> robustbench_entry("Addepalli2022Efficient_RN18", zoo_dataset="cifar100").dataset
+    'cifar100'
+    """
     from ._compat import import_robustbench
 
     import_robustbench()
     from robustbench.model_zoo import model_dicts
-    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+    from robustbench.model_zoo.enums import ThreatModel
 
     try:
         tm = ThreatModel(threat_model)
     except ValueError as exc:
         raise IgdError(f"--threat-model {threat_model}: expected Linf or L2") from exc
-    datasets = [BenchmarkDataset(RB_DATASETS[dataset])] if dataset in RB_DATASETS else list(model_dicts)
-    if dataset is not None and dataset not in RB_DATASETS:
-        raise IgdError(f"--model {name}: not a demo, torchvision:NAME or file model, and RobustBench has no "
-                       f"data set {dataset!r}")
-    for ds in datasets:
-        if name in model_dicts[ds].get(tm, {}):
-            return ds.value, tm.value
-    raise IgdError(f"--model {name}: not a file, not torchvision:NAME, and not in the RobustBench zoo "
-                   f"({'/'.join(d.value for d in datasets)}, {tm.value})")
+    if zoo_dataset is not None and zoo_dataset not in RB_DATASETS:
+        raise IgdError(f"--zoo-dataset {zoo_dataset}: expected one of {', '.join(RB_DATASETS)}")
+    listed = tuple(ds.value for ds in model_dicts if name in model_dicts[ds].get(tm, {}))
+    if not listed:
+        raise IgdError(f"--model {name}: not a file, not torchvision:NAME, and not in the RobustBench zoo "
+                       f"({'/'.join(d.value for d in model_dicts)}, {tm.value})")
+
+    def entry(ds: str, how: str) -> ZooEntry:
+        return ZooEntry(name, ds, tm.value, listed, how)
+
+    if zoo_dataset is not None:
+        if RB_DATASETS[zoo_dataset] not in listed:
+            raise IgdError(f"--model {name}: not listed under --zoo-dataset {zoo_dataset} ({tm.value}) in the "
+                           f"RobustBench zoo; it is under {', '.join(listed)}")
+        return entry(RB_DATASETS[zoo_dataset], "--zoo-dataset")
+    if len(listed) == 1:
+        return entry(listed[0], "only entry")
+    if prefer in RB_DATASETS and RB_DATASETS[prefer] in listed:
+        return entry(RB_DATASETS[prefer], "--dataset")
+    present = [ds for ds in listed if zoo_checkpoint(name, ds, tm.value).exists()]
+    if len(present) == 1:
+        return entry(present[0], "local checkpoint")
+    return entry(listed[0], "zoo order")
 
 
-def _load_robustbench(name: str, dataset: str | None, threat_model: str) -> LoadedModel:
+def _load_robustbench(name: str, threat_model: str, *, zoo_dataset: str | None = None,
+                      prefer: str | None = None) -> LoadedModel:
     from ._compat import import_robustbench
 
     rb = import_robustbench()
-    ds, tm = robustbench_entry(name, dataset, threat_model)
+    zoo = robustbench_entry(name, threat_model, zoo_dataset=zoo_dataset, prefer=prefer)
+    ds, tm = zoo.dataset, zoo.threat_model
     root = model_dir()
-    path = root / ds / tm / f"{name}.pt"
+    path = zoo.checkpoint()
     offline = f"cannot download RobustBench model {name} (offline?): place its checkpoint at {path}"
     if not path.exists() and not reachable(GDRIVE_HOST):
         raise IgdError(offline)
@@ -282,10 +345,17 @@ def _load_robustbench(name: str, dataset: str | None, threat_model: str) -> Load
             raise IgdError(f"{path}: cannot load RobustBench checkpoint for {name} "
                            f"({' '.join(str(exc).split())[:200]})") from exc
         raise IgdError(offline) from exc
+    if zoo.chosen_by == "zoo order":
+        from .console import err_console
+
+        err_console.print(f"note: {name} is listed under {' and '.join(zoo.listed_under)} ({tm}) in the RobustBench "
+                          f"zoo; using {ds} (pass --zoo-dataset to choose)", highlight=False, soft_wrap=True)
     num_classes = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}[ds]
     eps = (DEFAULT_EPS if tm == "Linf" else DEFAULT_EPS_L2).get(ds)
     return LoadedModel(net, name, "robustbench", fingerprint(net), num_classes, dataset=ds, eps=eps,
-                       default_layer=guess_penultimate(net), info={"threat_model": tm, "checkpoint": str(path)})
+                       default_layer=guess_penultimate(net), input_shape=ZOO_INPUT_SHAPES[ds],
+                       info={"threat_model": tm, "checkpoint": str(path), "zoo_dataset": ds,
+                             "zoo_listed_under": list(zoo.listed_under), "zoo_dataset_chosen_by": zoo.chosen_by})
 
 
 def guess_penultimate(model: nn.Module) -> str | None:

@@ -107,6 +107,9 @@ class ContentNoise:
     ``MAX_SEEN`` rows the dict is cleared.
     """
 
+    #: every query gets a fresh draw (:class:`FixedNoise` is the frozen counterpart)
+    fresh = True
+
     def __init__(self, seed: int = 0):
         self.seed = int(seed)
         self.seen: dict[int, int] = {}
@@ -141,3 +144,36 @@ class ContentNoise:
         hashes = content_hash(x)
         keys = row_keys(hashes, self.counts(hashes), self.seed, draws)
         return gaussian(keys, tuple(x.shape[1:]), dtype=x.dtype)
+
+
+class FixedNoise:
+    """Noise frozen to one draw: ``sample(x, n)`` gives the same n standard-normal tensors (of a row's shape) for
+    every row and every query, a function of the seed alone. A defence with it is deterministic and
+    differentiable — Croce et al.'s check that a gain exists without fresh randomness.
+
+    Example::
+
+        noise = FixedNoise(0)
+        assert torch.equal(noise.sample(x, 1), noise.sample(x.flip(0), 1))
+    """
+
+    fresh = False
+
+    def __init__(self, seed: int = 0):
+        self.seed = int(seed)
+
+    def restart(self, seed: int | None = None) -> None:
+        if seed is not None:
+            self.seed = int(seed)
+
+    def state(self, x: torch.Tensor | None = None) -> tuple[int, dict[int, int]]:
+        return self.seed, {}
+
+    def set_state(self, state: tuple[int, dict[int, int]]) -> None:
+        self.seed = state[0]
+
+    def sample(self, x: torch.Tensor, draws: int) -> torch.Tensor:
+        keys = row_keys(torch.zeros(1, dtype=torch.int64, device=x.device), torch.zeros(1, dtype=torch.int64),
+                        self.seed, draws)  # (draws, 1): one key per draw, the same for every row
+        z = gaussian(keys, tuple(x.shape[1:]), dtype=x.dtype)  # (draws, 1, *row)
+        return z.expand(draws, x.shape[0], *x.shape[1:]).clone()

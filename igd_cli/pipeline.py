@@ -17,11 +17,13 @@ from typing import Any, Literal
 from .artifacts import file_sha256, read_metadata
 from .calibrate import run_calibration
 from .common import Target, check_classes, resolve_model_layer
+from .data import ImageSet, load_dataset, same_images
 from .console import err_console, progress_enabled
 from .defense import check_layers, load_defense
 from .errors import IgdError
 from .evaluate import Budgets, EvalResult, defense_identity, evaluate_defense
 from .ranking import RankRequest, get_method, rank
+from .scoring import DEFAULT_DRAWS
 
 Stage = Literal["computed", "reused"]
 
@@ -50,6 +52,8 @@ class PipelineConfig:
     method: str = "lo-ir"
     attack: str = "iw-wc"  # iw-wc | aa
     n_probe: int | None = None  # probe images for ranking (first N of the training split; None = all)
+    probe_dataset: str | None = None  # ranking images from this data set instead of the target's training split
+    allow_overlap: bool = False  # accept probe images that are the evaluation images (a split-less file)
     n_examples: int | None = None  # test images for calibration and evaluation (None = all, at most 1000)
     tolerance: float = 0.5
     k: int | dict[str, int] | None = None  # skip the search (several layers: the layers whose k is fixed)
@@ -60,6 +64,8 @@ class PipelineConfig:
     clip_pretrained: str = "openai"
     batch_size: int = 128
     seed: int = 0
+    protocol: str = "draws"  # how a randomized defence is scored (igd_cli.scoring)
+    draws: int = DEFAULT_DRAWS
 
 
 @dataclass
@@ -76,17 +82,20 @@ class PipelineResult:
     calibration: dict[str, Any]
     evaluation: dict[str, Any]
     seconds: float
+    probe: dict[str, Any] = field(default_factory=dict)  # the ranking images: dataset, split, n
 
     def to_json(self) -> dict[str, Any]:
         ev = self.evaluation
+        keys = ("n_examples", "defended", "clean_accuracy", "clean_accuracy_std", "base_clean_accuracy",
+                "robust_accuracy", "robust_accuracy_std", "base_robust_accuracy", "worst_case", "worst_case_std",
+                "worst_case_majority", "worst_case_all_draws", "base_worst_case", "draws", "protocol", "randomized",
+                "measured_on_survivors", "eps", "mode")
         return {
-            "base_clean_accuracy": ev["base_clean_accuracy"], "clean_accuracy": ev["clean_accuracy"],
-            "base_worst_case": ev.get("base_worst_case"), "worst_case": ev.get("worst_case"),
-            "k": self.k, "n_neurons": self.n_neurons, "layer": self.layer, "n_examples": ev["n_examples"],
-            "robust_accuracy": ev.get("robust_accuracy", {}), "base_robust_accuracy": ev.get("base_robust_accuracy", {}),
-            "measured_on_survivors": ev.get("measured_on_survivors", {}),
+            **{k: ev.get(k) for k in keys},
+            "k": self.k, "n_neurons": self.n_neurons, "layer": self.layer,
             "calibration": {k: self.calibration.get(k) for k in ("k", "base_clean_accuracy", "clean_accuracy",
                                                                   "n_examples", "tolerance", "curve")},
+            "probe": dict(self.probe),
             "stages": dict(self.stages),
             "paths": {"out": str(self.out), "mask": str(self.mask),
                       "importance": [str(p) for p in self.importance] if isinstance(self.importance, list)
@@ -108,10 +117,15 @@ def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_d
         raise IgdError(f"--attack {cfg.attack}: the pipeline evaluates iw-wc or aa")
     stages: dict[str, Stage] = {}
     show = progress_enabled()
+    if cfg.eps is None:
+        target.default_eps()  # fail now, not after the ranking, when ε is unknown (the attacks need it)
 
-    # 1. rank (the probe set: the first n_probe training images), one importance file per masked layer
-    probe = target.data("train", cfg.n_probe, data_dir)
+    # 1. rank (the probe set: the first n_probe training images, or of --probe-dataset), one importance file per
+    # masked layer
+    probe = load_dataset(cfg.probe_dataset or target.dataset, "train", cfg.n_probe, data_dir)
     check_classes(target, probe)
+    if probe.file is not None:  # named data sets keep training and test images apart; a file has no splits
+        check_probe_overlap(probe, target.data("test", None, data_dir), cfg)
     method = get_method(cfg.method)
     wanted = cfg.layer if isinstance(cfg.layer, list) and cfg.layer else [cfg.layer if cfg.layer else None]
     layers, sizes, importances = [], {}, []
@@ -124,7 +138,7 @@ def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_d
                           batch_size=cfg.batch_size, seed=cfg.seed, clip_model=cfg.clip_model,
                           clip_pretrained=cfg.clip_pretrained, clip_cache=out / "clip-cache.safetensors",
                           show_progress=show)
-        _say(f"[1/4] rank: {method.name} at {layer} on {len(probe)} {probe.name} training images")
+        _say(f"[1/4] rank: {method.name} at {layer} on {probe.wording()}")
         ranked = rank(req, method.name, target.provenance(), importance, force=force, shard=False)
         if not ranked.skipped:
             stages["rank"] = "computed"
@@ -158,7 +172,7 @@ def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_d
     report = out / f"eval-{cfg.attack}-{method.name}-{slug}.safetensors"
     eval_id = {"mask_sha256": ident["mask_sha256"], "attack": cfg.attack, "n_examples": len(data),
                "eps": cfg.eps, "budgets": asdict(cfg.budgets), "seed": cfg.seed, "dataset": data.name,
-               "model_fingerprint": target.loaded.fingerprint}
+               "model_fingerprint": target.loaded.fingerprint, "protocol": cfg.protocol, "draws": cfg.draws}
     evaluation = None if force else _reusable_report(report, eval_id)
     if evaluation is not None:
         stages["transfer"] = stages["defend-eval"] = "reused"
@@ -173,23 +187,36 @@ def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_d
                          eps=cfg.eps, seed=cfg.seed, batch_size=cfg.batch_size, show_progress=show, on_set=on_set)
         stages["transfer"] = "computed" if ran else "reused"
         n_base = len(ran)
-        _say(f"[4/4] defend-eval --attack {cfg.attack} on {len(data)} test images")
+        _say(f"[4/4] defend-eval --attack {cfg.attack} on {data.wording()}")
         res: EvalResult = evaluate_defense(target, defense, data, attack=cfg.attack, workdir=adv_dir,
                                            budgets=cfg.budgets, eps=cfg.eps, seed=cfg.seed,
                                            batch_size=cfg.batch_size, defense_meta=ident, show_progress=show,
-                                           on_set=on_set)
+                                           on_set=on_set, protocol=cfg.protocol, draws=cfg.draws)
         stages["defend-eval"] = "computed"
         evaluation = res.to_json()
         res.save(report, {**target.provenance(), **ident, "pipeline_identity": eval_id,
-                          "attacks_run": ran, "attacks_run_on_base": ran[:n_base]})
+                          "probe": ranked.meta["data"], "attacks_run": ran, "attacks_run_on_base": ran[:n_base]})
     k = int(cal["k"]) if one else {name: int(cal["k"][name]) for name in layers}
     return PipelineResult(out, stages, importances[0] if one else importances, mask, report, adv_dir, k,
                           sizes[layers[0]] if one else sizes, "+".join(layers), cal, evaluation,
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0,
+                          probe={**ranked.meta["data"], "file": probe.file is not None})
+
+
+def check_probe_overlap(probe: ImageSet, evaluation: ImageSet, cfg: PipelineConfig) -> None:
+    """Refuse to rank on the images the pipeline then calibrates and attacks on (a tensor file has no splits), unless
+    ``cfg.allow_overlap``: the paper probes with training images."""
+    if cfg.allow_overlap or not same_images(probe, evaluation):
+        return
+    if cfg.probe_dataset is None:
+        raise IgdError(f"--dataset {evaluation.name} is a file without a training split: ranking would probe the "
+                       f"very images it evaluates; pass --probe-dataset TRAIN.safetensors (or --allow-overlap)")
+    raise IgdError(f"--probe-dataset {cfg.probe_dataset}: the same images as the evaluation set {evaluation.name}; "
+                   f"pass training images (or --allow-overlap)")
 
 
 def _say(text: str) -> None:
-    err_console.print(text, highlight=False)
+    err_console.print(text, highlight=False, soft_wrap=True)  # paths stay whole
 
 
 def _calibration_identity(target: Target, importances: list[Path], cfg: PipelineConfig) -> dict[str, Any]:

@@ -11,7 +11,6 @@ import io
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-import torch
 from rich.table import Table
 
 from .artifacts import atomic_write_bytes
@@ -20,17 +19,6 @@ from .artifacts import atomic_write_bytes
 def pct(x: float | None, digits: int = 2) -> str:
     """A fraction as a percentage string; ``-`` for None."""
     return "-" if x is None else f"{100 * x:.{digits}f}%"
-
-
-def per_class_accuracy(correct: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[float | None]:
-    """Accuracy of each class (None for a class with no examples)."""
-    correct = correct.to(torch.int64)
-    out: list[float | None] = []
-    for c in range(num_classes):
-        sel = y == c
-        n = int(sel.sum())
-        out.append(int(correct[sel].sum()) / n if n else None)
-    return out
 
 
 def calibration_table(r: Mapping[str, Any]) -> Table:
@@ -61,33 +49,6 @@ def summary_table(title: str, rows: Iterable[tuple[str, str]]) -> Table:
     t.add_column("value")
     for k, v in rows:
         t.add_row(k, v)
-    return t
-
-
-def accuracy_table(title: str, rows: Sequence[tuple[str, float | None, float | None]]) -> Table:
-    """Rows of (evaluation, base accuracy, defended accuracy) with the difference in points."""
-    t = Table(title=title)
-    for col in ("evaluation", "base", "defended", "Δ (points)"):
-        t.add_column(col, justify="left" if col == "evaluation" else "right")
-    for name, base, dfd in rows:
-        delta = "-" if base is None or dfd is None else f"{100 * (dfd - base):+.2f}"
-        t.add_row(name, pct(base), pct(dfd), delta)
-    return t
-
-
-def per_class_table(classes: Sequence[str], columns: Mapping[str, Sequence[float | None]],
-                    counts: Sequence[int] | None = None, title: str = "per-class accuracy") -> Table:
-    """One row per class, one column per evaluation (e.g. base clean, defended clean)."""
-    t = Table(title=title)
-    t.add_column("class")
-    if counts is not None:
-        t.add_column("n", justify="right")
-    for name in columns:
-        t.add_column(name, justify="right")
-    for c, cname in enumerate(classes):
-        row = [cname] + ([str(counts[c])] if counts is not None else [])
-        row += [pct(vals[c]) for vals in columns.values()]
-        t.add_row(*row)
     return t
 
 

@@ -92,3 +92,18 @@ def cifar_safetensors(tmp_path: Path, n: int = 16, seed: int = 0, classes: int =
     save_file({"x": x, "y": y}, str(path), metadata={"classes": json.dumps([f"class{i}" for i in range(classes)]),
                                                      "source": "random test images"})
     return path
+
+
+def digits_safetensors(tmp_path: Path, split: str = "test", n: int | None = None) -> Path:
+    """The first ``n`` images of a digits split as a tensor file in the ../shared/data format (a file has no
+    splits: the demo model's data without the split structure, as a new user's own files would be)."""
+    from safetensors.torch import save_file
+
+    from igd_cli.data import DIGITS_CLASSES, load_dataset
+
+    data = load_dataset("digits", split, n)
+    b = data.all()
+    path = tmp_path / f"digits-{split}-{len(data)}.safetensors"
+    save_file({"x": (b.x * 255).round().to(torch.uint8), "y": b.y}, str(path),
+              metadata={"classes": json.dumps(DIGITS_CLASSES), "source": f"sklearn digits, {split} split"})
+    return path

@@ -69,6 +69,41 @@ def test_apgd_ce_matches_pyautoattack_per_image(demo, correct_batch):
         assert torch.equal(ours[i:i + 1], ref), i
 
 
+def test_apgd_eot_is_autoattacks_rand_version_per_image(demo, correct_batch):
+    """APGD+EoT = AutoAttack's rand version in transfer form: APGD-CE, then APGD-DLR (each with the image's seed,
+    as AutoAttack seeds both) on the images CE left; checked image by image against pyautoattack run directly."""
+    x, y, idx = correct_batch
+    ours = make_attack("apgd-eot", demo.model, eps=0.15, seed=0, steps=3, eot_iter=2)(x, y, idx)
+    ce = make_attack("apgd-ce", demo.model, eps=0.15, seed=0, steps=3)(x, y, idx)
+    fooled_ce = predict(demo.model, ce) != y
+    fooled = predict(demo.model, ours) != y
+    assert torch.equal(ours[fooled_ce], ce[fooled_ce])  # the CE stage is APGD-CE itself
+    only_dlr = fooled & ~fooled_ce
+    assert only_dlr.any() and (~fooled).any(), "budget must leave work for the DLR stage and some survivors"
+    for i in only_dlr.nonzero().flatten().tolist():
+        s = image_seed(0, int(idx[i]))
+        apgd = APGDAttack(demo.model, n_iter=3, norm="Linf", eps=0.15, seed=s, loss="dlr", device="cpu")
+        assert torch.equal(ours[i:i + 1], apgd.perturb(x[i:i + 1], y[i:i + 1])), i
+    # survivors keep, of the two stages' highest-loss points, the one with the higher DLR loss (written out here)
+    def dlr(z, t):
+        s = z.sort().values
+        other = torch.cat([z[:t], z[t + 1:]]).max()
+        return float(-(z[t] - other) / (s[-1] - s[-3] + 1e-12))
+
+    survivors = (~fooled).nonzero().flatten().tolist()
+    assert survivors
+    for i in survivors:
+        s = image_seed(0, int(idx[i]))
+        torch.manual_seed(s)
+        dlr_best = APGDAttack(demo.model, n_iter=3, norm="Linf", eps=0.15, seed=s, loss="dlr",
+                              device="cpu").perturb(x[i:i + 1], y[i:i + 1], best_loss=True)
+        with torch.no_grad():
+            l_ce, l_dlr = (dlr(demo.model(p)[0], int(y[i])) for p in (ce[i:i + 1], dlr_best))
+        want = dlr_best if l_dlr > l_ce else ce[i:i + 1]
+        assert torch.allclose(ours[i:i + 1], want, atol=1e-7), i
+        assert (ours[i] - x[i]).abs().amax() > 0
+
+
 def test_apgd_points_do_not_depend_on_the_batch(demo, correct_batch):
     x, y, idx = correct_batch
     atk = make_attack("apgd-t-dlr", demo.model, eps=EPS, seed=0, num_classes=10, steps=4, restarts=1)

@@ -13,10 +13,12 @@ from igd_cli.common import open_target
 from igd_cli.data import load_dataset
 from igd_cli.defense import IGDefense, topk_mask
 from igd_cli.layers import replaced, scaled
+from igd_cli.noise import ContentNoise
 
-from .conftest import cifar_safetensors
+from .conftest import cifar_safetensors, digits_safetensors
 
 N_EX, BS = 160, 64  # 3 batches, the last one partial
+SIGMA = 0.3  # smoothing strong enough to flip some defended predictions on clean digits
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +60,15 @@ def rand_imp(tmp_path_factory, target):
 
 
 def literal_correct(model, mask, data, *, rs, sigma, tau, seed):
-    """Defended correct count by the literal formula with plain forwards and hooks, the noise drawn per batch in
-    order from one generator seeded with ``seed`` (the documented contract); independent of igd_cli.defense."""
-    g = torch.Generator().manual_seed(seed)
+    """Defended correct count by the literal formula with plain forwards and hooks; independent of igd_cli.defense.
+    The smoothing noise is the documented stream (igd_cli.noise, tested on its own in test_noise.py): each image's
+    first draw after a restart at ``seed``."""
+    noise = ContentNoise(seed)
     total = 0
     with torch.no_grad():
         for b in data.batches(BS):
             x = b.x
-            logits = model(x + torch.randn((1, *x.shape), generator=g)[0] * sigma) if rs else model(x)
+            logits = model(x + sigma * noise.sample(x, 1)[0]) if rs else model(x)
             s = F.softmax(logits / tau, dim=1) @ mask.float().t()
             with scaled(model, "block3", s):
                 total += int((model(x).argmax(1) == b.y).sum())
@@ -77,17 +80,21 @@ def literal_correct(model, mask, data, *, rs, sigma, tau, seed):
 def test_boundary_k_by_independent_evaluation(request, target, rs, which):
     imp = load_artifact(request.getfixturevalue(which), kind="importance")["importance"]
     data = load_dataset("digits", "test", N_EX)
-    d = IGDefense(target.model, "block3", torch.ones(128, 10), sigma=0.1, rs=rs, seed=3)
+    d = IGDefense(target.model, "block3", torch.ones(128, 10), sigma=SIGMA, rs=rs, seed=3)
     cal = calibrate_k(d, imp, data, tolerance=0.5, batch_size=BS)
     assert cal.searched and cal.order[0] == 128 and cal.correct[128] == cal.base_correct
     base = int(sum(int((target.model(b.x).argmax(1) == b.y).sum()) for b in data.batches(BS)))
     assert base == cal.base_correct
     k = cal.k
     assert k > 1, "the demo model should need more than one neuron per class"
-    kw = dict(rs=rs, sigma=0.1, tau=0.01, seed=3)
+    kw = dict(rs=rs, sigma=SIGMA, tau=0.01, seed=3)
     at_k = literal_correct(target.model, topk_mask(imp, k), data, **kw)
     below = literal_correct(target.model, topk_mask(imp, k - 1), data, **kw)
     assert at_k == cal.correct[k] and below == cal.correct[k - 1]
+    if rs:  # the noise flips predictions here, so a reference drawing other noise would disagree
+        others = {literal_correct(target.model, topk_mask(imp, kk), data, **{**kw, "seed": s})
+                  for kk in (k, k - 1) for s in (4, 5)}
+        assert others - {at_k, below}
     assert passes(at_k, base, N_EX, 0.5) and not passes(below, base, N_EX, 0.5)
     assert [kk for kk, _ in cal.curve] == sorted(cal.correct)
 
@@ -106,8 +113,10 @@ def test_cache_recompute_and_seed_give_identical_results(target, rand_imp):
     assert other.correct != cached.correct  # the noise does matter at τ = 0.5, σ = 0.2: the check can fail
 
 
-@pytest.mark.parametrize("rs_args", [[], ["--no-rs"]])
+@pytest.mark.parametrize("rs_args", [["--sigma", SIGMA], ["--no-rs"]])
 def test_cli_calibrate_agrees_with_defend_eval(cli, tmp_path, loir, rs_args):
+    """calibrate-k's clean accuracy is the defence's first noise draw: defend-eval's single-draw protocol gives it
+    exactly, and it is draw 0 of the repeated-draw protocol (whose other draws differ where noise flips)."""
     mask = tmp_path / "mask.safetensors"
     plot = tmp_path / "cal.png"
     common = ["--n-examples", N_EX, "--batch-size", BS, "--seed", 5, "--device", "cpu"]
@@ -121,26 +130,39 @@ def test_cli_calibrate_agrees_with_defend_eval(cli, tmp_path, loir, rs_args):
     m = art["mask"]
     assert m.dtype == torch.uint8 and m.shape == (128, 10) and (m.sum(0) == res["k"]).all()
     meta = art.meta
+    rs = rs_args[0] != "--no-rs"
     assert meta["k"] == res["k"] and meta["layer"] == "block3" and meta["method"] == "lo-ir"
     assert meta["importance_sha256"] and meta["importance_file"] == str(loir)
-    assert meta["defense"] == {"tau": 0.01, "sigma": None if rs_args else 0.1, "n_smooth": 1, "rs": not rs_args,
-                               "eps": None if rs_args else 0.2}
+    # σ given explicitly: no ε is involved
+    assert meta["defense"] == {"tau": 0.01, "sigma": SIGMA if rs else None, "n_smooth": 1, "rs": rs, "eps": None}
+    one = cli("defend-eval", "--mask", mask, "--attack", "none", *common, "--protocol", "single-draw", "--json")
+    assert one.code == 0, one.err
+    assert one.json()["clean_accuracy"] == res["clean_accuracy"]
+    assert one.json()["base_clean_accuracy"] == res["base_clean_accuracy"]
     rep = tmp_path / "report.safetensors"
     e = cli("defend-eval", "--mask", mask, "--attack", "none", *common, "--report", rep, "--json")
     assert e.code == 0, e.err
     ev = e.json()
-    assert ev["clean_accuracy"] == res["clean_accuracy"]
     assert ev["base_clean_accuracy"] == res["base_clean_accuracy"]
     assert ev["robust_accuracy"] == {} and ev["base_robust_accuracy"] == {} and ev["worst_case"] is None
-    assert ev["n_examples"] == N_EX
+    assert ev["n_examples"] == N_EX and ev["eps"] is None  # a clean evaluation never needs ε
+    clean = ev["scores"]["defended"]["clean"]
+    assert clean["per_draw"][0] == round(res["clean_accuracy"] * N_EX)
+    if rs:
+        assert ev["draws"] == 5 and ev["randomized"] and len(set(clean["per_draw"])) > 1
+        assert ev["clean_accuracy_std"] > 0
+    else:
+        assert ev["draws"] == 1 and ev["clean_accuracy"] == res["clean_accuracy"] and ev["clean_accuracy_std"] == 0
     report = load_artifact(rep, kind="eval-report")
-    assert report["correct"].shape == (N_EX, 2)
-    assert report["correct"][:, 1].float().mean().item() == pytest.approx(ev["clean_accuracy"])
-    per_class = report.meta["per_class"]["defended clean"]
+    assert report.meta["columns"] == ["base:clean", "defended:clean"]
+    correct = report["correct"]  # rows x images: final draws correct per image
+    assert correct.shape == (2, N_EX)
+    assert correct[1].sum().item() / (ev["draws"] * N_EX) == pytest.approx(ev["clean_accuracy"])
+    per_class = report.meta["result"]["per_class"]["rows"]["defended:clean"]["accuracy"]
     y = report["y"]
     for c in range(10):
         sel = y == c
-        assert per_class[c] == pytest.approx(report["correct"][sel, 1].float().mean().item())
+        assert per_class[c] == pytest.approx(correct[1][sel].sum().item() / (ev["draws"] * int(sel.sum())))
 
 
 def test_cli_given_k_and_human_output(cli, tmp_path, rand_imp):
@@ -154,7 +176,7 @@ def test_cli_given_k_and_human_output(cli, tmp_path, rand_imp):
     h = cli("calibrate-k", "--importance", rand_imp, "--out", mask, "--n-examples", 50, "--device", "cpu")
     assert h.code == 0 and "chosen" in h.out and "k =" in h.out
     d = cli("defend-eval", "--mask", mask, "--n-examples", 50, "--device", "cpu")
-    assert d.code == 0 and "defended" in d.out
+    assert d.code == 0 and "+ IG-Defense" in d.out and "Clean" in d.out
 
 
 def _bad(tmp_path, target, name, imp, **meta):
@@ -221,3 +243,37 @@ def test_defend_eval_delegates_attacks(cli, tmp_path, rand_imp):
         res = r.json()
         assert {"n_examples", "clean_accuracy", "base_clean_accuracy", "robust_accuracy", "base_robust_accuracy",
                 "worst_case"} <= set(res) and "fgsm" in res["robust_accuracy"] and res["k"] == 30
+
+
+def test_eps_asked_only_where_used(cli, tmp_path, demo):
+    """Issue 14.3: a model and data with no known ε (a state-dict file, a tensor file) need --eps only for the
+    smoothing noise and the attacks; the error says which option needs it. The mask's probe set reaches the
+    defend-eval report."""
+    weights = tmp_path / "demo-cnn.pt"
+    torch.save(demo.model.state_dict(), weights)
+    data = digits_safetensors(tmp_path, "test", 40)
+    common = ["--model", weights, "--arch", "demo-cnn", "--dataset", data, "--device", "cpu"]
+    imp = tmp_path / "imp.safetensors"
+    assert cli("rank", *common, "--method", "random", "--out", imp).code == 0
+    r = cli("calibrate-k", *common, "--importance", imp, "--k", 8, "--out", tmp_path / "rs.safetensors")
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1
+    assert "pass --eps" in r.err and "--sigma" in r.err and "--no-rs" in r.err
+    mask = tmp_path / "mask.safetensors"
+    r = cli("calibrate-k", *common, "--importance", imp, "--k", 8, "--no-rs", "--out", mask, "--json")
+    assert r.code == 0, r.err
+    cal = r.json()
+    report = tmp_path / "report.safetensors"
+    r = cli("defend-eval", *common, "--mask", mask, "--no-rs", "--attack", "none", "--report", report, "--json")
+    assert r.code == 0, r.err
+    j = r.json()
+    assert j["n_examples"] == 40 and j["clean_accuracy"] == cal["clean_accuracy"]
+    probe = load_artifact(imp).meta["data"]
+    assert probe["dataset"] == str(data)
+    assert load_artifact(mask).meta["probe"] == probe and j["probe"] == probe
+    meta = load_artifact(report).meta
+    assert meta["probe"] == probe and meta["eval_identity"]["eps"] is None
+    r = cli("defend-eval", *common, "--mask", mask, "--attack", "fgsm")
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1
+    assert "pass --eps" in r.err and "--attack fgsm" in r.err
+    r = cli("attack", *common, "--attack", "fgsm", "--out", tmp_path / "adv.safetensors")
+    assert r.code == 2 and "pass --eps" in r.err and "the attack's budget" in r.err

@@ -30,3 +30,31 @@ def test_console_script_json_is_one_object(tmp_path):
     assert subprocess.run(exe + ["--version"], capture_output=True, text=True).stdout.startswith("igd ")
     bad = subprocess.run(exe + ["inspect", str(tmp_path / "x.safetensors")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stdout == ""
+
+
+def test_help_reads_right(cli):
+    """Issue 14.5: igd --help shows a whole summary per command; every --help runs; the pipeline's budget options
+    say that their defaults come from --preset; --eps says what it is for and where its default comes from."""
+    from igd_cli.commands import MODULES
+
+    r = cli("--help")
+    assert r.code == 0
+    listed = r.out.split("Commands:", 1)[1].strip().splitlines()
+    assert len(listed) == len(MODULES) and not any(ln.rstrip().endswith("...") for ln in listed), listed
+    for command in ("rank", "calibrate-k", "attack", "defend-eval", "pipeline", "merge", "inspect", "layers"):
+        assert cli(command, "--help").code == 0, command
+    flat = " ".join(cli("pipeline", "--help").out.split())
+    for what in ("first N test images", "attack iterations", "random restarts", "RayS/Square queries",
+                 "EoT samples per step"):
+        assert f"{what} (default: the --preset's" in flat, what
+    flat = " ".join(cli("attack", "--help").out.split())
+    assert "--threat-model L2" in flat and "zoo entry's" in flat
+    assert "--adv FILE" in " ".join(cli("defend-eval", "--help").out.split())
+
+
+def test_l2_default_eps(resnet18_path):
+    """With --threat-model L2 the per-data-set default ε is the l2 one (0.5 on CIFAR), not the l-inf 8/255."""
+    from igd_cli.common import open_target
+
+    assert open_target(str(resnet18_path), "resnet18", "cifar10", "L2", "cpu").default_eps() == 0.5
+    assert open_target(str(resnet18_path), "resnet18", "cifar10", "Linf", "cpu").default_eps() == 8 / 255

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from igd_cli.data import load_dataset
+from igd_cli.data import load_dataset, same_images
 from igd_cli.errors import IgdError
 
-from .conftest import SHARED_DATA, cifar_safetensors
+from .conftest import SHARED_DATA, cifar_safetensors, digits_safetensors
 
 
 def test_digits_split_is_deterministic_and_disjoint():
@@ -86,3 +86,21 @@ def test_cifar_offline_error_names_the_archive(tmp_path, monkeypatch):
     monkeypatch.setenv("IGD_OFFLINE", "1")
     with pytest.raises(IgdError, match=r"cifar-10-python\.tar\.gz"):
         load_dataset("cifar10", "test", data_dir_arg=tmp_path)
+
+
+def test_same_images(tmp_path):
+    """Files have no splits: one file (by path or content) is the same images whatever split was asked;
+    named data sets differ by split."""
+    a = cifar_safetensors(tmp_path, n=12)
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(a.read_bytes())
+    (tmp_path / "other").mkdir()
+    other = cifar_safetensors(tmp_path / "other", n=12, seed=1)  # same size, other pixels
+    assert same_images(load_dataset(str(a), "train", 3), load_dataset(str(a), "test"))
+    assert same_images(load_dataset(str(a), "train"), load_dataset(str(copy), "test"))
+    assert not same_images(load_dataset(str(a), "train"), load_dataset(str(other), "test"))
+    assert not same_images(load_dataset("digits", "train"), load_dataset("digits", "test"))
+    assert same_images(load_dataset("digits", "test", 5), load_dataset("digits", "test"))
+    assert not same_images(load_dataset("digits", "test"), load_dataset(str(digits_safetensors(tmp_path)), "test"))
+    assert load_dataset(str(a), "train").wording() == f"12 images of {a}"
+    assert load_dataset("digits", "train", 7).wording() == "7 training images of digits"

@@ -108,14 +108,15 @@ def test_clean_report_shards_merge_to_the_unsharded_report(cli, work, tmp_path):
     j = _merge(cli, [parts[2], parts[0], parts[1]], tmp_path / "merged.safetensors")  # any order
     assert j["clean_accuracy"] == wj["clean_accuracy"] and j["base_clean_accuracy"] == wj["base_clean_accuracy"]
     a, b = load_artifact(whole, kind="eval-report"), load_artifact(tmp_path / "merged.safetensors", kind="eval-report")
-    for t in ("correct", "y", "index"):
+    for t in ("correct", "y", "index", "base_draws", "defended_draws"):
         assert torch.equal(a[t], b[t]), t
-    for k in ("accuracy", "per_class", "class_counts", "clean_accuracy", "base_clean_accuracy", "n_examples",
-              "columns", "eval_identity", "data"):
+    for k in ("n_examples", "columns", "candidates", "eval_identity", "data", "protocol", "draws"):
         assert b.meta[k] == a.meta[k], k
+    for k in ("per_class", "clean_accuracy", "base_clean_accuracy", "scores"):
+        assert b.meta["result"][k] == a.meta["result"][k], k
     assert b.meta["positions"] == [0, N] and "shard" not in b.meta
     h = cli("merge", *parts, "--out", tmp_path / "again.safetensors")
-    assert h.code == 0 and f"{100 * wj['clean_accuracy']:.2f}%" in h.out
+    assert h.code == 0 and f"{100 * wj['clean_accuracy']:.2f}" in h.out and "Clean" in h.out
 
     # foreign shards: other seed, other mask; overlap and gap
     seed1 = tmp_path / "seed1.safetensors"
@@ -196,10 +197,15 @@ def test_randomized_defence_shards_merge_to_the_unsharded_report(cli, work, tmp_
     wj = r.json()
     assert 0 < wj["robust_accuracy"]["apgd-eot"] < wj["clean_accuracy"]
     j = _merge(cli, _shards(cli, tmp_path, common, 3, "rs"), tmp_path / "merged.safetensors")
-    for k in ("clean_accuracy", "robust_accuracy", "base_robust_accuracy", "worst_case"):
+    assert wj["draws"] == 5 and wj["robust_accuracy_std"]["apgd-eot"] > 0  # the noise does flip predictions
+    for k in ("clean_accuracy", "clean_accuracy_std", "robust_accuracy", "robust_accuracy_std",
+              "base_robust_accuracy", "worst_case", "worst_case_std", "worst_case_majority", "worst_case_all_draws",
+              "draws", "protocol"):
         assert j[k] == wj[k], k
     a, b = load_artifact(whole, kind="eval-report"), load_artifact(tmp_path / "merged.safetensors", kind="eval-report")
-    assert torch.equal(a["correct"], b["correct"])
+    for t in ("correct", "base_draws", "defended_draws"):
+        assert torch.equal(a[t], b[t]), t
+    assert a["defended_draws"].shape == (2, 10, N)  # clean and the attack, 5 final + 5 selection draws
 
 
 def test_iwwc_shards_merge_to_the_unsharded_report(cli, work, tmp_path):

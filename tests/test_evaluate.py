@@ -17,6 +17,7 @@ from igd_cli.common import open_target
 from igd_cli.data import load_dataset
 from igd_cli.errors import IgdError
 from igd_cli.evaluate import Budgets, evaluate_defense
+from igd_cli.scoring import final_rows, selected
 
 N = 14
 TINY = Budgets(steps=3, restarts=1, queries=25, eot_iter=2)
@@ -68,22 +69,49 @@ def iwwc(tmp_path_factory, target, data, mask_path):
     return res, work
 
 
-def test_worst_case_is_the_per_image_minimum(iwwc):
+def _protocol_reference(cands, r):
+    """The repeated-draw protocol written out image by image (independent of igd_cli.scoring): rows 0..R-1 of a
+    candidate are its final draws, rows R..2R-1 its selection draws; per image the first candidate with the fewest
+    correct selection draws is selected and its final draws score the image."""
+    n = cands[0].shape[1]
+    per_draw, majority, every = [0] * r, 0, 0
+    for i in range(n):
+        sel = [int(c[r:, i].sum()) for c in cands]
+        best = sel.index(min(sel))
+        final = [bool(cands[best][d, i]) for d in range(r)]
+        for d in range(r):
+            per_draw[d] += final[d]
+        majority += sum(final) > r / 2
+        every += all(final)
+    accs = [c / n for c in per_draw]
+    mean = sum(accs) / r
+    std = (sum((a - mean) ** 2 for a in accs) / (r - 1)) ** 0.5
+    return mean, std, majority / n, every / n
+
+
+def test_worst_case_follows_the_protocol(iwwc):
     res, _ = iwwc
     j = res.to_json()
     assert set(j["robust_accuracy"]) == {"aa", "rays", "apgd-eot", "tr-apgd-ce", "tr-apgd-cw", "tr-apgd-t-dlr",
                                          "tr-aa", "tr-rays", "tr-apgd-eot"}
-    rows = torch.stack([res.clean_defended, *res.defended.values()])
-    assert torch.equal(res.worst(True), rows.all(0))
-    assert j["worst_case"] == pytest.approx(rows.all(0).float().mean().item())
-    assert j["worst_case"] <= min(j["robust_accuracy"].values()) + 1e-9
-    base_rows = torch.stack([res.clean_base] + [res.base[f"tr-{a}"] for a in ev.TRANSFER])
-    assert j["base_worst_case"] == pytest.approx(base_rows.all(0).float().mean().item())
+    assert j["draws"] == 5 and j["randomized"] and j["protocol"] == "draws"
+    cands = [res.clean_defended, *res.defended.values()]
+    assert all(c.shape == (10, N) for c in cands)
+    mean, std, majority, every = _protocol_reference(cands, 5)
+    assert j["worst_case"] == pytest.approx(mean, abs=1e-12) and j["worst_case_std"] == pytest.approx(std, abs=1e-12)
+    assert j["worst_case_majority"] == pytest.approx(majority) and j["worst_case_all_draws"] == pytest.approx(every)
+    assert every <= mean + 1e-9 and j["worst_case"] <= j["clean_accuracy"] + 1e-9
+    for k, bits in res.defended.items():  # each column: the protocol over {clean, its point}
+        m, s, _, _ = _protocol_reference([res.clean_defended, bits], 5)
+        assert j["robust_accuracy"][k] == pytest.approx(m, abs=1e-12), k
+        assert j["robust_accuracy_std"][k] == pytest.approx(s, abs=1e-12), k
+    # the base model is deterministic: scored once, the worst case is the AND over its candidates
+    base_rows = torch.cat([res.clean_base] + [res.base[f"tr-{a}"] for a in ev.TRANSFER])
+    assert res.clean_base.shape == (1, N)
+    assert j["base_worst_case"] == int(base_rows.all(0).sum()) / N
     # Table 8's base row: the direct columns are the base model's own attacks
     for a in ev.DIRECT:
         assert j["base_robust_accuracy"][a] == j["base_robust_accuracy"][f"tr-{a}"]
-    for k, v in j["robust_accuracy"].items():  # no attack beats a clean mistake into a correct answer
-        assert v <= j["clean_accuracy"] + 1e-9
     pc = j["per_class"]["rows"]["defended:worst_case"]
     present = [a for a in pc["accuracy"] if a is not None]
     assert pc["worst"] == min(present) and pc["best"] == max(present)
@@ -154,8 +182,11 @@ def test_skipping_keeps_the_worst_case(tmp_path, target, data, mask_path, monkey
               defense_meta=ident, show_progress=False)
     fast = evaluate_defense(target, d, data, workdir=tmp_path / "a", skip=True, **kw)
     slow = evaluate_defense(target, d, data, workdir=tmp_path / "b", skip=False, **kw)
-    assert torch.equal(fast.worst(True), slow.worst(True))
-    assert 0 < int(fast.worst(True).sum()) < int(fast.clean_defended.sum())
+    assert torch.equal(fast.worst(True), slow.worst(True))  # the final draws of the selected points
+    assert torch.equal(selected(fast.candidates(True)), selected(slow.candidates(True)))
+    assert 0 < int(fast.worst(True).sum()) < int(final_rows(fast.clean_defended).sum())
+    for k in ("worst_case", "worst_case_std", "worst_case_majority", "worst_case_all_draws"):
+        assert fast.to_json()[k] == slow.to_json()[k], k
     assert set(fast.survivors_only) <= {"rays", "apgd-eot"} and fast.survivors_only
     assert not slow.survivors_only
     fj, sj = fast.to_json(), slow.to_json()
@@ -231,14 +262,21 @@ def test_cli_attack_on_the_defended_model(cli, tmp_path, mask_path, target):
 
 def test_defend_eval_uses_the_library(cli, tmp_path, mask_path):
     adv = tmp_path / "pgd.safetensors"
-    assert cli("attack", "--attack", "pgd", "--steps", "3", "--n-examples", "8", "--device", "cpu",
-               "--out", adv).code == 0
+    r = cli("attack", "--attack", "pgd", "--steps", "3", "--n-examples", "8", "--device", "cpu", "--out", adv)
+    assert r.code == 0 and "budget steps 3" in " ".join(r.out.split()) and "{" not in r.out  # no dict repr
     r = cli("defend-eval", "--mask", mask_path, "--adv", adv, "--n-examples", "8", "--device", "cpu", "--json")
     assert r.code == 0, r.err
     j = r.json()
     assert set(j) >= {"n_examples", "clean_accuracy", "base_clean_accuracy", "robust_accuracy",
                       "base_robust_accuracy", "worst_case"}
     assert set(j["robust_accuracy"]) == {"tr-pgd"} and j["worst_case"] == j["robust_accuracy"]["tr-pgd"]
+    # a set holding fewer images than evaluated is refused (its missing images would read as broken)
+    r = cli("defend-eval", "--mask", mask_path, "--adv", adv, "--n-examples", "12", "--device", "cpu")
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1
+    assert r.err.strip() == (f"error: {adv}: holds 8 of the 12 images evaluated (4 missing, which would count as "
+                             f"broken): pass --n-examples 8")
+    r = cli("defend-eval", "--mask", mask_path, "--adv", adv, "--n-examples", "8", "--device", "cpu")
+    assert r.code == 0 and "defend-eval --adv:" in r.out
 
 
 def test_table_rendering(iwwc):
@@ -253,3 +291,45 @@ def test_table_rendering(iwwc):
                   "Tr-RayS", "Tr-APGD+EoT", "IW-WC", "+ IG-Defense", "defended:worst_case"):
         assert label in text, label
     assert f"{100 * res.to_json()['worst_case']:.2f}" in text
+
+
+@pytest.fixture(scope="module")
+def two_sets(tmp_path_factory, target, data):
+    """PGD and FGSM sets made on the base model (transfer sets for the scoring tests)."""
+    from igd_cli.attacks import make_attack, run_attack
+
+    out = []
+    for name in ("pgd", "fgsm"):
+        atk = make_attack(name, target.model, eps=0.2, seed=0, steps=3 if name == "pgd" else None)
+        res = run_attack(atk, data, batch_size=8, show_progress=False)
+        p = tmp_path_factory.mktemp("sets") / f"{name}.safetensors"
+        ev.save_adversarial(p, res, ev.set_meta(target.provenance(), atk.describe(), "base", data, 0.0))
+        out.append(p)
+    return out
+
+
+def test_a_deterministic_defence_equals_the_single_draw_protocol(target, data, mask_path, two_sets):
+    d = _defense(target, mask_path, rs=False)
+    kw = dict(attack="none", adv_files=two_sets, workdir=None, seed=0, show_progress=False,
+              defense_meta=ev.defense_identity(mask_path, d))
+    many = evaluate_defense(target, d, data, **kw).to_json()
+    one = evaluate_defense(target, _defense(target, mask_path, rs=False), data, protocol="single-draw", **kw).to_json()
+    assert many["draws"] == 1 and not many["randomized"]
+    assert many["worst_case"] == many["worst_case_majority"] == many["worst_case_all_draws"] == one["worst_case"]
+    assert many["worst_case_std"] == 0 and set(many["robust_accuracy_std"].values()) == {0.0}
+    assert many["robust_accuracy"] == one["robust_accuracy"] and many["clean_accuracy"] == one["clean_accuracy"]
+    assert 0 < many["worst_case"] < many["clean_accuracy"]
+
+
+def test_a_mask_keeping_every_neuron_is_the_base_model(tmp_path, target, data, two_sets):
+    """k = N: s = Σ_c ŷ_c = 1 whatever the noise, so the randomized defence is the base model in every draw."""
+    path = _mask_file(tmp_path / "all.safetensors", target, k=128)
+    d = _defense(target, path)
+    assert d.randomized
+    res = evaluate_defense(target, d, data, attack="none", adv_files=two_sets, workdir=None, seed=0,
+                           show_progress=False, defense_meta=ev.defense_identity(path, d))
+    j = res.to_json()
+    assert j["draws"] == 5
+    assert j["clean_accuracy"] == j["base_clean_accuracy"] and j["robust_accuracy"] == j["base_robust_accuracy"]
+    assert j["worst_case"] == j["worst_case_majority"] == j["worst_case_all_draws"] == j["base_worst_case"]
+    assert j["worst_case_std"] == 0

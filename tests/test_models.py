@@ -7,10 +7,11 @@ import torch
 from safetensors.torch import save_file
 
 from igd_cli.archs import ARCHS
+from igd_cli.artifacts import read_metadata
 from igd_cli.errors import IgdError
 from igd_cli.models import fingerprint, load_model
 
-from .conftest import SHARED_DATA
+from .conftest import SHARED_DATA, cifar_safetensors
 
 ARCH_INPUT = {"resnet18": (3, 32, 32), "preact-resnet18": (3, 32, 32), "wrn-34-10": (3, 32, 32),
               "resnet50": (3, 64, 64), "demo-cnn": (1, 8, 8)}
@@ -73,8 +74,12 @@ def test_demo_model_clean_accuracy(demo, digits_test):
     assert demo.eps == pytest.approx(0.2) and demo.dataset == "digits" and demo.default_layer == "block3"
 
 
-def test_robustbench_checkpoint_in_model_dir_loads_offline(igd_home, monkeypatch):
-    """A zoo checkpoint already in $IGD_HOME/models/<dataset>/<threat>/<name>.pt loads with no network."""
+ZOO_RN18 = "Addepalli2022Efficient_RN18"  # a ResNet-18 entry, listed under cifar10 and cifar100 (Linf)
+
+
+@pytest.fixture
+def offline_zoo(igd_home, monkeypatch):
+    """$IGD_HOME with no network: robustbench may read checkpoints from the model dir but never download."""
     import igd_cli._compat as compat
 
     monkeypatch.setenv("IGD_OFFLINE", "1")
@@ -85,15 +90,137 @@ def test_robustbench_checkpoint_in_model_dir_loads_offline(igd_home, monkeypatch
         raise AssertionError("tried to download")
 
     monkeypatch.setattr(rbu, "download_gdrive_new", no_network)
-    net = ARCHS["resnet18"].build(10).eval()
-    _randomize_bn(net, seed=3)
-    path = igd_home / "models" / "cifar10" / "Linf" / "Addepalli2022Efficient_RN18.pt"
-    path.parent.mkdir(parents=True)
+    return igd_home
+
+
+def place_zoo_checkpoint(igd_home, dataset: str = "cifar10", num_classes: int = 10, seed: int = 3) -> torch.nn.Module:
+    """A randomly initialised ResNet-18 (the architecture of the zoo's ResNet-18 entries) saved where robustbench's
+    ``load_model`` reads a local checkpoint: ``<model dir>/<dataset>/Linf/<name>.pt``, a plain state dict."""
+    net = ARCHS["resnet18"].build(num_classes).eval()
+    _randomize_bn(net, seed=seed)
+    path = igd_home / "models" / dataset / "Linf" / f"{ZOO_RN18}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
-    loaded = load_model("Addepalli2022Efficient_RN18")
+    return net
+
+
+def test_robustbench_checkpoint_in_model_dir_loads_offline(offline_zoo):
+    """A zoo checkpoint already in $IGD_HOME/models/<dataset>/<threat>/<name>.pt loads with no network."""
+    net = place_zoo_checkpoint(offline_zoo)
+    loaded = load_model(ZOO_RN18)
     assert loaded.source == "robustbench" and loaded.dataset == "cifar10"
     assert loaded.fingerprint == fingerprint(net)
     assert loaded.eps == pytest.approx(8 / 255) and loaded.default_layer == "layer4"
+    assert loaded.input_shape == (3, 32, 32)
+
+
+def test_zoo_model_with_tensor_file_data(offline_zoo, cli, tmp_path):
+    """Issue 14.1: the zoo says the entry's data set (classes, ε, layer); --dataset FILE only gives the images."""
+    net = place_zoo_checkpoint(offline_zoo)
+    data = cifar_safetensors(tmp_path, n=8)
+    imp = tmp_path / "imp.safetensors"
+    r = cli("rank", "--model", ZOO_RN18, "--dataset", data, "--out", imp, "--device", "cpu", "--json")
+    assert r.code == 0, r.err
+    j = r.json()
+    assert j["layer"] == "layer4" and j["shape"] == [512, 10] and j["n_probe"] == 8
+    meta = read_metadata(imp)
+    assert meta["model_fingerprint"] == fingerprint(net) and meta["dataset"] == str(data)
+    assert meta["data"]["dataset"] == str(data)
+    r = cli("attack", "--model", ZOO_RN18, "--dataset", data, "--attack", "fgsm", "--n-examples", 4,
+            "--out", tmp_path / "adv.safetensors", "--device", "cpu", "--json")
+    assert r.code == 0, r.err
+    assert r.json()["eps"] == pytest.approx(8 / 255)  # the zoo entry's ε (CIFAR-10, Linf), not the file's
+
+
+def test_zoo_entry_resolution(offline_zoo):
+    """A name listed under several data sets: --zoo-dataset, else --dataset when it is one of them, else the one
+    local checkpoint, else the zoo's order; a data-set-less hint (a file) does not count."""
+    from igd_cli.models import robustbench_entry
+
+    e = robustbench_entry(ZOO_RN18)
+    assert (e.dataset, e.threat_model, e.chosen_by) == ("cifar10", "Linf", "zoo order")
+    assert e.listed_under == ("cifar10", "cifar100")
+    assert robustbench_entry(ZOO_RN18, prefer="cifar100").dataset == "cifar100"
+    assert robustbench_entry(ZOO_RN18, prefer="/data/test.safetensors").chosen_by == "zoo order"
+    place_zoo_checkpoint(offline_zoo, "cifar100", 100)
+    e = robustbench_entry(ZOO_RN18)
+    assert (e.dataset, e.chosen_by) == ("cifar100", "local checkpoint")
+    assert e.checkpoint() == offline_zoo / "models" / "cifar100" / "Linf" / f"{ZOO_RN18}.pt"
+    place_zoo_checkpoint(offline_zoo, "cifar10", 10)
+    assert robustbench_entry(ZOO_RN18).chosen_by == "zoo order"
+    e = robustbench_entry(ZOO_RN18, zoo_dataset="cifar100", prefer="cifar10")
+    assert (e.dataset, e.chosen_by) == ("cifar100", "--zoo-dataset")
+    with pytest.raises(IgdError, match="not listed under --zoo-dataset imagenet.*cifar10, cifar100"):
+        robustbench_entry(ZOO_RN18, zoo_dataset="imagenet")
+    with pytest.raises(IgdError, match="--zoo-dataset mnist: expected one of cifar10, cifar100, imagenet"):
+        robustbench_entry(ZOO_RN18, zoo_dataset="mnist")
+
+
+def test_zoo_dataset_option(offline_zoo, cli, tmp_path):
+    """--zoo-dataset on the command line; an ambiguous name without it says which entry it used; a class mismatch
+    suggests --zoo-dataset; --zoo-dataset is refused for a model that is not a zoo name."""
+    place_zoo_checkpoint(offline_zoo, "cifar10", 10)
+    place_zoo_checkpoint(offline_zoo, "cifar100", 100, seed=4)
+    r = cli("layers", "--model", ZOO_RN18, "--zoo-dataset", "cifar100", "--device", "cpu", "--json")
+    assert r.code == 0, r.err
+    assert {row["layer"]: row["shape"] for row in r.json()["layers"]}["linear"] == [100]
+    assert "note:" not in r.err
+    r = cli("layers", "--model", ZOO_RN18, "--device", "cpu", "--json")
+    assert r.code == 0, r.err
+    assert {row["layer"]: row["shape"] for row in r.json()["layers"]}["linear"] == [10]
+    assert "listed under cifar10 and cifar100" in r.err and "--zoo-dataset" in r.err
+    data100 = cifar_safetensors(tmp_path, n=8, classes=100)
+    r = cli("rank", "--model", ZOO_RN18, "--dataset", data100, "--out", tmp_path / "i.safetensors", "--device", "cpu")
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 2  # the note, then the error
+    assert r.err.strip().splitlines()[1].startswith("error: --dataset")
+    assert "has 100 classes but the model predicts 10" in r.err and "pass --zoo-dataset" in r.err
+    r = cli("layers", "--model", "demo", "--zoo-dataset", "cifar10")
+    assert r.code == 2 and "only for RobustBench zoo names" in r.err
+
+
+def test_layers_needs_no_data(offline_zoo, cli, resnet18_path):
+    """Issue 14.4: igd layers takes the input shape from the zoo entry or architecture (no CIFAR-10 archive, no
+    --dataset), or from --input-shape."""
+    place_zoo_checkpoint(offline_zoo)
+    assert not (offline_zoo / "data").exists()
+    r = cli("layers", "--model", ZOO_RN18, "--device", "cpu", "--json")
+    assert r.code == 0, r.err
+    j = r.json()
+    assert j["input_shape"] == [3, 32, 32]
+    assert {row["layer"]: row["shape"] for row in j["layers"]}["layer4"] == [512, 4, 4]
+    r = cli("layers", "--model", resnet18_path, "--arch", "resnet18", "--device", "cpu", "--json")
+    assert r.code == 0, r.err
+    assert r.json()["input_shape"] == [3, 32, 32] and r.json()["default_layer"] == "layer4"
+    r = cli("layers", "--input-shape", "1,16,16", "--json")  # the demo CNN pools globally: any size runs
+    assert r.code == 0, r.err
+    assert {row["layer"]: row["shape"] for row in r.json()["layers"]}["block3"] == [128, 8, 8]
+    for bad in ("3,32", "a,b,c", "0,8,8"):
+        r = cli("layers", "--input-shape", bad)
+        assert r.code == 2 and r.err.startswith("error: --input-shape") and len(r.err.strip().splitlines()) == 1
+
+
+def test_images_the_model_cannot_take(cli, tmp_path, resnet18_path):
+    """Grey 8×8 digits for a CIFAR ResNet: one line naming both shapes, not a convolution traceback."""
+    r = cli("rank", "--model", resnet18_path, "--arch", "resnet18", "--dataset", "digits",
+            "--out", tmp_path / "i.safetensors", "--device", "cpu")
+    assert r.code == 2 and r.err.strip() == "error: --dataset digits has 1-channel images but the model takes 3×32×32"
+
+
+def test_input_shape_from_data_only_when_nothing_else_says(demo):
+    """A model whose source does not fix its input shape reads it from the data set, and without one asks for
+    --input-shape."""
+    import dataclasses
+
+    from igd_cli.common import model_input_shape
+
+    unknown = dataclasses.replace(demo, input_shape=None, dataset=None)
+    assert model_input_shape(unknown, None, "digits") == (1, 8, 8)
+    assert model_input_shape(unknown, (1, 12, 12), "digits") == (1, 12, 12)
+    assert model_input_shape(demo, None, None) == (1, 8, 8)
+    with pytest.raises(IgdError, match="pass --input-shape C,H,W"):
+        model_input_shape(unknown, None, None)
+    for arch, spec in ARCHS.items():
+        assert spec.input_shape is not None, arch
 
 
 def test_robustbench_missing_offline_names_path(igd_home, monkeypatch, cli):

@@ -278,7 +278,7 @@ def test_calibrate_several_layers_boundary_by_literal_evaluation(target, imps):
 
 
 def test_cli_calibrate_several_layers_then_every_mask_command(cli, tmp_path, imps):
-    (p2, _), (p3, i3) = imps["block2"], imps["block3"]
+    (p2, _), (p3, _) = imps["block2"], imps["block3"]
     mask = tmp_path / "mask.safetensors"
     common = ["--n-examples", 60, "--batch-size", 32, "--device", "cpu"]
     r = cli("calibrate-k", "--importance", p2, "--importance", p3, "--out", mask, "--plot", tmp_path / "c.png",

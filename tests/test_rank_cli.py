@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .conftest import cifar_safetensors
+from .conftest import cifar_safetensors, digits_safetensors
 from igd_cli.artifacts import file_sha256, load_artifact, read_metadata, save_artifact
 from igd_cli.errors import IgdError
 from igd_cli.shards import check_cover, parse_neurons, shard_path, shard_ranges
@@ -165,3 +165,16 @@ def test_shard_helpers():
         from igd_cli.artifacts import Artifact
 
         check_cover([Artifact(shard_path("x.safetensors", 0, 1), {}, {"neurons": [0, 20]})], 10)
+
+
+def test_rank_probe_dataset(cli, tmp_path):
+    """--probe-dataset FILE ranks on the file's images (no splits: all of them, first N), whatever --dataset says."""
+    train = digits_safetensors(tmp_path, "train", 60)
+    j = rank(cli, "--probe-dataset", train, "--dataset", "digits", "--out", tmp_path / "f.safetensors")
+    ref = rank(cli, "--dataset", "digits", "--split", "train", "--out", tmp_path / "d.safetensors")
+    assert j["n_probe"] == 30 and ref["n_probe"] == 30
+    a, b = load_artifact(tmp_path / "f.safetensors"), load_artifact(tmp_path / "d.safetensors")
+    assert a.meta["data"] == {"dataset": str(train), "split": "train", "n": 30}
+    # same pixels; float32 rounding may differ (sklearn's digits tensor has channel stride 1, which oneDNN
+    # reads as channels-last, and picks another convolution kernel)
+    assert torch.allclose(a["importance"], b["importance"], rtol=0, atol=1e-6)

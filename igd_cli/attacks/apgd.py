@@ -1,7 +1,7 @@
 """APGD attacks on pyautoattack's own machinery (``APGDAttack.attack_single_run``): CE, CW margin, targeted DLR
-and CE with EoT, in the *transfer* form the paper uses (Appendix B.3): for every image the returned point is
-a misclassifying iterate if the attack found one, otherwise the iterate with the highest loss — never the
-clean image, also where the attack failed.
+and AutoAttack's rand version (CE then DLR, with EoT), in the *transfer* form the paper uses (Appendix B.3): for
+every image the returned point is a misclassifying iterate if the attack found one, otherwise the iterate with
+the highest loss — never the clean image, also where the attack failed.
 
 Why not ``APGDAttack.perturb``: it returns the clean image where the attack fails (``best_loss=False``) or the
 highest-loss point even where a misclassifying iterate exists (``best_loss=True``, and then it does not seed
@@ -54,33 +54,38 @@ class APGD(Attack):
     norms = ("Linf", "L2")
     loss = "ce"
 
-    def _make(self) -> APGDAttack:
+    def _make(self, loss: str) -> APGDAttack:
         eot = self.budget.get("eot_iter", 1)
         if not self.randomized:
             # The model is deterministic: the EoT samples are identical, and APGD uses the mean gradient
             # only through its sign (Linf) or direction (L2), so one sample gives the same iterates.
             eot = 1
-        cls = _APGDMargin if self.loss == "cw" else APGDAttack
-        kwargs = {} if self.loss == "cw" else {"loss": self.loss}
+        cls = _APGDMargin if loss == "cw" else APGDAttack
+        kwargs = {} if loss == "cw" else {"loss": loss}
         return cls(self.model, n_iter=self.budget["steps"], norm=self.norm, n_restarts=self.budget["restarts"],
                    eps=self.eps, seed=self.seed, eot_iter=eot, rho=0.75, device=self.device, **kwargs)
 
-    def _start(self, x: torch.Tensor, index: torch.Tensor):
+    def _start(self, x: torch.Tensor, index: torch.Tensor, loss: str):
         """The APGD object and the per-image state a run keeps: generators, best points, fooled, best loss."""
-        apgd = self._make()
+        apgd = self._make(loss)
         apgd.init_hyperparam(x)
         return (apgd, image_generators(self.seed, index), x.clone(),
                 torch.zeros(len(x), dtype=torch.bool, device=x.device),
                 torch.full((len(x),), -float("inf"), device=x.device))
 
-    def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        apgd, gens, out, fooled, best_loss = self._start(x, index)
+    def _stage(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, loss: str
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``perturb``'s restart loop with ``loss``: the transfer-form points and which images they fool."""
+        apgd, gens, out, fooled, best_loss = self._start(x, index, loss)
         for _ in range(self.budget["restarts"]):
             todo = (~fooled).nonzero().flatten()
             if todo.numel() == 0:
                 break
             self._run(apgd, x, y, todo, gens, out, fooled, best_loss)
-        return out
+        return out, fooled
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return self._stage(x, y, index, self.loss)[0]
 
     def _run(self, apgd: APGDAttack, x, y, todo, gens, out, fooled, best_loss) -> None:
         init = random_start(apgd, x[todo], [gens[i] for i in todo.tolist()])
@@ -107,10 +112,37 @@ class APGDCW(APGD):
 
 
 class APGDEoT(APGD):
-    """APGD-CE with Expectation over Transformation: 20 gradient samples per step (transfer form)."""
+    """APGD with Expectation over Transformation as AutoAttack's rand version runs it (Croce & Hein's standard
+    attack on randomized defences): APGD-CE, then APGD-DLR on the images CE did not fool, each 100 steps with 20
+    gradient samples per step and the image's own seed for both (as AutoAttack seeds both), in transfer form.
+
+    pyautoattack's ``AutoAttack(version="rand")`` returns the clean image where it fails; here an image keeps a
+    misclassifying iterate of either stage, else, of the two highest-loss iterates, the one with the higher DLR
+    loss (the margin loss both stages can be compared on).
+    """
 
     name = "apgd-eot"
     defaults = {"steps": 100, "restarts": 1, "eot_iter": 20}
+    revision = 2  # 1 was APGD-CE with EoT only (before AutoAttack's rand version)
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        out, fooled = self._stage(x, y, index, "ce")
+        todo = (~fooled).nonzero().flatten()
+        if todo.numel() == 0 or self._classes(x) < 3:  # DLR needs three classes (AutoAttack's check)
+            return out
+        dlr_out, dlr_fooled = self._stage(x[todo], y[todo], index[todo.cpu()], "dlr")
+        dlr = self._make("dlr").dlr_loss  # pyautoattack's DLR loss
+        with torch.no_grad():
+            higher = dlr(self.model(dlr_out), y[todo]) > dlr(self.model(out[todo]), y[todo])
+        take = dlr_fooled | higher
+        out[todo[take]] = dlr_out[take]
+        return out
+
+    def _classes(self, x: torch.Tensor) -> int:
+        if self.num_classes is not None:
+            return int(self.num_classes)
+        with torch.no_grad():
+            return int(self.model(x[:1]).shape[1])
 
 
 class APGDTargetedDLR(APGD):
@@ -123,7 +155,7 @@ class APGDTargetedDLR(APGD):
     defaults = {"steps": 100, "restarts": 3}
     n_target_classes = 9
 
-    def _make(self) -> APGDAttack:
+    def _make(self, loss: str = "dlr-targeted") -> APGDAttack:
         n_classes = self.num_classes or 10
         return APGDAttack_targeted(self.model, n_iter=self.budget["steps"], norm=self.norm,
                                    n_restarts=self.budget["restarts"], eps=self.eps, seed=self.seed, eot_iter=1,
@@ -131,7 +163,7 @@ class APGDTargetedDLR(APGD):
                                    device=self.device)
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        apgd, gens, out, fooled, best_loss = self._start(x, index)
+        apgd, gens, out, fooled, best_loss = self._start(x, index, "dlr-targeted")
         # pyautoattack's APGDAttack_targeted.perturb loop: targets = 2nd..(n+1)th most likely clean class.
         for target_class in range(2, apgd.n_target_classes + 2):
             for _ in range(self.budget["restarts"]):

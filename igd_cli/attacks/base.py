@@ -77,6 +77,8 @@ class Attack:
     name: ClassVar[str] = "attack"
     defaults: ClassVar[dict[str, int]] = {}
     norms: ClassVar[tuple[str, ...]] = ("Linf",)
+    #: set when an attack's algorithm changed, so that sets made by the old one are not reused as its own
+    revision: ClassVar[int | None] = None
 
     def __init__(self, model: nn.Module, *, eps: float, norm: str = "Linf", seed: int = 0,
                  device: torch.device | str | None = None, num_classes: int | None = None,
@@ -121,8 +123,9 @@ class Attack:
         return project(x_adv, x, self.eps, self.norm)
 
     def describe(self) -> dict[str, Any]:
-        return {"attack": self.name, "eps": self.eps, "norm": self.norm, "budget": dict(self.budget),
+        info = {"attack": self.name, "eps": self.eps, "norm": self.norm, "budget": dict(self.budget),
                 "seed": self.seed}
+        return info if self.revision is None else {**info, "revision": self.revision}
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str = "Linf") -> torch.Tensor:
@@ -181,7 +184,7 @@ def run_attack(attack: Attack, data: ImageSet, *, batch_size: int = 128,
         task = bar.add_task(description or attack.name, total=len(positions), visible=show_progress)
         for b in range(0, len(positions), batch_size):
             pos = positions[b:b + batch_size]
-            x, y = _gather(data, pos)
+            x, y = gather(data, pos)
             # a randomized model's noise stream (the attack's own, see ATTACK_STREAM) restarts per batch: its
             # noise is keyed by image content, so this changes no image's noise, and the stream's record of
             # seen rows stays one batch long
@@ -194,7 +197,7 @@ def run_attack(attack: Attack, data: ImageSet, *, batch_size: int = 128,
     return AttackResult(x_adv, y, positions.clone(), time.perf_counter() - start, attack.describe())
 
 
-def _gather(data: ImageSet, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gather(data: ImageSet, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Images at arbitrary positions, read in contiguous runs."""
     if len(pos) == 0:
         raise IgdError("no images to attack")

@@ -15,13 +15,15 @@ from ..cli import app, emit
 from ..common import check_classes, open_target, parse_eps
 from ..console import out_console
 from ..errors import IgdError
-from ..evaluate import correct_on, defense_identity, save_adversarial, set_meta
-from ..options import (Arch, BatchSize, DataDir, Dataset, Device, EotIter, Eps, Json, Model, Queries, Restarts, Seed,
-                       Normalize, Shard, Steps, ThreatModel)
+from ..attacks.base import gather
+from ..evaluate import defense_identity, save_adversarial, score_meta, set_meta
+from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Draws, EotIter, Eps, Json, Model, ProtocolOpt,
+                       Queries, Restarts, Seed, Normalize, Shard, Steps, ThreatModel, ZooDataset)
+from ..scoring import DEFAULT_DRAWS, check_protocol, score_set
 from ..shards import parse_shard  # noqa: F401  (shared with defend-eval; importable from here as before)
 
 
-@app.command("attack")
+@app.command("attack", short_help="adversarial examples against the base or defended model")
 def attack_cmd(
     model: Model = "demo",
     attack: Annotated[str, typer.Option("--attack", help=f"one of {', '.join(ATTACKS)}")] = ...,
@@ -39,23 +41,30 @@ def attack_cmd(
     dataset: Dataset = None,
     data_dir: DataDir = None,
     threat_model: ThreatModel = "Linf",
+    zoo_dataset: ZooDataset = None,
     device: Device = "auto",
     batch_size: BatchSize = 128,
     seed: Seed = 0,
+    draws: Draws = DEFAULT_DRAWS,
+    protocol: ProtocolOpt = "draws",
     as_json: Json = False,
 ) -> None:
-    """Attack the base model (or the defended model with --mask) and write the adversarial set."""
+    """Attack the base model (or the defended model with --mask) and write the adversarial set.
+
+    The robust accuracy printed is the protocol's over {clean, adversarial}: exact for a deterministic model,
+    mean ± std over --draws fresh draws for a randomized defence."""
     attack_class(attack)  # unknown names fail before any model is loaded
+    check_protocol(protocol, draws)
     eps_v = parse_eps(eps)
     if threat_model not in ("Linf", "L2"):
         raise IgdError(f"--threat-model {threat_model}: expected Linf or L2")
     if out.exists() and out.is_dir():
         raise IgdError(f"--out {out}: is a directory")
-    target = open_target(model, arch, dataset, threat_model, device, normalize)
+    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize)
     data = target.data("test", n_examples, data_dir)
     check_classes(target, data)
     if eps_v is None:
-        eps_v = target.default_eps()
+        eps_v = target.default_eps("the attack's budget")
     sh = parse_shard(shard, len(data))
     positions = torch.arange(len(data), dtype=torch.int64) if sh is None else torch.arange(sh[2], sh[3])
 
@@ -74,29 +83,35 @@ def attack_cmd(
                       eot_iter=eot_iter)
     start = time.perf_counter()
     res = run_attack(atk, data, batch_size=batch_size, positions=positions, description=f"{kind} {attack}")
-    from ..attacks.base import _gather
-
-    x_clean, _ = _gather(data, positions)
-    clean_ok = correct_on(attacked, x_clean, res.y, seed=seed, batch_size=batch_size)
-    adv_ok = correct_on(attacked, res.x_adv, res.y, seed=seed, batch_size=batch_size)
-    robust = int((clean_ok & adv_ok).sum()) / len(clean_ok)
+    x_clean, _ = gather(data, positions)
+    clean, robust = score_set(attacked, x_clean, res.x_adv, res.y, protocol=protocol, draws=draws, seed=seed,
+                              batch_size=batch_size)
     seconds = time.perf_counter() - start
     if sh is not None:
         extra["shard"] = [sh[0], sh[1]]
     extra.update({"seconds": round(seconds, 3), "n_attacked": len(positions), "batch_size": batch_size,
-                  "clean_accuracy": int(clean_ok.sum()) / len(clean_ok)})
-    meta = set_meta(target.provenance(), atk.describe(), kind, data, robust, extra)
+                  **score_meta(robust, protocol), "clean_accuracy": clean.mean, "clean_accuracy_std": clean.std,
+                  "clean_score": clean.to_json()})
+    meta = set_meta(target.provenance(), atk.describe(), kind, data, robust.mean, extra)
     save_adversarial(out, res, meta)
-    result = {"out": str(out), "attack": attack, "target": kind, "robust_accuracy": robust,
-              "n_examples": len(positions), "seconds": round(seconds, 3), "clean_accuracy": meta["clean_accuracy"],
-              "eps": eps_v, "budget": atk.budget, "seed": seed}
+    result = {"out": str(out), "attack": attack, "target": kind, "robust_accuracy": robust.mean,
+              "robust_accuracy_std": robust.std, "n_examples": len(positions), "seconds": round(seconds, 3),
+              "clean_accuracy": clean.mean, "clean_accuracy_std": clean.std, "draws": robust.draws,
+              "protocol": protocol, "eps": eps_v, "budget": atk.budget, "seed": seed}
     if sh is not None:
         result["shard"] = [sh[0], sh[1]]
     emit(result, as_json, _render)
 
 
+def _budget(budget: dict | None) -> str:
+    """``steps 100, restarts 1`` (— for an attack without one)."""
+    return ", ".join(f"{k} {v}" for k, v in (budget or {}).items() if v is not None) or "—"
+
+
 def _render(r: dict) -> None:
+    spread = (lambda k: f" ± {100 * r[k + '_std']:.2f}") if r["draws"] > 1 else (lambda k: "")
+    how = f" (mean ± std over {r['draws']} draws)" if r["draws"] > 1 else ""
     out_console.print(f"[bold]{r['attack']}[/bold] on the {r['target']} model, ε={r['eps']:.4g}, "
-                      f"budget {r['budget'] or '—'}: clean {100 * r['clean_accuracy']:.2f}% → robust "
-                      f"[bold]{100 * r['robust_accuracy']:.2f}%[/bold] on {r['n_examples']} images "
-                      f"({r['seconds']:.1f} s) → {r['out']}")
+                      f"budget {_budget(r['budget'])}: clean {100 * r['clean_accuracy']:.2f}{spread('clean_accuracy')}%"
+                      f" → robust [bold]{100 * r['robust_accuracy']:.2f}{spread('robust_accuracy')}%[/bold]{how} "
+                      f"on {r['n_examples']} images ({r['seconds']:.1f} s) → {r['out']}")

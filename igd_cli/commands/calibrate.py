@@ -12,11 +12,12 @@ from ..cli import app, emit
 from ..common import open_target, parse_eps
 from ..console import out_console
 from ..defense import DEFAULT_N_SMOOTH, DEFAULT_TAU
-from ..options import Arch, BatchSize, DataDir, Dataset, Device, Eps, Json, Layer, Model, Normalize, Seed, ThreatModel
+from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Eps, Json, Layer, Model, Normalize, Seed, ThreatModel,
+                       ZooDataset)
 from ..report import calibration_table
 
 
-@app.command("calibrate-k")
+@app.command("calibrate-k", short_help="choose k on clean accuracy and write the mask")
 def calibrate_cmd(
     importance: Annotated[list[Path], typer.Option(
         "--importance", help="importance artifact from igd rank (or igd merge); repeat it (one per layer) to mask "
@@ -25,6 +26,7 @@ def calibrate_cmd(
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
     normalize: Normalize = None,
     threat_model: ThreatModel = "Linf", layer: Layer = None,
+    zoo_dataset: ZooDataset = None,
     split: Annotated[str, typer.Option("--split", help="data split to calibrate on")] = "test",
     n_examples: Annotated[Optional[int], typer.Option(
         "--n-examples", help=f"the first N images of the split (default {DEFAULT_N_EXAMPLES}, or all if fewer)")] = None,
@@ -54,7 +56,7 @@ def calibrate_cmd(
     layer's clean features do not depend on k: they are computed once (seeded noise, same seed -> same k) and each
     candidate k only runs the rest of the network.
     """
-    target = open_target(model, arch, dataset, threat_model, device, normalize)
+    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize)
     result = run_calibration(target, list(importance), out, layer=layer, split=split, n_examples=n_examples,
                              tolerance=tolerance, eps=parse_eps(eps), sigma=sigma, n_smooth=n_smooth, tau=tau,
                              rs=not no_rs, k=parse_k(k), batch_size=batch_size, seed=seed, cache_bytes=cache_mb << 20,

@@ -15,7 +15,7 @@ from ..defense import mask_summary
 from ..options import Json
 
 
-@app.command("inspect")
+@app.command("inspect", short_help="kind, tensors and metadata of a safetensors file")
 def inspect_cmd(file: Annotated[Path, typer.Argument(help="a safetensors file (igd artifact or any other)")],
                 as_json: Json = False) -> None:
     """Show the kind, tensors and metadata of a safetensors file."""

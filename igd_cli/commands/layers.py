@@ -1,41 +1,46 @@
-"""``igd layers``: the layers of a model with their output shapes, to choose ``--layer``."""
+"""``igd layers``: the layers of a model with their output shapes, to choose ``--layer``.
+
+Listing layers needs an input shape, not images: it comes from ``--input-shape``, the architecture or zoo entry,
+and only when neither says, from the first image of the data set.
+"""
 
 from __future__ import annotations
 
-import torch
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
 from rich.table import Table
 
 from ..cli import app, emit
-from ..common import open_target
+from ..common import model_input_shape, parse_input_shape
 from ..console import out_console
-from ..data import load_dataset
-from ..options import Arch, DataDir, Dataset, Device, Json, Model, Normalize, ThreatModel
+from ..devices import resolve_device
+from ..layers import layer_table
+from ..models import load_model
+from ..options import Arch, DataDir, Dataset, Device, Json, Model, Normalize, ThreatModel, ZooDataset
 
 
-@app.command("layers")
+@app.command("layers", short_help="the layers of a model with their output shapes")
 def layers_cmd(model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
-               threat_model: ThreatModel = "Linf", device: Device = "auto", as_json: Json = False,
-               normalize: Normalize = None) -> None:
-    """List the model's layers with their output shapes (N = the first dimension after the batch)."""
-    target = open_target(model, arch, dataset, threat_model, device, normalize)
-    x = load_dataset(target.dataset, "test", 1, data_dir).get(0, 1).x.to(target.device)
-    shapes: dict[str, list[int]] = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: shapes.__setitem__(n, list(out.shape[1:]))
-                                     if isinstance(out, torch.Tensor) else None)
-             for n, m in target.model.named_modules() if n]
-    try:
-        with torch.no_grad():
-            target.model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    rows = [{"layer": n, "type": type(m).__name__, "shape": shapes.get(n)}
-            for n, m in target.model.named_modules() if n]
-    emit({"model": target.loaded.name, "default_layer": target.loaded.default_layer, "layers": rows}, as_json, _render)
+               threat_model: ThreatModel = "Linf", zoo_dataset: ZooDataset = None,
+               input_shape: Annotated[Optional[str], typer.Option(
+                   "--input-shape", help="C,H,W of one image (default: the architecture's or zoo entry's, e.g. "
+                                         "3,32,32 for CIFAR, 3,224,224 for ImageNet; else --dataset's first image)")
+               ] = None,
+               device: Device = "auto", as_json: Json = False, normalize: Normalize = None) -> None:
+    """List the model's layers with their output shapes (N = the first dimension after the batch). Needs no data."""
+    shape_given = parse_input_shape(input_shape)
+    loaded = load_model(model, arch, dataset, threat_model, resolve_device(device), zoo_dataset=zoo_dataset,
+                        normalize=normalize)
+    shape = model_input_shape(loaded, shape_given, dataset, data_dir)
+    emit({"model": loaded.name, "default_layer": loaded.default_layer, "input_shape": list(shape),
+          "layers": layer_table(loaded.model, shape)}, as_json, _render)
 
 
 def _render(r: dict) -> None:
-    t = Table(title=f"layers of {r['model']} (default masked layer: {r['default_layer']})")
+    t = Table(title=f"layers of {Path(r['model']).name} for one {'×'.join(map(str, r['input_shape']))} image "
+                    f"(default masked layer: {r['default_layer']})")
     for col in ("layer", "type", "output (N, ...)"):
         t.add_column(col)
     for row in r["layers"]:

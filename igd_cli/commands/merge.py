@@ -13,11 +13,12 @@ from rich.table import Table
 from .. import eval_shards  # registers the adversarial-set and eval-report mergers
 from ..cli import app, emit
 from ..console import out_console
+from ..evaluate import render_table
 from ..options import Json
 from ..shards import merge
 
 
-@app.command("merge")
+@app.command("merge", short_help="join shards into the full artifact")
 def merge_cmd(
     shards: Annotated[list[Path], typer.Argument(help="shard files; together they must cover every neuron "
                                                      "(importance) or every example (sets, reports) once")],
@@ -40,11 +41,13 @@ def _render(r: dict) -> None:
     t.add_column("value", overflow="fold")
     for k in ("kind", "method", "layer", "shape", "seconds"):
         t.add_row(k, "×".join(map(str, r[k])) if k == "shape" else str(r[k]))
-    for k in ("attack", "target", "n_examples", "clean_accuracy", "base_clean_accuracy", "robust_accuracy",
-              "base_robust_accuracy", "worst_case", "base_worst_case"):
+    report = r["kind"] == "eval-report"
+    for k in ("attack", "target", "n_examples", "robust_accuracy") if not report else ("attack", "n_examples"):
         if r.get(k) not in (None, {}):
-            t.add_row(k, _fmt(r[k]) if "accuracy" in k or "worst" in k else str(r[k]))
+            t.add_row(k, _fmt(r[k]) if "accuracy" in k else str(r[k]))
     out_console.print(t)
+    if report:  # every figure recomputed from the shards' per-draw results
+        render_table(r, title=f"merged evaluation: accuracy (%), {r['n_examples']} images")
 
 
 def _fmt(v) -> str:

@@ -11,36 +11,44 @@ from ..calibrate import parse_k
 from ..cli import app, emit
 from ..common import open_target, parse_eps
 from ..console import out_console
-from ..evaluate import Budgets
-from ..options import Arch, BatchSize, DataDir, Dataset, Device, Eps, Json, Model, Normalize, Seed, ThreatModel
+from ..evaluate import Budgets, render_table
+from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Draws, Eps, Json, Model, Normalize, ProbeDataset,
+                       ProtocolOpt, Seed, ThreatModel, ZooDataset)
+from ..scoring import DEFAULT_DRAWS, check_protocol
 from ..pipeline import PipelineConfig, preset_values, run_pipeline
-from ..report import accuracy_table
 
 
-@app.command("pipeline")
+@app.command("pipeline", short_help="the whole method, cached: rank, calibrate-k, attacks, eval")
 def pipeline_cmd(
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
     normalize: Normalize = None,
     threat_model: ThreatModel = "Linf",
     layer: Annotated[Optional[list[str]], typer.Option(
         "--layer", help="masked layer (default: the penultimate); repeat it to mask several layers at once")] = None,
+    zoo_dataset: ZooDataset = None,
+    probe_dataset: ProbeDataset = None,
+    allow_overlap: Annotated[bool, typer.Option("--allow-overlap", help="accept ranking on the evaluation images "
+                                                "(a --dataset file without --probe-dataset); the paper ranks on "
+                                                "training images")] = False,
     method: Annotated[str, typer.Option("--method", help="lo-ir | cd-ir | random")] = "lo-ir",
     attack: Annotated[str, typer.Option("--attack", help="iw-wc (the paper's nine attacks) | aa (AutoAttack)")] = "iw-wc",
     out: Annotated[Optional[Path], typer.Option("--out", help="run folder for every artifact (default runs/<model>)")] = None,
-    n_probe: Annotated[Optional[int], typer.Option("--n-probe", min=1, help="ranking: first N training images (default all)")] = None,
-    n_examples: Annotated[Optional[int], typer.Option("--n-examples", min=1, help="calibration and evaluation: first N test images (default all, at most 1000)")] = None,
+    n_probe: Annotated[Optional[int], typer.Option("--n-probe", min=1, help="ranking: first N probe images (the training split, or --probe-dataset; default all)")] = None,
+    n_examples: Annotated[Optional[int], typer.Option("--n-examples", min=1, help="calibration and evaluation: first N test images (default: the --preset's: quick 200, paper all up to 1000)")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="calibrate-k: allowed clean-accuracy drop, points")] = 0.5,
     k: Annotated[Optional[list[str]], typer.Option(
         "--k", help="use this k instead of calibrating it (several layers: LAYER=K, repeatable)")] = None,
     eps: Eps = None,
     no_rs: Annotated[bool, typer.Option("--no-rs", help="defence without randomized smoothing")] = False,
-    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="attack iterations (default: the paper's)")] = None,
-    restarts: Annotated[Optional[int], typer.Option("--restarts", min=1, help="APGD-T-DLR restarts (default 3)")] = None,
-    queries: Annotated[Optional[int], typer.Option("--queries", min=1, help="RayS/Square queries (default 10000/5000)")] = None,
-    eot_iter: Annotated[Optional[int], typer.Option("--eot-iter", min=1, help="EoT samples per step (default 20)")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="attack iterations (default: the --preset's: quick 20, paper APGD 100)")] = None,
+    restarts: Annotated[Optional[int], typer.Option("--restarts", min=1, help="random restarts (default: the --preset's: quick 1, paper APGD 1 / APGD-T-DLR 3)")] = None,
+    queries: Annotated[Optional[int], typer.Option("--queries", min=1, help="RayS/Square queries (default: the --preset's: quick 1000, paper 10000/5000)")] = None,
+    eot_iter: Annotated[Optional[int], typer.Option("--eot-iter", min=1, help="EoT samples per step (default: the --preset's: quick 5, paper 20)")] = None,
     clip_model: Annotated[str, typer.Option("--clip-model", help="cd-ir: open_clip model")] = "ViT-B-16",
     clip_pretrained: Annotated[str, typer.Option("--clip-pretrained", help="cd-ir: weights tag, PATH or none")] = "openai",
     batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto",
+    draws: Draws = DEFAULT_DRAWS,
+    protocol: ProtocolOpt = "draws",
     preset: Annotated[str, typer.Option("--preset", help="attack budgets and images when not given: paper (the paper's), quick (200 images, 20 steps, 1000 queries, 5 EoT samples, 1 restart) or auto (quick for demo, else paper)")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="recompute every stage even when its artifact matches")] = False,
     as_json: Json = False,
@@ -51,7 +59,8 @@ def pipeline_cmd(
     Every artifact goes into --out and is reused when it matches (model fingerprint, settings, the file it was
     built from): a second run with the same arguments only re-reads results; an interrupted one resumes.
     """
-    target = open_target(model, arch, dataset, threat_model, device, normalize)
+    check_protocol(protocol, draws)
+    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize)
     p = preset_values(preset, target.loaded.name)
 
     def pick(value, key):
@@ -59,12 +68,14 @@ def pipeline_cmd(
 
     cfg = PipelineConfig(layer=(layer[0] if len(layer) == 1 else list(layer)) if layer else None, method=method,
                          attack=attack.strip().lower(), n_probe=n_probe,
+                         probe_dataset=probe_dataset, allow_overlap=allow_overlap,
                          n_examples=pick(n_examples, "n_examples"), tolerance=tolerance, k=parse_k(k),
                          eps=parse_eps(eps),
                          rs=not no_rs, budgets=Budgets(steps=pick(steps, "steps"), restarts=pick(restarts, "restarts"),
                                                        queries=pick(queries, "queries"),
                                                        eot_iter=pick(eot_iter, "eot_iter")),
-                         clip_model=clip_model, clip_pretrained=clip_pretrained, batch_size=batch_size, seed=seed)
+                         clip_model=clip_model, clip_pretrained=clip_pretrained, batch_size=batch_size, seed=seed,
+                         protocol=protocol, draws=draws)
     if out is None:
         out = Path("runs") / Path(target.loaded.name).stem.replace(":", "-")
     res = run_pipeline(target, cfg, out, data_dir=data_dir, force=force)
@@ -75,19 +86,15 @@ def pipeline_cmd(
 
 
 def _render(r: dict) -> None:
-    survivors = r.get("measured_on_survivors") or {}
-    rows = [("clean", r["base_clean_accuracy"], r["clean_accuracy"])]
-    rows += [(name + (" †" if name in survivors else ""), r["base_robust_accuracy"].get(name), acc)
-             for name, acc in r["robust_accuracy"].items()]
-    rows.append(("worst case (IW-WC)" if "apgd-eot" in r["robust_accuracy"] else "worst case",
-                 r["base_worst_case"], r["worst_case"]))
     where = (f"k = {r['k']} of {r['n_neurons']} at {r['layer']}" if isinstance(r["k"], int) else
              "k = " + ", ".join(f"{r['k'][name]} of {r['n_neurons'][name]} at {name}" for name in r["k"]))
-    out_console.print(accuracy_table(f"igd pipeline: {r['n_examples']} test images, {where}", rows))
-    if survivors:
-        out_console.print("† run on the defended model only on images no earlier attack broke (a lower bound of "
-                          "that attack's own accuracy; the worst case is exact)")
+    render_table(r, title=f"igd pipeline: accuracy (%), {r['n_examples']} evaluation images, ε={r['eps']:.4g}, {where}")
     stages = ", ".join(f"{k} {v}" for k, v in r["stages"].items())
     budgets = ", ".join(f"{k} {v}" for k, v in r["budgets"].items() if v is not None) or "the paper's"
     out_console.print(f"budgets ({r['preset']} preset): {budgets}")
+    probe = r.get("probe") or {}
+    if probe:
+        split = "" if probe.get("file") else f" ({probe.get('split')} split)"
+        out_console.print(f"ranked on the first {probe.get('n')} images of {probe.get('dataset')}{split}",
+                          highlight=False)
     out_console.print(f"stages: {stages}; {r['seconds']:.1f} s; artifacts in {r['paths']['out']}")

@@ -11,14 +11,16 @@ from rich.table import Table
 
 from ..cli import app, emit
 from ..common import check_classes, open_target, resolve_model_layer
+from ..data import load_dataset
 from ..console import out_console, progress_enabled
-from ..options import Arch, BatchSize, DataDir, Dataset, Device, Json, Layer, Model, Normalize, Seed, ThreatModel
+from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Json, Layer, Model, Normalize, ProbeDataset, Seed, ThreatModel,
+                       ZooDataset)
 from ..ranking import METHODS, RankRequest, get_method, rank
 from ..ranking.cd_ir import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, DEFAULT_TEMPLATE
 from ..shards import parse_neurons
 
 
-@app.command("rank")
+@app.command("rank", short_help="class-wise neuron importance of one layer (N, C)")
 def rank_cmd(
     out: Annotated[Path, typer.Option("--out", help="importance artifact to write (a shard with --neurons)")],
     model: Model = "demo",
@@ -27,7 +29,10 @@ def rank_cmd(
     dataset: Dataset = None,
     data_dir: DataDir = None,
     threat_model: ThreatModel = "Linf",
-    split: Annotated[str, typer.Option("--split", help="probe images from train (default) or test")] = "train",
+    zoo_dataset: ZooDataset = None,
+    probe_dataset: ProbeDataset = None,
+    split: Annotated[str, typer.Option("--split", help="probe images from train (default) or test (a "
+                                       "PATH.safetensors has no splits: all its images)")] = "train",
     layer: Layer = None,
     method: Annotated[str, typer.Option("--method", help=" | ".join(METHODS))] = "lo-ir",
     n_probe: Annotated[Optional[int], typer.Option("--n-probe", min=1, help="first N images of the split (default: all)")] = None,
@@ -46,8 +51,9 @@ def rank_cmd(
     """Rank the masked layer's neurons per class; writes tensor importance (N, C), larger = more important."""
     t0 = time.perf_counter()
     m = get_method(method)
-    target = open_target(model, arch, dataset, threat_model, device, normalize)
-    data = target.data(split, n_probe, data_dir)
+    target = open_target(model, arch, dataset or probe_dataset, threat_model, device, zoo_dataset,
+                         normalize=normalize)
+    data = load_dataset(probe_dataset or target.dataset, split, n_probe, data_dir)
     check_classes(target, data)
     full_layer, n = resolve_model_layer(target, layer, tuple(data.get(0, 1).x.shape[1:]))
     a, b = parse_neurons(neurons, n)

@@ -1,0 +1,189 @@
+"""Scoring a randomized defence the way the field does (Croce et al., ICML 2022; METHOD.md "Scoring a randomized
+defence"): every candidate point of an image (the clean image, each attack's point) is classified repeatedly under
+fresh noise; per image the candidate with the lowest mean correctness is selected; the selected points are scored
+on draws independent of the selection draws (no winner's curse), reported as mean ± std over draws, majority vote
+and all draws.
+
+A candidate's classifications are the rows of a bool tensor ``bits`` of shape (D, n):
+
+- D = 1: scored once, for a deterministic model or ``protocol="single-draw"``; that one draw both selects and
+  scores, so the worst case is the AND over candidates (igd's scoring before repeated draws);
+- D = 2R: rows 0..R-1 are the final draws, the model's noise occurrences 0..R-1 of the point after
+  ``reseed(seed)`` (draw 0 is the draw calibrate-k and the single-draw protocol use), rows R..2R-1 the selection
+  draws (occurrences R..2R-1), independent of them.
+
+Example::
+
+    bits = [classify(defense, x, y, rows_for(defense, "draws", 5), seed=0) for x in (x_clean, x_adv)]
+    worst = Score.of(final_of_selected(bits))      # worst case over {clean, adversarial}
+    print(worst.mean, worst.std, worst.majority, worst.all_draws)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+import torch.nn as nn
+
+from .attacks.base import is_randomized, reseed
+from .console import progress
+from .devices import module_device
+from .errors import IgdError
+
+Protocol = Literal["draws", "single-draw"]
+PROTOCOLS: tuple[str, ...] = ("draws", "single-draw")
+#: classifications per candidate for selection, and as many for the final score (Croce et al. use 5)
+DEFAULT_DRAWS = 5
+
+
+def check_protocol(protocol: str, draws: int) -> None:
+    """One-line errors for ``--protocol`` and ``--draws``."""
+    if protocol not in PROTOCOLS:
+        raise IgdError(f"--protocol {protocol}: expected {' or '.join(PROTOCOLS)}")
+    if int(draws) < 1:
+        raise IgdError(f"--draws {draws}: must be at least 1")
+
+
+def rows_for(model: nn.Module, protocol: str = "draws", draws: int = DEFAULT_DRAWS) -> int:
+    """D, the classifications per candidate: 1 for a deterministic model or the single-draw protocol, else 2R."""
+    check_protocol(protocol, draws)
+    if protocol == "single-draw" or not is_randomized(model):
+        return 1
+    return 2 * int(draws)
+
+
+@torch.no_grad()
+def classify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: int, *, seed: int = 0,
+             batch_size: int = 256, description: str | None = None) -> torch.Tensor:
+    """Correctness (rows, n) of ``model`` on ``x``: row r is each point's r-th query after ``reseed(seed)``.
+
+    The defence's noise is keyed by image content (:mod:`igd_cli.noise`), so a point's draws are fresh per query
+    and the same in any batch, shard or order; a deterministic model needs one row. ``description``: show a
+    progress bar (images × draws) under that name.
+    """
+    reseed(model, seed)
+    device = module_device(model)
+    out = torch.empty(rows, len(x), dtype=torch.bool)
+    with progress() as bar:
+        task = bar.add_task(description or "scoring", total=rows * len(x), visible=description is not None)
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+            for r in range(rows):
+                out[r, i:i + batch_size] = (model(xb).argmax(1) == yb).cpu()
+                bar.advance(task, len(xb))
+    return out
+
+
+def final_rows(bits: torch.Tensor) -> torch.Tensor:
+    """The draws that score a candidate: (R, n)."""
+    return bits if bits.shape[0] == 1 else bits[: bits.shape[0] // 2]
+
+
+def selection_rows(bits: torch.Tensor) -> torch.Tensor:
+    """The draws that select a candidate: (R, n), independent of :func:`final_rows` when R > 1 draws are made."""
+    return bits if bits.shape[0] == 1 else bits[bits.shape[0] // 2:]
+
+
+def selected(candidates: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per image, the index of the candidate with the fewest correct selection draws (ties: the earliest)."""
+    _check_rows(candidates)
+    counts = torch.stack([selection_rows(b).sum(0) for b in candidates])  # (K, n)
+    return counts.argmin(0)  # torch.argmin returns the first minimal index
+
+
+def final_of_selected(candidates: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The final draws (R, n) of every image's selected candidate: the worst case's per-image, per-draw bits."""
+    idx = selected(candidates)
+    finals = torch.stack([final_rows(b) for b in candidates])  # (K, R, n)
+    return finals.gather(0, idx.view(1, 1, -1).expand(1, finals.shape[1], -1))[0]
+
+
+def alive(candidates: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Images no candidate is wrong on in every selection draw: only there can a later candidate be selected
+    (a later one that is also always wrong loses the tie), so skipping the others changes no selection."""
+    _check_rows(candidates)
+    out = torch.ones(candidates[0].shape[1], dtype=torch.bool)
+    for b in candidates:
+        out &= selection_rows(b).any(0)
+    return out
+
+
+def _check_rows(candidates: Sequence[torch.Tensor]) -> None:
+    if not candidates:
+        raise ValueError("no candidates")
+    shapes = {tuple(b.shape) for b in candidates}
+    if len(shapes) != 1:
+        raise ValueError(f"candidates scored with different numbers of draws or images: {sorted(shapes)}")
+
+
+@dataclass(frozen=True)
+class Score:
+    """The figures of per-image, per-draw correctness (R, n): accuracy in each draw, their mean ± std (sample
+    standard deviation over draws, 0 for one draw), majority vote and all draws (the pessimistic bound)."""
+
+    per_draw: tuple[int, ...]  # correct images in each final draw
+    n: int
+    majority_count: int  # images correct in more than half the draws
+    all_count: int  # images correct in every draw
+
+    @classmethod
+    def of(cls, final: torch.Tensor) -> "Score":
+        r, n = final.shape
+        per_image = final.sum(0)
+        return cls(tuple(int(c) for c in final.sum(1)), int(n), int((2 * per_image > r).sum()),
+                   int((per_image == r).sum()))
+
+    @property
+    def draws(self) -> int:
+        return len(self.per_draw)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.per_draw) / (self.draws * self.n) if self.n else 0.0
+
+    @property
+    def std(self) -> float:
+        if self.draws < 2 or not self.n:
+            return 0.0
+        accs = [c / self.n for c in self.per_draw]
+        m = sum(accs) / len(accs)
+        return math.sqrt(sum((a - m) ** 2 for a in accs) / (len(accs) - 1))
+
+    @property
+    def majority(self) -> float:
+        return self.majority_count / self.n if self.n else 0.0
+
+    @property
+    def all_draws(self) -> float:
+        return self.all_count / self.n if self.n else 0.0
+
+    @classmethod
+    def merged(cls, parts: Sequence["Score"]) -> "Score":
+        """The score of the union of disjoint image sets scored with the same draws (shards)."""
+        draws = {p.draws for p in parts}
+        if len(draws) != 1:
+            raise ValueError("parts scored with different numbers of draws")
+        return cls(tuple(sum(c) for c in zip(*(p.per_draw for p in parts))), sum(p.n for p in parts),
+                   sum(p.majority_count for p in parts), sum(p.all_count for p in parts))
+
+    def to_json(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "majority": self.majority, "all_draws": self.all_draws,
+                "draws": self.draws, "per_draw": list(self.per_draw), "n": self.n,
+                "majority_count": self.majority_count, "all_count": self.all_count}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Score":
+        return cls(tuple(int(c) for c in d["per_draw"]), int(d["n"]), int(d["majority_count"]), int(d["all_count"]))
+
+
+def score_set(model: nn.Module, x_clean: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, *,
+              protocol: str = "draws", draws: int = DEFAULT_DRAWS, seed: int = 0,
+              batch_size: int = 256) -> tuple[Score, Score]:
+    """Clean accuracy and the robust accuracy of one attack's set under the protocol (per image the worse of
+    {clean, adversarial}), as ``igd attack`` reports them."""
+    rows = rows_for(model, protocol, draws)
+    clean, adv = (classify(model, x, y, rows, seed=seed, batch_size=batch_size) for x in (x_clean, x_adv))
+    return Score.of(final_rows(clean)), Score.of(final_of_selected([clean, adv]))

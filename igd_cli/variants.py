@@ -1,0 +1,48 @@
+"""Variants of the defended model that audits and analyses compare it with: the base model with the defence's
+smoothing noise and no mask (the paper's Table 6, "one pass with smoothing"), and the defence with its noise
+frozen to one draw (Croce et al., ICML 2022: a gain that exists only with fresh noise comes from randomness,
+not from the masking).
+
+Example::
+
+    smooth = SmoothedModel(target.model, sigma=defense.sigma)   # randomized, scored by repeated draws
+    fixed = frozen_noise(defense)                               # deterministic and differentiable
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from .defense import IGDefense
+from .noise import ContentNoise, FixedNoise
+
+
+class SmoothedModel(nn.Module):
+    """``f(x + v)``, one forward pass, ``v ~ N(0, σ²I)`` from the defence's content-keyed noise stream (the same
+    noise IG-Defense's first pass uses): randomized smoothing alone, without the mask."""
+
+    def __init__(self, model: nn.Module, sigma: float, seed: int = 0):
+        super().__init__()
+        self.model, self.sigma = model, float(sigma)
+        self._noise = ContentNoise(seed)
+
+    @property
+    def randomized(self) -> bool:
+        return self.sigma > 0
+
+    def reseed(self, seed: int | None = None) -> None:
+        self._noise.restart(seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x + self.sigma * self._noise.sample(x, 1)[0])
+
+
+def frozen_noise(defense: IGDefense, seed: int | None = None) -> IGDefense:
+    """A copy of ``defense`` (sharing its model and mask) whose smoothing noise is one fixed draw for every image
+    and query (:class:`igd_cli.noise.FixedNoise`): deterministic, so it is scored once and attacked without EoT."""
+    out = copy.copy(defense)
+    out._noise = FixedNoise(defense._noise.seed if seed is None else seed)
+    return out

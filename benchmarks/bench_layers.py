@@ -68,15 +68,7 @@ def call(*args: str) -> dict:
     return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
-def has_draws() -> bool:
-    """Whether this igd scores randomized defences by repeated draws (``defend-eval --draws``, issue 10)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        igd(["defend-eval", "--help"])
-    return "--draws" in out.getvalue()
-
-
-def run_setting(name: str, workdir: Path, draws: int | None) -> dict:
+def run_setting(name: str, workdir: Path, draws: int) -> dict:
     s = SETTINGS[name]
     model = [v() if callable(v) else v for v in s["model"]]
     last, before = s["layers"]
@@ -93,9 +85,8 @@ def run_setting(name: str, workdir: Path, draws: int | None) -> dict:
         mask = wd / f"mask-{tag}.safetensors"
         cal = call("calibrate-k", *model, *s["eval"], *[a for layer in layers for a in ("--importance", imps[layer])],
                    "--out", mask)
-        scoring = ["--draws", str(draws)] if draws else []
         ev = call("defend-eval", *model, *s["eval"], "--mask", mask, "--attack", "iw-wc", *s["budgets"],
-                  "--workdir", wd / "adv", *scoring)
+                  "--workdir", wd / "adv", "--draws", draws)
         rows.append({"layers": list(layers), "k": cal["k"], "n_neurons": cal["n_neurons"],
                      "calibration_clean": cal["clean_accuracy"], "base_clean": ev["base_clean_accuracy"],
                      "evaluation": ev})
@@ -114,7 +105,7 @@ def fmt(ev: dict, key: str) -> str:
 def markdown(res: dict) -> str:
     ev0 = res["rows"][0]["evaluation"]
     lines = [f"{res['setting']}: {ev0['n_examples']} images, ε = {ev0.get('eps', 0):.4g}, "
-             f"{'R = ' + str(res['draws']) + ' draws' if res['draws'] else 'SINGLE DRAW (do not quote)'}",
+             f"R = {res['draws']} draws (mean ± std over the final draws)",
              "", "| masked layers | k (of N) | clean | IW-WC | IW-WC majority | IW-WC all draws |",
              "|---|---|---|---|---|---|",
              f"| none (base model) | — | {100 * ev0['base_clean_accuracy']:.2f} | "
@@ -135,18 +126,9 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=5, help="noise draws per candidate (METHOD.md: R = 5)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/igd-layers"))
     ap.add_argument("--out", type=Path, default=None, help="write the raw results here (JSON)")
-    ap.add_argument("--allow-single-draw", action="store_true",
-                    help="run on an igd without --draws (to check this script only: its figures are one noise "
-                         "draw and must not be quoted)")
     args = ap.parse_args()
     os.environ.setdefault("IGD_NO_PROGRESS", "1")
-    draws: int | None = args.draws
-    if not has_draws():
-        if not args.allow_single_draw:
-            raise SystemExit("this igd has no `defend-eval --draws` (repeated-draw scoring of randomized defences): "
-                             "update igd, or pass --allow-single-draw to check the script only")
-        draws = None
-    results = [run_setting(name, args.workdir, draws) for name in args.settings]
+    results = [run_setting(name, args.workdir, args.draws) for name in args.settings]
     for res in results:
         print(markdown(res) + f"\n\n({res['seconds']} s, load average {res['load_avg'][0]:.2f})\n")
     if args.out is not None:

@@ -4,10 +4,11 @@
     python scripts/train_mnist_example.py [--eps 0.1] [--epochs 8] [--out-dir runs/mnist-example] [--no-pipeline]
 
 Data: ``../shared/data/mnist-test-10000.safetensors`` (the MNIST test set). The network trains on images
-2000..9999 and is tested on images 0..1999, which the pipeline then uses (it reads the first N images of the
-file), so no image it is evaluated on was seen in training. Training is FGSM with a random start at ε (Wong et al.,
-"Fast is better than free", step 1.25ε) on normalised inputs, one CPU thread, bit-for-bit reproducible; the
-weights are written as a plain state dict *without* the normalisation, which igd adds with ``--normalize mnist``.
+2000..9999 and is tested on images 0..1999; both parts are written beside the weights as tensor files, so the
+pipeline ranks on training images (``--probe-dataset``) and calibrates and attacks on held-out images only.
+Training is FGSM with a random start at ε (Wong et al., "Fast is better than free", step 1.25ε) on normalised
+inputs, one CPU thread, bit-for-bit reproducible; the weights are written as a plain state dict *without* the
+normalisation, which igd adds with ``--normalize mnist``.
 """
 
 from __future__ import annotations
@@ -37,11 +38,26 @@ ARCH = "examples/mnist_cnn.py:small_cnn"
 HELD_OUT = 2000  # images 0..HELD_OUT-1 are the test part
 
 
-def pipeline_args(weights: Path, data: Path, eps: float, out: Path, n_probe: int, n_examples: int) -> list[str]:
-    """The ``igd pipeline`` command line for the trained example (printed, and run unless --no-pipeline)."""
+def pipeline_args(weights: Path, test: Path, train: Path, eps: float, out: Path, n_probe: int,
+                  n_examples: int) -> list[str]:
+    """The ``igd pipeline`` command line for the trained example (printed, and run unless --no-pipeline): it ranks
+    on training images (``--probe-dataset``) and calibrates and attacks on held-out ones."""
     return ["pipeline", "--model", str(weights), "--arch", str(ROOT / ARCH), "--normalize", "mnist",
-            "--dataset", str(data), "--layer", "block3", "--eps", str(eps), "--preset", "quick",
-            "--n-probe", str(n_probe), "--n-examples", str(n_examples), "--out", str(out)]
+            "--dataset", str(test), "--probe-dataset", str(train), "--layer", "block3", "--eps", str(eps),
+            "--preset", "quick", "--n-probe", str(n_probe), "--n-examples", str(n_examples), "--out", str(out)]
+
+
+def write_split(path: Path, x: torch.Tensor, y: torch.Tensor, classes: list[str], source: str) -> Path:
+    """Images in [0, 1] as a tensor file in ``../shared/data``'s format (x uint8 NCHW, y int64), written atomically:
+    the pipeline's ``--dataset`` and ``--probe-dataset`` (a file has no splits, so each part is its own file)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"x": (x * 255).round().to(torch.uint8).contiguous(), "y": y.to(torch.int64).contiguous()}, str(tmp),
+              metadata={"classes": json.dumps(classes), "source": source})
+    os.replace(tmp, path)
+    return path
 
 
 def batched_accuracy(model, x, y, chunk: int = 500, **kw) -> float:
@@ -109,7 +125,13 @@ def main() -> None:
             "torch_version": torch.__version__, "train_seconds": round(train_seconds, 1)}
     save_artifact(weights, "model", {k: v.contiguous() for k, v in net.state_dict().items()}, meta)
     print(json.dumps(meta, indent=1))
-    cli_args = pipeline_args(weights, args.data, args.eps, args.out_dir / "pipeline", args.n_probe, args.n_examples)
+    name = args.data.name
+    test_file = write_split(args.out_dir / f"mnist-test-{HELD_OUT}.safetensors", test.x, test.y, list(data.classes),
+                            f"{name} images 0..{HELD_OUT - 1} (held out from training)")
+    train_file = write_split(args.out_dir / f"mnist-train-{stop - HELD_OUT}.safetensors", train.x, train.y,
+                             list(data.classes), f"{name} images {HELD_OUT}..{stop - 1} (the training images)")
+    cli_args = pipeline_args(weights, test_file, train_file, args.eps, args.out_dir / "pipeline", args.n_probe,
+                             args.n_examples)
     print("igd " + " ".join(cli_args), file=sys.stderr)
     if not args.no_pipeline:
         from igd_cli.cli import main as igd_main

@@ -86,6 +86,7 @@ def test_a_randomized_model_gets_the_randomness_flag(demo, data):
     r = run_audit(_audit(_target(demo.model, "demo", demo), data, defense=smooth), [1])
     c1 = r["checks"][0]
     assert c1["verdict"] == "flag" and "randomized" in c1["figures"]["flags"]
+    assert any("randomized defense" in m for m in c1["figures"]["messages"]["randomized"])  # pyautoattack's own
     assert c1["figures"]["output_changes_between_calls"] and r["randomized"] and r["draws"] == 5
     assert "randomized" not in run_audit(_audit(_target(demo.model, "demo", demo), data), [1])["checks"][0]["figures"]["flags"]
 

@@ -193,3 +193,22 @@ def test_cli_bad_input_is_one_error_line(cli, args, needle, igd_home):
     assert r.code == 2 and r.out == ""
     lines = r.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0]
+
+
+def test_iwwc_equals_defend_eval_without_skipping(demo, data, defence):
+    """Check 10's IW-WC (the audit's own candidate order) is igd defend-eval's worst case, draw for draw."""
+    from igd_cli.evaluate import Budgets, evaluate_defense
+
+    tiny = {"steps": 3, "queries": 40, "eot_iter": 2, "restarts": 1}
+    target = _target(demo.model, "demo", demo)
+    few = data.view(0, 6)
+    a = Audit(target, few, eps=EPS, overrides=tiny, workdir=None, show_progress=False, defense=defence)
+    ref = evaluate_defense(target, defence, few, attack="iw-wc", workdir=None, budgets=Budgets(**tiny), eps=EPS,
+                           skip=False, show_progress=False).to_json()
+    assert a.iwwc().score.to_json() == ref["scores"]["defended"]["worst_case"]
+    for col, score in ref["scores"]["defended"].items():  # every column: the same sets, scored the same way
+        if col.startswith("tr-"):
+            assert a.robust([col[3:]], "base", on="audited").score.to_json() == score, col
+        elif col in ("aa", "rays", "apgd-eot"):
+            assert a.robust([col]).score.to_json() == score, col
+    assert a.robust(["apgd-ce", "apgd-cw", "apgd-t-dlr", "aa", "rays", "apgd-eot"], "base").mean == ref["base_worst_case"]

@@ -24,7 +24,7 @@ from ..common import Target
 from ..data import ImageSet
 from ..defense import IGDefense
 from ..errors import IgdError
-from ..evaluate import Budgets, Evaluator, defense_identity
+from ..evaluate import DIRECT_RUN_ORDER, TRANSFER, Budgets, Evaluator, defense_identity
 from ..scoring import DEFAULT_DRAWS, Score, final_of_selected, final_rows
 from ..variants import SmoothedModel, frozen_noise
 from .thresholds import PRESETS, THRESHOLDS
@@ -169,6 +169,14 @@ class Audit:
             if not cands:
                 cands.append(clean)
             cands.append(bits)
+        return Cell(Score.of(final_of_selected(cands)))
+
+    def iwwc(self, which: Which = "audited") -> Cell:
+        """The paper's image-wise worst case on model ``which``: IW-WC's six base-model sets transferred to it and
+        its three direct attacks, in ``igd defend-eval``'s order (transfer first), scored by the protocol."""
+        cands = [self.bits(TRANSFER[0], "base", on=which)[0]]
+        cands += [self.bits(a, "base", on=which)[1] for a in TRANSFER]
+        cands += [self.bits(a, which)[1] for a in DIRECT_RUN_ORDER]
         return Cell(Score.of(final_of_selected(cands)))
 
     def clean(self, which: Which = "audited") -> Cell:

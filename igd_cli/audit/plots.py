@@ -15,6 +15,8 @@ from ..report import _save_figure
 from .gradients import Surface
 
 LABELS = {"audited": "audited model", "base": "base model"}
+#: the audited model's row name when a base model is drawn beside it
+DEFENDED = "IG-Defense"
 
 
 def plot_surfaces(path: str | Path, surfaces: Mapping[str, Surface], eps: float, title: str = "") -> Path:
@@ -24,7 +26,8 @@ def plot_surfaces(path: str | Path, surfaces: Mapping[str, Surface], eps: float,
 
     names = list(surfaces)
     n = surfaces[names[0]].losses.shape[0]
-    fig = Figure(figsize=(2.3 * n + 0.8, 2.2 * len(names) + 0.6))
+    fig = Figure(figsize=(2.9 * n + 0.8, 2.3 * len(names) + 0.6))
+    fig.subplots_adjust(wspace=0.45)
     for r, name in enumerate(names):
         s = surfaces[name]
         a = s.alphas.numpy()
@@ -38,12 +41,13 @@ def plot_surfaces(path: str | Path, surfaces: Mapping[str, Surface], eps: float,
             if len(w):
                 ax.plot(a[w[:, 1].numpy()], a[w[:, 0].numpy()], ".", color="white", ms=2)
             ax.set_xticks([a[0], 0, a[-1]])
-            ax.set_yticks([a[0], 0, a[-1]])
+            ax.set_yticks([a[0], 0, a[-1]] if i == 0 else [])
             ax.tick_params(labelsize=6)
             if r == len(names) - 1:
                 ax.set_xlabel("β (⊥ gradient)", fontsize=7)
             if i == 0:
-                ax.set_ylabel(f"{LABELS.get(name, name)}\nα (sign of gradient)", fontsize=7)
+                label = DEFENDED if name == "audited" and "base" in surfaces else LABELS.get(name, name)
+                ax.set_ylabel(f"{label}\nα (sign of gradient)", fontsize=7)
             ax.set_title(f"image {i}", fontsize=7)
             cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
             cb.ax.tick_params(labelsize=5)

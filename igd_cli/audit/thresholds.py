@@ -36,10 +36,11 @@ THRESHOLDS: dict[str, float] = {
     # 8. the randomized defence may exceed its frozen-noise copy (one fixed draw, deterministic) by at most this
     #    much: a larger gain exists only with fresh noise, so it comes from randomness, not from the mask
     "frozen_gain": 0.02,
-    # 9. the mask acts when the defended prediction differs from argmax ŷ on at least this share of the clean or
-    #    the adversarial images; below it the defence reduces to a one-sample noisy classifier
+    # 9. the mask acts when the defended prediction differs from argmax ŷ on at least this share of the clean and
+    #    of the adversarial images; below it, on those images the defence is a one-sample noisy classifier
     "mask_acts_share": 0.01,
-    # 10. the defence must beat smoothing alone (same noise, no mask) by more than this for the ranking to count
+    # 10. the defence's IW-WC must beat smoothing alone's (same noise, no mask) by more than this for the ranking
+    #     to count
     "smoothing_gain": 0.0,
     # the draw-noise allowance for comparisons involving a randomized model (see the module doc)
     "std_factor": 2.0,

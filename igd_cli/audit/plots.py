@@ -67,8 +67,9 @@ def plot_curve(path: str | Path, points: Sequence[Mapping[str, Any]], *, x: str,
     ys = [100 * p["mean"] for p in points]
     es = [100 * p["std"] for p in points]
     ax.errorbar(xs, ys, yerr=es, fmt="o-", color="tab:blue", capsize=3, ms=5)
-    for xv, yv, p in zip(xs, ys, points):
-        ax.annotate(f"{p.get('label', '')} {yv:.1f}%", (xv, yv), textcoords="offset points", xytext=(4, 6), fontsize=7)
+    for i, (xv, yv, p) in enumerate(zip(xs, ys, points)):  # labels alternate above and below the curve
+        ax.annotate(f"{p.get('label', '')} {yv:.1f}%", (xv, yv), textcoords="offset points",
+                    xytext=(4, 8 if i % 2 == 0 else -14), fontsize=7)
     if log_x:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)

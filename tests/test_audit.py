@@ -21,8 +21,9 @@ from igd_cli.noise import FixedNoise
 from igd_cli.variants import SmoothedModel
 
 EPS = 0.2
-#: tiny budgets: APGD 5 steps, Square and RayS 150 queries, 2 EoT samples, 3 surface images on a 7×7 grid
-TINY = {"steps": 5, "queries": 150, "eot_iter": 2, "surface_images": 3, "surface_grid": 7, "surface_draws": 2}
+#: tiny budgets: APGD 5 steps, 1 restart, Square and RayS 100 queries, 2 EoT samples, 3 surface images on 7×7
+TINY = {"steps": 5, "restarts": 1, "queries": 100, "eot_iter": 2, "surface_images": 3, "surface_grid": 7,
+        "surface_draws": 2}
 
 
 class ZeroGrad(nn.Module):
@@ -201,7 +202,7 @@ def test_iwwc_equals_defend_eval_without_skipping(demo, data, defence):
 
     tiny = {"steps": 3, "queries": 40, "eot_iter": 2, "restarts": 1}
     target = _target(demo.model, "demo", demo)
-    few = data.view(0, 6)
+    few = data.view(0, 4)
     a = Audit(target, few, eps=EPS, overrides=tiny, workdir=None, show_progress=False, defense=defence)
     ref = evaluate_defense(target, defence, few, attack="iw-wc", workdir=None, budgets=Budgets(**tiny), eps=EPS,
                            skip=False, show_progress=False).to_json()

@@ -60,9 +60,8 @@ def audit_cmd(
     data = target.data(split, n, data_dir) if n_examples is not None else _first(target, split, n, data_dir)
     check_classes(target, data)
     audit = Audit(target, data, eps=eps_v if eps_v is not None else target.default_eps("the audit's attacks"),
-                  preset=preset,
-                  defense=defense, mask_path=mask, workdir=workdir or default_workdir(target), seed=seed,
-                  batch_size=batch_size, draws=draws)
+                  preset=preset, defense=defense, mask_path=mask, workdir=workdir or default_workdir(target),
+                  seed=seed, batch_size=batch_size, draws=draws)
     emit(run_audit(audit, wanted, plot_dir), as_json, render_audit)
 
 

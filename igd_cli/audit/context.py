@@ -82,7 +82,8 @@ class Audit:
         self.workdir = Path(workdir) if workdir is not None else None
         self.seed, self.batch_size, self.draws, self.show_progress = int(seed), batch_size, int(draws), show_progress
         self.ident = defense_identity(mask_path, defense) if defense is not None and mask_path is not None else \
-            ({"settings": defense.settings()} if isinstance(defense, IGDefense) else {})
+            ({"settings": defense.settings()} if isinstance(defense, IGDefense) else  # library use: no mask file
+             {"module": type(defense).__name__, "sigma": getattr(defense, "sigma", None)})
         self._evaluators: dict[str, tuple[Evaluator, str]] = {}
         self._bits: dict[str, torch.Tensor] = {}
         self._variants: dict[str, nn.Module] = {}

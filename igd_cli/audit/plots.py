@@ -40,8 +40,8 @@ def plot_surfaces(path: str | Path, surfaces: Mapping[str, Surface], eps: float,
             w = s.wrong[i].nonzero()
             if len(w):
                 ax.plot(a[w[:, 1].numpy()], a[w[:, 0].numpy()], ".", color="white", ms=2)
-            ax.set_xticks([a[0], 0, a[-1]])
-            ax.set_yticks([a[0], 0, a[-1]] if i == 0 else [])
+            ax.set_xticks([a[0], 0, a[-1]], ["−ε", "0", "ε"])
+            ax.set_yticks([a[0], 0, a[-1]], ["−ε", "0", "ε"] if i == 0 else [])
             ax.tick_params(labelsize=6)
             if r == len(names) - 1:
                 ax.set_xlabel("β (⊥ gradient)", fontsize=7)

@@ -128,10 +128,12 @@ def plot_shift(path: str | Path, result: Mapping[str, Any], labels: Mapping[str,
     groups = result["groups"]
     vals = [v for g in groups.values() for v in g["percent"].values() if v is not None]
     lim = max([abs(v) for v in vals] + [1.0]) * 1.15
+    order = list(labels) or list(dict.fromkeys(r for g in groups.values() for r in g["percent"]))
     for ax, (g, data) in zip(axes, groups.items()):
         rows = [r for r, v in data["percent"].items()]
         ys = [data["percent"][r] if data["percent"][r] is not None else 0.0 for r in rows]
-        colors = [SERIES_COLORS[i % len(SERIES_COLORS)] for i in range(len(rows))]
+        # one colour per neuron group, the same in both panels
+        colors = [SERIES_COLORS[(order.index(r) if r in order else i) % len(SERIES_COLORS)] for i, r in enumerate(rows)]
         ax.bar(range(len(rows)), ys, color=colors)
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(range(len(rows)))
@@ -139,7 +141,8 @@ def plot_shift(path: str | Path, result: Mapping[str, Any], labels: Mapping[str,
         for i, v in enumerate(ys):
             ax.annotate(f"{v:+.1f}", (i, v), ha="center", va="bottom" if v >= 0 else "top", fontsize=8)
         ax.set_ylim(-lim, lim)
-        ax.set_ylabel("activation change (% of clean)")
+        if ax is axes[0]:
+            ax.set_ylabel("mean activation change (% of clean)")
         ax.set_title(f"{g} attacks (n = {data['n']})", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=9)
@@ -242,10 +245,10 @@ def markdown_table(cells: Cells) -> list[str]:
 
 
 def _pm(v: float | None, std: float | None = None) -> str:
-    """An accuracy in % with ± std over draws when there is one (a deterministic figure has none)."""
+    """An accuracy in % with ± std over draws for a randomized model (give None for a deterministic one)."""
     if v is None:
         return "—"
-    return f"{100 * v:.2f}" + (f" ± {100 * std:.2f}" if std else "")
+    return f"{100 * v:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
 
 
 def shift_cells(r: Mapping[str, Any]) -> Cells:
@@ -268,7 +271,7 @@ def ablation_cells(r: Mapping[str, Any]) -> Cells:
     for i, row in enumerate(r["rows"], 1):
         f = row["figures"]
         rows.append([str(i), row["name"], str(row["passes"]), row["masking"], "✓" if row["rs"] else "✗"] +
-                    [_pm(f.get(c), f.get(f"{c}_std")) for c in r["columns"]])
+                    [_pm(f.get(c), f.get(f"{c}_std") if row["randomized"] else None) for c in r["columns"]])
     return headers, rows
 
 
@@ -279,7 +282,9 @@ def sweep_cells(r: Mapping[str, Any]) -> Cells:
         ["draws", "point"]
     rows = []
     for p in r["points"]:
-        rows.append([str(p["value"]), _pm(p["clean"], p.get("clean_std")), _pm(p["base_clean"])] +
-                    ([_pm(p.get("robust"), p.get("robust_std")), _pm(p.get("base_robust"))] if robust else []) +
+        rnd = bool(p.get("randomized"))
+        rows.append([str(p["value"]), _pm(p["clean"], p.get("clean_std") if rnd else None), _pm(p["base_clean"])] +
+                    ([_pm(p.get("robust"), p.get("robust_std") if rnd else None), _pm(p.get("base_robust"))]
+                     if robust else []) +
                     [str(p.get("draws", 1)), "reused" if p.get("cached") else "computed"])
     return headers, rows

@@ -191,7 +191,8 @@ def _analyses(page: _Page) -> None:
         what = {"shift": lambda: f"top-{r['k']} of {r['ranking']} at `{r['layer']}`, PGD-{r['attack']['steps']}; "
                              f"base clean {_pct(r['attack']['clean_accuracy'])}%, PGD {_pct(r['attack']['robust_accuracy'])}%",
                 "ablation": lambda: f"`{r['layer']}`, k = {r['k']}, σ = {_fmt(r['settings']['sigma'])}",
-                "sweep": lambda: f"over {r['over']}, robust under {r['attack']}, k = {r['settings']['k']}"}[r["analysis"]]()
+                "sweep": lambda: f"over {r['over']}, robust under {r['attack']}"
+                                 + ("" if r["over"] == "k" else f", k = {r['settings']['k']}")}[r["analysis"]]()
         page.add(f"### {title}: `{p.name}`", "",
                  f"{what}; {s.get('data', {}).get('n')} images of {s.get('data', {}).get('dataset')}, "
                  f"ε = {_fmt(s.get('eps'))}, budget {_fmt(s.get('budget'))}, scoring {s.get('protocol')} "
@@ -210,9 +211,19 @@ def _adv_sets(page: _Page) -> None:
         return
     page.add("## Attack sets (`adv/`)", "")
     page.table("attack sets", (["file", "attack", "on", "ε", "budget", "images", "robust accuracy %", "seconds"],
-                               [[f"`{p.name}`", column_label(str(m.get("attack"))), str(m.get("target")),
+                               [[f"`{p.name}`", column_label(str(m.get("attack"))), _target(m),
                                  _fmt(m.get("eps")), _fmt(m.get("budget")), str(m.get("n_attacked", "—")),
                                  _pct(m.get("robust_accuracy")), _fmt(m.get("seconds"))] for p, m in sets.items()]))
+
+
+def _target(m: dict[str, Any]) -> str:
+    """The attacked model of a set: base, or the defence with its k and settings."""
+    if m.get("target") != "defended":
+        return str(m.get("target", "base"))
+    d = m.get("defense") or {}
+    s = d.get("settings") or {}
+    what = d.get("variant") or (f"k = {d['k']}" if d.get("k") is not None else "mask " + str(d.get("mask_sha256"))[:8])
+    return f"defended ({what}, " + ("σ = " + _fmt(s.get("sigma")) if s.get("rs") else "no RS") + ")"
 
 
 def _timings(page: _Page, arts: dict[Path, dict[str, Any]]) -> None:

@@ -80,7 +80,7 @@ def variants(model: nn.Module, layer: str, rankings: dict[str, torch.Tensor], k:
     def defended(name: str, masking: str, mask: torch.Tensor, rs: bool) -> Variant:
         d = IGDefense(model, layer, mask.to(next(model.parameters()).device), tau=tau,
                       sigma=sigma if rs else None, n_smooth=n_smooth, rs=rs, seed=seed)
-        return Variant(name, 2, masking, rs, d, mask_identity(mask, layer, d.settings()))
+        return Variant(name, 2, masking, rs, d, mask_identity(mask, layer, d.settings(), variant=masking))
 
     out.append(defended("two passes, no mask", "none", torch.ones(n, c), False))
     masks = {f"random-{k}": topk_mask(random_importance(n, c, random_seed), k)}

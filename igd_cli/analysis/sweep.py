@@ -154,6 +154,12 @@ def sweep_point(setup: EvalSetup, spec: SweepSpec, value: Any, importances: dict
 def run_sweep(setup: EvalSetup, spec: SweepSpec, importances: dict[str, tuple[str, torch.Tensor]], *,
               cache: str | Path | None) -> dict[str, Any]:
     """Every point of the sweep in the order of ``spec.values`` (cached points are read back, not recomputed)."""
+    for v in spec.values:  # every value checked before the first point is computed
+        p = spec.at(v)
+        layer = p.layer if p.layer is not None else next(iter(importances))
+        if layer not in importances:
+            raise IgdError(f"--values {layer}: no --importance for layer {layer} (have {', '.join(importances)})")
+        check_k(p.k, importances[layer][1].shape[0])
     points = []
     for i, v in enumerate(spec.values):
         err_console.print(f"sweep {spec.over} = {v} ({i + 1}/{len(spec.values)})", highlight=False)

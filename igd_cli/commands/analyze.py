@@ -175,7 +175,8 @@ def sweep_cmd(
 
 def _render_sweep(r: dict[str, Any]) -> None:
     s = r["setup"]
+    fixed = "" if r["over"] == "k" else f", k = {r['settings']['k']}"
     out_console.print(rich_table(f"sweep over {r['over']}: accuracy (%), {s['data']['n']} images, ε={s['eps']:.4g}"
-                                 f", k = {r['settings']['k']}", sweep_cells(r)))
+                                 f"{fixed}", sweep_cells(r)))
     out_console.print(f"{r['computed']} points computed, {r['reused']} reused; randomized points: mean ± std over "
                       f"draws ({s['protocol']} protocol). -> {r['json']}, {r['plot']}")

@@ -174,7 +174,8 @@ def run_sweep(setup: EvalSetup, spec: SweepSpec, importances: dict[str, tuple[st
 def analyze_sweep(setup: EvalSetup, rankings: dict[str, tuple[str, str, torch.Tensor]], spec: SweepSpec,
                   out: str | Path) -> dict[str, Any]:
     """``igd analyze sweep``: :func:`run_sweep` with one importance per layer, points cached in
-    ``OUT/sweep-cache``, written to ``OUT/sweep-<over>.json`` with its curves (``.png``); returns the JSON."""
+    ``OUT/sweep-cache``, written to ``OUT/sweep-<over>-<ranking>.json`` with its curves (``.png``); returns the
+    JSON."""
     from ..report import plot_sweep
 
     t0 = time.perf_counter()
@@ -187,7 +188,7 @@ def analyze_sweep(setup: EvalSetup, rankings: dict[str, tuple[str, str, torch.Te
     if spec.over != "layer" and len(by_layer) > 1 and spec.layer is None:
         raise IgdError("--importance: several layers given; sweep --over layer, or pass --layer")
     res = run_sweep(setup, spec, by_layer, cache=Path(out) / "sweep-cache")
-    stem = Path(out) / f"sweep-{spec.over}"
+    stem = Path(out) / f"sweep-{spec.over}-{'+'.join(rankings)}"
     vals = [float(v) for v in spec.values] if spec.over != "layer" else []
     log = bool(vals) and min(vals) > 0 and max(vals) / min(vals) > 8 and spec.over in ("k", "tau", "sigma", "n-smooth", "steps")
     robust = {"none": "robust", "iw-wc": "IW-WC"}.get(spec.attack, spec.attack)

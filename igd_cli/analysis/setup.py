@@ -113,7 +113,7 @@ def make_setup(target: Target, out: str | Path, *, n_examples: int | None = None
     if n_examples is None:
         data.n = min(DEFAULT_MAX_EXAMPLES, len(data))
     check_classes(target, data)
-    eps = target.default_eps() if eps is None else eps
+    eps = target.default_eps("the analysis's attacks and σ = ε/2") if eps is None else eps
     return EvalSetup(target, data, float(eps), budgets or Budgets(), out / "adv", seed=seed, batch_size=batch_size,
                      protocol=protocol, draws=draws, show_progress=show_progress)
 

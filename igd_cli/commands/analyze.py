@@ -23,7 +23,7 @@ from ..defense import DEFAULT_N_SMOOTH, DEFAULT_TAU
 from ..errors import IgdError
 from ..evaluate import Budgets
 from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Draws, EotIter, Eps, Json, Model, ProtocolOpt,
-                       Queries, Restarts, Seed, Steps, ThreatModel)
+                       Queries, Restarts, Seed, Steps, ThreatModel, ZooDataset)
 from ..pipeline import preset_values
 from ..report import ablation_cells, rich_table, shift_cells, sweep_cells
 from ..scoring import DEFAULT_DRAWS
@@ -31,7 +31,7 @@ from ..scoring import DEFAULT_DRAWS
 analyze_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                           help="The paper's analyses on your model: activation shift (Sec. 3), ablation (Table 6), "
                                "sensitivity sweeps (Figs. 5-7, Table 10).")
-app.add_typer(analyze_app, name="analyze")
+app.add_typer(analyze_app, name="analyze", short_help="the paper's analyses: activation shift, ablation, sweeps")
 
 Importance = Annotated[list[Path], typer.Option("--importance", help="importance artifact(s) from igd rank")]
 K = Annotated[int, typer.Option("--k", min=1, help="neurons kept per class (top-k of the ranking)")]
@@ -45,8 +45,9 @@ Preset = Annotated[str, typer.Option("--preset", help="budgets and images when n
 
 def _setup(model: str, arch: str | None, dataset: str | None, data_dir: Path | None, threat_model: str,
            device: str, out: Path | None, preset: str, n_examples: int | None, eps: str | None,
-           budgets: dict[str, int | None], seed: int, batch_size: int, protocol: str, draws: int):
-    target = open_target(model, arch, dataset, threat_model, device)
+           budgets: dict[str, int | None], seed: int, batch_size: int, protocol: str, draws: int,
+           zoo_dataset: str | None):
+    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset)
     p = preset_values(preset, target.loaded.name)
     pick = {k: (v if v is not None else p[k]) for k, v in budgets.items()}
     out = out if out is not None else Path("runs") / Path(target.loaded.name).stem.replace(":", "-")
@@ -57,11 +58,11 @@ def _setup(model: str, arch: str | None, dataset: str | None, data_dir: Path | N
     return setup, out, p["preset"]
 
 
-@analyze_app.command("shift")
+@analyze_app.command("shift", short_help="how an attack shifts the important activations (Sec. 3)")
 def shift_cmd(
     importance: Importance, k: K,
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
-    threat_model: ThreatModel = "Linf", out: Out = None, preset: Preset = "auto", n_examples: NExamples = None,
+    threat_model: ThreatModel = "Linf", zoo_dataset: ZooDataset = None, out: Out = None, preset: Preset = "auto", n_examples: NExamples = None,
     eps: Eps = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="PGD steps (the paper's 50)")] = PGD_STEPS,
     batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto", as_json: Json = False,
@@ -74,7 +75,7 @@ def shift_cmd(
         raise IgdError("--importance: shift takes one ranking")
     setup, out, _ = _setup(model, arch, dataset, data_dir, threat_model, device, out, preset, n_examples, eps,
                            {"steps": None, "restarts": None, "queries": None, "eot_iter": None}, seed, batch_size,
-                           "draws", DEFAULT_DRAWS)
+                           "draws", DEFAULT_DRAWS, zoo_dataset)
     (name, (path, layer, imp)), = load_rankings(setup.target, importance, setup.data).items()
     emit(analyze_shift(setup, name, path, layer, imp, k, out, steps=steps), as_json, _render_shift)
 
@@ -90,11 +91,11 @@ def _render_shift(r: dict[str, Any]) -> None:
                       f"-> {r['json']}, {r['plot']}")
 
 
-@analyze_app.command("ablation")
+@analyze_app.command("ablation", short_help="the rows of Table 6: clean, AA and IW-WC per component")
 def ablation_cmd(
     importance: Importance, k: K,
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
-    threat_model: ThreatModel = "Linf", out: Out = None, preset: Preset = "auto", n_examples: NExamples = None,
+    threat_model: ThreatModel = "Linf", zoo_dataset: ZooDataset = None, out: Out = None, preset: Preset = "auto", n_examples: NExamples = None,
     eps: Eps = None,
     sigma: Annotated[Optional[float], typer.Option("--sigma", help="smoothing noise std (default ε/2)")] = None,
     tau: Annotated[float, typer.Option("--tau", help="soft pseudo-label temperature")] = DEFAULT_TAU,
@@ -111,7 +112,7 @@ def ablation_cmd(
     scored by repeated draws (mean ± std)."""
     setup, out, _ = _setup(model, arch, dataset, data_dir, threat_model, device, out, preset, n_examples, eps,
                            {"steps": steps, "restarts": restarts, "queries": queries, "eot_iter": eot_iter}, seed,
-                           batch_size, protocol, draws)
+                           batch_size, protocol, draws, zoo_dataset)
     rankings = load_rankings(setup.target, importance, setup.data)
     emit(analyze_ablation(setup, rankings, k, out, sigma=sigma, tau=tau, n_smooth=n_smooth,
                           random_seed=random_seed, iw_wc=iw_wc), as_json, _render_ablation)
@@ -126,7 +127,7 @@ def _render_ablation(r: dict[str, Any]) -> None:
                       f"protocol); the others are exact. -> {r['json']}, {r['plot']}")
 
 
-@analyze_app.command("sweep")
+@analyze_app.command("sweep", short_help="accuracy as k, ε, σ, τ, n_s, layer or steps varies")
 def sweep_cmd(
     importance: Importance,
     over: Annotated[str, typer.Option("--over", help=f"the setting to vary: {' | '.join(OVER)}")],
@@ -134,7 +135,7 @@ def sweep_cmd(
     k: Annotated[Optional[int], typer.Option("--k", min=1, help="neurons kept per class at every point (default: "
                                              "the k of --over k's values, else required)")] = None,
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
-    threat_model: ThreatModel = "Linf", out: Out = None, preset: Preset = "auto", n_examples: NExamples = None,
+    threat_model: ThreatModel = "Linf", zoo_dataset: ZooDataset = None, out: Out = None, preset: Preset = "auto", n_examples: NExamples = None,
     eps: Eps = None,
     layer: Annotated[Optional[str], typer.Option("--layer", help="with several --importance: the layer of every "
                                                  "point (not with --over layer)")] = None,
@@ -168,7 +169,7 @@ def sweep_cmd(
                      attack=attack)
     setup, out, _ = _setup(model, arch, dataset, data_dir, threat_model, device, out, preset, n_examples, eps,
                            {"steps": steps, "restarts": restarts, "queries": queries, "eot_iter": eot_iter}, seed,
-                           batch_size, protocol, draws)
+                           batch_size, protocol, draws, zoo_dataset)
     rankings = load_rankings(setup.target, importance, setup.data)
     emit(analyze_sweep(setup, rankings, spec, out), as_json, _render_sweep)
 

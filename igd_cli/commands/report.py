@@ -13,7 +13,7 @@ from ..options import Json
 from ..run_report import write_run_report
 
 
-@app.command("report")
+@app.command("report", short_help="one Markdown page of a run folder: tables, plots, timings")
 def report_cmd(
     run_dir: Annotated[Path, typer.Argument(help="a run folder: igd pipeline --out, igd analyze --out")],
     out: Annotated[Optional[Path], typer.Option("--out", help="the Markdown file (default RUN_DIR/report.md)")] = None,

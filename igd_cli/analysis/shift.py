@@ -110,9 +110,15 @@ def activation_shift(model: nn.Module, layer: str, importance: torch.Tensor, k: 
     unimp = (sets.sum(1) == 0).float()  # (N,)
     n_unimp = int(unimp.sum())
     device = module_device(model)
-    sums = {g: {"before": dict.fromkeys(ROWS, 0.0), "after": dict.fromkeys(ROWS, 0.0),
-                "before_abs": dict.fromkeys(ROWS, 0.0), "n": 0} for g in ("successful", "unsuccessful")}
+    # the rows each group has: no post-attack class when the attack fails, no other classes when none is left,
+    # no unimportant neurons when every neuron is in some class's top-k
+    rows = {"successful": [r for r in ROWS if not (r == "rest" and n_classes < 3 or r == "unimp" and not n_unimp)],
+            "unsuccessful": [r for r in ROWS if r != "pred" and not (r == "unimp" and not n_unimp)]}
+    sums = {g: {key: dict.fromkeys(rows[g], 0.0) for key in ("before", "after", "before_abs")}
+            for g in rows}
+    counts = dict.fromkeys(rows, 0)
     clean_wrong = 0
+    s, u = sets.to(device), unimp.to(device)
     with progress() as bar:
         task = bar.add_task("activation shift", total=len(x))
         for i in range(0, len(x), batch_size):
@@ -122,35 +128,24 @@ def activation_shift(model: nn.Module, layer: str, importance: torch.Tensor, k: 
             ok = l0.argmax(1) == yb
             clean_wrong += int((~ok).sum())
             pred = l1.argmax(1)
-            s = sets.to(device)
-            per_class0 = a0 @ s / k  # (B, C): mean activation of S_c
-            per_class1 = a1 @ s / k
             gt = torch.nn.functional.one_hot(yb, n_classes).bool()
             pr = torch.nn.functional.one_hot(pred, n_classes).bool()
             for g, sel in (("successful", ok & (pred != yb)), ("unsuccessful", ok & (pred == yb))):
                 if not bool(sel.any()):
                     continue
-                rest = ~(gt | pr)[sel]  # for unsuccessful attacks pred == y, so rest = every class but y
-                vals = {
-                    "gt": (per_class0[sel][gt[sel]], per_class1[sel][gt[sel]]),
-                    "pred": (per_class0[sel][pr[sel]], per_class1[sel][pr[sel]]),
-                    "rest": ((per_class0[sel] * rest).sum(1) / rest.sum(1), (per_class1[sel] * rest).sum(1) / rest.sum(1)),
-                    "unimp": ((a0[sel] @ unimp.to(device)) / max(n_unimp, 1), (a1[sel] @ unimp.to(device)) / max(n_unimp, 1)),
-                }
-                acc = sums[g]
-                acc["n"] += int(sel.sum())
-                for r, (b0, b1) in vals.items():
-                    if r == "pred" and g == "unsuccessful" or r == "unimp" and n_unimp == 0:
-                        continue
-                    acc["before"][r] += float(b0.double().sum())
-                    acc["after"][r] += float(b1.double().sum())
-                    acc["before_abs"][r] += float(b0.double().abs().sum())
+                counts[g] += int(sel.sum())
+                rest = (~(gt | pr)[sel]).float()  # for unsuccessful attacks pred == y: every class but y
+                for key, a in (("before", a0[sel]), ("after", a1[sel])):
+                    per_class = a @ s / k  # (B, C): mean activation of S_c
+                    vals = {"gt": per_class[gt[sel]], "pred": per_class[pr[sel]],
+                            "rest": (per_class * rest).sum(1) / rest.sum(1).clamp(min=1),
+                            "unimp": a @ u / max(n_unimp, 1)}
+                    for r in rows[g]:
+                        sums[g][key][r] += float(vals[r].double().sum())
+                        if key == "before":
+                            sums[g]["before_abs"][r] += float(vals[r].double().abs().sum())
             bar.advance(task, len(xb))
-    groups = {}
-    for g, acc in sums.items():
-        rows = [r for r in ROWS if not (r == "pred" and g == "unsuccessful") and not (r == "unimp" and n_unimp == 0)]
-        groups[g] = ShiftGroup(acc["n"], {r: acc["before"][r] for r in rows}, {r: acc["after"][r] for r in rows},
-                               {r: acc["before_abs"][r] for r in rows})
+    groups = {g: ShiftGroup(counts[g], acc["before"], acc["after"], acc["before_abs"]) for g, acc in sums.items()}
     return ShiftResult(int(k), int(n_neurons), n_unimp, len(x), clean_wrong, groups)
 
 

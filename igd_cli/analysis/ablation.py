@@ -24,8 +24,9 @@ import torch
 import torch.nn as nn
 
 from ..console import err_console
-from ..errors import IgdError
 from ..defense import DEFAULT_N_SMOOTH, DEFAULT_TAU, IGDefense, topk_mask
+from ..devices import module_device
+from ..errors import IgdError
 from ..ranking.random_ir import random_importance
 from ..variants import SmoothedModel
 from .setup import EvalSetup, mask_identity, write_json
@@ -78,7 +79,7 @@ def variants(model: nn.Module, layer: str, rankings: dict[str, torch.Tensor], k:
                        mask_identity(None, None, {"sigma": sigma, "rs": True}, variant="smoothing-alone")))
 
     def defended(name: str, masking: str, mask: torch.Tensor, rs: bool) -> Variant:
-        d = IGDefense(model, layer, mask.to(next(model.parameters()).device), tau=tau,
+        d = IGDefense(model, layer, mask.to(module_device(model)), tau=tau,
                       sigma=sigma if rs else None, n_smooth=n_smooth, rs=rs, seed=seed)
         return Variant(name, 2, masking, rs, d, mask_identity(mask, layer, d.settings(), variant=masking))
 

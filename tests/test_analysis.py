@@ -268,3 +268,16 @@ def test_sweep_plot_draws_categorical_and_log_axes(tmp_path):
     assert _png(plot_sweep(tmp_path / "a.png", pts, "masked layer", categorical=True))
     pts = [{**p, "value": v} for p, v in zip(pts * 2, (1e-4, 1e-2, 1.0, 10.0))]
     assert _png(plot_sweep(tmp_path / "b.png", pts, "τ", log=True))
+
+
+def test_shift_rows_that_do_not_exist_are_left_out():
+    """Two classes: a successful attack leaves no other class; k = N: no neuron is unimportant."""
+    model = nn.Sequential()
+    model.add_module("feat", nn.Identity())
+    x = torch.tensor([[2.0, 1.0], [0.5, 3.0]])
+    x_adv = torch.tensor([[1.0, 2.0], [0.5, 2.0]])
+    res = activation_shift(model, "feat", torch.eye(2), 1, x, x_adv, torch.tensor([0, 1]))
+    assert set(res.groups["successful"].percent) == {"gt", "pred"}  # eye(2), k = 1: both neurons important
+    assert res.groups["successful"].percent["gt"] == pytest.approx(-50.0)  # image 0: 2 -> 1
+    assert res.groups["unsuccessful"].percent == {"gt": pytest.approx(100 * (2 - 3) / 3),
+                                                  "rest": pytest.approx(0.0)}  # image 1: class 0's neuron 0.5 -> 0.5

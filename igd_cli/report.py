@@ -277,7 +277,9 @@ def ablation_cells(r: Mapping[str, Any]) -> Cells:
 
 def sweep_cells(r: Mapping[str, Any]) -> Cells:
     """One row per sweep point: defended and base clean and robust accuracy (%), and whether it was cached."""
-    robust = {"none": None, "iw-wc": "IW-WC"}.get(r["attack"], r["attack"])
+    from .evaluate import column_label
+
+    robust = None if r["attack"] == "none" else column_label(r["attack"]) if r["attack"] != "iw-wc" else "IW-WC"
     headers = [r["over"], "clean %", "base clean %"] + ([f"{robust} %", f"base {robust} %"] if robust else []) + \
         ["draws", "point"]
     rows = []

@@ -31,7 +31,7 @@ from ..artifacts import file_sha256
 from ..console import err_console
 from ..defense import DEFAULT_N_SMOOTH, DEFAULT_TAU, IGDefense, check_k, topk_mask
 from ..errors import IgdError
-from ..evaluate import Budgets
+from ..evaluate import Budgets, column_label
 from .setup import EvalSetup, mask_identity, read_json, write_json
 
 Over = Literal["k", "eps", "sigma", "tau", "n-smooth", "layer", "steps"]
@@ -191,7 +191,7 @@ def analyze_sweep(setup: EvalSetup, rankings: dict[str, tuple[str, str, torch.Te
     stem = Path(out) / f"sweep-{spec.over}-{'+'.join(rankings)}"
     vals = [float(v) for v in spec.values] if spec.over != "layer" else []
     log = bool(vals) and min(vals) > 0 and max(vals) / min(vals) > 8 and spec.over in ("k", "tau", "sigma", "n-smooth", "steps")
-    robust = {"none": "robust", "iw-wc": "IW-WC"}.get(spec.attack, spec.attack)
+    robust = {"none": "clean only", "iw-wc": "IW-WC"}.get(spec.attack) or column_label(spec.attack)
     title = (f"{setup.target.loaded.name.split('/')[-1]} · {robust} · ε = {setup.eps:.4g}"
              f" · {len(setup.data)} images · {setup.protocol}")
     res["plot"] = str(plot_sweep(stem.with_suffix(".png"), res["points"], AXIS[spec.over],

@@ -155,6 +155,7 @@ def main() -> int:
     ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--resnet-eps", default="1/255", help="ε for the standard-trained ResNet-18 (8/255 breaks it)")
     ap.add_argument("--tag", default=None)
+    ap.add_argument("--models", nargs="+", choices=("demo", "resnet18"), default=["demo", "resnet18"])
     a = ap.parse_args()
     mode = "quick" if a.quick else "paper" if a.paper else "default"
     cfg = MODES[mode]
@@ -169,11 +170,13 @@ def main() -> int:
     base = a.out / f"reproduce-{tag}"
     t0 = time.time()
     R: dict[str, Any] = {"mode": mode, "argv": sys.argv[1:], "load_start": os.getloadavg()[0], "models": {}}
-    R["models"]["demo"] = model_runs("demo", ["--model", "demo"], [], [], "0.2", cfg, base / "demo", a.device)
-    R["models"]["resnet18"] = model_runs(
-        "resnet18", ["--model", resnet, "--arch", "resnet18"], ["--dataset", str(train), "--split", "train"],
-        ["--dataset", str(test)], a.resnet_eps, {**cfg, "n_shift": min(cfg["n_shift"], 846), "n": min(cfg["n"], 846)},
-        base / "resnet18", a.device)
+    if "demo" in a.models:
+        R["models"]["demo"] = model_runs("demo", ["--model", "demo"], [], [], "0.2", cfg, base / "demo", a.device)
+    if "resnet18" in a.models:
+        R["models"]["resnet18"] = model_runs(
+            "resnet18", ["--model", resnet, "--arch", "resnet18"], ["--dataset", str(train), "--split", "train"],
+            ["--dataset", str(test)], a.resnet_eps,
+            {**cfg, "n_shift": min(cfg["n_shift"], 846), "n": min(cfg["n"], 846)}, base / "resnet18", a.device)
     log("ranking cost: bench_lo_ir.py; forward cost: bench_defense.py")
     R["ranking_cost"] = run(str(HERE / "bench_lo_ir.py"), "--n-probe", str(cfg["lo_probe"]), "--naive-neurons", "2",
                             "--check-probe", "0", "--layers", "layer4", json_out=False)

@@ -171,17 +171,23 @@ def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.2f}"
 
 
-def _analyses(page: _Page) -> None:
+def _analysis_results(run_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The analysis results (``igd analyze`` JSON) in the folder, by file name."""
     from .analysis.setup import read_json
 
     found = []
-    for p in sorted(page.run_dir.glob("*.json")):
+    for p in sorted(run_dir.glob("*.json")):
         try:
             r = read_json(p)
         except IgdError:
             continue
         if r.get("analysis") in ANALYSES:
             found.append((p, r))
+    return found
+
+
+def _analyses(page: _Page) -> None:
+    found = _analysis_results(page.run_dir)
     if not found:
         return
     page.add("## Analyses", "")
@@ -239,14 +245,8 @@ def _timings(page: _Page, arts: dict[Path, dict[str, Any]]) -> None:
                 rows.append([f"`{p.name}`", "evaluation (" + ", ".join(f"{column_label(k)} {v:.0f} s"
                                                                         for k, v in sec.items() if k != "total") + ")",
                              f"{float(sec['total']):.1f}"])
-    from .analysis.setup import read_json
-
-    for p in sorted(page.run_dir.glob("*.json")):
-        try:
-            r = read_json(p)
-        except IgdError:
-            continue
-        if r.get("analysis") in ANALYSES and r.get("seconds") is not None:
+    for p, r in _analysis_results(page.run_dir):
+        if r.get("seconds") is not None:
             rows.append([f"`{p.name}`", f"analyze {r['analysis']}", f"{float(r['seconds']):.1f}"])
     if rows:
         page.add("## Timings", "", "Wall seconds as recorded when each result was computed (a reused result keeps "

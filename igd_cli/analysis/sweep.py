@@ -41,7 +41,7 @@ AXIS = {"k": "k (neurons kept per class)", "eps": "attack ε (ℓ∞, image rang
         "sigma": "smoothing σ (noise std, image range [0, 1])", "tau": "τ (soft pseudo-label temperature)",
         "n-smooth": "n_s (noise samples per pass 1)", "layer": "masked layer", "steps": "attack steps"}
 #: version of a point's JSON: a change to how points are computed bumps it, so old points are not reused
-POINT_FORMAT = 1
+POINT_FORMAT = 2
 
 
 def parse_value(over: str, text: str | float | int) -> Any:
@@ -98,9 +98,20 @@ def _point_key(setup: EvalSetup, spec: SweepSpec, layer: str, imp_sha: str, eps:
     return json.loads(json.dumps({
         "format": POINT_FORMAT, "model_fingerprint": setup.target.loaded.fingerprint, "importance_sha256": imp_sha,
         "layer": layer, "k": spec.k, "tau": spec.tau, "sigma": sigma, "n_smooth": spec.n_smooth, "rs": spec.rs,
-        "attack": spec.attack, "eps": round(eps, 10), "budget": budgets.kwargs(),
+        # a clean-only point depends on neither ε nor the attack budget (σ is in the key): reused across presets
+        "attack": spec.attack, "eps": None if spec.attack == "none" else round(eps, 10),
+        "budget": None if spec.attack == "none" else budgets.kwargs(),
         "data": {"dataset": setup.data.name, "split": setup.data.split, "n": len(setup.data)},
         "seed": setup.seed, "protocol": setup.protocol, "draws": setup.draws}, sort_keys=True))
+
+
+def _point_layer(p: SweepSpec, importances: dict[str, tuple[str, torch.Tensor]]) -> str:
+    """The layer of a point (the only one given, unless set), checked to have an importance and k ≤ N."""
+    layer = p.layer if p.layer is not None else next(iter(importances))
+    if layer not in importances:
+        raise IgdError(f"--values {layer}: no --importance for layer {layer} (have {', '.join(importances)})")
+    check_k(p.k, importances[layer][1].shape[0])
+    return layer
 
 
 def sweep_point(setup: EvalSetup, spec: SweepSpec, value: Any, importances: dict[str, tuple[str, torch.Tensor]],
@@ -108,11 +119,8 @@ def sweep_point(setup: EvalSetup, spec: SweepSpec, value: Any, importances: dict
     """One point (cached): the defended model at ``spec.at(value)``, its clean accuracy (per draw too) and its
     robust accuracy under ``spec.attack``, with the base model's at the same ε and budget."""
     p = spec.at(value)
-    layer = p.layer if p.layer is not None else next(iter(importances))
-    if layer not in importances:
-        raise IgdError(f"--values {layer}: no --importance for layer {layer} (have {', '.join(importances)})")
+    layer = _point_layer(p, importances)
     path, imp = importances[layer]
-    check_k(p.k, imp.shape[0])
     eps = float(value) if spec.over == "eps" else setup.eps
     budgets = replace(setup.budgets, steps=int(value)) if spec.over == "steps" else setup.budgets
     sigma = (p.sigma if p.sigma is not None else setup.eps / 2) if p.rs else None
@@ -134,8 +142,8 @@ def sweep_point(setup: EvalSetup, spec: SweepSpec, value: Any, importances: dict
     r = setup.evaluate(d, mask_identity(mask, layer, d.settings(), k=p.k), spec.attack, eps=eps, budgets=budgets)
     clean = r["scores"]["defended"]["clean"]
     point: dict[str, Any] = {
-        "layer": layer, "k": p.k, "sigma": sigma, "tau": p.tau, "n_smooth": p.n_smooth, "eps": eps,
-        "budget": budgets.kwargs(), "clean": r["clean_accuracy"], "clean_std": r["clean_accuracy_std"],
+        "layer": layer, "k": p.k, "sigma": sigma, "tau": p.tau, "n_smooth": p.n_smooth,
+        "eps": key["eps"], "budget": key["budget"], "clean": r["clean_accuracy"], "clean_std": r["clean_accuracy_std"],
         "clean_per_draw": [c / clean["n"] for c in clean["per_draw"]], "base_clean": r["base_clean_accuracy"],
         "draws": r["draws"], "randomized": r["randomized"], "protocol": r["protocol"],
         "robust": None, "robust_std": None, "base_robust": None, "seconds": r["seconds"].get("total")}
@@ -155,11 +163,7 @@ def run_sweep(setup: EvalSetup, spec: SweepSpec, importances: dict[str, tuple[st
               cache: str | Path | None) -> dict[str, Any]:
     """Every point of the sweep in the order of ``spec.values`` (cached points are read back, not recomputed)."""
     for v in spec.values:  # every value checked before the first point is computed
-        p = spec.at(v)
-        layer = p.layer if p.layer is not None else next(iter(importances))
-        if layer not in importances:
-            raise IgdError(f"--values {layer}: no --importance for layer {layer} (have {', '.join(importances)})")
-        check_k(p.k, importances[layer][1].shape[0])
+        _point_layer(spec.at(v), importances)
     points = []
     for i, v in enumerate(spec.values):
         err_console.print(f"sweep {spec.over} = {v} ({i + 1}/{len(spec.values)})", highlight=False)

@@ -4,7 +4,6 @@ figures against literals written here; the CLI's table, JSON, plots and one-line
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

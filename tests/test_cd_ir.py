@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from igd_cli.artifacts import load_artifact
-from igd_cli.data import ImageSet, load_dataset
+from igd_cli.data import load_dataset
 from igd_cli.errors import IgdError
 from igd_cli.layers import capture
 from igd_cli.ranking import cd_ir as cd

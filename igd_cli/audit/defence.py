@@ -16,7 +16,7 @@ import torch
 from ..attacks.base import reseed
 from ..evaluate import DIRECT, TRANSFER
 from ..scoring import rows_for
-from .context import Audit, Cell, margin
+from .context import Audit, margin
 from .result import CheckResult
 from .thresholds import THRESHOLDS
 

@@ -35,7 +35,7 @@ from .attacks.base import AttackResult, gather
 from .common import Target, check_classes
 from .data import ImageSet
 from .errors import IgdError
-from .scoring import DEFAULT_DRAWS, Score, alive, classify, final_of_selected, final_rows, rows_for
+from .scoring import DEFAULT_DRAWS, Score, alive, classify, final_of_selected, final_rows, is_randomized, rows_for
 
 #: the attacks IW-WC runs on the defended model, in the paper's column order
 DIRECT = ("aa", "rays", "apgd-eot")
@@ -177,6 +177,8 @@ class EvalResult:
     seed: int = 0
     mode: str = "none"
     protocol: str = "draws"
+    #: the defended model's output is random (smoothing), whatever the protocol scored it with
+    randomized: bool = False
 
     @property
     def n(self) -> int:
@@ -241,7 +243,7 @@ class EvalResult:
             "base_worst_case": None if base_worst is None else base_worst.mean,
             "draws": self.draws(has_def),
             "protocol": self.protocol,
-            "randomized": self.draws(has_def) > 1,
+            "randomized": has_def and (self.randomized or self.draws(has_def) > 1),
             "scores": {"base": {k: s.to_json() for k, s in base.items()},
                        **({"defended": {k: s.to_json() for k, s in main.items()}} if has_def else {})},
             "measured_on_survivors": dict(self.survivors_only),
@@ -321,7 +323,8 @@ class EvalResult:
         return cls(tensors["y"].long(), tensors["index"].long(), list(meta.get("classes") or []), clean_b, clean_d,
                    base, dfd, dict(r.get("measured_on_survivors") or {}), dict(r.get("sets") or {}),
                    dict(r.get("seconds") or {}), eps=r.get("eps"), seed=int(r.get("seed", 0)),
-                   mode=str(r.get("mode", "none")), protocol=str(meta.get("protocol", r.get("protocol", "draws"))))
+                   mode=str(r.get("mode", "none")), protocol=str(meta.get("protocol", r.get("protocol", "draws"))),
+                   randomized=bool(r.get("randomized", False)))
 
 
 # --- the evaluator ---------------------------------------------------------------------------------------
@@ -539,7 +542,7 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
     has_def = defense is not None
     result = EvalResult(ev.y.clone(), ev.positions.clone(), list(data.classes), ev.clean("base"),
                         ev.clean("defended") if has_def else None, eps=ev.eps, seed=ev.seed, mode=attack,
-                        protocol=protocol)
+                        protocol=protocol, randomized=has_def and is_randomized(defense))
     result.seconds["clean"] = time.perf_counter() - t0
     everything = ev.positions
 

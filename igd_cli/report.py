@@ -284,7 +284,7 @@ def sweep_cells(r: Mapping[str, Any]) -> Cells:
         ["draws", "point"]
     rows = []
     for p in r["points"]:
-        rnd = bool(p.get("randomized"))
+        rnd = bool(p.get("randomized")) and int(p.get("draws", 1)) > 1  # ± only where draws were repeated
         rows.append([str(p["value"]), _pm(p["clean"], p.get("clean_std") if rnd else None), _pm(p["base_clean"])] +
                     ([_pm(p.get("robust"), p.get("robust_std") if rnd else None), _pm(p.get("base_robust"))]
                      if robust else []) +

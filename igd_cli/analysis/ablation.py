@@ -113,7 +113,7 @@ def evaluate_row(setup: EvalSetup, v: Variant, base_json: dict[str, Any] | None 
         fig.update({"iw_wc": iw["worst_case"], "iw_wc_std": iw["worst_case_std"],
                     "iw_wc_majority": iw["worst_case_majority"], "iw_wc_all_draws": iw["worst_case_all_draws"]})
         details["iw_wc"] = _brief(iw)
-    return AblationRow(v.name, v.passes, v.masking, v.rs, bool(aa["randomized"]), fig, details)
+    return AblationRow(v.name, v.passes, v.masking, v.rs, bool(aa["randomized"]) and int(aa["draws"]) > 1, fig, details)
 
 
 def _brief(r: dict[str, Any]) -> dict[str, Any]:

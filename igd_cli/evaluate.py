@@ -35,7 +35,7 @@ from .attacks.base import AttackResult, gather
 from .common import Target, check_classes
 from .data import ImageSet
 from .errors import IgdError
-from .scoring import DEFAULT_DRAWS, Score, alive, classify, final_of_selected, final_rows, rows_for
+from .scoring import DEFAULT_DRAWS, Score, alive, classify, final_of_selected, final_rows, is_randomized, rows_for
 
 #: the attacks IW-WC runs on the defended model, in the paper's column order
 DIRECT = ("aa", "rays", "apgd-eot")
@@ -177,6 +177,8 @@ class EvalResult:
     seed: int = 0
     mode: str = "none"
     protocol: str = "draws"
+    #: the defended model's output is random (smoothing), whatever the protocol scored it with
+    randomized: bool = False
 
     @property
     def n(self) -> int:
@@ -241,7 +243,7 @@ class EvalResult:
             "base_worst_case": None if base_worst is None else base_worst.mean,
             "draws": self.draws(has_def),
             "protocol": self.protocol,
-            "randomized": self.draws(has_def) > 1,
+            "randomized": has_def and (self.randomized or self.draws(has_def) > 1),
             "scores": {"base": {k: s.to_json() for k, s in base.items()},
                        **({"defended": {k: s.to_json() for k, s in main.items()}} if has_def else {})},
             "measured_on_survivors": dict(self.survivors_only),
@@ -321,7 +323,8 @@ class EvalResult:
         return cls(tensors["y"].long(), tensors["index"].long(), list(meta.get("classes") or []), clean_b, clean_d,
                    base, dfd, dict(r.get("measured_on_survivors") or {}), dict(r.get("sets") or {}),
                    dict(r.get("seconds") or {}), eps=r.get("eps"), seed=int(r.get("seed", 0)),
-                   mode=str(r.get("mode", "none")), protocol=str(meta.get("protocol", r.get("protocol", "draws"))))
+                   mode=str(r.get("mode", "none")), protocol=str(meta.get("protocol", r.get("protocol", "draws"))),
+                   randomized=bool(r.get("randomized", False)))
 
 
 # --- the evaluator ---------------------------------------------------------------------------------------
@@ -539,7 +542,7 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
     has_def = defense is not None
     result = EvalResult(ev.y.clone(), ev.positions.clone(), list(data.classes), ev.clean("base"),
                         ev.clean("defended") if has_def else None, eps=ev.eps, seed=ev.seed, mode=attack,
-                        protocol=protocol)
+                        protocol=protocol, randomized=has_def and is_randomized(defense))
     result.seconds["clean"] = time.perf_counter() - t0
     everything = ev.positions
 
@@ -714,16 +717,24 @@ def scoring_note(r: dict[str, Any]) -> str:
             f"(± sample std); base model deterministic: exact")
 
 
-def render_table(result: EvalResult | dict[str, Any], console=None, title: str | None = None) -> None:
-    """The paper's Table 8 for one defence, transposed to fit a terminal: rows clean, each attack and the worst
-    case, columns base model, + IG-Defense and Δ (accuracies in %, defended ones mean over draws). A column measured
-    on survivors (†) is a lower bound: shown as ``≥`` and given no Δ. A randomized defence gets three worst-case
-    rows: mean ± std over draws, majority vote and correct in all draws."""
-    from rich.table import Table
+@dataclass
+class TableCells:
+    """The cells of the base-vs-defended table (plain strings), shared by the terminal (Rich) and Markdown
+    renderings: ``sections`` holds the row index where each section starts, ``notes`` the lines under it."""
 
-    from .console import out_console
+    title: str
+    caption: str
+    headers: list[str]
+    rows: list[list[str]]
+    sections: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
-    console = console or out_console
+
+def table_cells(result: EvalResult | dict[str, Any], title: str | None = None) -> TableCells:
+    """The paper's Table 8 for one defence, transposed: rows clean, each attack and the worst case, columns base
+    model, + IG-Defense and Δ (accuracies in %, defended ones mean over draws). A column measured on survivors (†)
+    is a lower bound: shown as ``≥`` and given no Δ. A randomized defence gets three worst-case rows: mean ± std
+    over draws, majority vote and correct in all draws."""
     r = result.to_json() if isinstance(result, EvalResult) else result
     has_def = bool(r.get("defended"))
     keys = list(dict.fromkeys(list(r["robust_accuracy"]) + list(r["base_robust_accuracy"])))
@@ -732,24 +743,21 @@ def render_table(result: EvalResult | dict[str, Any], console=None, title: str |
     surv = r.get("measured_on_survivors", {})
     draws = int(r.get("draws") or 1)
     eps = f", ε={r['eps']:.4g}" if r.get("eps") is not None else ""
-    t = Table(title=title or f"accuracy (%), {r['n_examples']} images{eps}",
-              caption=scoring_note(r), caption_justify="left")
-    t.add_column("attack")
-    t.add_column("base model", justify="right")
+    headers = ["attack", "base model"]
     if has_def:
-        t.add_column("+ IG-Defense" + (f" (mean of {draws} draws)" if draws > 1 else ""), justify="right")
-        t.add_column("Δ (points)", justify="right")
+        headers += ["+ IG-Defense" + (f" (mean of {draws} draws)" if draws > 1 else ""), "Δ (points)"]
+    t = TableCells(title or f"accuracy (%), {r['n_examples']} images{eps}", scoring_note(r), headers, [])
 
     def fmt(v: float | None) -> str:
         return "—" if v is None else f"{100 * v:.2f}"
 
     def row(name: str, b: float | None, d: float | None, *, bound: bool = False, std: float | None = None) -> None:
         if not has_def:
-            t.add_row(name, fmt(b))
+            t.rows.append([name, fmt(b)])
             return
         cell = ("≥ " if bound else "") + fmt(d) + (f" ± {100 * std:.2f}" if std is not None and d is not None else "")
         gain = "" if bound or b is None or d is None else f"{100 * (d - b):+.2f}"
-        t.add_row(name, fmt(b), cell, gain)
+        t.rows.append([name, fmt(b), cell, gain])
 
     row("Clean", r["base_clean_accuracy"], r["clean_accuracy"], std=r.get("clean_accuracy_std") if draws > 1 else None)
     for k in keys:
@@ -758,19 +766,39 @@ def render_table(result: EvalResult | dict[str, Any], console=None, title: str |
     worst_name = "IW-WC" if r.get("mode") == "iw-wc" else "worst case"
     b_worst = r.get("base_worst_case")
     if has_def and r.get("worst_case") is not None and draws > 1:
-        t.add_section()
+        t.sections.append(len(t.rows))
         row(f"{worst_name}, mean ± std", b_worst, r["worst_case"], std=r.get("worst_case_std"))
         row(f"{worst_name}, majority vote", b_worst, r.get("worst_case_majority"))
         row(f"{worst_name}, correct in all {draws} draws", b_worst, r.get("worst_case_all_draws"))
     elif b_worst is not None or r.get("worst_case") is not None:
-        t.add_section()
+        t.sections.append(len(t.rows))
         row(worst_name, b_worst, r.get("worst_case") if has_def else None)
-    console.print(t)
     if surv:
-        console.print("† measured only on the images where it could still change the worst case "
-                      f"({', '.join(f'{column_label(k)}: {v}' for k, v in surv.items())} images attacked; the "
-                      "others count as broken): a lower bound of that attack's own accuracy, so no Δ; the worst "
-                      "case is exact (--no-skip gives every attack's own accuracy).")
+        t.notes.append("† measured only on the images where it could still change the worst case "
+                       f"({', '.join(f'{column_label(k)}: {v}' for k, v in surv.items())} images attacked; the "
+                       "others count as broken): a lower bound of that attack's own accuracy, so no Δ; the worst "
+                       "case is exact (--no-skip gives every attack's own accuracy).")
+    return t
+
+
+def render_table(result: EvalResult | dict[str, Any], console=None, title: str | None = None) -> None:
+    """:func:`table_cells` printed as a Rich table, with its notes below."""
+    from rich.table import Table
+
+    from .console import out_console
+
+    console = console or out_console
+    cells = table_cells(result, title)
+    t = Table(title=cells.title, caption=cells.caption, caption_justify="left")
+    for i, h in enumerate(cells.headers):
+        t.add_column(h, justify="left" if i == 0 else "right")
+    for i, row in enumerate(cells.rows):
+        if i in cells.sections:
+            t.add_section()
+        t.add_row(*row)
+    console.print(t)
+    for note in cells.notes:
+        console.print(note)
 
 
 def render_per_class(result: EvalResult | dict[str, Any], console=None) -> None:

@@ -149,7 +149,7 @@ def test_eot_on_a_deterministic_model_equals_literal_eot(demo, correct_batch):
     ("fgsm", {}), ("pgd", {"steps": 3}), ("apgd-ce", {"steps": 3}), ("apgd-cw", {"steps": 3}),
     ("apgd-t-dlr", {"steps": 2, "restarts": 1}), ("apgd-eot", {"steps": 2, "eot_iter": 2}),
     ("rays", {"queries": 60}), ("square", {"queries": 30}), ("aa", {"steps": 2, "queries": 10}),
-    ("aa-rand", {"steps": 2, "eot_iter": 2})])
+    ("aa-rand", {"steps": 2, "eot_iter": 2}), ("fab-t", {"steps": 3})])
 def test_every_attack_stays_in_the_ball_and_box(demo, correct_batch, name, kw):
     x, y, idx = correct_batch
     x = x[:6].clone()
@@ -162,7 +162,7 @@ def test_every_attack_stays_in_the_ball_and_box(demo, correct_batch, name, kw):
 
 def test_registry_matches_the_cli_contract():
     assert list(ATTACKS) == ["aa", "aa-rand", "apgd-ce", "apgd-cw", "apgd-t-dlr", "apgd-eot", "rays", "square",
-                             "pgd", "fgsm"]
+                             "pgd", "fgsm", "fab-t"]
     from igd_cli.attacks import make_attack as mk
     from igd_cli.errors import IgdError
 

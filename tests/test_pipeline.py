@@ -108,6 +108,8 @@ def test_pipeline_single_draw_protocol_rescores_without_attacking_the_base_model
     assert r.code == 0, r.err
     d = r.json()
     assert d["protocol"] == "single-draw" and d["draws"] == 1 and d["worst_case_std"] == 0
+    assert d["randomized"]  # the defence is still random: one draw does not make it deterministic
+    assert "single-draw protocol" in " ".join(cli("pipeline", "--out", out, *TINY, "--protocol", "single-draw").out.split())
     assert d["stages"] == {"rank": "reused", "calibrate": "reused", "transfer": "reused", "defend-eval": "computed"}
     assert all(randomized for _, randomized in calls)  # at most the attack on the defended model reran
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..errors import IgdError
 from .apgd import APGD, APGDCW, APGDEoT, APGDTargetedDLR
-from .autoattack import AutoAttackRand, AutoAttackStandard, Square
+from .autoattack import AutoAttackRand, AutoAttackStandard, FABTargeted, Square
 from .base import BUDGET_KEYS, Attack, AttackResult, predict, reseed, run_attack
 from .pgd import FGSM, PGD
 from .rays import RayS
@@ -27,6 +27,7 @@ ATTACKS: dict[str, type[Attack]] = {
     "square": Square,
     "pgd": PGD,
     "fgsm": FGSM,
+    "fab-t": FABTargeted,
 }
 
 

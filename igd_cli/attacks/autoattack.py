@@ -1,4 +1,4 @@
-"""AutoAttack (standard and rand versions) and Square, used from pyautoattack unchanged.
+"""AutoAttack (standard and rand versions), Square and targeted FAB, used from pyautoattack unchanged.
 
 Like pyautoattack, these return the clean image where they fail and seed once per call (per batch). The
 budget overrides exist for small machines: ``steps`` sets the iterations of every APGD/FAB inside AutoAttack
@@ -15,6 +15,7 @@ import torch
 
 from pyautoattack import AutoAttack
 from pyautoattack.autopgd_base import APGDAttack
+from pyautoattack.fab_pt import FABAttack_PT
 from pyautoattack.square import SquareAttack
 
 from .base import Attack
@@ -83,3 +84,20 @@ class Square(Attack):
                           resc_schedule=False)
         with contextlib.redirect_stdout(sys.stderr):
             return sq.perturb(x, y)
+
+
+class FABTargeted(Attack):
+    """Targeted FAB (FAB-T) as AutoAttack's standard version runs it: 100 steps, 1 restart, 9 target classes
+    (``igd audit``'s stronger AutoAttack gives it 10 restarts, as the paper's Table 9 does)."""
+
+    name = "fab-t"
+    defaults = {"steps": 100, "restarts": 1}
+    norms = ("Linf", "L2")
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        classes = self.num_classes if self.num_classes is not None else 10
+        fab = FABAttack_PT(self.model, n_restarts=self.budget["restarts"], n_iter=self.budget["steps"],
+                           eps=self.eps, seed=self.seed, norm=self.norm, verbose=False, device=self.device,
+                           targeted=True, n_target_classes=max(1, min(9, classes - 1)))
+        with contextlib.redirect_stdout(sys.stderr):
+            return fab.perturb(x, y)

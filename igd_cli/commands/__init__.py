@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 
 #: command modules in the order their commands appear in ``igd --help``
-MODULES = ["rank", "calibrate", "attack", "defend_eval", "pipeline", "merge", "inspect", "layers"]
+MODULES = ["rank", "calibrate", "attack", "defend_eval", "pipeline", "audit", "analyze", "report", "merge",
+           "inspect", "layers"]
 
 _done = False
 

@@ -1,0 +1,199 @@
+"""What every check of ``igd audit`` shares: the audited model and its variants, the images, the presets' budgets,
+and one place that obtains attack sets (reused from the work folder through :class:`igd_cli.evaluate.Evaluator`)
+and scores them with the repeated-draw protocol (:mod:`igd_cli.scoring`).
+
+Example::
+
+    audit = Audit(target, data, eps=0.2, preset="quick", defense=load_defense(target, "mask.safetensors"),
+                  mask_path="mask.safetensors", workdir="runs/demo/adv")
+    score = audit.robust(["aa", "rays"])          # worst case over both, mean ± std over draws
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..attacks.base import is_randomized
+from ..common import Target
+from ..data import ImageSet
+from ..defense import IGDefense
+from ..errors import IgdError
+from ..evaluate import DIRECT_RUN_ORDER, TRANSFER, Budgets, Evaluator, defense_identity
+from ..scoring import DEFAULT_DRAWS, Score, final_of_selected, final_rows
+from ..variants import SmoothedModel, frozen_noise
+from .thresholds import PRESETS, THRESHOLDS
+
+#: the models an audit attacks: the audited one (the defence, or the base model without a mask), the base model,
+#: the defence with frozen noise (check 8) and smoothing alone (check 10)
+Which = Literal["audited", "base", "frozen", "smoothed"]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One figure of the audit: a score and how to print it (``61.30 ± 1.80 %`` for a randomized model)."""
+
+    score: Score
+
+    @property
+    def mean(self) -> float:
+        return self.score.mean
+
+    @property
+    def std(self) -> float:
+        return self.score.std
+
+    def text(self) -> str:
+        s = f"{100 * self.mean:.2f}"
+        return (s + f" ± {100 * self.std:.2f}" if self.score.draws > 1 else s) + " %"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mean": self.mean, "std": self.std, "draws": self.score.draws, "n": self.score.n,
+                "majority": self.score.majority, "all_draws": self.score.all_draws}
+
+
+def margin(name: str, *cells: Cell) -> float:
+    """The threshold ``name`` widened to the draw noise of the cells compared (see :mod:`.thresholds`)."""
+    std = max([c.std for c in cells] + [0.0])
+    return max(THRESHOLDS[name], THRESHOLDS["std_factor"] * std)
+
+
+class Audit:
+    """The audited model (``defense`` if given, else ``target.model``), its images and its attack sets."""
+
+    def __init__(self, target: Target, data: ImageSet, *, eps: float, preset: str = "quick",
+                 defense: nn.Module | None = None, mask_path: str | Path | None = None,
+                 workdir: str | Path | None = None, seed: int = 0, batch_size: int = 128,
+                 draws: int = DEFAULT_DRAWS, show_progress: bool = True, overrides: dict[str, Any] | None = None):
+        if preset not in PRESETS:
+            raise IgdError(f"--preset {preset}: expected {' or '.join(PRESETS)}")
+        unknown = set(overrides or {}) - set(PRESETS[preset])
+        if unknown:
+            raise ValueError(f"unknown preset keys: {sorted(unknown)}")
+        self.target, self.data, self.eps = target, data, float(eps)
+        self.preset = {**PRESETS[preset], **(overrides or {})}  # overrides: smaller budgets for tests
+        self.preset_name = preset if not overrides else f"{preset} (overridden: {', '.join(sorted(overrides))})"
+        self.defense, self.mask_path = defense, mask_path
+        self.workdir = Path(workdir) if workdir is not None else None
+        self.seed, self.batch_size, self.draws, self.show_progress = int(seed), batch_size, int(draws), show_progress
+        self.ident = defense_identity(mask_path, defense) if defense is not None and mask_path is not None else \
+            ({"settings": defense.settings()} if isinstance(defense, IGDefense) else  # library use: no mask file
+             {"module": type(defense).__name__, "sigma": getattr(defense, "sigma", None)})
+        self._evaluators: dict[str, tuple[Evaluator, str]] = {}
+        self._bits: dict[str, torch.Tensor] = {}
+        self._variants: dict[str, nn.Module] = {}
+
+    # -- models ----------------------------------------------------------------------------------------
+    @property
+    def audited(self) -> nn.Module:
+        return self.defense if self.defense is not None else self.target.model
+
+    @property
+    def randomized(self) -> bool:
+        return is_randomized(self.audited)
+
+    @property
+    def has_defense(self) -> bool:
+        return isinstance(self.defense, IGDefense)
+
+    def model(self, which: Which) -> nn.Module:
+        if which == "audited":
+            return self.audited
+        if which == "base":
+            return self.target.model
+        if not self.has_defense:
+            raise IgdError(f"the {which} variant needs a defence: give --mask")
+        if which not in self._variants:
+            d = self.defense
+            self._variants[which] = frozen_noise(d) if which == "frozen" else \
+                SmoothedModel(self.target.model, sigma=d.sigma if d.rs and d.sigma else 0.0, seed=self.seed)
+        return self._variants[which]
+
+    def whitebox(self, which: Which = "audited") -> str:
+        """The white-box attack for a model: AutoAttack's rand version (APGD+EoT) if randomized, else APGD-CE."""
+        return "apgd-eot" if is_randomized(self.model(which)) else "apgd-ce"
+
+    # -- budgets and sets --------------------------------------------------------------------------------
+    def budgets(self, **over: int | None) -> Budgets:
+        """The preset's budgets with overrides (None keeps the preset's, which None keeps the paper's)."""
+        p = {k: self.preset[k] for k in ("steps", "restarts", "queries", "eot_iter")}
+        p.update({k: v for k, v in over.items() if v is not None})
+        return Budgets(**p)
+
+    def _evaluator(self, which: Which, eps: float, budgets: Budgets) -> tuple[Evaluator, str]:
+        key = json.dumps([which, round(eps, 10), budgets.kwargs()], sort_keys=True)
+        if key not in self._evaluators:
+            if which == "base" or (which == "audited" and self.defense is None):
+                ev, kind = Evaluator(self.target, None, self.data, **self._ev_args(eps, budgets)), "base"
+            else:
+                meta = dict(self.ident)
+                if which != "audited":  # variants' sets are keyed apart from the defence's own
+                    meta["variant"] = {"frozen": "frozen-noise", "smoothed": "smoothing-alone"}[which]
+                ev = Evaluator(self.target, self.model(which), self.data, defense_meta=meta,
+                               **self._ev_args(eps, budgets))
+                kind = "defended"
+            self._evaluators[key] = (ev, kind)
+        return self._evaluators[key]
+
+    def _ev_args(self, eps: float, budgets: Budgets) -> dict[str, Any]:
+        return {"eps": eps, "budgets": budgets, "seed": self.seed, "batch_size": self.batch_size,
+                "workdir": self.workdir, "show_progress": self.show_progress, "draws": self.draws}
+
+    def bits(self, attack: str, which: Which = "audited", *, eps_factor: float = 1.0,
+             on: Which | None = None, **budget: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clean bits, the attack's bits) on model ``on`` (default: ``which``) of ``attack`` run against model
+        ``which`` (``on`` ≠ ``which``: a transfer set); each (D, n), see :mod:`igd_cli.scoring`."""
+        on = which if on is None else on
+        eps = self.eps * eps_factor
+        b = self.budgets(**budget)
+        key = json.dumps([attack, which, on, round(eps, 10), b.kwargs()], sort_keys=True)
+        ev_on, kind_on = self._evaluator(on, eps, b)
+        if key not in self._bits:
+            ev, kind = self._evaluator(which, eps, b)
+            res, _, bits = ev.obtain(attack, kind, ev.positions)
+            self._bits[key] = bits if on == which else ev_on.column(res, kind_on)
+        return ev_on.clean(kind_on), self._bits[key]
+
+    def robust(self, attacks: Sequence[str], which: Which = "audited", *, on: Which | None = None,
+               eps_factor: float = 1.0, **budget: int | None) -> Cell:
+        """Robust accuracy of model ``on`` (default ``which``) under the image-wise worst case over ``attacks``
+        run against ``which``: per image the candidate (clean or an attack's point) with the lowest mean
+        correctness over the selection draws, scored on fresh draws (Croce et al.)."""
+        cands: list[torch.Tensor] = []
+        for a in attacks:
+            clean, bits = self.bits(a, which, on=on, eps_factor=eps_factor, **budget)
+            if not cands:
+                cands.append(clean)
+            cands.append(bits)
+        return Cell(Score.of(final_of_selected(cands)))
+
+    def iwwc(self, which: Which = "audited") -> Cell:
+        """The paper's image-wise worst case on model ``which``: IW-WC's six base-model sets transferred to it and
+        its three direct attacks, in ``igd defend-eval``'s order (transfer first), scored by the protocol."""
+        cands = [self.bits(TRANSFER[0], "base", on=which)[0]]
+        cands += [self.bits(a, "base", on=which)[1] for a in TRANSFER]
+        cands += [self.bits(a, which)[1] for a in DIRECT_RUN_ORDER]
+        return Cell(Score.of(final_of_selected(cands)))
+
+    def clean(self, which: Which = "audited") -> Cell:
+        ev, kind = self._evaluator(which, self.eps, self.budgets())
+        return Cell(Score.of(final_rows(ev.clean(kind))))
+
+    def adversarial(self, attack: str, which: Which = "audited") -> torch.Tensor:
+        """The points of ``attack`` against ``which`` (obtained or reused like every set of the audit)."""
+        ev, kind = self._evaluator(which, self.eps, self.budgets())
+        res, _, _ = ev.obtain(attack, kind, ev.positions)
+        return res.x_adv
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self._evaluator("base", self.eps, self.budgets())[0].x
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self._evaluator("base", self.eps, self.budgets())[0].y

@@ -1,0 +1,135 @@
+"""Checks that need the defence (a mask): transfer vs direct attacks (check 7), frozen noise (check 8), does the
+mask act (check 9) and smoothing alone (check 10). Without a mask they report ``n/a``.
+
+The direct attacks are IW-WC's (AutoAttack, RayS, APGD+EoT on the defended model); the transfer sets are IW-WC's
+sets made on the base model, reused from the work folder when ``igd pipeline``/``defend-eval`` made them.
+
+Example::
+
+    print(mask_acts(audit).figures["clean"]["mean"])   # share of images where the mask changes the prediction
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attacks.base import reseed
+from ..evaluate import DIRECT, TRANSFER
+from ..scoring import rows_for
+from .context import Audit, margin
+from .result import CheckResult
+from .thresholds import THRESHOLDS
+
+
+def _na(cid: int, name: str) -> CheckResult:
+    return CheckResult(cid, name, "n/a", {}, "needs a defence: give --mask", "")
+
+
+def transfer_vs_direct(audit: Audit) -> CheckResult:
+    """Check 7: the direct attacks on the defence must not be much weaker than the same attacks made on the base
+    model and transferred (Croce et al.'s central finding for test-time defences)."""
+    if not audit.has_defense:
+        return _na(7, "transfer vs direct")
+    direct = {a: audit.robust([a]) for a in DIRECT}
+    transfer = {a: audit.robust([a], "base", on="audited") for a in DIRECT}
+    d_all, t_all = audit.robust(list(DIRECT)), audit.robust(list(DIRECT), "base", on="audited")
+    m = margin("transfer_margin", d_all, t_all)
+    bad = d_all.mean - t_all.mean > m
+    weaker = [a for a in DIRECT if direct[a].mean - transfer[a].mean > margin("transfer_margin", direct[a], transfer[a])]
+    text = (f"direct {d_all.text()} vs transferred {t_all.text()} (worst over {', '.join(DIRECT)}); "
+            + "; ".join(f"{a} {direct[a].text()} / Tr {transfer[a].text()}" for a in DIRECT))
+    meaning = ("the attacks on the defence do worse than the same attacks on the base model transferred: the "
+               "defence hides its gradients from its own attacker, so its direct figures overstate it; only the "
+               "worst case over direct and transfer attacks (IW-WC) is a fair figure") if bad else \
+        "direct attacks are at least as strong as transferred ones: the defence does not hide its gradients"
+    figures = {"direct": {a: c.to_json() for a, c in direct.items()},
+               "transfer": {a: c.to_json() for a, c in transfer.items()},
+               "direct_worst": d_all.to_json(), "transfer_worst": t_all.to_json(), "weaker_direct": weaker,
+               "margin": m}
+    return CheckResult(7, "transfer vs direct", "flag" if bad else "ok", figures, text, meaning)
+
+
+def frozen_noise_check(audit: Audit) -> CheckResult:
+    """Check 8: the direct attacks against the defence with its smoothing noise frozen to one draw
+    (deterministic, scored once) beside the randomized defence's figure (repeated draws)."""
+    if not audit.has_defense:
+        return _na(8, "frozen noise")
+    rand = audit.robust(list(DIRECT))
+    frozen = audit.robust(list(DIRECT), "frozen")
+    if not audit.randomized:
+        return CheckResult(8, "frozen noise", "ok", {"randomized": rand.to_json(), "frozen": frozen.to_json()},
+                           f"defence deterministic (no smoothing): {rand.text()}",
+                           "no fresh noise to freeze: every figure already comes without randomness")
+    gain = rand.mean - frozen.mean
+    m = margin("frozen_gain", rand, frozen)
+    bad = gain > m
+    text = f"fresh noise {rand.text()} vs frozen noise {frozen.text()} (worst over {', '.join(DIRECT)})"
+    meaning = (f"{100 * gain:.1f} points of the robustness exist only with fresh noise: they come from randomness "
+               "(attacks aiming at a moving target), not from the interpretability mask") if bad else \
+        "the defence is as robust with its noise frozen: its robustness does not rest on fresh randomness"
+    return CheckResult(8, "frozen noise", "flag" if bad else "ok",
+                       {"randomized": rand.to_json(), "frozen": frozen.to_json(), "gain": gain, "margin": m},
+                       text, meaning)
+
+
+@torch.no_grad()
+def mask_change_share(defense, x: torch.Tensor, y: torch.Tensor, rows: int, *, seed: int = 0,
+                      batch_size: int = 256) -> torch.Tensor:
+    """Per draw (rows, n): does the defended prediction differ from argmax ŷ (the soft pseudo-label of the same
+    query)? Draw r is each image's r-th query after ``reseed(seed)``, as :func:`igd_cli.scoring.classify`."""
+    reseed(defense, seed)
+    device = next(defense.model.parameters()).device
+    out = torch.empty(rows, len(x), dtype=torch.bool)
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].to(device)
+        for r in range(rows):
+            feats = defense.features(xb)
+            out[r, i:i + batch_size] = (defense.masked_tail(feats).argmax(1) != feats.yhat.argmax(1)).cpu()
+    return out
+
+
+def mask_acts(audit: Audit) -> CheckResult:
+    """Check 9: the share of clean and adversarial images (the white-box attack on the defence) on which the
+    defended prediction differs from the argmax of the soft pseudo-label: where it never does, the defence is
+    its pseudo-label, i.e. a one-sample noisy classifier."""
+    if not audit.has_defense:
+        return _na(9, "does the mask act?")
+    rows = max(1, rows_for(audit.defense, "draws", audit.draws) // 2)  # the protocol's final draws
+    wb = audit.whitebox()
+    shares = {}
+    for name, x in (("clean", audit.x), (wb, audit.adversarial(wb))):
+        bits = mask_change_share(audit.defense, x, audit.y, rows, seed=audit.seed, batch_size=audit.batch_size)
+        per_draw = bits.float().mean(1)
+        shares[name] = {"mean": float(per_draw.mean()), "std": float(per_draw.std()) if rows > 1 else 0.0,
+                        "images_ever": int(bits.any(0).sum()), "n": len(x), "draws": rows}
+    idle = [k for k, s in shares.items() if s["mean"] < THRESHOLDS["mask_acts_share"]]
+    bad = bool(idle)
+
+    def t(s: dict) -> str:
+        return f"{100 * s['mean']:.2f}" + (f" ± {100 * s['std']:.2f}" if s["draws"] > 1 else "") + " %"
+
+    text = "; ".join(f"{k}: {t(s)} ({s['images_ever']}/{s['n']} images in some draw)" for k, s in shares.items())
+    meaning = (f"on the {' and '.join(idle)} images the mask (almost) never changes the prediction from argmax ŷ: "
+               "there the defence is its pseudo-label, a one-sample noisy classifier, and what it gains or loses "
+               "comes from the smoothing noise, not from the interpretability ranking") if bad else \
+        "the mask changes the prediction on a measurable share of clean and adversarial images: the ranking acts"
+    return CheckResult(9, "does the mask act?", "flag" if bad else "ok", shares, text, meaning)
+
+
+def smoothing_alone(audit: Audit) -> CheckResult:
+    """Check 10 (the paper's Table 6, row 2): the base model with the same noise and no mask, scored the same way
+    (IW-WC: the base model's six transfer sets and the three direct attacks run against it, repeated draws); the
+    defence's gain over it is what the interpretability ranking contributes."""
+    if not audit.has_defense:
+        return _na(10, "smoothing alone")
+    defended, smooth, base = audit.iwwc("audited"), audit.iwwc("smoothed"), audit.robust(list(TRANSFER), "base")
+    gain = defended.mean - smooth.mean
+    m = max(THRESHOLDS["smoothing_gain"], THRESHOLDS["std_factor"] * max(defended.std, smooth.std))
+    bad = gain <= m
+    text = (f"IW-WC: IG-Defense {defended.text()} vs smoothing alone {smooth.text()} vs base {base.text()}")
+    meaning = (f"the defence gains {100 * gain:+.1f} points over the same noise without a mask (not more than "
+               f"{100 * m:.1f}): the interpretability ranking adds nothing measurable beyond smoothing") if bad else \
+        f"the mask adds {100 * gain:.1f} points over smoothing alone: the ranking contributes"
+    return CheckResult(10, "smoothing alone (Table 6)", "flag" if bad else "ok",
+                       {"defended": defended.to_json(), "smoothing_alone": smooth.to_json(),
+                        "base": base.to_json(), "gain": gain, "margin": m}, text, meaning)

@@ -1,0 +1,71 @@
+"""``igd audit``: the gradient-masking and randomness checklist on a model and its defence (parse, call
+:mod:`igd_cli.audit`, render). Exit code 0 whatever the verdicts: flags are findings, not errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..audit import PRESETS, Audit, parse_checks, render_audit, run_audit
+from ..cli import app, emit
+from ..common import check_classes, open_target, parse_eps
+from ..defense import load_defense
+from ..errors import IgdError
+from ..evaluate import default_workdir
+from ..options import Arch, BatchSize, DataDir, Dataset, Device, Draws, Eps, Json, Model, Seed, ZooDataset
+from ..scoring import DEFAULT_DRAWS
+
+
+@app.command("audit", short_help="the gradient-masking and randomness checklist, judged")
+def audit_cmd(
+    model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
+    zoo_dataset: ZooDataset = None,
+    mask: Annotated[Optional[Path], typer.Option("--mask", help="mask artifact from igd calibrate-k: audit the "
+                                                 "defended model (without it the base model; checks 7-10 n/a)")] = None,
+    n_examples: Annotated[Optional[int], typer.Option("--n-examples", help="the first N test images (default: "
+                                                      "the preset's, 100 quick / 1000 paper, at most all)")] = None,
+    preset: Annotated[str, typer.Option("--preset", help="attack budgets: quick (the pipeline's quick budgets) "
+                                        "or paper")] = "quick",
+    checks: Annotated[Optional[str], typer.Option("--checks", help="which checks, e.g. 1,2,6 (default: all 10)")] = None,
+    plot_dir: Annotated[Optional[Path], typer.Option("--plot-dir", help="write surface.png, steps.png, "
+                                                     "budget.png here")] = None,
+    eps: Eps = None,
+    split: Annotated[str, typer.Option("--split", help="data split to audit on")] = "test",
+    workdir: Annotated[Optional[Path], typer.Option("--workdir", help="where attack sets are kept and reused, e.g. "
+                                                    "a pipeline's RUN/adv (default: $IGD_HOME/adv/<fingerprint>)")] = None,
+    draws: Draws = DEFAULT_DRAWS,
+    batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto",
+    as_json: Json = False,
+) -> None:
+    """Is this robustness real? Runs the gradient-masking and randomness checklist (AutoAttack's flags, black
+    box vs white box, stronger AutoAttack, steps, budget, loss surface, transfer vs direct, frozen noise, does
+    the mask act, smoothing alone) and prints one table: figures and verdict (ok / flag) per check.
+
+    A randomized defence is scored by repeated draws (mean ± std over --draws draws). Exit code 0 whatever the
+    verdicts.
+    """
+    if preset not in PRESETS:
+        raise IgdError(f"--preset {preset}: expected {' or '.join(PRESETS)}")
+    wanted = parse_checks(checks)
+    if n_examples is not None and n_examples < 1:
+        raise IgdError(f"--n-examples {n_examples}: must be at least 1")
+    if plot_dir is not None and plot_dir.exists() and not plot_dir.is_dir():
+        raise IgdError(f"--plot-dir {plot_dir}: exists and is not a directory")
+    eps_v = parse_eps(eps)
+    target = open_target(model, arch, dataset, "Linf", device, zoo_dataset)
+    defense = load_defense(target, mask, seed=seed) if mask is not None else None
+    n = n_examples if n_examples is not None else PRESETS[preset]["n_examples"]
+    data = target.data(split, n, data_dir) if n_examples is not None else _first(target, split, n, data_dir)
+    check_classes(target, data)
+    audit = Audit(target, data, eps=eps_v if eps_v is not None else target.default_eps("the audit's attacks"),
+                  preset=preset, defense=defense, mask_path=mask, workdir=workdir or default_workdir(target),
+                  seed=seed, batch_size=batch_size, draws=draws)
+    emit(run_audit(audit, wanted, plot_dir), as_json, render_audit)
+
+
+def _first(target, split: str, n: int, data_dir: Path | None):
+    """The preset's image count, or all images of a smaller split."""
+    full = target.data(split, None, data_dir)
+    return full if len(full) <= n else target.data(split, n, data_dir)

@@ -201,6 +201,13 @@ def test_every_command_with_a_user_architecture(nets, tmp_path, cli, igd_home, c
     res = r.json()
     assert res["layer"] == "model.body" and res["worst_case"] is not None
     assert {"aa", "rays", "apgd-eot", "tr-apgd-ce"} <= set(res["robust_accuracy"])
+    r = cli("audit", *model, "--mask", mask, "--eps", "0.1", "--n-examples", 8, "--checks", "1,9", "--json")
+    assert r.code == 0, r.err
+    assert [c["id"] for c in r.json()["checks"]] == [1, 9]
+    r = cli("analyze", "sweep", *model, "--importance", imps["lo-ir"], "--over", "k", "--values", "1,2",
+            "--attack", "none", "--eps", "0.1", "--n-examples", 8, "--out", tmp_path / "an", "--json")
+    assert r.code == 0, r.err
+    assert [p["value"] for p in r.json()["points"]] == [1, 2]
 
 
 def test_example_mnist_cnn_builds(tmp_path):

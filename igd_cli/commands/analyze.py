@@ -22,8 +22,8 @@ from ..console import out_console, progress_enabled
 from ..defense import DEFAULT_N_SMOOTH, DEFAULT_TAU
 from ..errors import IgdError
 from ..evaluate import Budgets
-from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Draws, EotIter, Eps, Json, Model, ProtocolOpt,
-                       Queries, Restarts, Seed, Steps, ThreatModel, ZooDataset)
+from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Draws, EotIter, Eps, Json, Model, Normalize,
+                       ProtocolOpt, Queries, Restarts, Seed, Steps, ThreatModel, ZooDataset)
 from ..pipeline import preset_values
 from ..report import ablation_cells, rich_table, shift_cells, sweep_cells
 from ..scoring import DEFAULT_DRAWS
@@ -46,8 +46,8 @@ Preset = Annotated[str, typer.Option("--preset", help="budgets and images when n
 def _setup(model: str, arch: str | None, dataset: str | None, data_dir: Path | None, threat_model: str,
            device: str, out: Path | None, preset: str, n_examples: int | None, eps: str | None,
            budgets: dict[str, int | None], seed: int, batch_size: int, protocol: str, draws: int,
-           zoo_dataset: str | None):
-    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset)
+           zoo_dataset: str | None, normalize: str | None):
+    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize)
     p = preset_values(preset, target.loaded.name)
     pick = {k: (v if v is not None else p[k]) for k, v in budgets.items()}
     out = out if out is not None else Path("runs") / Path(target.loaded.name).stem.replace(":", "-")
@@ -62,7 +62,8 @@ def _setup(model: str, arch: str | None, dataset: str | None, data_dir: Path | N
 def shift_cmd(
     importance: Importance, k: K,
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
-    threat_model: ThreatModel = "Linf", zoo_dataset: ZooDataset = None, out: Out = None, preset: Preset = "auto", n_examples: NExamples = None,
+    threat_model: ThreatModel = "Linf", zoo_dataset: ZooDataset = None, normalize: Normalize = None,
+    out: Out = None, preset: Preset = "auto", n_examples: NExamples = None,
     eps: Eps = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="PGD steps (the paper's 50)")] = PGD_STEPS,
     batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto", as_json: Json = False,
@@ -75,7 +76,7 @@ def shift_cmd(
         raise IgdError("--importance: shift takes one ranking")
     setup, out, _ = _setup(model, arch, dataset, data_dir, threat_model, device, out, preset, n_examples, eps,
                            {"steps": None, "restarts": None, "queries": None, "eot_iter": None}, seed, batch_size,
-                           "draws", DEFAULT_DRAWS, zoo_dataset)
+                           "draws", DEFAULT_DRAWS, zoo_dataset, normalize)
     (name, (path, layer, imp)), = load_rankings(setup.target, importance, setup.data).items()
     emit(analyze_shift(setup, name, path, layer, imp, k, out, steps=steps), as_json, _render_shift)
 
@@ -95,7 +96,8 @@ def _render_shift(r: dict[str, Any]) -> None:
 def ablation_cmd(
     importance: Importance, k: K,
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
-    threat_model: ThreatModel = "Linf", zoo_dataset: ZooDataset = None, out: Out = None, preset: Preset = "auto", n_examples: NExamples = None,
+    threat_model: ThreatModel = "Linf", zoo_dataset: ZooDataset = None, normalize: Normalize = None,
+    out: Out = None, preset: Preset = "auto", n_examples: NExamples = None,
     eps: Eps = None,
     sigma: Annotated[Optional[float], typer.Option("--sigma", help="smoothing noise std (default ε/2)")] = None,
     tau: Annotated[float, typer.Option("--tau", help="soft pseudo-label temperature")] = DEFAULT_TAU,
@@ -112,7 +114,7 @@ def ablation_cmd(
     scored by repeated draws (mean ± std)."""
     setup, out, _ = _setup(model, arch, dataset, data_dir, threat_model, device, out, preset, n_examples, eps,
                            {"steps": steps, "restarts": restarts, "queries": queries, "eot_iter": eot_iter}, seed,
-                           batch_size, protocol, draws, zoo_dataset)
+                           batch_size, protocol, draws, zoo_dataset, normalize)
     rankings = load_rankings(setup.target, importance, setup.data)
     emit(analyze_ablation(setup, rankings, k, out, sigma=sigma, tau=tau, n_smooth=n_smooth,
                           random_seed=random_seed, iw_wc=iw_wc), as_json, _render_ablation)
@@ -135,7 +137,8 @@ def sweep_cmd(
     k: Annotated[Optional[int], typer.Option("--k", min=1, help="neurons kept per class at every point (default: "
                                              "the k of --over k's values, else required)")] = None,
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
-    threat_model: ThreatModel = "Linf", zoo_dataset: ZooDataset = None, out: Out = None, preset: Preset = "auto", n_examples: NExamples = None,
+    threat_model: ThreatModel = "Linf", zoo_dataset: ZooDataset = None, normalize: Normalize = None,
+    out: Out = None, preset: Preset = "auto", n_examples: NExamples = None,
     eps: Eps = None,
     layer: Annotated[Optional[str], typer.Option("--layer", help="with several --importance: the layer of every "
                                                  "point (not with --over layer)")] = None,
@@ -169,7 +172,7 @@ def sweep_cmd(
                      attack=attack)
     setup, out, _ = _setup(model, arch, dataset, data_dir, threat_model, device, out, preset, n_examples, eps,
                            {"steps": steps, "restarts": restarts, "queries": queries, "eot_iter": eot_iter}, seed,
-                           batch_size, protocol, draws, zoo_dataset)
+                           batch_size, protocol, draws, zoo_dataset, normalize)
     rankings = load_rankings(setup.target, importance, setup.data)
     emit(analyze_sweep(setup, rankings, spec, out), as_json, _render_sweep)
 

@@ -14,14 +14,15 @@ from ..common import check_classes, open_target, parse_eps
 from ..defense import load_defense
 from ..errors import IgdError
 from ..evaluate import default_workdir
-from ..options import Arch, BatchSize, DataDir, Dataset, Device, Draws, Eps, Json, Model, Seed, ZooDataset
+from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Draws, Eps, Json, Model, Normalize, Seed,
+                       ZooDataset)
 from ..scoring import DEFAULT_DRAWS
 
 
 @app.command("audit", short_help="the gradient-masking and randomness checklist, judged")
 def audit_cmd(
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
-    zoo_dataset: ZooDataset = None,
+    zoo_dataset: ZooDataset = None, normalize: Normalize = None,
     mask: Annotated[Optional[Path], typer.Option("--mask", help="mask artifact from igd calibrate-k: audit the "
                                                  "defended model (without it the base model; checks 7-10 n/a)")] = None,
     n_examples: Annotated[Optional[int], typer.Option("--n-examples", help="the first N test images (default: "
@@ -54,7 +55,7 @@ def audit_cmd(
     if plot_dir is not None and plot_dir.exists() and not plot_dir.is_dir():
         raise IgdError(f"--plot-dir {plot_dir}: exists and is not a directory")
     eps_v = parse_eps(eps)
-    target = open_target(model, arch, dataset, "Linf", device, zoo_dataset)
+    target = open_target(model, arch, dataset, "Linf", device, zoo_dataset, normalize=normalize)
     defense = load_defense(target, mask, seed=seed) if mask is not None else None
     n = n_examples if n_examples is not None else PRESETS[preset]["n_examples"]
     data = target.data(split, n, data_dir) if n_examples is not None else _first(target, split, n, data_dir)

@@ -13,7 +13,7 @@ whole stage, loading, and the work after loading, also as a multiple of one plai
 the same images (timed in the ``load`` row: the naive baseline every stage is compared with).
 
     python benchmarks/bench_scale.py [--models resnet50 wrn-34-10] [--n-images 8] [--attack-images 2]
-                                     [--steps 2] [--workdir /tmp/igd-scale] [--json]
+                                     [--steps 2] [--workdir /tmp/igd-scale] [--json] [--out FILE]
 """
 
 from __future__ import annotations
@@ -178,6 +178,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="APGD-CE iterations of the small attack")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/igd-scale"))
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    ap.add_argument("--out", type=Path, help="also write the results here (JSON)")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -189,6 +190,9 @@ def main() -> None:
              "memory": "RSS of the stage's own process from /proc/self/status: VmHWM while loading the model, "
                        "VmRSS right after, VmHWM of the rest (reset after loading via /proc/self/clear_refs); "
                        "stage_extra = the rest's peak minus the RSS after loading"}
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
     if args.json:
         print(json.dumps({"setup": setup, "rows": rows}))
         return

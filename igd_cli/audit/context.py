@@ -19,6 +19,7 @@ from typing import Any, Literal, Sequence
 import torch
 import torch.nn as nn
 
+from ..analysis.setup import mask_identity
 from ..attacks.base import is_randomized
 from ..common import Target
 from ..data import ImageSet
@@ -82,7 +83,8 @@ class Audit:
         self.workdir = Path(workdir) if workdir is not None else None
         self.seed, self.batch_size, self.draws, self.show_progress = int(seed), batch_size, int(draws), show_progress
         self.ident = defense_identity(mask_path, defense) if defense is not None and mask_path is not None else \
-            ({"settings": defense.settings()} if isinstance(defense, IGDefense) else  # library use: no mask file
+            (mask_identity(torch.cat([m.flatten() for m in defense.masks]), defense.layer, defense.settings())
+             if isinstance(defense, IGDefense) else  # library use, no mask file: keyed by the masks' contents
              {"module": type(defense).__name__, "sigma": getattr(defense, "sigma", None)})
         self._evaluators: dict[str, tuple[Evaluator, str]] = {}
         self._bits: dict[str, torch.Tensor] = {}

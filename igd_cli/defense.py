@@ -14,6 +14,7 @@ skipping agree image by image), and repeated queries of one point (EoT) get fres
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -183,6 +184,12 @@ class IGDefense(nn.Module):
 
     def set_noise_state(self, state: tuple) -> None:
         self._noise.set_state(state)
+
+    def query_owners(self, owners: torch.Tensor):
+        """Context: the rows of the queries inside are made for the attacked images ``owners`` (their positions);
+        their noise is then keyed by (owner, content), see :meth:`igd_cli.noise.ContentNoise.owned`."""
+        owned = getattr(self._noise, "owned", None)
+        return owned(owners) if owned is not None else contextlib.nullcontext()
 
     def sample_noise(self, x: torch.Tensor) -> torch.Tensor:
         """``v`` of shape (n_s, *x.shape), ``N(0, σ²)``, per row a function of (seed, its bytes, occurrence)."""

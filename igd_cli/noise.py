@@ -16,8 +16,10 @@ launch per image and forward on a GPU. The integer ops keep every product below 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import lru_cache
+from typing import Iterator
 
 import torch
 
@@ -113,6 +115,19 @@ class ContentNoise:
     def __init__(self, seed: int = 0):
         self.seed = int(seed)
         self.seen: dict[int, int] = {}
+        #: per-row keys of the attacked images the next queries are made for (see :meth:`owned`), or None
+        self.owners: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def owned(self, owners: torch.Tensor) -> Iterator[None]:
+        """Inside, row i of every query is made for the attacked image ``owners[i]`` (an int64 key, e.g. its
+        position): its noise is a function of (seed, owner, bytes, occurrence), so identical queries made for
+        different images (RayS's box corners) draw each image's own noise, whatever batch they are in."""
+        before, self.owners = self.owners, owners.to(torch.int64).flatten()
+        try:
+            yield
+        finally:
+            self.owners = before
 
     def restart(self, seed: int | None = None) -> None:
         if seed is not None:
@@ -142,6 +157,12 @@ class ContentNoise:
 
     def sample(self, x: torch.Tensor, draws: int) -> torch.Tensor:
         hashes = content_hash(x)
+        if self.owners is not None:
+            if len(self.owners) != len(hashes):
+                raise ValueError(f"{len(self.owners)} query owners for {len(hashes)} rows")
+            o = self.owners.to(hashes.device)
+            own = mix32(mix32(o & M32) ^ mix32((o >> 32) ^ 0x3243F6A8))
+            hashes = hashes ^ (own << 31)  # both below 2**63
         keys = row_keys(hashes, self.counts(hashes), self.seed, draws)
         return gaussian(keys, tuple(x.shape[1:]), dtype=x.dtype)
 

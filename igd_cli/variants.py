@@ -36,6 +36,10 @@ class SmoothedModel(nn.Module):
     def reseed(self, seed: int | None = None) -> None:
         self._noise.restart(seed)
 
+    def query_owners(self, owners: torch.Tensor):
+        """Context: noise of the queries inside keyed by (owner, content), as :meth:`IGDefense.query_owners`."""
+        return self._noise.owned(owners)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x + self.sigma * self._noise.sample(x, 1)[0])
 

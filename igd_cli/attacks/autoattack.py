@@ -1,65 +1,167 @@
-"""AutoAttack (standard and rand versions), Square and targeted FAB, used from pyautoattack unchanged.
+"""AutoAttack (standard and rand versions), Square and targeted FAB, with per-image randomness.
 
-Like pyautoattack, these return the clean image where they fail and seed once per call (per batch). The
-budget overrides exist for small machines: ``steps`` sets the iterations of every APGD/FAB inside AutoAttack
-(pyautoattack derives APGD's step-size checkpoints from ``n_iter`` at construction, so they are recomputed),
-``queries`` Square's query budget, ``eot_iter`` the EoT samples of the rand version.
+pyautoattack's ``AutoAttack.run_standard_evaluation`` seeds the global generator once per call and every random
+start, Square window and FAB restart of a batch is drawn from it, so an image's point depends on the batch it is
+attacked in (its size, a ``--shard`` split, the survivors IW-WC skips to). Here AutoAttack is composed from the
+same pyautoattack pieces run the way ``run_standard_evaluation`` runs them, with every random draw of an image taken
+from its own generator (:func:`~igd_cli.attacks.base.image_seed`): an image gets exactly the point that
+``AutoAttack(seed=image_seed(seed, index)).run_standard_evaluation`` gives it when attacked alone (tested image by
+image), whatever batch, shard or order it is in.
+
+- APGD-CE / APGD-DLR / APGD-T: pyautoattack's ``attack_single_run`` with the start drawn from the image's generator
+  (``x_init``), inside ``perturb``'s own loops (:mod:`igd_cli.attacks.apgd`);
+- FAB-T: pyautoattack's ``FABAttack_PT``; with one restart (AutoAttack's) it draws nothing and runs batched; with
+  more (the audit's stronger AutoAttack) every image runs alone under its own seed;
+- Square: :class:`~igd_cli.attacks.square.PerImageSquare` (pyautoattack's with per-image windows).
+
+AutoAttack's rule between stages is kept: an image leaves after the first stage whose returned point the model
+misclassifies in one query (``run_standard_evaluation``'s check), and it keeps the clean image where every stage
+fails. Budget overrides exist for small machines: ``steps`` sets every APGD/FAB's iterations (with the
+checkpoints APGD derives from ``n_iter``), ``queries`` Square's budget, ``eot_iter`` the rand version's EoT
+samples.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+from typing import Callable
 
 import torch
-
-from pyautoattack import AutoAttack
-from pyautoattack.autopgd_base import APGDAttack
+from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 from pyautoattack.fab_pt import FABAttack_PT
-from pyautoattack.square import SquareAttack
 
-from .base import Attack
+from .apgd import random_start
+from .base import Attack, image_generators, image_seed
+from .square import PerImageSquare
+
+#: the stages of each version, in AutoAttack's order (pyautoattack's ``_set_version``)
+VERSIONS: dict[str, tuple[str, ...]] = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+                                        "rand": ("apgd-ce", "apgd-dlr")}
+#: AutoAttack's targeted attacks use the 9 most likely other classes
+N_TARGET_CLASSES = 9
 
 
-def set_apgd_iters(apgd: APGDAttack, n_iter: int) -> None:
-    """Change an APGDAttack's iterations after construction, with the checkpoints its __init__ derives."""
-    apgd.n_iter = n_iter
-    apgd.n_iter_orig = n_iter
-    apgd.n_iter_2 = max(int(0.22 * n_iter), 1)
-    apgd.n_iter_min = max(int(0.06 * n_iter), 1)
-    apgd.size_decr = max(int(0.03 * n_iter), 1)
+def n_targets(num_classes: int | None) -> int:
+    """AutoAttack's target classes: 9, or one fewer than the classes on smaller problems."""
+    return max(1, min(N_TARGET_CLASSES, (num_classes or 10) - 1))
+
+
+def _quiet():
+    return contextlib.redirect_stdout(sys.stderr)  # stdout belongs to --json
+
+
+def apgd_untargeted(apgd: APGDAttack, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, seed: int) -> torch.Tensor:
+    """``APGDAttack.perturb(x, y)`` (``best_loss=False``: the clean image where it fails) with per-image starts."""
+    apgd.init_hyperparam(x)
+    with torch.no_grad():
+        acc = apgd.model(x).max(1)[1] == y
+    adv = x.clone()
+    gens = image_generators(seed, index)
+    for _ in range(apgd.n_restarts):
+        todo = acc.nonzero().flatten()
+        if todo.numel() == 0:
+            break
+        init = random_start(apgd, x[todo], [gens[i] for i in todo.tolist()])
+        _, acc_curr, _, adv_curr = apgd.attack_single_run(x[todo], y[todo], x_init=init)
+        won = (acc_curr == 0).nonzero().flatten()
+        acc[todo[won]] = False
+        adv[todo[won]] = adv_curr[won].clone()
+    return adv
+
+
+def apgd_targeted(apgd: APGDAttack_targeted, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+                  seed: int) -> torch.Tensor:
+    """``APGDAttack_targeted.perturb(x, y)`` with per-image starts: targets the 2nd .. (n+1)th most likely classes."""
+    apgd.init_hyperparam(x)
+    with torch.no_grad():
+        acc = apgd.model(x).max(1)[1] == y
+    adv = x.clone()
+    gens = image_generators(seed, index)
+    for target_class in range(2, apgd.n_target_classes + 2):
+        for _ in range(apgd.n_restarts):
+            todo = acc.nonzero().flatten()
+            if todo.numel() == 0:
+                return adv
+            with torch.no_grad():
+                apgd.y_target = apgd.model(x[todo]).sort(dim=1)[1][:, -target_class]
+            init = random_start(apgd, x[todo], [gens[i] for i in todo.tolist()])
+            _, acc_curr, _, adv_curr = apgd.attack_single_run(x[todo], y[todo], x_init=init)
+            won = (acc_curr == 0).nonzero().flatten()
+            acc[todo[won]] = False
+            adv[todo[won]] = adv_curr[won].clone()
+    return adv
+
+
+def fab_targeted(fab: FABAttack_PT, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, seed: int) -> torch.Tensor:
+    """``FABAttack_PT.perturb`` (targeted). Its random starts (restarts after the first) come from the global
+    generator, which it seeds per call: with one restart it draws nothing and runs on the batch; with more, every
+    image runs alone under its own seed."""
+    fab.targeted = True
+    if fab.n_restarts == 1:
+        return fab.perturb(x, y)
+    out = []
+    for i in range(len(x)):
+        fab.seed = image_seed(seed, int(index[i]))
+        out.append(fab.perturb(x[i:i + 1], y[i:i + 1]))
+    fab.seed = seed
+    return torch.cat(out)
 
 
 class AutoAttackStandard(Attack):
-    """AutoAttack, standard version (APGD-CE, APGD-T, FAB-T, Square; RobustBench's settings)."""
+    """AutoAttack, standard version (APGD-CE, APGD-T, FAB-T, Square; RobustBench's settings), per-image seeded."""
 
     name = "aa"
     version = "standard"
     defaults = {"steps": 100, "queries": 5000}
     norms = ("Linf", "L2")
+    revision = 2  # 1 was pyautoattack's run_standard_evaluation on each batch (seeded per batch)
 
-    def build(self) -> AutoAttack:
-        aa = AutoAttack(self.model, norm=self.norm, eps=self.eps, seed=self.seed, version=self.version,
-                        device=self.device)
-        aa.verbose = False
-        if self.num_classes is not None and self.num_classes - 1 < aa.apgd_targeted.n_target_classes:
-            aa.apgd_targeted.n_target_classes = self.num_classes - 1
-            aa.fab.n_target_classes = self.num_classes - 1
+    def stages(self) -> dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
+        """Stage name -> ``fn(x, y, index) -> points`` (clean where the stage fails), AutoAttack's settings."""
         steps = self.budget.get("steps", 100)
-        if steps != 100:
-            set_apgd_iters(aa.apgd, steps)
-            set_apgd_iters(aa.apgd_targeted, steps)
-            aa.fab.n_iter = steps
-        if "queries" in self.budget:
-            aa.square.n_queries = self.budget["queries"]
-        if "eot_iter" in self.budget:
-            aa.apgd.eot_iter = self.budget["eot_iter"]
-        return aa
+        eot = self.budget.get("eot_iter", 1) if self.randomized else 1
+        model, dev, eps, norm, seed = self.model, self.device, self.eps, self.norm, self.seed
+
+        def apgd(loss: str) -> Callable:
+            def run(x, y, index):
+                a = APGDAttack(model, n_restarts=1, n_iter=steps, verbose=False,
+                               eps=eps, norm=norm, eot_iter=eot, rho=.75, seed=seed, device=dev, loss=loss)
+                return apgd_untargeted(a, x, y, index, seed)
+            return run
+
+        def apgd_t(x, y, index):
+            a = APGDAttack_targeted(model, n_restarts=1, n_iter=steps, verbose=False, eps=eps, norm=norm,
+                                    eot_iter=1, rho=.75, seed=seed, device=dev, n_target_classes=n_targets(self.num_classes))
+            return apgd_targeted(a, x, y, index, seed)
+
+        def fab_t(x, y, index):
+            f = FABAttack_PT(model, n_restarts=1, n_iter=steps, eps=eps, seed=seed, norm=norm, verbose=False,
+                             device=dev, targeted=True, n_target_classes=n_targets(self.num_classes))
+            return fab_targeted(f, x, y, index, seed)
+
+        def square(x, y, index):
+            sq = PerImageSquare(model, p_init=.8, n_queries=self.budget.get("queries", 5000), eps=eps, norm=norm,
+                                n_restarts=1, seed=seed, verbose=False, device=dev, resc_schedule=False)
+            return sq.perturb_images(x, y, index)
+
+        table = {"apgd-ce": apgd("ce"), "apgd-dlr": apgd("dlr"), "apgd-t": apgd_t, "fab-t": fab_t, "square": square}
+        return {name: table[name] for name in VERSIONS[self.version]}
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        aa = self.build()
-        with contextlib.redirect_stdout(sys.stderr):  # stdout belongs to --json
-            x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=len(x))
+        with torch.no_grad():
+            robust = self.model(x).max(1)[1] == y
+        x_adv = x.clone()
+        with _quiet():
+            for run in self.stages().values():
+                todo = robust.nonzero().flatten()
+                if todo.numel() == 0:
+                    break
+                adv = run(x[todo], y[todo], index[todo.cpu()])
+                with torch.no_grad():
+                    fooled = self.model(adv).max(1)[1] != y[todo]
+                robust[todo[fooled]] = False
+                x_adv[todo[fooled]] = adv[fooled]
         return x_adv
 
 
@@ -72,32 +174,32 @@ class AutoAttackRand(AutoAttackStandard):
 
 
 class Square(Attack):
-    """Square attack (score-based black box), 5000 queries, AutoAttack's settings (p_init 0.8)."""
+    """Square attack (score-based black box), 5000 queries, AutoAttack's settings (p_init 0.8), per-image seeded."""
 
     name = "square"
     defaults = {"queries": 5000, "restarts": 1}
     norms = ("Linf", "L2")
+    revision = 2  # 1 was pyautoattack's SquareAttack on each batch (one window per batch and iteration)
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        sq = SquareAttack(self.model, p_init=0.8, n_queries=self.budget["queries"], eps=self.eps, norm=self.norm,
-                          n_restarts=self.budget["restarts"], seed=self.seed, verbose=False, device=self.device,
-                          resc_schedule=False)
-        with contextlib.redirect_stdout(sys.stderr):
-            return sq.perturb(x, y)
+        sq = PerImageSquare(self.model, p_init=0.8, n_queries=self.budget["queries"], eps=self.eps, norm=self.norm,
+                            n_restarts=self.budget["restarts"], seed=self.seed, verbose=False, device=self.device,
+                            resc_schedule=False)
+        return sq.perturb_images(x, y, index)
 
 
 class FABTargeted(Attack):
     """Targeted FAB (FAB-T) as AutoAttack's standard version runs it: 100 steps, 1 restart, 9 target classes
-    (``igd audit``'s stronger AutoAttack gives it 10 restarts, as the paper's Table 9 does)."""
+    (``igd audit``'s stronger AutoAttack gives it more restarts, as the paper's Table 9 does)."""
 
     name = "fab-t"
     defaults = {"steps": 100, "restarts": 1}
     norms = ("Linf", "L2")
+    revision = 2  # 1 seeded FAB's random restarts once per batch
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        classes = self.num_classes if self.num_classes is not None else 10
         fab = FABAttack_PT(self.model, n_restarts=self.budget["restarts"], n_iter=self.budget["steps"],
                            eps=self.eps, seed=self.seed, norm=self.norm, verbose=False, device=self.device,
-                           targeted=True, n_target_classes=max(1, min(9, classes - 1)))
-        with contextlib.redirect_stdout(sys.stderr):
-            return fab.perturb(x, y)
+                           targeted=True, n_target_classes=n_targets(self.num_classes))
+        with _quiet():
+            return fab_targeted(fab, x, y, index, self.seed)

@@ -5,11 +5,15 @@ Randomness is drawn per image from a generator seeded with ``(seed, index)`` whe
 random starts, PGD, RayS is deterministic), and the IG-Defense's smoothing noise is keyed by image content
 (:mod:`igd_cli.noise`), so an image's adversarial point does not depend on which other images share its batch:
 batch size, ``--shard`` and the skipping of broken images in IW-WC give the same points, with or without
-randomized smoothing. pyautoattack's AutoAttack and Square seed once per call (their design).
+randomized smoothing. AutoAttack, Square and FAB are composed from pyautoattack's pieces with per-image
+generators (:mod:`igd_cli.attacks.autoattack`), so the same holds for them. Where igd's own code makes identical
+queries for different images (RayS's box corners), it declares the attacked image of each row
+(:func:`query_owners`) so that a randomized defence draws that image's own noise.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
@@ -58,6 +62,14 @@ ATTACK_STREAM = 0x5DEECE66D
 def attack_stream(seed: int) -> int:
     """The noise seed attacks use against a randomized model whose evaluations use ``seed``."""
     return int(seed) ^ ATTACK_STREAM
+
+
+def query_owners(model: nn.Module, owners: torch.Tensor):
+    """Context: the rows of the queries made inside are for the attacked images ``owners`` (positions in the
+    split). A randomized model that supports it (``IGDefense``) keys their noise by (owner, content), so two
+    images whose queries coincide (RayS's box corners) still draw their own noise; a no-op for other models."""
+    fn = getattr(model, "query_owners", None)
+    return fn(owners) if callable(fn) else contextlib.nullcontext()
 
 
 def reseed(model: nn.Module, seed: int) -> None:

@@ -93,11 +93,25 @@ def save_artifact(path: str | os.PathLike, kind: str, tensors: Mapping[str, torc
     if missing:
         raise ValueError(f"a {kind} artifact needs tensors {missing}")
     path = Path(path)
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     full_meta = {"kind": kind, "format_version": FORMAT_VERSION, "igd_version": __version__, "created": now_iso()}
     full_meta.update(dict(meta or {}))
-    data = _st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=_encode_meta(full_meta))
+    full_meta["tensors_sha256"] = tensors_digest(cpu)
+    data = _st_save(cpu, metadata=_encode_meta(full_meta))
     atomic_write_bytes(path, data)
     return path
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes: stored in each artifact at write time and checked
+    whenever it is read, so a flipped bit that leaves the header intact is refused, not reused."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -160,8 +174,22 @@ def load_artifact(path: str | os.PathLike, kind: str | tuple[str, ...] | None = 
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise IgdError(f"{path}: not a readable safetensors file ({_short(exc)})") from exc
     art = Artifact(path, tensors, meta)
+    want = meta.get("tensors_sha256")
+    if names is None and isinstance(want, str) and tensors_digest(tensors) != want:
+        raise IgdError(f"{path}: its tensors do not match the digest written with them (the file is corrupted); "
+                       f"delete it and recompute")
     check_artifact(art, kind=kind, fingerprint=fingerprint, layer=layer)
     return art
+
+
+def intact(path: str | os.PathLike) -> bool:
+    """Whether an artifact reads back whole and its tensors match the digest written with them (what every reuse
+    of a finished artifact checks before trusting its metadata)."""
+    try:
+        load_artifact(path)
+    except IgdError:
+        return False
+    return True
 
 
 def check_artifact(art: Artifact, kind: str | tuple[str, ...] | None = None, fingerprint: str | None = None,
@@ -196,6 +224,38 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def cached_file_sha256(path: str | os.PathLike) -> str:
+    """:func:`file_sha256`, remembered by (resolved path, size, mtime) in ``$IGD_HOME/cache/sha256.json`` so that a
+    large file is read once, not by every command that names it; a changed file (size or mtime) is hashed anew."""
+    from .models import igd_home
+
+    p = Path(path).resolve()
+    st = p.stat()
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    if key in _SHA_MEMO:
+        return _SHA_MEMO[key]
+    store = igd_home() / "cache" / "sha256.json"
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    digest = known.get(key) if isinstance(known, dict) else None
+    if not isinstance(digest, str):
+        digest = file_sha256(p)
+        if not isinstance(known, dict):
+            known = {}
+        known[key] = digest
+        try:  # a cache: a concurrent writer may win, and a read-only home only costs a re-read next time
+            atomic_write_bytes(store, json.dumps(known, sort_keys=True).encode())
+        except OSError:
+            pass
+    _SHA_MEMO[key] = digest
+    return digest
+
+
+_SHA_MEMO: dict[str, str] = {}
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ so probe sets larger than memory stream with memory bounded by the batch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -39,9 +40,25 @@ class ImageSet:
 
     def __init__(self, name: str, split: str, classes: Sequence[str], n: int,
                  getter: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], source: str = "",
-                 file: Path | None = None):
+                 file: Path | None = None, digest: Callable[[], str] | None = None):
         self.name, self.split, self.classes, self.n, self._get, self.source = name, split, list(classes), n, getter, source
         self.file = file
+        self._digest = digest
+        self._digest_value: str | None = None
+
+    def source_digest(self) -> str:
+        """sha256 of the contents of the split this set is the first n images of (a tensor file: the file's bytes,
+        cached by path, size and mtime; a named data set: its files or arrays), computed once. What identifies the
+        images in every cache and merge: a file rewritten in place gets another digest, a copied or moved one the
+        same."""
+        if self._digest_value is None:
+            self._digest_value = self._digest() if self._digest is not None else _array_digest(self, 0, self.n)
+        return self._digest_value
+
+    def identity(self) -> dict:
+        """The images a result was computed on, as caches and merges compare them: the source's contents and how
+        many of its first images (not the file's path, not the split's name)."""
+        return {"images": self.source_digest(), "n": self.n}
 
     def __len__(self) -> int:
         return self.n
@@ -87,7 +104,8 @@ class _ImageSetView(ImageSet):
             b = parent.get(start + i, start + j)
             return b.x, b.y
 
-        super().__init__(parent.name, parent.split, parent.classes, stop - start, getter, parent.source, parent.file)
+        super().__init__(parent.name, parent.split, parent.classes, stop - start, getter, parent.source, parent.file,
+                         digest=parent.source_digest)
         self.parent, self.start, self.stop = parent, start, stop
 
     def get(self, start: int, stop: int) -> Batch:
@@ -148,7 +166,8 @@ def _digits(name: str, split: str, root: Path) -> ImageSet:
     idx = idx_train if split == "train" else idx_test
     xs, ys = torch.from_numpy(x[idx]), torch.from_numpy(d.target[idx].astype(np.int64))
     return ImageSet("digits", split, DIGITS_CLASSES, len(idx),
-                    lambda i, j: (_from_uint8(xs[i:j]), ys[i:j]), "sklearn.datasets.load_digits")
+                    lambda i, j: (_from_uint8(xs[i:j]), ys[i:j]), "sklearn.datasets.load_digits",
+                    digest=lambda: _bytes_digest(xs, ys))
 
 
 def _torchvision_cifar(name: str, split: str, root: Path) -> ImageSet:
@@ -168,8 +187,9 @@ def _torchvision_cifar(name: str, split: str, root: Path) -> ImageSet:
             raise offline from exc
     x = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
     y = torch.as_tensor(ds.targets, dtype=torch.int64)
+    files = [Path(ds.root) / ds.base_folder / f for f, _ in (ds.train_list if split == "train" else ds.test_list)]
     return ImageSet(name, split, list(ds.classes), len(y), lambda i, j: (_from_uint8(x[i:j]), y[i:j]),
-                    f"torchvision.datasets.{cls.__name__}")
+                    f"torchvision.datasets.{cls.__name__}", digest=lambda: _files_digest(files))
 
 
 def _imagenet(name: str, split: str, root: Path) -> ImageSet:
@@ -189,7 +209,14 @@ def _imagenet(name: str, split: str, root: Path) -> ImageSet:
         items = [ds[k] for k in range(i, j)]
         return torch.stack([a for a, _ in items]), torch.tensor([b for _, b in items], dtype=torch.int64)
 
-    return ImageSet("imagenet", split, classes, len(ds), get, "torchvision.datasets.ImageFolder")
+    def digest() -> str:  # decoding every image to hash it would take minutes: name, size and mtime of each file
+        h = hashlib.sha256()
+        for path, label in ds.samples:
+            st = os.stat(path)
+            h.update(f"{Path(path).relative_to(folder)}|{st.st_size}|{st.st_mtime_ns}|{label}\n".encode())
+        return h.hexdigest()
+
+    return ImageSet("imagenet", split, classes, len(ds), get, "torchvision.datasets.ImageFolder", digest=digest)
 
 
 def _imagenet_class_names(wnids: list[str]) -> list[str]:
@@ -230,20 +257,41 @@ def _safetensors_set(name: str, split: str, root: Path) -> ImageSet:
         classes = json.loads(meta.get("classes", "null")) or [str(c) for c in range(int(ys.max()) + 1)]
     except ValueError:
         classes = [str(c) for c in range(int(ys.max()) + 1)]
+    from .artifacts import cached_file_sha256
+
+    resolved = path.resolve()
     return ImageSet(str(path), split, classes, shape[0], lambda i, j: (_from_uint8(xs[i:j]), ys[i:j]),
-                    meta.get("source", str(path)), file=path.resolve())
+                    meta.get("source", str(path)), file=resolved, digest=lambda: cached_file_sha256(resolved))
 
 
 def same_images(a: ImageSet, b: ImageSet) -> bool:
-    """Whether two sets start with the same images: one split of one named data set, or one tensor file (by
-    path or by content, so a copy counts), whatever split either was asked for. Both are first-N prefixes."""
-    from .artifacts import file_sha256
+    """Whether two sets start with the same images (both are first-N prefixes of their source): the same source
+    contents, whatever path, name or split either was asked for (a copy of a file counts)."""
+    return a.source_digest() == b.source_digest()
 
-    if a.file is not None and b.file is not None:
-        if a.file == b.file:
-            return True
-        return a.file.stat().st_size == b.file.stat().st_size and file_sha256(a.file) == file_sha256(b.file)
-    return a.file is None and b.file is None and a.name == b.name and a.split == b.split
+
+def _bytes_digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _array_digest(ds: ImageSet, start: int, stop: int, chunk: int = 4096) -> str:
+    """sha256 of images and labels start..stop-1 read through the set (a set built without a digest of its own)."""
+    h = hashlib.sha256()
+    for i in range(start, stop, chunk):
+        x, y = ds._get(i, min(i + chunk, stop))
+        h.update(_bytes_digest(x, y).encode())
+    return h.hexdigest()
+
+
+def _files_digest(files: Sequence[Path]) -> str:
+    from .artifacts import cached_file_sha256
+
+    return hashlib.sha256("".join(cached_file_sha256(f) for f in files).encode()).hexdigest()
 
 
 #: ``--dataset`` name -> loader(name, split, data_dir).

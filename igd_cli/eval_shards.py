@@ -20,8 +20,8 @@ from .scoring import Score
 from .shards import MergeResult, check_together, register_merger
 
 #: metadata an adversarial set's shards must share (``defense`` is compared without the mask's path)
-ADV_IDENTITY = ("model_fingerprint", "num_classes", "attack", "target", "eps", "norm", "budget", "seed", "data",
-                "mask_sha256")
+ADV_IDENTITY = ("model_fingerprint", "num_classes", "attack", "target", "eps", "norm", "budget", "seed", "data_id",
+                "mask_sha256", "revision", "pyautoattack")
 #: per-shard bookkeeping dropped from the merged metadata
 _SHARD_ONLY = ("kind", "format_version", "igd_version", "created", "shard", "positions", "seconds", "n_attacked",
                "robust_accuracy", "clean_accuracy", "robust_accuracy_std", "clean_accuracy_std", "score",

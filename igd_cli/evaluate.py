@@ -8,7 +8,9 @@ repeated draws (per image the candidate with the lowest mean correctness, scored
 a deterministic model once (the worst case is then the AND over candidates). The transfer sets are scored first
 (forward passes), then, with ``skip=True``, each attack on the defended model runs only on the images where it
 can still change the worst case (no earlier candidate wrong in every selection draw); such a column is marked
-"measured on survivors" (a lower bound of that attack's own accuracy) while the worst case is unchanged.
+"measured on survivors" (a lower bound of that attack's own accuracy) while the worst case is unchanged: every
+attack draws its randomness per image (:mod:`igd_cli.attacks`), so an image's point does not depend on which
+other images are attacked with it.
 
 Every attack's set is written to ``workdir`` as an ``adversarial`` artifact as soon as it is done and reused
 when its metadata match, so an interrupted run resumes from the attacks it finished. Scoring reseeds the
@@ -25,6 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from importlib.metadata import version as _version
 
 import torch
 import torch.nn as nn
@@ -48,6 +52,8 @@ LABELS = {"aa": "AA", "aa-rand": "AA-rand", "rays": "RayS", "apgd-eot": "APGD+Eo
           "apgd-cw": "APGD-CW", "apgd-t-dlr": "APGD-tgt-DLR", "square": "Square", "pgd": "PGD", "fgsm": "FGSM"}
 #: tolerance when checking that a loaded set lies in the ε-ball (float32 rounding of x ± ε)
 BALL_TOL = 1e-5
+#: the installed pyautoattack, whose attacks igd composes: a new release may change their points
+PYAUTOATTACK_VERSION = _version("pyautoattack")
 
 
 def column_key(attack: str, transfer: bool) -> str:
@@ -82,8 +88,9 @@ def set_meta(model_meta: dict[str, Any], attack_info: dict[str, Any], target_kin
     meta = dict(model_meta)
     meta.update({"attack": attack_info["attack"], "target": target_kind, "eps": attack_info["eps"],
                  "norm": attack_info.get("norm", "Linf"), "budget": attack_info.get("budget", {}),
-                 "seed": attack_info.get("seed", 0), "data": {"dataset": data.name, "split": data.split,
-                                                              "n": len(data)},
+                 "seed": attack_info.get("seed", 0), "revision": attack_info.get("revision"),
+                 "pyautoattack": PYAUTOATTACK_VERSION,
+                 "data": {"dataset": data.name, "split": data.split, "n": len(data)}, "data_id": data.identity(),
                  "robust_accuracy": robust_accuracy})
     meta.update(extra or {})
     return meta
@@ -103,8 +110,10 @@ def load_set(path: str | Path, data: ImageSet, *, eps: float | None = None) -> A
     if x_adv.shape[0] != n or y.shape[0] != n or y.ndim != 1:
         raise IgdError(f"{path}: x_adv, y and index disagree in length")
     d = art.meta.get("data") or {}
-    if d.get("dataset") not in (None, data.name) or d.get("split") not in (None, data.split):
-        raise IgdError(f"{path}: made on {d.get('dataset')} ({d.get('split')}), not on {data.name} ({data.split})")
+    made_on = (art.meta.get("data_id") or {}).get("images")
+    if made_on != data.source_digest():  # by content: a file rewritten in place is another data set
+        raise IgdError(f"{path}: made on other images ({d.get('dataset')}, {d.get('split')}) than "
+                       f"{data.name} ({data.split})" + ("" if made_on else ": written by an older igd, recompute it"))
     keep = index < len(data)
     x_adv, y, index = x_adv[keep], y[keep], index[keep]
     if len(index) == 0:
@@ -407,7 +416,7 @@ class Evaluator:
     def _key_meta(self, attack_info: dict[str, Any], kind: str) -> dict[str, Any]:
         key = {"model_fingerprint": self.target.loaded.fingerprint, "attack": attack_info["attack"],
                "target": kind, "eps": round(self.eps, 10), "norm": self.norm, "budget": attack_info["budget"],
-               "seed": self.seed, "dataset": self.data.name, "split": self.data.split}
+               "seed": self.seed, "images": self.data.source_digest(), "pyautoattack": PYAUTOATTACK_VERSION}
         if "revision" in attack_info:  # an attack whose algorithm changed: sets of the old one are not reused
             key["revision"] = attack_info["revision"]
         if kind == "defended":
@@ -631,14 +640,22 @@ def eval_identity(target: Target, ident: dict[str, Any], data: ImageSet, *, atta
     for f in adv:
         m = read_metadata(f)
         sets.append({k: m.get(k) for k in ("attack", "target", "eps", "norm", "budget", "seed", "model_fingerprint",
-                                           "mask_sha256")})
+                                           "mask_sha256", "revision", "pyautoattack", "data_id")})
     sets.sort(key=lambda d: json.dumps(d, sort_keys=True, default=str))
     out = {"model_fingerprint": target.loaded.fingerprint, "num_classes": target.loaded.num_classes,
            "mask_sha256": ident["mask_sha256"], "layer": ident.get("layer"), "k": ident.get("k"),
-           "defense": ident.get("settings"), "data": {"dataset": data.name, "split": data.split, "n": len(data)},
+           "defense": ident.get("settings"), "data": data.identity(),
            "classes": list(data.classes), "attack": attack, "eps": eps, "norm": norm, "budget": budgets.kwargs(),
+           "revisions": attack_revisions(attack), "pyautoattack": PYAUTOATTACK_VERSION,
            "seed": int(seed), "skip": bool(skip), "adv": sets, "protocol": protocol, "draws": int(draws)}
     return json.loads(json.dumps(out, sort_keys=True, default=str))  # as it reads back from metadata
+
+
+def attack_revisions(attack: str) -> dict[str, int | None]:
+    """The algorithm revision of every attack an evaluation runs (part of its identity: a changed algorithm is
+    another evaluation)."""
+    names = set(DIRECT) | set(TRANSFER) if attack == "iw-wc" else ({attack} if attack in ATTACKS else set())
+    return {name: ATTACKS[name].revision for name in sorted(names)}
 
 
 def needs_eps(attack: str, adv: Sequence[str | Path]) -> bool:
@@ -777,7 +794,8 @@ def table_cells(result: EvalResult | dict[str, Any], title: str | None = None) -
         t.notes.append("† measured only on the images where it could still change the worst case "
                        f"({', '.join(f'{column_label(k)}: {v}' for k, v in surv.items())} images attacked; the "
                        "others count as broken): a lower bound of that attack's own accuracy, so no Δ; the worst "
-                       "case is exact (--no-skip gives every attack's own accuracy).")
+                       "case is that of --no-skip (every attack gives an image the same point in any batch; "
+                       "--no-skip gives every attack's own accuracy).")
     return t
 
 

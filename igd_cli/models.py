@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import os
 import sys
 from dataclasses import dataclass, field
@@ -70,8 +71,10 @@ _FINGERPRINTS: dict[int, tuple[int, str]] = {}
 
 
 def fingerprint(model: nn.Module) -> str:
-    """A 16-hex-digit sha256 of the state dict (names, dtypes, shapes and values): the model's identity."""
+    """A 16-hex-digit sha256 of the model's identity: the state dict (names, dtypes, shapes and values) and the
+    architecture's code (:func:`architecture_digest`), so the same weights under another forward are another model."""
     h = hashlib.sha256()
+    h.update(architecture_digest(model).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(name.encode())
@@ -79,6 +82,26 @@ def fingerprint(model: nn.Module) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def architecture_digest(model: nn.Module) -> str:
+    """sha256 of what the forward computes beyond the weights: the module tree with its settings (``repr``) and
+    the source files defining every module class outside torch (a user's ``--arch file.py``, igd's own archs),
+    which hold the forwards and the constants they use. torch's own layers are identified by their settings."""
+    h = hashlib.sha256(repr(model).encode())
+    files = set()
+    for m in model.modules():
+        cls = type(m)
+        if cls.__module__.split(".")[0] == "torch":
+            continue
+        try:
+            files.add(inspect.getsourcefile(cls) or cls.__qualname__)
+        except TypeError:  # defined where no source exists (an interactive session)
+            files.add(f"{cls.__module__}.{cls.__qualname__}")
+    for f in sorted(files):
+        path = Path(f)
+        h.update(path.read_bytes() if path.is_file() else f.encode())
+    return h.hexdigest()
 
 
 def load_model(spec: str = "demo", arch: str | None = None, dataset: str | None = None,

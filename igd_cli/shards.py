@@ -15,11 +15,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .artifacts import Artifact, file_sha256, load_artifact, read_metadata, save_artifact, tensor_info
+from .artifacts import Artifact, file_sha256, intact, load_artifact, read_metadata, save_artifact, tensor_info
 from .errors import IgdError
 
 #: metadata that must agree for two importance shards (or a shard and a re-run) to be the same computation
-IMPORTANCE_IDENTITY = ("model_fingerprint", "num_classes", "layer", "method", "n_neurons", "data", "params")
+IMPORTANCE_IDENTITY = ("model_fingerprint", "num_classes", "layer", "method", "n_neurons", "data_id", "params")
 
 
 def parse_neurons(text: str | None, n: int) -> tuple[int, int]:
@@ -89,6 +89,8 @@ def matching_artifact(path: str | Path, kind: str, meta: dict[str, Any], shape: 
         return None
     if tensor not in info or tuple(info[tensor]["shape"]) != tuple(shape):
         return None
+    if not intact(path):
+        return None  # corrupted: recompute and overwrite
     return have
 
 

@@ -48,7 +48,8 @@ class EvalSetup:
                  eps: float | None = None, budgets: Budgets | None = None) -> dict[str, Any]:
         """:func:`igd_cli.evaluate.evaluate_defense` of ``model`` (None: the base model alone) as JSON."""
         res = evaluate_defense(self.target, model, self.data, attack=attack, workdir=self.workdir,
-                               budgets=budgets or self.budgets, eps=self.eps if eps is None else eps, seed=self.seed,
+                               budgets=budgets or self.budgets, eps=self.eps if eps is None else eps,
+                               norm=self.target.threat_model, seed=self.seed,
                                batch_size=self.batch_size, defense_meta=identity, show_progress=self.show_progress,
                                protocol=self.protocol, draws=self.draws)
         return res.to_json()
@@ -56,7 +57,7 @@ class EvalSetup:
     def describe(self) -> dict[str, Any]:
         return {"model": self.target.loaded.name, "model_fingerprint": self.target.loaded.fingerprint,
                 "data": {"dataset": self.data.name, "split": self.data.split, "n": len(self.data)},
-                "eps": self.eps, "budget": self.budgets.kwargs(), "seed": self.seed, "protocol": self.protocol,
+                "data_id": self.data.identity(), "norm": self.target.threat_model, "eps": self.eps, "budget": self.budgets.kwargs(), "seed": self.seed, "protocol": self.protocol,
                 "draws": self.draws, "workdir": str(self.workdir)}
 
 

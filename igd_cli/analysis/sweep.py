@@ -31,7 +31,7 @@ from ..artifacts import file_sha256
 from ..console import err_console
 from ..defense import DEFAULT_N_SMOOTH, DEFAULT_TAU, IGDefense, check_k, topk_mask
 from ..errors import IgdError
-from ..evaluate import Budgets, column_label
+from ..evaluate import PYAUTOATTACK_VERSION, Budgets, attack_revisions, column_label
 from .setup import EvalSetup, mask_identity, read_json, write_json
 
 Over = Literal["k", "eps", "sigma", "tau", "n-smooth", "layer", "steps"]
@@ -100,8 +100,11 @@ def _point_key(setup: EvalSetup, spec: SweepSpec, layer: str, imp_sha: str, eps:
         "layer": layer, "k": spec.k, "tau": spec.tau, "sigma": sigma, "n_smooth": spec.n_smooth, "rs": spec.rs,
         # a clean-only point depends on neither ε nor the attack budget (σ is in the key): reused across presets
         "attack": spec.attack, "eps": None if spec.attack == "none" else round(eps, 10),
+        "norm": None if spec.attack == "none" else setup.target.threat_model,
         "budget": None if spec.attack == "none" else budgets.kwargs(),
-        "data": {"dataset": setup.data.name, "split": setup.data.split, "n": len(setup.data)},
+        "revisions": None if spec.attack == "none" else attack_revisions(spec.attack),
+        "pyautoattack": None if spec.attack == "none" else PYAUTOATTACK_VERSION,
+        "data": setup.data.identity(),
         "seed": setup.seed, "protocol": setup.protocol, "draws": setup.draws}, sort_keys=True))
 
 

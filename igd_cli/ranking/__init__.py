@@ -134,10 +134,11 @@ class RankResult:
 
 
 def rank_meta(provenance: dict[str, Any], req: RankRequest, method: Method) -> dict[str, Any]:
-    """The identity of a ranking run as recorded in the artifact (provenance, layer, method, data, params)."""
+    """The identity of a ranking run as recorded in the artifact (provenance, layer, method, data, params);
+    ``data`` names the images for people, ``data_id`` identifies them by content (what reuse compares)."""
     return {**provenance, "layer": req.layer, "method": method.name, "n_neurons": req.n_neurons,
             "data": {"dataset": req.data.name, "split": req.data.split, "n": len(req.data)},
-            "params": method.params(req)}
+            "data_id": req.data.identity(), "params": method.params(req)}
 
 
 def rank(req: RankRequest, method_name: str, provenance: dict[str, Any], out: Path, *,

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..artifacts import file_sha256, load_artifact, read_metadata, save_artifact
+from ..artifacts import cached_file_sha256, load_artifact, read_metadata, save_artifact
 from ..console import err_console, progress
 from ..data import ImageSet
 from ..errors import IgdError
@@ -123,15 +123,10 @@ def pretrained_identity(pretrained: str) -> dict[str, Any]:
         return {"clip_pretrained": "none", "clip_init_seed": UNTRAINED_SEED}
     path = Path(pretrained).expanduser()
     if path.exists():
-        st = path.stat()
-        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-        if key not in _SHA_MEMO:  # hashing hundreds of MB once per process is enough
-            _SHA_MEMO[key] = file_sha256(path)
-        return {"clip_pretrained": key[0], "clip_weights_sha256": _SHA_MEMO[key]}
+        # the weights by content (hashed once per file version), the path only for people
+        return {"clip_pretrained": "file", "clip_weights_sha256": cached_file_sha256(path),
+                "clip_weights_path": str(path.resolve())}
     return {"clip_pretrained": pretrained}
-
-
-_SHA_MEMO: dict[tuple[str, int, int], str] = {}
 
 
 def load_clip(name: str, pretrained: str, device: torch.device) -> Clip:
@@ -250,11 +245,16 @@ def prompts(classes: list[str], template: str = DEFAULT_TEMPLATE) -> list[str]:
     return [template.format(c.replace("_", " ")) for c in classes]
 
 
+#: cache metadata that names the images for people, or says how many are cached, but is not compared on reuse
+#: (the images are compared by content, ``images``; a cache of more images serves fewer)
+NOT_IDENTITY = ("n", "dataset", "split", "clip_weights_path")
+
+
 def default_cache_path(meta: dict[str, Any]) -> Path:
     """``$IGD_HOME/clip-cache/<clip model>-<data>-<hash>.safetensors``, one file per (CLIP, data, prompts)."""
     from ..models import igd_home
 
-    key = {k: meta[k] for k in sorted(meta) if k != "n"}
+    key = {k: meta[k] for k in sorted(meta) if k not in NOT_IDENTITY}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     data = re.sub(r"[^A-Za-z0-9]+", "-", Path(str(meta["dataset"])).stem).strip("-")
     return igd_home() / "clip-cache" / f"{meta['clip_model']}-{data}-{meta['split']}-{digest}.safetensors"
@@ -262,8 +262,9 @@ def default_cache_path(meta: dict[str, Any]) -> Path:
 
 def cache_meta(clip_model: str, clip_pretrained: str, data: ImageSet, template: str) -> dict[str, Any]:
     """Everything the CLIP embeddings depend on (the cache is reused only when all of it matches)."""
-    return {"clip_model": clip_model, **pretrained_identity(clip_pretrained), "dataset": data.name,
-            "split": data.split, "n": len(data), "classes": list(data.classes), "template": template}
+    return {"clip_model": clip_model, **pretrained_identity(clip_pretrained), "images": data.source_digest(),
+            "dataset": data.name, "split": data.split, "n": len(data), "classes": list(data.classes),
+            "template": template}
 
 
 def _cache_hit(path: Path, want: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -273,7 +274,7 @@ def _cache_hit(path: Path, want: dict[str, Any]) -> tuple[torch.Tensor, torch.Te
     meta = read_metadata(path)
     if meta.get("kind") != "clip-cache":
         raise IgdError(f"--clip-cache {path}: not a clip-cache artifact (kind {meta.get('kind')})")
-    same = all(meta.get(k) == v for k, v in want.items() if k != "n")
+    same = all(meta.get(k) == v for k, v in want.items() if k not in NOT_IDENTITY)
     if not same or not isinstance(meta.get("n"), int) or meta["n"] < want["n"]:
         return None
     art = load_artifact(path, kind="clip-cache")
@@ -361,6 +362,6 @@ def cd_ir(model: nn.Module, layer: str, data: ImageSet, *, neurons: tuple[int, i
 
 def params(clip_model: str, clip_pretrained: str, template: str, n_probe: int) -> dict[str, Any]:
     """The settings an importance artifact records (shards merge only when these agree)."""
-    ident = pretrained_identity(clip_pretrained)
+    ident = {k: v for k, v in pretrained_identity(clip_pretrained).items() if k not in NOT_IDENTITY}
     return {"clip_model": clip_model, **ident, "template": template,
             **{k: v for k, v in SOFT_WPMI.items() if k != "top_k"}, "top_k": min(int(SOFT_WPMI["top_k"]), n_probe)}

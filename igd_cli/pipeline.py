@@ -8,20 +8,22 @@ stages (and, inside the evaluation, the attacks) it finished. What each stage di
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
-from .artifacts import file_sha256, read_metadata
-from .calibrate import run_calibration
+from .artifacts import file_sha256, intact, read_metadata
+from .calibrate import DEFAULT_N_EXAMPLES, run_calibration
 from .common import Target, check_classes, resolve_model_layer
 from .data import ImageSet, load_dataset, same_images
 from .console import err_console, progress_enabled
 from .defense import check_layers, load_defense
 from .errors import IgdError
-from .evaluate import Budgets, EvalResult, defense_identity, evaluate_defense
+from .evaluate import (PYAUTOATTACK_VERSION, Budgets, EvalResult, attack_revisions, defense_identity,
+                       evaluate_defense)
 from .ranking import RankRequest, get_method, rank
 from .scoring import DEFAULT_DRAWS
 
@@ -107,18 +109,27 @@ class PipelineResult:
 
 def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_dir: str | Path | None = None,
                  force: bool = False) -> PipelineResult:
-    """Run (or re-read) every stage for ``target`` into the folder ``out``."""
-    t0 = time.perf_counter()
+    """Run (or re-read) every stage for ``target`` into the folder ``out``, holding the folder's lock (a second
+    process on the same folder fails at once with one line instead of mixing its results in)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise IgdError(f"--out {out}: is a file, expected a folder")
     out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):
+        return _run_pipeline(target, cfg, out, data_dir=data_dir, force=force)
+
+
+def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: str | Path | None,
+                  force: bool) -> PipelineResult:
+    t0 = time.perf_counter()
     if cfg.attack not in ("iw-wc", "aa"):
         raise IgdError(f"--attack {cfg.attack}: the pipeline evaluates iw-wc or aa")
     stages: dict[str, Stage] = {}
     show = progress_enabled()
-    if cfg.eps is None:
-        target.default_eps()  # fail now, not after the ranking, when ε is unknown (the attacks need it)
+    # ε as every stage uses it (σ = ε/2 of the smoothing, the attacks' budget): failing now, not after the ranking,
+    # when it is unknown; identities store this value, not the option as given
+    eps = float(cfg.eps) if cfg.eps is not None else float(target.default_eps())
+    norm = target.threat_model
 
     # 1. rank (the probe set: the first n_probe training images, or of --probe-dataset), one importance file per
     # masked layer
@@ -151,12 +162,15 @@ def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_d
 
     # 2. calibrate-k (mask), reused when made from these very importance files with the same settings
     mask = out / f"mask-{method.name}-{slug}.safetensors"
-    want = _calibration_identity(target, importances, cfg)
+    cal_data = target.data("test", cfg.n_examples, data_dir)
+    if cfg.n_examples is None:
+        cal_data.n = min(DEFAULT_N_EXAMPLES, len(cal_data))
+    want = _calibration_identity(target, importances, cfg, eps, cal_data)
     cal = None if force else _reusable_mask(mask, want)
     _say(f"[2/4] calibrate-k: tolerance {cfg.tolerance} points" + (" (reused)" if cal else ""))
     if cal is None:
         cal = run_calibration(target, importances[0] if one else importances, mask, split="test", n_examples=cfg.n_examples,
-                              tolerance=cfg.tolerance, eps=cfg.eps, n_smooth=1, rs=cfg.rs, k=cfg.k,
+                              tolerance=cfg.tolerance, eps=eps, n_smooth=1, rs=cfg.rs, k=cfg.k,
                               batch_size=cfg.batch_size, seed=cfg.seed, data_dir=data_dir,
                               plot=out / f"calibration-{method.name}-{slug}.png",
                               extra_meta={"pipeline_identity": want})
@@ -170,8 +184,9 @@ def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_d
     defense = load_defense(target, mask, seed=cfg.seed)
     ident = defense_identity(mask, defense)
     report = out / f"eval-{cfg.attack}-{method.name}-{slug}.safetensors"
-    eval_id = {"mask_sha256": ident["mask_sha256"], "attack": cfg.attack, "n_examples": len(data),
-               "eps": cfg.eps, "budgets": asdict(cfg.budgets), "seed": cfg.seed, "dataset": data.name,
+    eval_id = {"mask_sha256": ident["mask_sha256"], "defense": ident.get("settings"), "attack": cfg.attack,
+               "data": data.identity(), "eps": eps, "norm": norm, "budgets": asdict(cfg.budgets), "seed": cfg.seed,
+               "revisions": attack_revisions(cfg.attack), "pyautoattack": PYAUTOATTACK_VERSION,
                "model_fingerprint": target.loaded.fingerprint, "protocol": cfg.protocol, "draws": cfg.draws}
     evaluation = None if force else _reusable_report(report, eval_id)
     if evaluation is not None:
@@ -184,12 +199,13 @@ def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_d
 
         _say(f"[3/4] attacks on the base model ({cfg.attack}) for transfer, cached in {adv_dir}")
         evaluate_defense(target, None, data, attack=cfg.attack, workdir=adv_dir, budgets=cfg.budgets,
-                         eps=cfg.eps, seed=cfg.seed, batch_size=cfg.batch_size, show_progress=show, on_set=on_set)
+                         eps=eps, norm=norm, seed=cfg.seed, batch_size=cfg.batch_size, show_progress=show,
+                         on_set=on_set)
         stages["transfer"] = "computed" if ran else "reused"
         n_base = len(ran)
         _say(f"[4/4] defend-eval --attack {cfg.attack} on {data.wording()}")
         res: EvalResult = evaluate_defense(target, defense, data, attack=cfg.attack, workdir=adv_dir,
-                                           budgets=cfg.budgets, eps=cfg.eps, seed=cfg.seed,
+                                           budgets=cfg.budgets, eps=eps, norm=norm, seed=cfg.seed,
                                            batch_size=cfg.batch_size, defense_meta=ident, show_progress=show,
                                            on_set=on_set, protocol=cfg.protocol, draws=cfg.draws)
         stages["defend-eval"] = "computed"
@@ -219,12 +235,42 @@ def _say(text: str) -> None:
     err_console.print(text, highlight=False, soft_wrap=True)  # paths stay whole
 
 
-def _calibration_identity(target: Target, importances: list[Path], cfg: PipelineConfig) -> dict[str, Any]:
+def _calibration_identity(target: Target, importances: list[Path], cfg: PipelineConfig, eps: float,
+                          data: ImageSet) -> dict[str, Any]:
+    """What decides the mask: the model, the importance files' contents, the images calibrated on (by content),
+    tolerance, fixed k, ε (σ = ε/2), smoothing and seed; not the batch size (it changes no figure)."""
     shas = [file_sha256(p) for p in importances]
     return json.loads(json.dumps({
         "model_fingerprint": target.loaded.fingerprint, "importance_sha256": shas[0] if len(shas) == 1 else shas,
-        "n_examples": cfg.n_examples, "tolerance": cfg.tolerance, "k": cfg.k, "eps": cfg.eps, "rs": cfg.rs,
-        "seed": cfg.seed, "batch_size": cfg.batch_size}))
+        "data": data.identity(), "tolerance": cfg.tolerance, "k": cfg.k, "eps": eps, "rs": cfg.rs,
+        "seed": cfg.seed}))
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder/.igd-lock`` (an exclusive ``flock``) while a process writes the run folder; a second process
+    fails at once with one line naming the holder, instead of mixing its stages with the first one's."""
+    import fcntl
+    import os
+    import socket
+
+    path = folder / ".igd-lock"
+    fh = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise IgdError(f"--out {folder}: in use by {holder}; wait for it to finish or choose another --out") \
+                from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"igd (pid {os.getpid()} on {socket.gethostname()})")
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # closing releases the lock
 
 
 def _matching_meta(path: Path, kind: str, want: dict[str, Any]) -> dict[str, Any] | None:
@@ -237,6 +283,8 @@ def _matching_meta(path: Path, kind: str, want: dict[str, Any]) -> dict[str, Any
         return None  # unreadable: recompute and overwrite
     if meta.get("kind") != kind or meta.get("pipeline_identity") != json.loads(json.dumps(want)):
         return None
+    if not intact(path):
+        return None  # corrupted: recompute and overwrite
     return meta
 
 

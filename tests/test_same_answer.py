@@ -1,0 +1,233 @@
+"""The same question gets the same answer (issue 19): however a job is cut (batch size, shard split, skipping,
+order), whatever was cached, and nothing stale or foreign is ever reused.
+
+References are computed independently: pyautoattack run on one image at a time under the image's seed, and
+fresh runs in fresh folders.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+
+import pytest
+import torch
+from pyautoattack import AutoAttack
+from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+from pyautoattack.square import SquareAttack
+from safetensors.torch import save_file
+
+from igd_cli.artifacts import intact, load_artifact, read_metadata, save_artifact
+from igd_cli.attacks import make_attack, predict, run_attack
+from igd_cli.attacks.base import image_seed
+from igd_cli.data import DIGITS_CLASSES, load_dataset
+from igd_cli.defense import IGDefense, topk_mask
+from igd_cli.errors import IgdError
+
+from .conftest import digits_safetensors
+
+
+@pytest.fixture(scope="module")
+def images(demo):
+    b = load_dataset("digits", "test", 16).all()
+    return b.x, b.y, b.index
+
+
+# --- per-image randomness: AutoAttack and Square equal pyautoattack on each image alone ------------------
+
+def _pyautoattack_aa(model, x, y, seed, eps, norm, steps, queries):
+    """pyautoattack's standard AutoAttack, built as its __init__ builds it, with a small budget."""
+    aa = AutoAttack(model, norm=norm, eps=eps, seed=seed, version="standard", device="cpu")
+    aa.verbose = False
+    aa.apgd = APGDAttack(model, n_restarts=1, n_iter=steps, verbose=False, eps=eps, norm=norm, eot_iter=1, rho=.75,
+                         seed=seed, device="cpu", logger=aa.logger)
+    aa.apgd_targeted = APGDAttack_targeted(model, n_restarts=1, n_iter=steps, verbose=False, eps=eps, norm=norm,
+                                           eot_iter=1, rho=.75, seed=seed, device="cpu", logger=aa.logger,
+                                           n_target_classes=9)
+    aa.fab.n_iter = steps
+    aa.square.n_queries = queries
+    return aa.run_standard_evaluation(x, y, batch_size=len(x))[0]
+
+
+def test_autoattack_is_pyautoattack_on_each_image_alone(demo, images):
+    """Every image gets the point pyautoattack's AutoAttack gives it when attacked alone under its own seed, in a
+    batch of 16 and in batches of 5: the batch no longer decides its random starts or Square's windows."""
+    x, y, idx = images
+    atk = make_attack("aa", demo.model, eps=0.2, seed=3, num_classes=10, steps=5, queries=40)
+    whole = atk(x, y, idx)
+    parts = torch.cat([atk(x[i:i + 5], y[i:i + 5], idx[i:i + 5]) for i in range(0, len(x), 5)])
+    fooled = predict(demo.model, whole) != y
+    assert fooled.any() and (~fooled).any()
+    for i in range(len(x)):
+        ref = _pyautoattack_aa(demo.model, x[i:i + 1], y[i:i + 1], image_seed(3, int(idx[i])), 0.2, "Linf", 5, 40)
+        assert torch.equal(whole[i:i + 1], ref), i
+    assert torch.allclose(whole, parts, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm,eps", [("Linf", 0.35), ("L2", 1.5)])
+def test_square_is_pyautoattack_on_each_image_alone(demo, images, norm, eps):
+    x, y, idx = images
+    x, y, idx = x[:8], y[:8], idx[:8]
+    ours = make_attack("square", demo.model, eps=eps, norm=norm, seed=1, queries=30)(x, y, idx)
+    assert (predict(demo.model, ours) != y).any()  # Square returns the clean image where it fails
+    for i in range(len(x)):
+        ref = SquareAttack(demo.model, p_init=.8, n_queries=30, eps=eps, norm=norm, n_restarts=1,
+                           seed=image_seed(1, int(idx[i])), verbose=False, device="cpu",
+                           resc_schedule=False).perturb(x[i:i + 1], y[i:i + 1])
+        assert torch.allclose(ours[i:i + 1], ref, atol=1e-7), i
+
+
+# --- every attack, on a randomized defence: batch size, order and shards change no point ---------------------
+
+@pytest.fixture(scope="module")
+def smoothed(demo):
+    """The demo defence with noise strong enough to flip predictions (LO-IR-like ranking from a fixed matrix)."""
+    g = torch.Generator().manual_seed(0)
+    mask = topk_mask(torch.rand(128, 10, generator=g), 40)
+    return IGDefense(demo.model, "block3", mask, sigma=0.1)
+
+
+ATTACK_BUDGETS = {"aa": dict(steps=2, queries=15), "aa-rand": dict(steps=2, eot_iter=2),
+                  "square": dict(queries=15), "rays": dict(queries=40), "apgd-ce": dict(steps=3),
+                  "apgd-eot": dict(steps=2, eot_iter=2), "apgd-t-dlr": dict(steps=2, restarts=1),
+                  "fab-t": dict(steps=3), "pgd": dict(steps=3)}
+
+
+@pytest.mark.parametrize("name", list(ATTACK_BUDGETS))
+def test_every_attack_gives_each_image_its_point_in_any_batch(smoothed, name):
+    data = load_dataset("digits", "test", 10)
+    atk = make_attack(name, smoothed, eps=0.2, seed=0, num_classes=10, **ATTACK_BUDGETS[name])
+    whole = run_attack(atk, data, batch_size=10, show_progress=False)
+    perm = torch.tensor([7, 2, 9, 0, 5, 1, 8, 3, 6, 4])
+    shuffled = run_attack(atk, data, batch_size=3, positions=perm, show_progress=False)
+    back = shuffled.x_adv[torch.argsort(shuffled.index)]
+    assert torch.allclose(whole.x_adv, back, atol=1e-6), (whole.x_adv - back).abs().amax()
+    if name in ("rays", "aa", "square"):  # batches of one, for the attacks whose queries used to be shared
+        ones = run_attack(atk, data, batch_size=1, show_progress=False)
+        assert torch.allclose(whole.x_adv, ones.x_adv, atol=1e-6)
+
+
+def test_rays_queries_are_keyed_by_the_attacked_image(smoothed):
+    """RayS's first queries are the same box corner for every image; the noise of each must be the attacked
+    image's own: an image's result does not change when another image joins its batch."""
+    data = load_dataset("digits", "test", 6)
+    atk = make_attack("rays", smoothed, eps=0.2, seed=0, queries=30)
+    alone = run_attack(atk, data, batch_size=1, positions=torch.tensor([3]), show_progress=False)
+    together = run_attack(atk, data, batch_size=6, show_progress=False)
+    assert torch.allclose(alone.x_adv[0], together.x_adv[3], atol=1e-6)
+
+
+# --- artifacts: content, not paths; corruption is refused --------------------------------------------------
+
+def test_a_flipped_bit_is_refused_not_reused(tmp_path):
+    path = save_artifact(tmp_path / "imp.safetensors", "importance", {"importance": torch.arange(12.).view(4, 3)},
+                         {"layer": "x"})
+    assert intact(path)
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x10  # a byte of the tensor data; the header stays intact
+    path.write_bytes(bytes(raw))
+    assert read_metadata(path)["layer"] == "x"  # the header still reads
+    assert not intact(path)
+    with pytest.raises(IgdError, match="corrupted"):
+        load_artifact(path)
+
+
+def test_data_files_are_identified_by_content_not_path(tmp_path):
+    a = digits_safetensors(tmp_path, "test", 30)
+    copy = tmp_path / "elsewhere" / "copy.safetensors"
+    copy.parent.mkdir()
+    copy.write_bytes(a.read_bytes())
+    da, dc = load_dataset(str(a), "test", 20), load_dataset(str(copy), "test", 20)
+    assert da.identity() == dc.identity()
+    b = load_dataset("digits", "test", 30).all()
+    save_file({"x": (b.x.flip(0) * 255).round().to(torch.uint8), "y": b.y.flip(0)}, str(a),
+              metadata={"classes": json.dumps(DIGITS_CLASSES)})  # rewritten in place, same name
+    assert load_dataset(str(a), "test", 20).identity() != dc.identity()
+
+
+def test_architecture_code_is_part_of_the_fingerprint(tmp_path):
+    """The same weights under an --arch whose forward computes something else are another model."""
+    from igd_cli.models import load_model
+
+    src = ("import torch, torch.nn as nn\n"
+           "class Net(nn.Module):\n"
+           "    def __init__(self, num_classes=10):\n"
+           "        super().__init__()\n"
+           "        self.conv = nn.Conv2d(1, 4, 3)\n"
+           "        self.fc = nn.Linear(4, num_classes)\n"
+           "    def forward(self, x):\n"
+           "        return self.fc(self.conv(x {op}).mean((2, 3)))\n")
+    (tmp_path / "a.py").write_text(src.format(op="- 0.5"))
+    (tmp_path / "b.py").write_text(src.format(op="* 2.0"))
+    torch.manual_seed(0)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("a_net", tmp_path / "a.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.save(mod.Net().state_dict(), tmp_path / "w.pt")
+    fa = load_model(str(tmp_path / "w.pt"), arch=f"{tmp_path / 'a.py'}:Net").fingerprint
+    fb = load_model(str(tmp_path / "w.pt"), arch=f"{tmp_path / 'b.py'}:Net").fingerprint
+    assert fa != fb
+    assert fa == load_model(str(tmp_path / "w.pt"), arch=f"{tmp_path / 'a.py'}:Net").fingerprint
+
+
+# --- the pipeline: identities and the run-folder lock --------------------------------------------------------
+
+TINY = ["--n-probe", "80", "--n-examples", "12", "--attack", "aa", "--steps", "2", "--queries", "10",
+        "--batch-size", "64", "--draws", "2", "--json"]
+
+
+def test_pipeline_recomputes_when_the_images_change_in_place(tmp_path, cli):
+    train = digits_safetensors(tmp_path, "train", 80)
+    test = digits_safetensors(tmp_path, "test", 40)
+    common = ["pipeline", "--dataset", test, "--probe-dataset", train, "--eps", "0.2", *TINY]
+    first = cli(*common, "--out", tmp_path / "run")
+    assert first.code == 0, first.err
+    # the evaluation file rewritten in place: same name, other images (the first 12 are others now)
+    b = load_dataset("digits", "test", 40).all()
+    save_file({"x": (b.x.flip(0) * 255).round().to(torch.uint8), "y": b.y.flip(0)}, str(test),
+              metadata={"classes": json.dumps(DIGITS_CLASSES)})
+    again = cli(*common, "--out", tmp_path / "run")
+    fresh = cli(*common, "--out", tmp_path / "fresh")
+    assert again.code == 0 and fresh.code == 0, again.err + fresh.err
+    a, f = again.json(), fresh.json()
+    assert a["stages"]["rank"] == "reused"  # the probe file did not change
+    assert a["stages"]["calibrate"] == "computed" and a["stages"]["defend-eval"] == "computed"
+    for key in ("k", "clean_accuracy", "base_clean_accuracy", "worst_case", "base_worst_case", "robust_accuracy"):
+        assert a[key] == f[key], key
+
+
+def test_pipeline_passes_the_threat_model_and_keys_by_it(tmp_path, cli):
+    base = ["pipeline", "--eps", "0.5", *TINY, "--out", tmp_path / "run"]
+    linf = cli(*base)
+    l2 = cli(*base, "--threat-model", "L2")
+    assert linf.code == 0 and l2.code == 0, linf.err + l2.err
+    assert l2.json()["stages"]["transfer"] == "computed" and l2.json()["stages"]["defend-eval"] == "computed"
+    sets = [read_metadata(p) for p in (tmp_path / "run" / "adv").glob("*.safetensors")]
+    assert {m["norm"] for m in sets} == {"Linf", "L2"}
+
+
+def _hold_lock(folder, ready, release):
+    from igd_cli.pipeline import run_lock
+
+    with run_lock(folder):
+        ready.set()
+        release.wait(60)
+
+
+def test_a_second_process_on_one_run_folder_fails_in_one_line(tmp_path, cli):
+    out = tmp_path / "run"
+    out.mkdir()
+    ctx = mp.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(out, ready, release))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        r = cli("pipeline", *TINY, "--out", out)
+        assert r.code == 2 and "in use by igd (pid" in r.err and len(r.err.strip().splitlines()) == 1
+    finally:
+        release.set()
+        holder.join(60)
+    assert cli("pipeline", *TINY, "--out", out).code == 0  # free again once the holder ended

@@ -207,3 +207,42 @@ def test_cli_bad_input_is_one_error_line(cli, tmp_path, args, needle):
     lines = [ln for ln in r.err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.err
     assert not (tmp_path / "o.st").exists()
+
+
+def test_apgd_eot_gates_its_dlr_stage_on_the_returned_point_under_repeated_draws(demo):
+    """Issue 21.2: DLR runs on every image whose CE point is not wrong in all GATE_DRAWS classifications
+    (AutoAttack's rand version re-classifies the returned point), not only where no CE iterate happened to be
+    misclassified under one noise draw; on a defence whose noise flips predictions the two rules differ."""
+    from igd_cli.attacks.base import attack_stream, reseed
+    from igd_cli.defense import IGDefense, topk_mask
+
+    mask = topk_mask(torch.rand(128, 10, generator=torch.Generator().manual_seed(0)), 40)
+    d = IGDefense(demo.model, "block3", mask, sigma=0.15)
+    b = load_dataset("digits", "test", 24).all()
+    atk = make_attack("apgd-eot", d, eps=0.15, seed=0, num_classes=10, steps=3, eot_iter=2)
+    assert atk.randomized and atk._draws() == atk.GATE_DRAWS > 1
+    stages, gates = {}, []
+    stage, correct = atk._stage, atk._correct_draws
+
+    def spy_stage(x, y, index, loss):
+        out = stage(x, y, index, loss)
+        stages[loss] = (index.clone(), *out)
+        return out
+
+    def spy_correct(x_adv, y):
+        c = correct(x_adv, y)
+        gates.append(c.clone())
+        return c
+
+    atk._stage, atk._correct_draws = spy_stage, spy_correct
+    reseed(d, attack_stream(0))
+    x_adv = atk(b.x, b.y, b.index)
+    ce_index, ce_points, ce_fooled = stages["ce"]
+    ce_correct = gates[0]
+    assert int(ce_correct.max()) <= atk.GATE_DRAWS
+    # the rule: DLR ran on exactly the images whose CE point was correct in at least one draw
+    assert stages["dlr"][0].tolist() == ce_index[ce_correct > 0].tolist()
+    # ... which includes images the old gate skipped (a CE iterate misclassified under one draw)
+    assert bool(((ce_correct > 0) & ce_fooled).any())
+    # images wrong in every draw keep their CE point
+    assert torch.equal(x_adv[ce_correct == 0], ce_points[ce_correct == 0])

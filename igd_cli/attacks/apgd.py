@@ -113,30 +113,48 @@ class APGDCW(APGD):
 
 class APGDEoT(APGD):
     """APGD with Expectation over Transformation as AutoAttack's rand version runs it (Croce & Hein's standard
-    attack on randomized defences): APGD-CE, then APGD-DLR on the images CE did not fool, each 100 steps with 20
-    gradient samples per step and the image's own seed for both (as AutoAttack seeds both), in transfer form.
+    attack on randomized defences): APGD-CE, then APGD-DLR, each 100 steps with 20 gradient samples per step and the
+    image's own seed for both (as AutoAttack seeds both), in transfer form.
 
-    pyautoattack's ``AutoAttack(version="rand")`` returns the clean image where it fails; here an image keeps a
-    misclassifying iterate of either stage, else, of the two highest-loss iterates, the one with the higher DLR
-    loss (the margin loss both stages can be compared on).
+    AutoAttack's rand version runs DLR on every image whose CE point the model still classifies correctly; a
+    randomized model answers a point near the boundary differently per query, so the CE point is classified
+    ``GATE_DRAWS`` times and DLR runs unless it is wrong in all of them (the rule igd's skipping uses). Where both
+    stages ran, the point kept is the one wrong in more of ``GATE_DRAWS`` fresh classifications (the repeated-draw
+    rule), ties to the higher DLR loss where both are correct, else to CE. pyautoattack returns the clean image
+    where it fails; here an image always keeps a perturbed point.
     """
 
     name = "apgd-eot"
     defaults = {"steps": 100, "restarts": 1, "eot_iter": 20}
-    revision = 2  # 1 was APGD-CE with EoT only (before AutoAttack's rand version)
+    revision = 3  # 1: APGD-CE with EoT only; 2: DLR gated on a CE iterate misclassified under one noise draw
+    #: classifications of a point that decide the gate and the choice between the stages (1 when deterministic)
+    GATE_DRAWS = 5
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        out, fooled = self._stage(x, y, index, "ce")
-        todo = (~fooled).nonzero().flatten()
-        if todo.numel() == 0 or self._classes(x) < 3:  # DLR needs three classes (AutoAttack's check)
+        out, _ = self._stage(x, y, index, "ce")
+        if self._classes(x) < 3:  # DLR needs three classes (AutoAttack's check)
             return out
-        dlr_out, dlr_fooled = self._stage(x[todo], y[todo], index[todo.cpu()], "dlr")
+        ce_correct = self._correct_draws(out, y)
+        todo = (ce_correct > 0).nonzero().flatten()  # DLR unless the CE point is wrong in every draw
+        if todo.numel() == 0:
+            return out
+        dlr_out, _ = self._stage(x[todo], y[todo], index[todo.cpu()], "dlr")
+        dlr_correct = self._correct_draws(dlr_out, y[todo])
         dlr = self._make("dlr").dlr_loss  # pyautoattack's DLR loss
         with torch.no_grad():
             higher = dlr(self.model(dlr_out), y[todo]) > dlr(self.model(out[todo]), y[todo])
-        take = dlr_fooled | higher
+        c_ce = ce_correct[todo]
+        take = (dlr_correct < c_ce) | ((dlr_correct == c_ce) & (c_ce == self._draws()) & higher)
         out[todo[take]] = dlr_out[take]
         return out
+
+    def _draws(self) -> int:
+        return self.GATE_DRAWS if self.randomized else 1
+
+    @torch.no_grad()
+    def _correct_draws(self, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """In how many of ``_draws()`` classifications each point is classified correctly (fresh noise each)."""
+        return sum((self.model(x_adv).argmax(1) == y).long() for _ in range(self._draws()))
 
     def _classes(self, x: torch.Tensor) -> int:
         if self.num_classes is not None:

@@ -174,11 +174,11 @@ def load_artifact(path: str | os.PathLike, kind: str | tuple[str, ...] | None = 
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise IgdError(f"{path}: not a readable safetensors file ({_short(exc)})") from exc
     art = Artifact(path, tensors, meta)
+    check_artifact(art, kind=kind, fingerprint=fingerprint, layer=layer)
     want = meta.get("tensors_sha256")
     if names is None and isinstance(want, str) and tensors_digest(tensors) != want:
         raise IgdError(f"{path}: its tensors do not match the digest written with them (the file is corrupted); "
                        f"delete it and recompute")
-    check_artifact(art, kind=kind, fingerprint=fingerprint, layer=layer)
     return art
 
 

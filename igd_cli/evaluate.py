@@ -111,9 +111,11 @@ def load_set(path: str | Path, data: ImageSet, *, eps: float | None = None) -> A
         raise IgdError(f"{path}: x_adv, y and index disagree in length")
     d = art.meta.get("data") or {}
     made_on = (art.meta.get("data_id") or {}).get("images")
-    if made_on != data.source_digest():  # by content: a file rewritten in place is another data set
-        raise IgdError(f"{path}: made on other images ({d.get('dataset')}, {d.get('split')}) than "
-                       f"{data.name} ({data.split})" + ("" if made_on else ": written by an older igd, recompute it"))
+    if made_on is not None and made_on != data.source_digest():  # by content: a file rewritten in place differs
+        raise IgdError(f"{path}: made on other images ({d.get('dataset')}, {d.get('split')}) than those of "
+                       f"{data.name} ({data.split}) now")
+    if made_on is None and (d.get("dataset") not in (None, data.name) or d.get("split") not in (None, data.split)):
+        raise IgdError(f"{path}: made on {d.get('dataset')} ({d.get('split')}), not on {data.name} ({data.split})")
     keep = index < len(data)
     x_adv, y, index = x_adv[keep], y[keep], index[keep]
     if len(index) == 0:

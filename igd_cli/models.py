@@ -94,14 +94,24 @@ def architecture_digest(model: nn.Module) -> str:
         cls = type(m)
         if cls.__module__.split(".")[0] == "torch":
             continue
-        try:
-            files.add(inspect.getsourcefile(cls) or cls.__qualname__)
-        except TypeError:  # defined where no source exists (an interactive session)
-            files.add(f"{cls.__module__}.{cls.__qualname__}")
+        files.add(_class_file(cls))
     for f in sorted(files):
         path = Path(f)
         h.update(path.read_bytes() if path.is_file() else f.encode())
     return h.hexdigest()
+
+
+def _class_file(cls: type) -> str:
+    """The file defining ``cls``: read from its methods' code (which works for a module loaded from a path without
+    being registered in ``sys.modules``), else from inspect; its qualified name where no file exists."""
+    for value in vars(cls).values():
+        code = getattr(value, "__code__", None)
+        if code is not None and Path(code.co_filename).is_file():
+            return code.co_filename
+    try:
+        return inspect.getsourcefile(cls) or f"{cls.__module__}.{cls.__qualname__}"
+    except TypeError:  # defined where no source exists (an interactive session)
+        return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def load_model(spec: str = "demo", arch: str | None = None, dataset: str | None = None,

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
 from . import __version__
@@ -57,6 +58,9 @@ class Artifact:
     path: Path
     tensors: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
+    #: sha256 of the file's bytes as read (the file is opened once: its identity and its tensors come from the
+    #: same bytes)
+    sha256: str | None = None
 
     @property
     def kind(self) -> str | None:
@@ -159,24 +163,25 @@ def tensor_info(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
 
 
 def load_artifact(path: str | os.PathLike, kind: str | tuple[str, ...] | None = None,
-                  fingerprint: str | None = None, layer: str | None = None,
-                  names: tuple[str, ...] | None = None) -> Artifact:
-    """Read an artifact and check it: its kind, required tensors, and (when given) model fingerprint and layer.
+                  fingerprint: str | None = None, layer: str | None = None) -> Artifact:
+    """Read an artifact (its bytes once: tensors, metadata and the file's sha256) and check it: its kind, required
+    tensors, the digest of its tensors, and (when given) model fingerprint and layer.
 
     Any problem raises :class:`IgdError` with one line naming the file and what is wrong.
     """
     path = _existing(path)
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = _decode_meta(fh.metadata())
-            keys = list(fh.keys()) if names is None else [n for n in names if n in fh.keys()]
-            tensors = {k: fh.get_tensor(k) for k in keys}
+        raw = path.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        meta = _decode_meta(header.get("__metadata__"))
+        tensors = _st_load(raw)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise IgdError(f"{path}: not a readable safetensors file ({_short(exc)})") from exc
-    art = Artifact(path, tensors, meta)
+    art = Artifact(path, tensors, meta, hashlib.sha256(raw).hexdigest())
     check_artifact(art, kind=kind, fingerprint=fingerprint, layer=layer)
     want = meta.get("tensors_sha256")
-    if names is None and isinstance(want, str) and tensors_digest(tensors) != want:
+    if isinstance(want, str) and tensors_digest(tensors) != want:
         raise IgdError(f"{path}: its tensors do not match the digest written with them (the file is corrupted); "
                        f"delete it and recompute")
     return art

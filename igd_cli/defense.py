@@ -436,5 +436,7 @@ def load_defense(target: "Target", mask_path: str | Path, *, sigma: float | None
                 eps = target.default_eps(FOR_SMOOTHING)
             sigma = eps / 2
     layers, masks = mask_layers(art)
-    return IGDefense(target.model, layers, [m.to(target.device) for m in masks], tau=tau, sigma=sigma,
-                     n_smooth=n_smooth, rs=rs, seed=seed)
+    defense = IGDefense(target.model, layers, [m.to(target.device) for m in masks], tau=tau, sigma=sigma,
+                        n_smooth=n_smooth, rs=rs, seed=seed)
+    defense.mask_artifact = art  # what the defence was built from: its identity needs no second read of the file
+    return defense

@@ -421,8 +421,8 @@ class Evaluator:
                "seed": self.seed, "images": self.data.source_digest(), "pyautoattack": PYAUTOATTACK_VERSION}
         if "revision" in attack_info:  # an attack whose algorithm changed: sets of the old one are not reused
             key["revision"] = attack_info["revision"]
-        if kind == "defended":
-            key["defense"] = self.defense_meta
+        if kind == "defended":  # the mask by content and the settings, not the mask file's path
+            key["defense"] = {k: v for k, v in self.defense_meta.items() if k not in ("mask", "probe")}
         return json.loads(json.dumps(key, sort_keys=True, default=str))  # as it reads back from metadata
 
     def _path(self, key: dict[str, Any]) -> Path | None:
@@ -613,10 +613,15 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
 
 def defense_identity(mask_path: str | Path, defense: nn.Module | None = None,
                      settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What identifies a defended model in set metadata: the mask file's sha256 and the defence settings."""
-    meta = read_metadata(mask_path)
-    out: dict[str, Any] = {"mask": str(mask_path), "mask_sha256": file_sha256(mask_path),
-                           "layer": meta.get("layer"), "k": meta.get("k")}
+    """What identifies a defended model in set metadata: the mask file's sha256 and the defence settings (from the
+    artifact the defence was built from, when ``load_defense`` built it: the file is not read again)."""
+    art = getattr(defense, "mask_artifact", None)
+    if art is not None and Path(art.path) == Path(mask_path) and art.sha256 is not None:
+        meta, sha = art.meta, art.sha256
+    else:
+        meta, sha = read_metadata(mask_path), file_sha256(mask_path)
+    out: dict[str, Any] = {"mask": str(mask_path), "mask_sha256": sha, "layer": meta.get("layer"),
+                           "k": meta.get("k"), "probe": meta.get("probe")}
     s = dict(meta.get("defense") or {})
     if defense is not None and callable(getattr(defense, "settings", None)):
         s.update(defense.settings())
@@ -694,7 +699,7 @@ def defend_eval(target: Target, defense: nn.Module, mask_path: str | Path, data:
     wd: Path | str = Path(workdir) if workdir is not None else "auto"
     positions = None
     where: dict[str, Any] = {"data": {"dataset": data.name, "split": data.split, "n": len(data)},
-                             "probe": read_metadata(mask_path).get("probe")}  # the mask's ranking images
+                             "probe": ident.get("probe")}  # the mask's ranking images
     if shard is not None:
         # each shard keeps its sets apart, so shards sharing a workdir (a cluster's shared disk) never overwrite
         # each other's sets and each resumes its own

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 
 import pytest
 import torch
@@ -231,3 +232,42 @@ def test_a_second_process_on_one_run_folder_fails_in_one_line(tmp_path, cli):
         release.set()
         holder.join(60)
     assert cli("pipeline", *TINY, "--out", out).code == 0  # free again once the holder ended
+
+
+def test_defend_eval_reads_the_mask_file_once_and_keys_sets_by_its_content(tmp_path):
+    """The mask artifact is opened once (its tensors, metadata and sha256 from the same bytes): the evaluation
+    still runs after the file is gone, and a moved mask reuses the sets made with it (no path in the key)."""
+    from igd_cli.common import open_target
+    from igd_cli.defense import load_defense, save_mask
+    from igd_cli.evaluate import defend_eval
+
+    target = open_target("demo", None, None)
+    imp_path = save_artifact(tmp_path / "imp.safetensors", "importance",
+                             {"importance": torch.rand(128, 10, generator=torch.Generator().manual_seed(0))},
+                             {"method": "random", "data": {"dataset": "digits", "split": "train", "n": 1}})
+    mask = save_mask(tmp_path / "mask.safetensors", target, "block3",
+                     topk_mask(load_artifact(imp_path)["importance"], 64), k=64, importance_path=imp_path,
+                     importance_meta={"method": "random"}, defense={"tau": 0.01, "sigma": 0.1, "n_smooth": 1,
+                                                                    "rs": True})
+    data = load_dataset("digits", "test", 6)
+    d = load_defense(target, mask)
+    moved = tmp_path / "moved.safetensors"
+    os.replace(mask, moved)  # the file is gone from where the defence was loaded
+    ran = []
+    kw = dict(attack="pgd", eps=0.2, workdir=tmp_path / "wd", show_progress=False)
+    import igd_cli.evaluate as ev
+
+    real = ev.run_attack
+
+    def counting(*a, **k):
+        ran.append(1)
+        return real(*a, **k)
+
+    ev.run_attack = counting
+    try:
+        _, first = defend_eval(target, d, mask, data, **kw)
+        _, again = defend_eval(target, load_defense(target, moved), moved, data, **kw)
+    finally:
+        ev.run_attack = real
+    assert len(ran) == 2  # base and defended sets made once, reused with the moved mask
+    assert first["robust_accuracy"] == again["robust_accuracy"]

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+import torch
+
 from .artifacts import file_sha256, intact, read_metadata
 from .calibrate import DEFAULT_N_EXAMPLES, run_calibration
 from .common import Target, check_classes, resolve_model_layer
@@ -24,7 +26,8 @@ from .defense import check_layers, load_defense
 from .errors import IgdError
 from .evaluate import (PYAUTOATTACK_VERSION, Budgets, EvalResult, attack_revisions, defense_identity,
                        evaluate_defense)
-from .ranking import RankRequest, get_method, rank
+from .ranking import RankRequest, get_method, rank, rank_meta
+from .shards import matching_artifact, shard_path
 from .scoring import DEFAULT_DRAWS
 
 Stage = Literal["computed", "reused"]
@@ -44,6 +47,48 @@ def preset_values(preset: str, model_name: str) -> dict[str, int | None]:
     if preset not in PRESETS:
         raise IgdError(f"--preset {preset}: expected auto, quick or paper")
     return {"preset": preset, **PRESETS[preset]}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One piece of a pipeline run, for job arrays (``--piece``): the rows ``start..stop-1`` of the ranking, the
+    calibration, or shard ``index`` of ``count`` of the transfer sets or of the defended evaluation. A piece writes
+    what the whole run would have computed for it, under the same identities, into the run folder (rank rows into
+    ``pieces/``, transfer sets into ``adv/shard-I-of-N/``, evaluation reports into ``pieces/``); a run without
+    ``--piece`` then merges complete pieces it finds and reuses them, so its figures are those of one plain run."""
+
+    stage: Literal["rank", "calibrate", "transfer", "defend"]
+    start: int = 0
+    stop: int = 0
+    index: int = 0
+    count: int = 1
+
+    @property
+    def name(self) -> str:
+        if self.stage == "rank":
+            return f"rank-{self.start}-{self.stop}"
+        return self.stage if self.stage == "calibrate" else f"{self.stage}-{self.index}-of-{self.count}"
+
+
+def parse_piece(text: str | None) -> Piece | None:
+    """``--piece rank:A:B | calibrate | transfer:I/N | defend:I/N`` (None: the whole run)."""
+    if text is None:
+        return None
+    stage, _, rest = text.strip().partition(":")
+    try:
+        if stage == "calibrate" and not rest:
+            return Piece("calibrate")
+        if stage == "rank":
+            a, b = (int(v) for v in rest.split(":"))
+            if 0 <= a < b:
+                return Piece("rank", start=a, stop=b)
+        if stage in ("transfer", "defend"):
+            i, n = (int(v) for v in rest.split("/"))
+            if 0 <= i < n:
+                return Piece(stage, index=i, count=n)
+    except ValueError:
+        pass
+    raise IgdError(f"--piece {text}: expected rank:A:B, calibrate, transfer:I/N or defend:I/N")
 
 
 @dataclass
@@ -108,19 +153,21 @@ class PipelineResult:
 
 
 def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_dir: str | Path | None = None,
-                 force: bool = False) -> PipelineResult:
+                 force: bool = False, piece: Piece | None = None) -> PipelineResult | dict[str, Any]:
     """Run (or re-read) every stage for ``target`` into the folder ``out``, holding the folder's lock (a second
-    process on the same folder fails at once with one line instead of mixing its results in)."""
+    process on the same folder fails at once with one line instead of mixing its results in). With ``piece``,
+    compute that piece only (holding that piece's lock: the pieces of one run go on in parallel) and return what
+    it wrote."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise IgdError(f"--out {out}: is a file, expected a folder")
     out.mkdir(parents=True, exist_ok=True)
-    with run_lock(out):
-        return _run_pipeline(target, cfg, out, data_dir=data_dir, force=force)
+    with run_lock(out, None if piece is None else piece.name):
+        return _run_pipeline(target, cfg, out, data_dir=data_dir, force=force, piece=piece)
 
 
 def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: str | Path | None,
-                  force: bool) -> PipelineResult:
+                  force: bool, piece: Piece | None = None) -> PipelineResult | dict[str, Any]:
     t0 = time.perf_counter()
     if cfg.attack not in ("iw-wc", "aa"):
         raise IgdError(f"--attack {cfg.attack}: the pipeline evaluates iw-wc or aa")
@@ -130,6 +177,13 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
     # when it is unknown; identities store this value, not the option as given
     eps = float(cfg.eps) if cfg.eps is not None else float(target.default_eps())
     norm = target.threat_model
+    if piece is not None and piece.stage == "transfer":  # the base model's sets need neither ranking nor mask
+        data = target.data("test", cfg.n_examples, data_dir)
+        if cfg.n_examples is None:
+            data.n = min(DEFAULT_N_EXAMPLES, len(data))
+        check_classes(target, data)
+        return _run_eval_piece(piece, target, cfg, data, None, {}, {}, out / "report", out / "adv", eps, norm,
+                               progress_enabled())
 
     # 1. rank (the probe set: the first n_probe training images, or of --probe-dataset), one importance file per
     # masked layer
@@ -149,7 +203,19 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
                           batch_size=cfg.batch_size, seed=cfg.seed, clip_model=cfg.clip_model,
                           clip_pretrained=cfg.clip_pretrained, clip_cache=out / "clip-cache.safetensors",
                           show_progress=show)
+        if piece is not None and piece.stage == "rank":
+            if len(wanted) > 1:
+                raise IgdError("--piece rank:A:B: rank pieces cover one masked layer (give one --layer)")
+            if piece.stop > n_neurons:
+                raise IgdError(f"--piece rank:{piece.start}:{piece.stop}: {layer} has N = {n_neurons} neurons")
+            req.neurons = (piece.start, piece.stop)
+            part = rank(req, method.name, target.provenance(), shard_path(out / "pieces" / importance.name,
+                                                                          piece.start, piece.stop),
+                        force=force, shard=True)
+            return {"piece": piece.name, "out": str(part.out), "skipped": part.skipped}
         _say(f"[1/4] rank: {method.name} at {layer} on {probe.wording()}")
+        if not force:
+            merge_rank_pieces(out / "pieces", importance, rank_meta(target.provenance(), req, method))
         ranked = rank(req, method.name, target.provenance(), importance, force=force, shard=False)
         if not ranked.skipped:
             stages["rank"] = "computed"
@@ -177,6 +243,8 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
         stages["calibrate"] = "computed"
     else:
         stages["calibrate"] = "reused"
+    if piece is not None and piece.stage == "calibrate":
+        return {"piece": piece.name, "out": str(mask), "k": cal["k"], "stages": stages}
 
     # 3 + 4. attacks: transfer sets on the base model, then the defended evaluation (sets cached in adv/)
     data = target.data("test", cal["n_examples"], data_dir)
@@ -188,6 +256,10 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
                "data": data.identity(), "eps": eps, "norm": norm, "budgets": asdict(cfg.budgets), "seed": cfg.seed,
                "revisions": attack_revisions(cfg.attack), "pyautoattack": PYAUTOATTACK_VERSION,
                "model_fingerprint": target.loaded.fingerprint, "protocol": cfg.protocol, "draws": cfg.draws}
+    if piece is not None:  # transfer:I/N or defend:I/N
+        return _run_eval_piece(piece, target, cfg, data, defense, ident, eval_id, report, adv_dir, eps, norm, show)
+    if not force:
+        merge_eval_pieces(out / "pieces", report, eval_id)
     evaluation = None if force else _reusable_report(report, eval_id)
     if evaluation is not None:
         stages["transfer"] = stages["defend-eval"] = "reused"
@@ -219,6 +291,83 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
                           probe={**ranked.meta["data"], "file": probe.file is not None})
 
 
+def _run_eval_piece(piece: Piece, target: Target, cfg: PipelineConfig, data: ImageSet, defense, ident: dict[str, Any],
+                    eval_id: dict[str, Any], report: Path, adv_dir: Path, eps: float, norm: str,
+                    show: bool) -> dict[str, Any]:
+    """Shard ``piece.index`` of ``piece.count`` of the images: the transfer sets on the base model (``transfer``),
+    or the defended evaluation with them (``defend``), kept in ``adv/shard-I-of-N`` (the sets) and ``pieces/``
+    (the report), as the whole run would compute them for these images."""
+    n = len(data)
+    if piece.count > n:
+        raise IgdError(f"--piece {piece.stage}:{piece.index}/{piece.count}: {piece.count} shards for {n} images")
+    positions = torch.arange(piece.index * n // piece.count, (piece.index + 1) * n // piece.count)
+    workdir = adv_dir / f"shard-{piece.index}-of-{piece.count}"
+    kw = dict(attack=cfg.attack, workdir=workdir, budgets=cfg.budgets, eps=eps, norm=norm, seed=cfg.seed,
+              batch_size=cfg.batch_size, show_progress=show, positions=positions)
+    if piece.stage == "transfer":
+        evaluate_defense(target, None, data, **kw)
+        return {"piece": piece.name, "out": str(workdir), "positions": [int(positions[0]), int(positions[-1]) + 1]}
+    res = evaluate_defense(target, defense, data, defense_meta=ident, protocol=cfg.protocol, draws=cfg.draws, **kw)
+    path = report.parent / "pieces" / f"{report.stem}.shard-{piece.index}-of-{piece.count}{report.suffix}"
+    res.save(path, {**target.provenance(), **ident, "pipeline_identity": eval_id, "eval_identity": eval_id,
+                    "data": {"dataset": data.name, "split": data.split, "n": n},
+                    "shard": [piece.index, piece.count], "positions": [int(positions[0]), int(positions[-1]) + 1]})
+    return {"piece": piece.name, "out": str(path), "positions": [int(positions[0]), int(positions[-1]) + 1]}
+
+
+def merge_rank_pieces(folder: Path, importance: Path, meta: dict[str, Any]) -> bool:
+    """Merge the rank pieces in ``folder`` into ``importance`` when they are of this ranking (its identity) and
+    cover every neuron; nothing when the importance already matches or the pieces are incomplete."""
+    from .shards import IMPORTANCE_IDENTITY, check_cover, merge
+
+    if not folder.is_dir() or matching_artifact(importance, "importance", meta,
+                                                (meta["n_neurons"], meta["num_classes"])) is not None:
+        return False
+    want = json.loads(json.dumps({k: meta.get(k) for k in IMPORTANCE_IDENTITY}))
+    found = []
+    for path in sorted(folder.glob(f"{importance.stem}.*-*{importance.suffix}")):
+        try:
+            have = read_metadata(path)
+        except IgdError:
+            continue
+        if have.get("kind") == "importance-shard" and {k: have.get(k) for k in IMPORTANCE_IDENTITY} == want \
+                and intact(path):
+            found.append(path)
+    spans = sorted(tuple(read_metadata(p)["neurons"]) for p in found)
+    if not spans or spans[0][0] != 0 or spans[-1][1] != meta["n_neurons"] or \
+            any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+        return False
+    merge(found, importance)
+    return True
+
+
+def merge_eval_pieces(folder: Path, report: Path, eval_id: dict[str, Any]) -> bool:
+    """Merge the defended-evaluation pieces in ``folder`` into ``report`` when they belong to this evaluation
+    (``eval_id``) and together hold every image once; nothing otherwise."""
+    from .artifacts import load_artifact
+    from .eval_shards import merge_reports
+
+    if not folder.is_dir() or _matching_meta(report, "eval-report", eval_id) is not None:
+        return False
+    want = json.loads(json.dumps(eval_id))
+    groups: dict[int, list[Path]] = {}
+    for path in sorted(folder.glob(f"{report.stem}.shard-*-of-*{report.suffix}")):
+        try:
+            have = read_metadata(path)
+        except IgdError:
+            continue
+        if have.get("kind") == "eval-report" and have.get("pipeline_identity") == want and intact(path):
+            groups.setdefault(int(have["shard"][1]), []).append(path)
+    for count, paths in groups.items():
+        if len(paths) == count:
+            try:
+                merge_reports([load_artifact(p, kind="eval-report") for p in paths], report)
+            except IgdError:
+                continue
+            return True
+    return False
+
+
 def check_probe_overlap(probe: ImageSet, evaluation: ImageSet, cfg: PipelineConfig) -> None:
     """Refuse to rank on the images the pipeline then calibrates and attacks on (a tensor file has no splits), unless
     ``cfg.allow_overlap``: the paper probes with training images."""
@@ -247,14 +396,15 @@ def _calibration_identity(target: Target, importances: list[Path], cfg: Pipeline
 
 
 @contextlib.contextmanager
-def run_lock(folder: Path) -> Iterator[None]:
+def run_lock(folder: Path, piece: str | None = None) -> Iterator[None]:
     """Hold ``folder/.igd-lock`` (an exclusive ``flock``) while a process writes the run folder; a second process
-    fails at once with one line naming the holder, instead of mixing its stages with the first one's."""
+    fails at once with one line naming the holder, instead of mixing its stages with the first one's. A piece
+    holds a lock of its own (``.igd-lock-PIECE``), so the pieces of one run go on in parallel."""
     import fcntl
     import os
     import socket
 
-    path = folder / ".igd-lock"
+    path = folder / (".igd-lock" if piece is None else f".igd-lock-{piece}")
     fh = open(path, "a+")
     try:
         try:

@@ -15,7 +15,7 @@ from ..evaluate import Budgets, render_table
 from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Draws, Eps, Json, Model, Normalize, ProbeDataset,
                        ProtocolOpt, Seed, ThreatModel, ZooDataset)
 from ..scoring import DEFAULT_DRAWS, check_protocol
-from ..pipeline import PipelineConfig, preset_values, run_pipeline
+from ..pipeline import PipelineConfig, parse_piece, preset_values, run_pipeline
 
 
 @app.command("pipeline", short_help="the whole method, cached: rank, calibrate-k, attacks, eval")
@@ -51,6 +51,10 @@ def pipeline_cmd(
     protocol: ProtocolOpt = "draws",
     preset: Annotated[str, typer.Option("--preset", help="attack budgets and images when not given: paper (the paper's), quick (200 images, 20 steps, 1000 queries, 5 EoT samples, 1 restart) or auto (quick for demo, else paper)")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="recompute every stage even when its artifact matches")] = False,
+    piece: Annotated[Optional[str], typer.Option("--piece", help="compute one piece of the run, for job arrays: "
+                                                 "rank:A:B (importance rows A..B-1), calibrate, transfer:I/N or "
+                                                 "defend:I/N (shard I of N of the images); a run without --piece "
+                                                 "merges the complete pieces it finds")] = None,
     as_json: Json = False,
 ) -> None:
     """Run the whole method with cached artifacts and print base vs defended clean and worst-case accuracy.
@@ -78,7 +82,10 @@ def pipeline_cmd(
                          protocol=protocol, draws=draws)
     if out is None:
         out = Path("runs") / Path(target.loaded.name).stem.replace(":", "-")
-    res = run_pipeline(target, cfg, out, data_dir=data_dir, force=force)
+    res = run_pipeline(target, cfg, out, data_dir=data_dir, force=force, piece=parse_piece(piece))
+    if isinstance(res, dict):  # one piece: what it wrote
+        emit(res, as_json, lambda r: out_console.print(f"piece {r['piece']} -> {r['out']}", highlight=False))
+        return
     result = res.to_json()
     result["preset"] = p["preset"]
     result["budgets"] = {k: v for k, v in vars(cfg.budgets).items()}

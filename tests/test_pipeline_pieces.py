@@ -1,0 +1,59 @@
+"""igd pipeline --piece: a run cut into pieces (ranking rows, calibration, transfer and defended shards), run in any
+order and then merged by a plain run, gives the figures of one plain run (the cluster route's contract)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import igd_cli.attacks.base as attacks_base
+import igd_cli.evaluate as evaluate
+from igd_cli.artifacts import load_artifact
+from igd_cli.errors import IgdError
+from igd_cli.pipeline import parse_piece
+
+OPTS = ["--n-probe", "80", "--n-examples", "9", "--attack", "iw-wc", "--steps", "2", "--queries", "12",
+        "--eot-iter", "2", "--batch-size", "4", "--draws", "3", "--json"]
+#: the figures of `igd pipeline --json` (not the bookkeeping: stages, paths, seconds)
+FIGURES = ("n_examples", "clean_accuracy", "clean_accuracy_std", "base_clean_accuracy", "robust_accuracy",
+           "robust_accuracy_std", "base_robust_accuracy", "worst_case", "worst_case_std", "worst_case_majority",
+           "worst_case_all_draws", "base_worst_case", "draws", "protocol", "randomized", "measured_on_survivors",
+           "eps", "mode", "k", "n_neurons", "layer", "calibration", "probe")
+
+
+def test_pieces_then_a_plain_run_equal_one_plain_run(tmp_path, cli, monkeypatch):
+    plain = cli("pipeline", *OPTS, "--out", tmp_path / "plain")
+    assert plain.code == 0, plain.err
+    want = plain.json()
+    run = tmp_path / "pieces"
+    pieces = ["transfer:1/3", "rank:64:128", "transfer:0/3", "rank:0:64", "calibrate", "transfer:2/3",
+              "defend:2/3", "defend:0/3", "defend:1/3"]  # the transfer shards need no ranking: run first
+    for p in pieces:
+        r = cli("pipeline", *OPTS, "--out", run, "--piece", p)
+        assert r.code == 0, (p, r.err)
+        assert r.json()["piece"] == p.replace(":", "-").replace("/", "-of-")
+    assert sorted(q.name for q in (run / "adv").iterdir()) == ["shard-0-of-3", "shard-1-of-3", "shard-2-of-3"]
+
+    def boom(*a, **k):
+        raise AssertionError("the merging run attacked: the pieces should have been merged")
+
+    monkeypatch.setattr(evaluate, "run_attack", boom)
+    monkeypatch.setattr(attacks_base, "run_attack", boom)
+    merged = cli("pipeline", *OPTS, "--out", run)
+    assert merged.code == 0, merged.err
+    got = merged.json()
+    assert got["stages"]["rank"] == "reused" and got["stages"]["defend-eval"] == "reused"
+    for key in FIGURES:
+        assert got[key] == want[key], key
+    assert 0 < want["worst_case"] < want["clean_accuracy"]  # some images broken, some not
+    for key in ("importance", "mask"):
+        a, b = (load_artifact(j["paths"][key]) for j in (want, got))
+        assert set(a.tensors) == set(b.tensors) and all(torch.equal(a[t], b[t]) for t in a.tensors), key
+
+
+def test_bad_pieces_are_one_error_line(tmp_path, cli):
+    for bad in ("rank:5", "rank:9:3", "defend:3/3", "transfer", "evaluate:0/1", "calibrate:1"):
+        with pytest.raises(IgdError, match="--piece"):
+            parse_piece(bad)
+    r = cli("pipeline", *OPTS, "--out", tmp_path / "r", "--piece", "rank:0:999")
+    assert r.code == 2 and "N = 128" in r.err and len(r.err.strip().splitlines()) == 1

@@ -286,14 +286,20 @@ def test_cli_calibrate_agrees_with_defend_eval(cli, tmp_path, target, loir, rs_a
         assert per_class[c] == pytest.approx(correct[1][sel].sum().item() / (ev["draws"] * int(sel.sum())))
 
 
-def test_cli_given_k_and_human_output(cli, tmp_path, rand_imp):
+def test_cli_given_k_and_human_output(cli, tmp_path, target, rand_imp):
     mask = tmp_path / "m.safetensors"
     r = cli("calibrate-k", "--importance", rand_imp, "--out", mask, "--k", 7, "--n-examples", 50, "--no-rs",
             "--device", "cpu", "--json")
     assert r.code == 0, r.err
     res = r.json()
     assert res["k"] == 7 and [c[0] for c in res["curve"]] == [7] and not res["searched"]
-    assert (load_artifact(mask, kind="mask")["mask"].sum(0) == 7).all()
+    m = load_artifact(mask, kind="mask")["mask"]
+    assert (m.sum(0) == 7).all()
+    imp = load_artifact(rand_imp, kind="importance")["importance"]
+    assert torch.equal(m.bool(), imp >= imp.topk(7, dim=0).values[-1:])  # the 7 most important per class
+    data = load_dataset("digits", "test", 50)
+    lit = literal_per_draw(target.model, m, data, rs=False, sigma=0, tau=0.01, seed=0)[0]
+    assert res["clean_accuracy"] == lit / 50 and res["clean_accuracy"] < res["base_clean_accuracy"]
     h = cli("calibrate-k", "--importance", rand_imp, "--out", mask, "--n-examples", 50, "--device", "cpu")
     assert h.code == 0 and "chosen" in h.out and "k =" in h.out
     d = cli("defend-eval", "--mask", mask, "--n-examples", 50, "--device", "cpu")

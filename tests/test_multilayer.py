@@ -293,9 +293,22 @@ def test_calibrate_several_layers_boundary_by_literal_evaluation(target, imps):
     assert within_tolerance(cal.correct[cal.k], base, 160, 0.5)
     assert not within_tolerance(cal.correct[cal.k - 1], base, 160, 0.5)
     # a fixed layer keeps its k while the other is searched
-    fixed = calibrate_k(d, [i2, i3], data, tolerance=0.5, batch_size=64, k={"block2": 5})
-    assert fixed.ks["block2"] == 5 and fixed.schedule.reference == "block3"
-    assert all(fixed.schedule.ks(kk)["block2"] == 5 for kk in fixed.correct)
+    fixed = calibrate_k(d, [i2, i3], data, tolerance=0.5, batch_size=64, k={"block2": 60})
+    assert fixed.schedule.reference == "block3" and len(fixed.correct) > 2
+    # the search masked block2 with its 60 neurons and block3 with k: checked by the literal defence at the
+    # result and the k below it
+    for kk in (fixed.k, fixed.k - 1):
+        got = literal_correct(target.model, layers, [topk_mask(i2, 60), topk_mask(i3, kk)], data, sigma=0.1,
+                              seed=3 ^ CALIBRATION_STREAM)
+        assert got == fixed.correct[kk]
+    assert within_tolerance(fixed.correct[fixed.k], base, 160, 0.5)
+    assert not within_tolerance(fixed.correct[fixed.k - 1], base, 160, 0.5)
+    # block2 fixed too small: even block3 whole fails, and the result is the upper end, which does not pass
+    stuck = calibrate_k(d, [i2, i3], data, tolerance=0.5, batch_size=64, k={"block2": 5})
+    assert stuck.k == 128 and stuck.order == [128] and not stuck.passes(128)
+    got = literal_correct(target.model, layers, [topk_mask(i2, 5), topk_mask(i3, 128)], data, sigma=0.1,
+                          seed=3 ^ CALIBRATION_STREAM)
+    assert got == stuck.correct[128] and not within_tolerance(got, base, 160, 0.5)
 
 
 def test_cli_calibrate_several_layers_then_every_mask_command(cli, tmp_path, imps):

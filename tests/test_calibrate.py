@@ -369,7 +369,8 @@ def test_defend_eval_delegates_attacks(cli, tmp_path, rand_imp):
         assert r.code == 0, r.err
         res = r.json()
         assert {"n_examples", "clean_accuracy", "base_clean_accuracy", "robust_accuracy", "base_robust_accuracy",
-                "worst_case"} <= set(res) and "fgsm" in res["robust_accuracy"] and res["k"] == 30
+                "worst_case"} <= set(res) and set(res["robust_accuracy"]) == {"fgsm"} and res["k"] == 30
+        assert res["base_robust_accuracy"]["fgsm"] < res["base_clean_accuracy"]  # the attack really ran
 
 
 def test_eps_asked_only_where_used(cli, tmp_path, demo):

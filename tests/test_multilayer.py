@@ -356,10 +356,17 @@ def test_cli_calibrate_several_layers_then_every_mask_command(cli, tmp_path, imp
               "--device", "cpu", "--json")
     assert atk.code == 0, atk.err
     assert atk.json()["target"] == "defended"
+    adv = load_artifact(tmp_path / "adv.safetensors", kind="adversarial")
+    x16 = load_dataset("digits", "test", 16).all().x
+    eps = adv.meta["eps"]
+    delta = (adv["x_adv"] - x16[adv["index"]]).abs().amax()
+    assert 0 < delta <= eps + 1e-6  # the attack moved the images, within the budget
     ev2 = cli("defend-eval", "--mask", mask, "--attack", "fgsm", "--n-examples", 16, "--workdir", tmp_path / "wd",
               "--device", "cpu", "--json")
     assert ev2.code == 0, ev2.err
-    assert "fgsm" in ev2.json()["robust_accuracy"]
+    e2 = ev2.json()
+    assert set(e2["robust_accuracy"]) == {"fgsm"} and e2["n_examples"] == 16
+    assert e2["base_robust_accuracy"]["fgsm"] < e2["base_clean_accuracy"]  # FGSM breaks the base model here
     for extra, msg in ((["--k", "7"], "LAYER=K"), (["--k", "block1=3"], "not one of the masked layers"),
                        (["--k", "block2=65"], "between 1 and N = 64"), (["--k", "block2=x"], "whole number"),
                        (["--layer", "block3"], "--layer")):

@@ -220,7 +220,12 @@ def test_every_command_with_a_user_architecture(nets, tmp_path, cli, igd_home, c
     r = cli("analyze", "sweep", *model, "--importance", imps["lo-ir"], "--over", "k", "--values", "1,2",
             "--attack", "none", "--eps", "0.1", "--n-examples", 8, "--out", tmp_path / "an", "--json")
     assert r.code == 0, r.err
-    assert [p["value"] for p in r.json()["points"]] == [1, 2]
+    points = r.json()["points"]
+    assert [p["value"] for p in points] == [1, 2]
+    for p in points:  # each point is a real evaluation: 5 draws whose mean is the figure, the same base model
+        assert p["draws"] == 5 and len(p["clean_per_draw"]) == 5
+        assert p["clean"] == pytest.approx(sum(p["clean_per_draw"]) / 5)
+    assert points[0]["base_clean"] == points[1]["base_clean"]
 
 
 def test_example_mnist_cnn_builds(tmp_path):

@@ -28,16 +28,20 @@ def cifar_images(model: nn.Module, n: int) -> torch.Tensor:
 
 @lru_cache(maxsize=2)
 def _steered(model: nn.Module, n: int) -> torch.Tensor:
-    """Uniform noise moved by 20 signed-gradient steps of 2/255 towards the logit of class ``i % 10`` (a targeted
-    FGSM-style walk, written here so the images do not depend on igd's attacks)."""
+    """Uniform noise moved by signed-gradient steps of 2/255 towards the logit of class ``i % 10`` (a targeted
+    FGSM-style walk, written here so the images do not depend on igd's attacks), each image only until the model
+    predicts its class: just across the boundary, so the soft label at τ = 1 is far from one-hot."""
     x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     target = torch.arange(n) % 10
-    for _ in range(20):
+    for _ in range(60):
         x = x.detach().requires_grad_(True)
         logits = model(x)
+        todo = logits.argmax(1) != target
+        if not todo.any():
+            break
         margin = logits.gather(1, target[:, None])[:, 0] - logits.logsumexp(1)
         (grad,) = torch.autograd.grad(margin.sum(), x)
-        x = (x + 2 / 255 * grad.sign()).clamp(0, 1)
+        x = (x + 2 / 255 * grad.sign() * todo[:, None, None, None]).clamp(0, 1)
     return x.detach()
 
 

@@ -2,10 +2,15 @@
 within ``tolerance`` percentage points of the base model's, on cached k-independent features.
 
 The smoothing pass (``ŷ``) and the clean layer output ``A(x)`` do not depend on k, so they are computed once per
-batch (with the defence's seeded noise: each image's first draw after ``reseed``, which ``defend-eval`` scores as
-draw 0 and ``--protocol single-draw`` alone) and each candidate k only runs the tail ``h(A(x) ⊙ m_k ŷ)``. Features
-are cached on the model's device up to ``max_cache_bytes``; batches beyond that are recomputed for every candidate
-from the saved noise state, so the result is identical either way, only slower.
+batch and each candidate k only runs the tail ``h(A(x) ⊙ m_k ŷ)``. Features are cached on the model's device up to
+``max_cache_bytes``; batches beyond that are recomputed for every candidate from the saved noise state, so the
+result is identical either way, only slower.
+
+Noise: calibration draws on a stream of its own, seed ``s XOR CALIBRATION_STREAM`` for a defence seeded ``s`` (each
+image's first draw after restarting there). ``defend-eval`` with seed ``s`` scores draws 0..2R-1 of stream ``s``
+and attacks query stream ``s XOR ATTACK_STREAM``, so k is never chosen on a draw the evaluation reports (choosing it
+on the evaluation's draw 0 would select for that draw's luck). The figures stay reproducible: ``defend-eval
+--protocol single-draw --seed (s XOR CALIBRATION_STREAM)`` gives calibrate-k's clean accuracy exactly.
 
 Several layers (one importance matrix each): by default every layer keeps the same fraction of its neurons,
 ``k_l = ⌈k · N_l / N⌉`` with ``N`` the widest searched layer, and the binary search runs over that shared ``k``;
@@ -31,6 +36,18 @@ from .errors import IgdError
 from .layers import layer_output_shape, resolve_layer
 
 DEFAULT_CACHE_BYTES = 2 << 30
+#: calibrate-k's noise stream is ``seed XOR`` this: independent of the evaluation's draws (stream ``seed``) and of
+#: the attacks' (``seed XOR igd_cli.attacks.base.ATTACK_STREAM``), so k is not picked on a draw that is then reported
+CALIBRATION_STREAM = 0x6C8E9CF5
+
+
+def calibration_stream(seed: int) -> int:
+    """The noise seed calibrate-k uses for a defence whose evaluations use ``seed``.
+
+    >>> calibration_stream(0) == CALIBRATION_STREAM
+    True
+    """
+    return int(seed) ^ CALIBRATION_STREAM
 
 
 def load_importance(path: str | Path, target: Any, layer: str | None, input_shape: tuple[int, ...]
@@ -127,14 +144,14 @@ class Calibration:
 class _FeatureStore:
     """k-independent features per batch: cached, or recomputable from the saved noise state."""
 
-    def __init__(self, defense: IGDefense, data: ImageSet, batch_size: int, max_cache_bytes: int):
+    def __init__(self, defense: IGDefense, data: ImageSet, batch_size: int, max_cache_bytes: int, noise_seed: int):
         self.defense, self.data, self.batch_size = defense, data, batch_size
         self.device = module_device(defense.model)
         self.entries: list[tuple[int, int, torch.Tensor, Features | None, torch.Tensor | None]] = []
         self.base_correct = 0
         self.cached_bytes = 0
         self.recomputed = 0
-        defense.reseed()
+        defense.reseed(noise_seed)
         with progress() as bar:
             task = bar.add_task("features (pass 1)", total=len(data))
             for batch in data.batches(batch_size):
@@ -174,6 +191,9 @@ def calibrate_k(defense: IGDefense, importance: torch.Tensor | Sequence[torch.Te
     Several layers: ``importance`` holds one matrix per ``defense.layers`` entry, ``k`` maps layers to fixed k's,
     and the search runs over the shared fraction (:class:`KSchedule`); with fixed layers the upper end need not
     pass, and then the result is the upper end (check ``passes``).
+
+    The smoothing noise is each image's first draw on stream ``calibration_stream(s)``, ``s`` the defence's seed
+    (none of the draws an evaluation with seed ``s`` reports); the defence's noise stream is left as it was.
     """
     if tolerance < 0:
         raise IgdError(f"--tolerance {tolerance}: must be >= 0 percentage points")
@@ -197,8 +217,23 @@ def calibrate_k(defense: IGDefense, importance: torch.Tensor | Sequence[torch.Te
     n_neurons = schedule.n
     device = module_device(defense.model)
     ranks = [importance_ranks(imp).to(device) for imp in imps]
-    store = _FeatureStore(defense, data, batch_size, max_cache_bytes)
-    n = len(data)
+    saved = defense.noise_state()  # (seed, rows seen): restored at the end, so the caller's stream is untouched
+    noise_seed = calibration_stream(saved[0])
+    try:
+        store = _FeatureStore(defense, data, batch_size, max_cache_bytes, noise_seed)
+        result_k, correct, order = _search(defense, ranks, schedule, fixed, store, len(data), tolerance)
+    finally:
+        defense.set_noise_state(saved)
+    info = {"cached_bytes": store.cached_bytes, "recomputed_batches": store.recomputed,
+            "batches": len(store.entries), "fast_tail": defense.split.fast, "noise_seed": noise_seed}
+    return Calibration(result_k, n_neurons, len(data), float(tolerance), store.base_correct, correct, order,
+                       schedule.searched, time.perf_counter() - t0, info, schedule)
+
+
+def _search(defense: IGDefense, ranks: list[torch.Tensor], schedule: KSchedule, fixed: dict[str, int],
+            store: _FeatureStore, n: int, tolerance: float) -> tuple[int, dict[int, int], list[int]]:
+    """The binary search of :func:`calibrate_k` on the stored features: (k, correct counts, evaluation order)."""
+    n_neurons = schedule.n
     correct: dict[int, int] = {}
     order: list[int] = []
 
@@ -235,10 +270,7 @@ def calibrate_k(defense: IGDefense, importance: torch.Tensor | Sequence[torch.Te
                 bar.advance(task)
             bar.update(task, completed=steps)
         result_k = hi
-    info = {"cached_bytes": store.cached_bytes, "recomputed_batches": store.recomputed,
-            "batches": len(store.entries), "fast_tail": defense.split.fast}
-    return Calibration(result_k, n_neurons, n, float(tolerance), store.base_correct, correct, order,
-                       schedule.searched, time.perf_counter() - t0, info, schedule)
+    return result_k, correct, order
 
 
 def parse_k(values: Sequence[str] | None) -> int | dict[str, int] | None:
@@ -317,6 +349,7 @@ def run_calibration(target: Any, importance_path: str | Path | Sequence[str | Pa
     settings = {**defense.settings(), "eps": eps_value}
     curve_k = [[cal.schedule.ks(kk), acc] for kk, acc in cal.curve]
     calibration = {"tolerance": tolerance, "n_examples": cal.n_examples, "split": split, "seed": seed,
+                   "noise_seed": cal.info["noise_seed"] if rs else None,
                    "batch_size": batch_size, "base_clean_accuracy": cal.base_accuracy,
                    "clean_accuracy": cal.accuracy, "curve": cal.curve, "searched": cal.searched,
                    "data": {"dataset": data.name, "split": split, "n": cal.n_examples}}
@@ -332,7 +365,7 @@ def run_calibration(target: Any, importance_path: str | Path | Sequence[str | Pa
               "curve": cal.curve, "out": str(out), "seconds": cal.seconds,
               "n_neurons": cal.n_neurons if one else sizes, "n_examples": cal.n_examples, "tolerance": tolerance,
               "layer": defense.layer, "layers": layers, "searched": cal.searched, "order": cal.order,
-              "defense": settings, **search, **cal.info}
+              "defense": settings, **search, **cal.info, "noise_seed": calibration["noise_seed"]}
     if plot is not None:
         methods = "+".join(dict.fromkeys(str(a.meta.get("method", "?")) for a in arts))
         xlabel = None if one else (f"k at {cal.schedule.reference} (of N = {cal.n_neurons}; every searched layer "

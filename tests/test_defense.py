@@ -10,21 +10,42 @@ import torch.nn.functional as F
 from igd_cli.artifacts import save_artifact
 from igd_cli.defense import IGDefense, importance_ranks, load_defense, save_mask, topk_mask
 from igd_cli.errors import IgdError
-from igd_cli.layers import scaled
 from igd_cli.noise import ContentNoise
+
+from .varied_images import cifar_images, n_classes_predicted
+
+
+def times_weights(model, layer, s):
+    """A forward hook of this test's own (no igd_cli.layers helper) that multiplies every example's layer output
+    ``A_b`` (N, ...) by its own weights ``s_b`` (N,): ``out[b, j, ...] * s[b, j]``."""
+    return model.get_submodule(layer).register_forward_hook(
+        lambda _m, _i, out: torch.einsum("bj...,bj->bj...", out, s.to(out.dtype)))
+
+
+def weights_of(model, mask, x, *, tau=0.01, noise=None):
+    """s = m ŷ per example (B, N), ŷ = softmax(mean over the noise draws of f(x + v) / τ)."""
+    mean_logits = model(x) if noise is None else torch.stack([model(x + v) for v in noise]).mean(0)
+    return F.softmax(mean_logits / tau, dim=1) @ mask.float().t()
 
 
 def literal(model, layer, mask, x, *, tau=0.01, noise=None):
-    """METHOD.md steps 2-3 written out with plain forwards and a hook: ŷ from (noisy) full passes, then
-    the full model again with the layer's output multiplied by s = m ŷ."""
-    if noise is None:
-        mean_logits = model(x)
-    else:
-        mean_logits = torch.stack([model(x + v) for v in noise]).mean(0)
-    yhat = F.softmax(mean_logits / tau, dim=1)
-    s = yhat @ mask.float().t()
-    with scaled(model, layer, s):
+    """METHOD.md steps 2-3 written out with plain forwards and this test's own hook: ŷ from (noisy) full passes,
+    then the full model again with the layer's output multiplied by s = m ŷ."""
+    s = weights_of(model, mask, x, tau=tau, noise=noise)
+    handle = times_weights(model, layer, s)
+    try:
         return model(x)
+    finally:
+        handle.remove()
+
+
+def assert_weights_vary(model, mask, x, **kw):
+    """Most images of the test batch have weights far from the batch's mean weights (and there are several
+    distinct ones), so a defence that mixed the images of a batch (averaged the weights) would change the output."""
+    with torch.no_grad():
+        s = weights_of(model, mask, x, **kw)
+    far = (s - s.mean(0)).abs().amax(1) > 0.05
+    assert int(far.sum()) > len(s) // 2 and len({tuple(r) for r in s.round(decimals=3).tolist()}) >= 3
 
 
 def seeded_noise(seed, n_smooth, x, sigma):
@@ -44,17 +65,22 @@ def digits_x():
     return load_dataset("digits", "test", 24).all().x
 
 
-@pytest.mark.parametrize("n_smooth", [1, 3])
-def test_demo_matches_literal_formula(demo, digits_x, n_smooth):
+@pytest.mark.parametrize("n_smooth, tau", [(1, 0.01), (3, 0.01), (1, 1.0)])  # τ = 1: a soft ŷ, not one-hot
+def test_demo_matches_literal_formula(demo, digits_x, n_smooth, tau):
     mask = random_mask(128, 10, 20)
+    assert n_classes_predicted(demo.model, digits_x) >= 5
+    assert_weights_vary(demo.model, mask, digits_x, tau=tau)
     with torch.no_grad():
-        off = IGDefense(demo.model, "block3", mask, rs=False)
+        off = IGDefense(demo.model, "block3", mask, rs=False, tau=tau)
         assert off.split.fast
-        assert torch.allclose(off(digits_x), literal(demo.model, "block3", mask, digits_x), atol=1e-5)
-        on = IGDefense(demo.model, "block3", mask, sigma=0.1, n_smooth=n_smooth, seed=7)
+        assert torch.allclose(off(digits_x), literal(demo.model, "block3", mask, digits_x, tau=tau), atol=1e-5)
+        on = IGDefense(demo.model, "block3", mask, sigma=0.1, n_smooth=n_smooth, seed=7, tau=tau)
         got = on(digits_x)
-        want = literal(demo.model, "block3", mask, digits_x, noise=seeded_noise(7, n_smooth, digits_x, 0.1))
+        want = literal(demo.model, "block3", mask, digits_x, tau=tau,
+                       noise=seeded_noise(7, n_smooth, digits_x, 0.1))
         assert torch.allclose(got, want, atol=1e-5)
+        on.reseed()  # the calibrate-k / clean-accuracy route: features() + masked_tail()
+        assert torch.allclose(on.masked_tail(on.features(digits_x)), want, atol=1e-5)
         # the masked output really differs from the base model: the test can fail
         assert not torch.allclose(got, demo.model(digits_x), atol=1e-3)
 
@@ -72,26 +98,34 @@ def test_injected_noise_and_batched_vs_separate_passes(demo, digits_x, monkeypat
             assert torch.allclose(d(digits_x), want, atol=1e-5)
 
 
+@pytest.mark.parametrize("tau", [0.01, 1.0])
 @pytest.mark.parametrize("layer", ["layer4", "layer2.1.conv1"])  # no context / a skip connection in the context
-def test_resnet18_matches_literal_formula(resnet18, layer):
+def test_resnet18_matches_literal_formula(resnet18, layer, tau):
     model = resnet18.model
-    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = cifar_images(model, 6)
+    assert n_classes_predicted(model, x) >= 4  # real images, several classes: every image gets its own weights
     n = {"layer4": 512, "layer2.1.conv1": 128}[layer]
     mask = random_mask(n, 10, n // 8)
+    assert_weights_vary(model, mask, x, tau=tau)
     with torch.no_grad():
-        off = IGDefense(model, layer, mask, rs=False)
+        off = IGDefense(model, layer, mask, rs=False, tau=tau)
         assert off.split.fast
-        assert torch.allclose(off(x), literal(model, layer, mask, x), atol=1e-4, rtol=1e-4)
-        on = IGDefense(model, layer, mask, sigma=4 / 255, seed=11)
-        want = literal(model, layer, mask, x, noise=seeded_noise(11, 1, x, 4 / 255))
+        assert torch.allclose(off(x), literal(model, layer, mask, x, tau=tau), atol=1e-4, rtol=1e-4)
+        on = IGDefense(model, layer, mask, sigma=4 / 255, seed=11, tau=tau)
+        want = literal(model, layer, mask, x, tau=tau, noise=seeded_noise(11, 1, x, 4 / 255))
         assert torch.allclose(on(x), want, atol=1e-4, rtol=1e-4)
+        on.reseed()
+        assert torch.allclose(on.masked_tail(on.features(x)), want, atol=1e-4, rtol=1e-4)
+        # the test can fail: the defended logits are not the base model's
+        assert not torch.allclose(want, model(x), atol=1e-2)
 
 
 @pytest.mark.parametrize("rs", [False, True])
 def test_hook_fallback_gives_the_same_logits(resnet18, rs):
     model = resnet18.model
-    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    x = cifar_images(model, 4)
     mask = random_mask(512, 10, 50)
+    assert_weights_vary(model, mask, x)
     fast = IGDefense(model, "layer4", mask, sigma=4 / 255, rs=rs, seed=5)
     slow = IGDefense(model, "layer4", mask, sigma=4 / 255, rs=rs, seed=5)
     slow.split.fast = False
@@ -114,7 +148,7 @@ def test_gradients_flow_through_both_passes(request, digits_x, rs, which):
     if which == "demo":
         x, n = digits_x[:6].clone(), 128
     else:
-        x, n = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)), 512
+        x, n = cifar_images(model, 3), 512
     mask = random_mask(n, 10, n // 8)
     # τ = 1 keeps the soft label away from one-hot, so the pass-1 gradient is not numerically zero
     d = IGDefense(model, layer, mask, tau=1.0, sigma=0.05, rs=rs, seed=4)
@@ -129,10 +163,12 @@ def test_gradients_flow_through_both_passes(request, digits_x, rs, which):
     # pass 1 contributes: the gradient differs from the one with ŷ treated as a constant
     x3 = x.clone().requires_grad_(True)
     with torch.no_grad():
-        base = model(x + noise[0]) if rs else model(x)
-        s = F.softmax(base / 1.0, 1) @ mask.float().t()
-    with scaled(model, layer, s):
+        s = weights_of(model, mask, x, tau=1.0, noise=noise)
+    handle = times_weights(model, layer, s)
+    try:
         (model(x3) * w).sum().backward()
+    finally:
+        handle.remove()
     assert not torch.allclose(x1.grad, x3.grad, atol=1e-6)
 
 

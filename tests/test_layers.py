@@ -42,11 +42,14 @@ def test_capture_and_scale(demo, digits_test):
     with torch.no_grad(), capture(demo.model, "block3") as box:
         base = demo.model(x)
     a = box["out"]
-    s = torch.rand(4, 128)
+    s = torch.rand(4, 128, generator=torch.Generator().manual_seed(0))  # every image its own weights
     with torch.no_grad(), scaled(demo.model, "block3", s):
         out = demo.model(x)
-    pooled = scale_output(a, s).mean((2, 3))
-    assert torch.allclose(out, demo.model.linear(pooled), atol=1e-5)
+    # the reference written out here: channel j of image b times s[b, j], then the demo's pooling and linear layer
+    want = demo.model.linear(torch.einsum("bjhw,bj->bjhw", a, s).mean((2, 3)))
+    assert torch.allclose(out, want, atol=1e-5)
+    assert torch.allclose(scale_output(a, s), a * s[:, :, None, None]) and torch.equal(scale_output(a[:, :, 0, 0], s),
+                                                                                    a[:, :, 0, 0] * s)
     assert not torch.allclose(out, base)
     with torch.no_grad():  # hooks are removed on exit
         assert torch.equal(demo.model(x), base)

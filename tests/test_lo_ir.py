@@ -20,10 +20,10 @@ def tensor_set(x: torch.Tensor, y: torch.Tensor, classes: int) -> ImageSet:
 
 
 def literal(model: nn.Module, layer: str, data: ImageSet, num_classes: int, rows: tuple[int, int] | None = None,
-            batch_size: int = 16) -> torch.Tensor:
+            batch_size: int = 16, signed: bool = False) -> torch.Tensor:
     """METHOD.md step 1a written out here, independent of igd_cli (no shared helper): zero channel j of the layer's
     output with a forward hook, rerun the probe set, and average |f_y(x) - f^[j]_y(x)| over the probes of each
-    class y (0 for a class without probes)."""
+    class y (0 for a class without probes). ``signed``: without the absolute value (what a missing ``abs()`` gives)."""
     module = model.get_submodule(layer)
     with torch.no_grad():
         out_shape = []
@@ -46,7 +46,8 @@ def literal(model: nn.Module, layer: str, data: ImageSet, num_classes: int, rows
                 h = module.register_forward_hook(zero)
                 ablated = model(x)[torch.arange(len(y)), y]
                 h.remove()
-                total[j - a].index_add_(0, y, (base - ablated).abs().double())
+                change = base - ablated
+                total[j - a].index_add_(0, y, (change if signed else change.abs()).double())
     return (total / count.clamp(min=1)).float()
 
 
@@ -230,3 +231,50 @@ def test_real_resnet18_matches_literal(resnet18, layer, rows, path):
     assert res.path == path
     assert_same(res.importance, ref)
     assert float(ref.max()) > 0
+    # the comparison guards abs(): on this real model some changes are negative (at layer4: W[y, j] < 0 with
+    # Δ ≥ 0 after the ReLU; at layer3 the change of the whole remaining network), so a path that dropped abs()
+    # (on the change, or on the closed form's weight) would give the signed importance, far from the reference
+    signed = literal(resnet18.model, layer, data, 10, rows=rows, batch_size=6, signed=True)
+    assert float((signed - ref).abs().max()) > 100 * 1e-5 + 1e-4 * float(ref.abs().max())
+    assert float(signed.min()) < 0
+
+
+class _MixingHook(nn.Module):
+    """Per-channel-looking tail (ReLU module → global mean → linear) whose ReLU carries a forward hook that mixes
+    neighbouring channels (instrumentation, a cross-channel normalisation added by the user): the fx graph shows a
+    leaf ``nn.ReLU``, so the closed form looks eligible, but zeroing channel j also moves channel j + 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1))
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(6, 4)
+        self.act.register_forward_hook(lambda _m, _i, out: out + 0.5 * out.roll(1, dims=1))
+
+    def forward(self, x):
+        return self.fc(self.act(self.body(x)).mean((2, 3)))
+
+
+def test_closed_form_rejected_when_it_disagrees_with_real_ablations():
+    """The closed form's plan is accepted from the graph, then refused by the numerical check on the first batch
+    (its assumption, that channel j moves only pooled feature j, fails), and the result is the literal ablation."""
+    torch.manual_seed(0)
+    net = _MixingHook().eval()
+    x = torch.rand(6, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    split = LayerSplit(net, "body")
+    plan, reason = closed_form_plan(split, *split.head(x))
+    assert plan is not None, reason  # the graph alone looks eligible
+    data = tensor_set(x, y, 4)
+    ref = literal(net, "body", data, 4, batch_size=4)
+    res = lo_ir(net, "body", data, 4, batch_size=4, show_progress=False)
+    assert res.path == "batched-tail" and "disagreed with real ablations" in res.reason
+    assert_same(res.importance, ref)
+    # the plan really is wrong here: its importance is far from the reference, so accepting it would fail above
+    with torch.no_grad():
+        a, _ = split.head(x)
+        per_image = plan.weight.abs()[y] * plan.delta(a).abs()  # (B, N): |W[y_b, j]| · |Δ_bj|
+        wrong = per_image.T @ F.one_hot(y, 4).float() / torch.bincount(y, minlength=4)
+    assert not torch.allclose(wrong, ref, rtol=1e-2, atol=1e-3)
+    with pytest.raises(IgdError, match="disagreed with real ablations"):
+        lo_ir(net, "body", data, 4, batch_size=4, path="closed-form", show_progress=False)

@@ -70,6 +70,8 @@ def test_shards_then_merge_equal_one_run(cli, tmp_path, method, extra):
     one = tmp_path / "one.safetensors"
     assert rank(cli, *args, "--neurons", f"0:{n}", "--out", one)["kind"] == "importance-shard"
     assert cli("merge", one, "--out", tmp_path / "one-merged.safetensors").code == 0
+    alone = load_artifact(tmp_path / "one-merged.safetensors", kind="importance")
+    assert torch.equal(alone["importance"], load_artifact(one)["importance"]) and alone.meta["n_neurons"] == n
 
 
 def test_resume_skips_a_finished_shard_and_force_recomputes(cli, tmp_path):

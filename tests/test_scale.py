@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from igd_cli.archs import ARCHS
 from igd_cli.artifacts import load_artifact
+from igd_cli.calibrate import CALIBRATION_STREAM
 
 from .conftest import cifar_safetensors
 
@@ -55,6 +56,7 @@ def test_resnet50_1000_classes_every_stage(resnet50_1000, tmp_path, cli, igd_hom
                 assert importance[j, c] == pytest.approx(float((base[i] - ablated[i]).abs()), rel=1e-3, abs=1e-6)
     rand = tmp_path / "rand.safetensors"
     assert cli("rank", *common[:6], "--device", "cpu", "--method", "random", "--out", rand).code == 0
+    assert load_artifact(rand, kind="importance")["importance"].shape == (2048, 1000)
     mask = tmp_path / "mask.safetensors"
     r = cli("calibrate-k", *common, "--importance", imp, "--k", 750, "--out", mask, "--json")
     assert r.code == 0, r.err
@@ -63,10 +65,23 @@ def test_resnet50_1000_classes_every_stage(resnet50_1000, tmp_path, cli, igd_hom
     assert m.shape == (2048, 1000) and (m.sum(0) == 750).all()
     searched = cli("calibrate-k", *common, "--importance", rand, "--out", tmp_path / "m2.safetensors", "--json")
     assert searched.code == 0, searched.err
-    assert 1 <= searched.json()["k"] <= 2048
-    r = cli("defend-eval", *common, "--mask", mask, "--json")
+    res = searched.json()
+    curve, k = {int(kk): acc for kk, acc in res["curve"]}, res["k"]
+
+    def ok(acc):  # METHOD.md "Choosing k": within --tolerance (0.5) percentage points of the base accuracy
+        return round(acc * N_IMAGES) * 100 >= round(res["base_clean_accuracy"] * N_IMAGES) * 100 - 0.5 * N_IMAGES
+
+    assert 1 <= k <= 2048 and curve[2048] == res["base_clean_accuracy"] and ok(curve[k])
+    assert k == 1 or not ok(curve[k - 1])  # the boundary: k − 1 was evaluated and failed
+    # calibrate-k's figure is one draw on its own stream (seed 0 XOR CALIBRATION_STREAM): defend-eval reproduces it
+    # there, scored once; its default protocol scores other draws
+    r = cli("defend-eval", *common, "--mask", mask, "--protocol", "single-draw", "--seed", CALIBRATION_STREAM, "--json")
     assert r.code == 0, r.err
     assert r.json()["clean_accuracy"] == cal["clean_accuracy"] and r.json()["n_examples"] == N_IMAGES
+    r = cli("defend-eval", *common, "--mask", mask, "--json")
+    assert r.code == 0, r.err
+    per_draw = r.json()["scores"]["defended"]["clean"]["per_draw"]
+    assert r.json()["draws"] == 5 and r.json()["clean_accuracy"] == pytest.approx(sum(per_draw) / (5 * N_IMAGES))
     adv = tmp_path / "adv.safetensors"
     r = cli("attack", *common, "--mask", mask, "--attack", "apgd-ce", "--steps", 1, "--n-examples", 2, "--out", adv,
             "--json")

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from igd_cli.artifacts import load_artifact
+from igd_cli.calibrate import CALIBRATION_STREAM
 from igd_cli.errors import IgdError
 from igd_cli.models import fingerprint, load_model
 
@@ -180,9 +181,17 @@ def test_every_command_with_a_user_architecture(nets, tmp_path, cli, igd_home, c
     assert r.code == 0, r.err
     cal = r.json()
     assert cal["fast_tail"] == (cls == "Tiny") and 1 <= cal["k"] <= 12
+    # calibrate-k's clean accuracy is one draw on its own stream (seed 0 XOR CALIBRATION_STREAM): defend-eval on the
+    # forward (hook fallback for the untraceable model) reproduces it exactly on that stream, scored once
+    r = cli("defend-eval", *model, "--mask", mask, "--eps", "0.1", "--n-examples", 30, "--protocol", "single-draw",
+            "--seed", CALIBRATION_STREAM, "--json")
+    assert r.code == 0, r.err
+    assert r.json()["clean_accuracy"] == cal["clean_accuracy"] and r.json()["draws"] == 1
     r = cli("defend-eval", *model, "--mask", mask, "--eps", "0.1", "--n-examples", 30, "--json")
     assert r.code == 0, r.err
-    assert r.json()["clean_accuracy"] == cal["clean_accuracy"]
+    clean = r.json()["scores"]["defended"]["clean"]
+    assert r.json()["draws"] == 5 and r.json()["randomized"] and len(clean["per_draw"]) == 5
+    assert r.json()["clean_accuracy"] == pytest.approx(sum(clean["per_draw"]) / (5 * 30))
     r = cli("attack", *model, "--mask", mask, "--attack", "apgd-ce", "--steps", 2, "--eps", "0.1",
             "--n-examples", 8, "--out", tmp_path / "adv.safetensors", "--json")
     assert r.code == 0, r.err
@@ -190,6 +199,10 @@ def test_every_command_with_a_user_architecture(nets, tmp_path, cli, igd_home, c
     r = cli("defend-eval", *model, "--mask", mask, "--attack", "apgd-ce", "--steps", 2, "--eps", "0.1",
             "--n-examples", 8, "--workdir", tmp_path / "wd", "--json")
     assert r.code == 0, r.err
+    ev = r.json()
+    assert set(ev["robust_accuracy"]) == {"apgd-ce"} and ev["n_examples"] == 8 and ev["draws"] == 5
+    assert len(ev["scores"]["defended"]["apgd-ce"]["per_draw"]) == 5
+    assert list((tmp_path / "wd").rglob("*.safetensors"))  # the attacked set was written for reuse
     # the mask is bound to the normalised model: without --normalize the fingerprint differs
     plain = [a for a in model if a not in ("--normalize", "0.3,0.3")]
     r = cli("defend-eval", *plain, "--mask", mask, "--eps", "0.1", "--n-examples", 8)
@@ -207,7 +220,12 @@ def test_every_command_with_a_user_architecture(nets, tmp_path, cli, igd_home, c
     r = cli("analyze", "sweep", *model, "--importance", imps["lo-ir"], "--over", "k", "--values", "1,2",
             "--attack", "none", "--eps", "0.1", "--n-examples", 8, "--out", tmp_path / "an", "--json")
     assert r.code == 0, r.err
-    assert [p["value"] for p in r.json()["points"]] == [1, 2]
+    points = r.json()["points"]
+    assert [p["value"] for p in points] == [1, 2]
+    for p in points:  # each point is a real evaluation: 5 draws whose mean is the figure, the same base model
+        assert p["draws"] == 5 and len(p["clean_per_draw"]) == 5
+        assert p["clean"] == pytest.approx(sum(p["clean_per_draw"]) / 5)
+    assert points[0]["base_clean"] == points[1]["base_clean"]
 
 
 def test_example_mnist_cnn_builds(tmp_path):

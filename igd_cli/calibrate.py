@@ -352,7 +352,7 @@ def run_calibration(target: Any, importance_path: str | Path | Sequence[str | Pa
                    "noise_seed": cal.info["noise_seed"] if rs else None,
                    "batch_size": batch_size, "base_clean_accuracy": cal.base_accuracy,
                    "clean_accuracy": cal.accuracy, "curve": cal.curve, "searched": cal.searched,
-                   "data": {"dataset": data.name, "split": split, "n": cal.n_examples}}
+                   "data": {"dataset": data.name, "split": split, "n": cal.n_examples}, "data_id": data.identity()}
     search = {} if one else {"k_search": cal.k, "search_layer": cal.schedule.reference, "n_search": cal.n_neurons,
                              "fraction": cal.k / cal.n_neurons, "fixed_k": dict(cal.schedule.fixed),
                              "curve_k": curve_k, "passes": cal.passes(cal.k)}

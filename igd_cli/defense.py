@@ -8,8 +8,9 @@ when the model does not trace), so any model with a named layer works: RobustBen
 
 Noise (:mod:`igd_cli.noise`): the ``n_s`` draws of a row are a pure function of ``(seed, the row's bytes, k)``,
 ``k`` = the row's earlier occurrences since ``reseed``. An image's first evaluation after ``reseed`` therefore
-gets the same noise in any batch, shard or order (so ``calibrate-k``, ``defend-eval`` and IW-WC with and without
-skipping agree image by image), and repeated queries of one point (EoT) get fresh noise.
+gets the same noise in any batch, shard or order (so ``defend-eval`` and IW-WC with and without skipping agree
+image by image, and ``calibrate-k`` on its own stream is reproducible), and repeated queries of one point (EoT)
+get fresh noise.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Literal
 import torch
 
 from .artifacts import file_sha256, intact, read_metadata
-from .calibrate import DEFAULT_N_EXAMPLES, run_calibration
+from .calibrate import DEFAULT_N_EXAMPLES, calibration_stream, run_calibration
 from .common import Target, check_classes, resolve_model_layer
 from .data import ImageSet, load_dataset, same_images
 from .console import err_console, progress_enabled
@@ -392,7 +392,7 @@ def _calibration_identity(target: Target, importances: list[Path], cfg: Pipeline
     return json.loads(json.dumps({
         "model_fingerprint": target.loaded.fingerprint, "importance_sha256": shas[0] if len(shas) == 1 else shas,
         "data": data.identity(), "tolerance": cfg.tolerance, "k": cfg.k, "eps": eps, "rs": cfg.rs,
-        "seed": cfg.seed}))
+        "seed": cfg.seed, "noise_seed": calibration_stream(cfg.seed) if cfg.rs else None}))
 
 
 @contextlib.contextmanager

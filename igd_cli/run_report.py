@@ -139,7 +139,8 @@ def _calibration(page: _Page, arts: dict[Path, dict[str, Any]]) -> None:
                  f"{100 * c['clean_accuracy']:.2f}% vs base {100 * c['base_clean_accuracy']:.2f}% on "
                  f"{c.get('n_examples')} images (tolerance {c.get('tolerance')} points; σ = {_fmt(d.get('sigma'))}, "
                  f"τ = {_fmt(d.get('tau'))}, n_s = {_fmt(d.get('n_smooth'))}, smoothing "
-                 f"{'on' if d.get('rs', True) else 'off'}; first noise draw, as calibrate-k searches).", "")
+                 f"{'on' if d.get('rs', True) else 'off'}; one noise draw per image on calibrate-k's own stream, none "
+                 f"of the draws the evaluation reports).", "")
         page.table(f"calibration {p.name}", (["k", "clean accuracy %", "Δ vs base (points)"],
                                              [[str(int(k)), f"{100 * a:.2f}", f"{100 * (a - c['base_clean_accuracy']):+.2f}"]
                                               for k, a in c.get("curve", [])]))

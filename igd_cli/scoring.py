@@ -9,7 +9,8 @@ A candidate's classifications are the rows of a bool tensor ``bits`` of shape (D
 - D = 1: scored once, for a deterministic model or ``protocol="single-draw"``; that one draw both selects and
   scores, so the worst case is the AND over candidates (igd's scoring before repeated draws);
 - D = 2R: rows 0..R-1 are the final draws, the model's noise occurrences 0..R-1 of the point after
-  ``reseed(seed)`` (draw 0 is the draw calibrate-k and the single-draw protocol use), rows R..2R-1 the selection
+  ``reseed(seed)`` (draw 0 is the draw the single-draw protocol uses; calibrate-k draws on a stream of its own),
+  rows R..2R-1 the selection
   draws (occurrences R..2R-1), independent of them.
 
 Example::

@@ -229,3 +229,20 @@ def test_whole_route_equals_igd_pipeline_and_a_failing_task_stops_its_dependents
     evals = _records(run, "evaluate")
     assert [x.get("skipped", False) for x in evals].count(False) == 3 + 1  # first run: 3, after the fault: 1
     assert all(x["skipped"] for x in _records(run, "rank")[-3:])
+
+
+def test_the_driver_refuses_bad_input_before_submitting_anything(cluster, tmp_path):
+    run = tmp_path / "run"
+    r = cluster.submit(run, "--", "--bogus", wait=False)
+    assert r.returncode == 2 and r.stderr.strip() == "error: igd pipeline options: No such option: --bogus"
+    r = cluster.submit(run, "--", "--layer", "block1", "--layer", "block3", wait=False)
+    assert r.returncode == 2 and "several --layer" in r.stderr
+    r = cluster.submit(run, "--", *RANK, "--force", wait=False)
+    assert r.returncode == 2 and "--force" in r.stderr
+    r = cluster.submit(run, "--", *RANK, wait=False, shards=0)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: --shards N")
+    assert not (run / "cluster" / "jobs.tsv").exists()  # nothing was submitted
+    # a run folder holds one run: other options on it are refused
+    assert cluster.submit(run, "--until", "rank", "--", *RANK).returncode == 0
+    r = cluster.submit(run, "--until", "rank", "--", "--n-probe", "60", wait=False)
+    assert r.returncode == 2 and "holds a run with other options" in r.stderr

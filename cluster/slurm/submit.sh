@@ -39,7 +39,7 @@ done
 [[ "$shards" =~ ^[1-9][0-9]*$ ]] || die "--shards N: a positive integer is required"
 case "$until" in rank|calibrate|attack|evaluate) ;; *) die "--until $until: expected rank, calibrate, attack or evaluate" ;; esac
 command -v sbatch >/dev/null || die "sbatch not found: run submit.sh on a SLURM login node (or cluster/slurm/local-cluster.sh up DIR)"
-eval "${IGD_ACTIVATE:-}"
+set +u; eval "${IGD_ACTIVATE:-}"; set -u  # activation scripts may read unset variables
 
 mkdir -p "$run/logs" "$run/cluster"
 run=$(cd "$run" && pwd)

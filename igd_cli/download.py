@@ -29,6 +29,10 @@ from .errors import IgdError
 CHUNK = 1 << 20
 
 
+class NotOneFile(IgdError):
+    """A zoo entry stored as several files (an ensemble): robustbench fetches its parts itself."""
+
+
 def mirror() -> str | None:
     """The mirror base URL (``IGD_MIRROR``), without a trailing slash, or None."""
     m = os.environ.get("IGD_MIRROR", "").strip()
@@ -150,7 +154,7 @@ def zoo_checkpoint_fill(name: str, dataset: str, threat_model: str, path: Path) 
         entry = model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat_model)][name]
         gid = entry.get("gdrive_id")
         if not gid or isinstance(gid, list):
-            raise IgdError(f"RobustBench model {name} is not one checkpoint file: let robustbench fetch it "
+            raise NotOneFile(f"RobustBench model {name} is not one checkpoint file: let robustbench fetch it "
                            f"(igd rank/attack on a node with network) or place it at {path}")
         if os.environ.get("IGD_OFFLINE") == "1" or not reachable(GDRIVE_HOST):
             raise IgdError(offline)

@@ -336,14 +336,12 @@ def _load_robustbench(name: str, threat_model: str, *, zoo_dataset: str | None =
     offline = f"cannot download RobustBench model {name} (offline?): place its checkpoint at {path}"
     if not path.exists():
         # filled once, under a lock, complete or not at all (several array tasks may start here at once)
-        from .download import zoo_checkpoint_fill
+        from .download import NotOneFile, zoo_checkpoint_fill
 
         try:
             zoo_checkpoint_fill(name, ds, tm, path)
-        except IgdError as exc:
-            if "not one checkpoint file" not in str(exc):
-                raise
-            if not reachable(GDRIVE_HOST):  # an ensemble of files: robustbench fetches its parts itself
+        except NotOneFile as exc:  # an ensemble of files: robustbench fetches its parts itself
+            if not reachable(GDRIVE_HOST):
                 raise IgdError(offline) from exc
     try:
         # robustbench prints download messages on stdout, which belongs to --json results.

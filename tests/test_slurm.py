@@ -178,7 +178,15 @@ def test_requeue_of_a_running_task(cluster, reference, tmp_path):
     task = f"{_jobs(run)['rank']}_1"
     cluster.scontrol("requeue", task)  # preemption: the task is killed and queued again
     gate.with_name(gate.name + ".open").touch()
-    cluster.scontrol("update", f"JobId={task}", "StartTime=now")  # SLURM holds a requeued job ~2 min: not here
+    # SLURM holds a requeued job ~2 min before it may start again (BeginTime): release it as soon as it is held
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 60:
+        show = subprocess.run(["scontrol", "show", "job", "-o", task], env=cluster.env(), capture_output=True,
+                              text=True).stdout
+        if "JobState=PENDING" in show and "Reason=BeginTime" in show:
+            cluster.scontrol("update", f"JobId={task}", "StartTime=now")
+            break
+        time.sleep(0.2)
     w = cluster.wait(run)
     assert w.returncode == 0, w.stderr
     assert Path(f"{gate}.started.1").exists()  # it ran a second time

@@ -177,14 +177,14 @@ def _torchvision_cifar(name: str, split: str, root: Path) -> ImageSet:
     try:
         ds = cls(str(root), train=(split == "train"), download=False)
     except RuntimeError:
-        offline = IgdError(f"--dataset {name}: not in {root} and cannot be downloaded (offline?): place "
+        # filled once, under a lock, complete or not at all (several array tasks may start here at once)
+        from .download import mirror, torchvision_archive_fill
+
+        if mirror() is None and not (root / Path(cls.url).name).exists() and not reachable(cls.url):
+            raise IgdError(f"--dataset {name}: not in {root} and cannot be downloaded (offline?): place "
                            f"{Path(cls.url).name} (or its extracted {cls.base_folder}/) there or pass --data-dir")
-        if not reachable(cls.url):
-            raise offline
-        try:
-            ds = cls(str(root), train=(split == "train"), download=True)
-        except Exception as exc:  # offline: URLError / OSError
-            raise offline from exc
+        torchvision_archive_fill(cls, root)
+        ds = cls(str(root), train=(split == "train"), download=False)
     x = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
     y = torch.as_tensor(ds.targets, dtype=torch.int64)
     files = [Path(ds.root) / ds.base_folder / f for f, _ in (ds.train_list if split == "train" else ds.test_list)]

@@ -367,8 +367,15 @@ def _load_robustbench(name: str, threat_model: str, *, zoo_dataset: str | None =
     root = model_dir()
     path = zoo.checkpoint()
     offline = f"cannot download RobustBench model {name} (offline?): place its checkpoint at {path}"
-    if not path.exists() and not reachable(GDRIVE_HOST):
-        raise IgdError(offline)
+    if not path.exists():
+        # filled once, under a lock, complete or not at all (several array tasks may start here at once)
+        from .download import NotOneFile, zoo_checkpoint_fill
+
+        try:
+            zoo_checkpoint_fill(name, ds, tm, path)
+        except NotOneFile as exc:  # an ensemble of files: robustbench fetches its parts itself
+            if not reachable(GDRIVE_HOST):
+                raise IgdError(offline) from exc
     try:
         # robustbench prints download messages on stdout, which belongs to --json results.
         with contextlib.redirect_stdout(sys.stderr):

@@ -6,7 +6,7 @@ import importlib
 
 #: command modules in the order their commands appear in ``igd --help``
 MODULES = ["rank", "calibrate", "attack", "defend_eval", "pipeline", "audit", "analyze", "report", "merge",
-           "inspect", "layers"]
+           "inspect", "layers", "fetch"]
 
 _done = False
 

@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..adv_files import expand_adv
 from ..cli import app, emit
 from ..common import check_classes, open_target, parse_eps
 from ..console import out_console
@@ -32,7 +33,8 @@ def defend_eval_cmd(
     threat_model: ThreatModel = "Linf",
     zoo_dataset: ZooDataset = None,
     attack: Annotated[str, typer.Option("--attack", help="none (clean accuracy only), an attack NAME, or iw-wc")] = "none",
-    adv: Annotated[Optional[list[Path]], typer.Option("--adv", metavar="FILE", help="ready-made adversarial set(s) to evaluate")] = None,
+    adv: Annotated[Optional[list[Path]], typer.Option("--adv", metavar="FILE|DIR", help="ready-made adversarial set to "
+                                                      "evaluate, or a folder: every set in it (repeat --adv for more)")] = None,
     split: Annotated[str, typer.Option("--split", help="data split to evaluate on")] = "test",
     n_examples: Annotated[Optional[int], typer.Option("--n-examples", help="the first N images of the split (default: all)")] = None,
     eps: Eps = None,
@@ -75,12 +77,13 @@ def defend_eval_cmd(
         raise IgdError("--steps/--restarts/--queries/--eot-iter set attack budgets: give --attack NAME or iw-wc")
     if report is not None and report.is_dir():
         raise IgdError(f"--report {report}: is a directory")
+    adv_files = expand_adv(adv or [])  # a folder: every adversarial set in it
     target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize)
     eps_value = parse_eps(eps)
     defense = load_defense(target, mask, sigma=sigma, n_smooth=n_smooth, tau=tau, rs=rs, seed=seed)
     data = target.data(split, n_examples, data_dir)
     check_classes(target, data)
-    _, result = defend_eval(target, defense, mask, data, attack=attack, adv=list(adv or []), eps=eps_value,
+    _, result = defend_eval(target, defense, mask, data, attack=attack, adv=adv_files, eps=eps_value,
                             norm=threat_model, budgets=budgets, workdir=workdir, skip=skip,
                             shard=parse_shard(shard, len(data)), seed=seed, batch_size=batch_size,
                             protocol=protocol, draws=draws, report=report)

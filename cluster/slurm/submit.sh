@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The whole method as SLURM job arrays with dependencies (docs/cluster.md):
+#
+#   cluster/slurm/submit.sh RUN_DIR --shards N [--wait] [--until STEP] [--time T] [--mem M] [--cpus-per-task C]
+#                           [--gres G] [--sbatch-args "..."] -- <igd pipeline options>
+#
+#   rank (array of N over the layer's neurons) ─> merge importance ─> calibrate-k ─┐
+#   attack (array of N over the images: transfer sets on the base model) ─> merge ─┴> evaluate (array of N over
+#   the images: defend-eval --shard --report) ─> merge reports ─> result (THE FINAL STEP: RUN_DIR/result.json)
+#
+# Every job reads its igd options from RUN_DIR/cluster/*.args (plan.py, from the pipeline options), writes its
+# artifact atomically, and skips what is already done, so re-running the driver on the same RUN_DIR resumes: a
+# finished shard is not recomputed. --until rank|calibrate|attack|evaluate stops after that step's merge.
+# --wait blocks until the last job ends; it exits 1 naming every job that did not complete.
+# Resource options apply to every job (each script's #SBATCH lines are the defaults); --sbatch-args (partition,
+# account, QOS, ...) is added to every sbatch. IGD_ACTIVATE (a shell line, e.g. "source ~/igd-env/bin/activate")
+# runs at the top of every job before igd is called.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+die() { echo "error: $*" >&2; exit 2; }
+usage() { die "usage: submit.sh RUN_DIR --shards N [--wait] [--until STEP] [--time T] [--mem M] [--cpus-per-task C] [--gres G] [--sbatch-args \"...\"] -- <igd pipeline options>"; }
+
+[ $# -ge 1 ] || usage
+run=$1; shift
+case "$run" in -*) usage ;; esac
+shards="" wait=0 until=evaluate extra="" res=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --shards) shards=${2:?--shards N}; shift 2 ;;
+    --wait) wait=1; shift ;;
+    --until) until=${2:?--until STEP}; shift 2 ;;
+    --time|--mem|--cpus-per-task|--gres) res+=("$1=${2:?$1 VALUE}"); shift 2 ;;
+    --sbatch-args) extra=${2?--sbatch-args \"...\"}; shift 2 ;;
+    --) shift; break ;;
+    *) die "submit.sh: unknown option $1 (igd pipeline options go after --)" ;;
+  esac
+done
+[[ "$shards" =~ ^[1-9][0-9]*$ ]] || die "--shards N: a positive integer is required"
+case "$until" in rank|calibrate|attack|evaluate) ;; *) die "--until $until: expected rank, calibrate, attack or evaluate" ;; esac
+command -v sbatch >/dev/null || die "sbatch not found: run submit.sh on a SLURM login node (or cluster/slurm/local-cluster.sh up DIR)"
+set +u; eval "${IGD_ACTIVATE:-}"; set -u  # activation scripts may read unset variables
+
+mkdir -p "$run/logs" "$run/cluster"
+run=$(cd "$run" && pwd)
+# 1. the plan: igd pipeline's options -> per-step igd options, layer and neuron count (fails here, not in a job)
+plan=$(python3 "$here/plan.py" "$run" "$shards" -- "$@") || exit $?
+field() { python3 -c 'import json,sys; v=json.loads(sys.argv[1])[sys.argv[2]]; print(" ".join(v) if isinstance(v, list) else v)' "$plan" "$1"; }
+rank_shards=$(field rank_shards) n_neurons=$(field n_neurons) transfer=$(field transfer)
+tag=$(basename "$run")
+
+# 2. submit: every job gets the run's environment, its name, a log per task in RUN_DIR/logs, and (for a job with
+# a dependency) --kill-on-invalid-dep so that a failed predecessor cancels it instead of leaving it pending
+export IGD_RUN=$run IGD_SHARDS=$shards IGD_RANK_SHARDS=$rank_shards IGD_N_NEURONS=$n_neurons \
+  IGD_TRANSFER="$transfer" IGD_SLURM_DIR=$here
+read -r -a extra_args <<<"$extra"
+jobs_file=$run/cluster/jobs.tsv
+: >"$jobs_file"
+submit() {  # submit NAME DEPENDENCY ARRAY SCRIPT [SCRIPT ARGS...] -> prints the job id
+  local name=$1 dep=$2 array=$3 script=$4; shift 4
+  local args=(--parsable --job-name="igd-$name-$tag" --open-mode=append --export=ALL "${res[@]}" "${extra_args[@]}")
+  if [ -n "$array" ]; then args+=(--array="$array" --output="$run/logs/$name.%A_%a.log")
+  else args+=(--output="$run/logs/$name.%j.log"); fi
+  [ -n "$dep" ] && args+=(--dependency="afterok:$dep" --kill-on-invalid-dep=yes)
+  local id
+  id=$(sbatch "${args[@]}" "$here/$script" "$@") || die "sbatch failed for $name"
+  id=${id%%;*}
+  printf '%s\t%s\n' "igd-$name-$tag" "$id" >>"$jobs_file"
+  echo "$id"
+}
+last=
+rank=$(submit rank "" "0-$((rank_shards - 1))" rank.sbatch)
+merge_imp=$(submit merge-importance "$rank" "" merge.sbatch importance); last=$merge_imp
+if [ "$until" != rank ]; then
+  calibrate=$(submit calibrate "$merge_imp" "" calibrate.sbatch); last=$calibrate
+fi
+before_eval=$last
+if [ -n "$transfer" ] && { [ "$until" = attack ] || [ "$until" = evaluate ]; }; then  # iw-wc: transfer sets
+  attack=$(submit attack "" "0-$((shards - 1))" attack.sbatch)
+  merge_adv=$(submit merge-adv "$attack" "" merge.sbatch adv); last="$calibrate:$merge_adv"; before_eval=$last
+fi
+if [ "$until" = evaluate ]; then
+  evaluate=$(submit evaluate "$before_eval" "0-$((shards - 1))" evaluate.sbatch)
+  merge_eval=$(submit merge-eval "$evaluate" "" merge.sbatch eval)
+  # 3. THE FINAL STEP: RUN_DIR/result.json (result.sbatch is the one place that composes the result)
+  rm -f "$run/result.json"
+  last=$(submit result "$merge_eval" "" result.sbatch)
+fi
+echo "submitted $(wc -l <"$jobs_file") jobs for $run (ids in $jobs_file, logs in $run/logs)"
+[ "$wait" = 1 ] || exit 0
+
+# 4. --wait: until none of the run's jobs is pending or running, then every job's (and array task's) final state
+exec python3 "$here/wait.py" "$jobs_file"

@@ -97,6 +97,8 @@ def save_artifact(path: str | os.PathLike, kind: str, tensors: Mapping[str, torc
     if missing:
         raise ValueError(f"a {kind} artifact needs tensors {missing}")
     path = Path(path)
+    if path.is_dir():
+        raise IgdError(f"{path}: is a directory, expected a file to write")
     cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     full_meta = {"kind": kind, "format_version": FORMAT_VERSION, "igd_version": __version__, "created": now_iso()}
     full_meta.update(dict(meta or {}))

@@ -112,3 +112,8 @@ def test_inspect_cli(tmp_path, cli):
     junk.write_bytes(b"12345678garbage")
     r = cli("inspect", junk)
     assert r.code == 2 and r.err.startswith("error: ") and len(r.err.strip().splitlines()) == 1
+
+
+def test_an_output_that_is_a_directory_is_one_error_line(tmp_path, cli):
+    r = cli("rank", "--out", tmp_path, "--n-probe", "20", "--device", "cpu")
+    assert r.code == 2 and "is a directory" in r.err and len(r.err.strip().splitlines()) == 1

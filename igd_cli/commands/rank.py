@@ -12,6 +12,7 @@ from rich.table import Table
 from ..cli import app, emit
 from ..common import check_classes, open_target, resolve_model_layer
 from ..data import load_dataset
+from ..errors import IgdError
 from ..console import out_console, progress_enabled
 from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Json, Layer, Model, Normalize, ProbeDataset, Seed, ThreatModel,
                        ZooDataset)
@@ -50,6 +51,8 @@ def rank_cmd(
 ) -> None:
     """Rank the masked layer's neurons per class; writes tensor importance (N, C), larger = more important."""
     t0 = time.perf_counter()
+    if out.is_dir():
+        raise IgdError(f"--out {out}: is a directory, expected the importance file to write")
     m = get_method(method)
     target = open_target(model, arch, dataset or probe_dataset, threat_model, device, zoo_dataset,
                          normalize=normalize)

@@ -445,7 +445,8 @@ def test_cli_json_table_and_plots(cli, mask_file, tmp_path, igd_home):
     one = cli("audit", "--mask", mask_file, "--n-examples", "6", "--checks", "1", "--protocol", "single-draw",
               "--json", "--workdir", tmp_path / "adv")
     assert one.code == 0, one.err
-    assert one.json()["checks"][0]["verdict"] == "flag" and one.json()["checks"][0]["figures"]["flags"] == ["randomized"]
+    c1 = one.json()["checks"][0]
+    assert c1["verdict"] == "flag" and c1["figures"]["flags"] == ["randomized"]
     r2 = cli("audit", "--n-examples", "4", "--checks", "6,7", "--plot-dir", tmp_path / "plots")
     assert r2.code == 0, r2.err
     assert "loss surface" in r2.out and "n/a" in r2.out and (tmp_path / "plots" / "surface.png").stat().st_size > 0

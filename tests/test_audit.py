@@ -156,6 +156,13 @@ def test_paired_test_against_a_hand_computation():
     same = Cell.of(torch.ones(1, 10, dtype=torch.bool))
     one_off = Cell.of(torch.tensor([[True] * 9 + [False]]))
     assert paired(same, one_off, 0.02).flag is False  # 1 image of 10: estimate 0.1, se 0.1
+    # check 10's rule ("must gain more than t"): no gain and no noise is flagged; the same zero gain with noise
+    # (images won and lost in equal numbers) is not shown to be below t, so noise removes the flag
+    flip = Cell.of(torch.tensor([[True, False] * 5]))
+    flop = Cell.of(torch.tensor([[False, True] * 5]))
+    assert paired(same, same, "smoothing_gain", "below").flag
+    assert paired(flip, flop, "smoothing_gain", "below").estimate == 0 and not paired(flip, flop, "smoothing_gain",
+                                                                                       "below").flag
 
 
 # --- check 1: AutoAttack's flags ----------------------------------------------------------------------

@@ -54,6 +54,18 @@ class ZeroGrad(nn.Module):
         return self.model(x + (x.detach() - x))
 
 
+class Undeclared(nn.Module):
+    """The demo's logits plus fresh Gaussian noise at every call, with no ``randomized`` attribute."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return out + 3.0 * torch.randn_like(out)
+
+
 class Trap(nn.Module):
     """The demo's predictions; its gradient at the clean images (every pixel on the digits' 17 grey levels) and
     the reversed gradient anywhere else (a shattered-gradient defence that only one-step attacks see through)."""
@@ -186,6 +198,10 @@ def test_check1_flags_zero_gradients_and_an_unguarded_random_model_only(demo, da
     assert one_draw["protocol"] == "single-draw" and one_draw["draws"] == 1
     no_eot = _check(run_audit(_audit(_target(demo.model), data, defense=smooth, overrides={"eot_iter": 1}), [1]), 1)
     assert no_eot["verdict"] == "flag" and no_eot["figures"]["eot_samples"] == 1
+    # random without declaring it: scored once and attacked without EoT by any protocol
+    hidden = _check(run_audit(_audit(_target(Undeclared(demo.model), "undeclared"), data), [1]), 1)
+    assert hidden["verdict"] == "flag" and hidden["figures"]["flags"] == ["randomized"]
+    assert not hidden["figures"]["declares_fresh_noise"] and hidden["figures"]["randomized"]
 
 
 # --- checks 2-6 on the base models --------------------------------------------------------------------

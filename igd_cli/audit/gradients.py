@@ -77,8 +77,9 @@ def autoattack_flags(audit: Audit) -> CheckResult:
     eot = eot_samples(audit)
     # a random output is a problem only for an evaluation that ignores it: one draw per point (no repeated
     # draws) or white-box attacks without EoT; igd's protocol (repeated draws, APGD+EoT) is AutoAttack's own
-    # prescription for a randomized defence
-    unguarded = random and (audit.protocol != "draws" or eot < 2)
+    # prescription for a randomized defence. A model that is random without declaring it (no ``randomized``
+    # attribute) is scored once and attacked without EoT: unguarded whatever the protocol
+    unguarded = random and (not declared or audit.protocol != "draws" or eot < 2)
     fired = [k for k in warned if k != "randomized"] + (["randomized"] if unguarded else [])
     figures = {"flags": fired, "warnings": warned,
                "messages": {k: log.messages for k, log in logs.items() if log.messages},

@@ -37,7 +37,7 @@ from .thresholds import PRESETS, THRESHOLDS
 Which = Literal["audited", "base", "frozen", "smoothed"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Cell:
     """One figure of the audit: its final draws (R, n) per image and how to print it (``61.30 ± 1.80 %`` for a
     randomized model: mean ± std over draws)."""

@@ -169,13 +169,17 @@ class ContentNoise:
 
 class FixedNoise:
     """Noise frozen to one draw: ``sample(x, n)`` gives the same n standard-normal tensors (of a row's shape) for
-    every row and every query, a function of the seed alone. A defence with it is deterministic and
-    differentiable — Croce et al.'s check that a gain exists without fresh randomness.
+    every row and every query, a function of the seed given at construction alone. A defence with it is one
+    deterministic, differentiable function — Croce et al.'s check that a gain exists without fresh randomness.
+    ``restart(seed)`` and ``set_state`` change nothing: the attack stream's reseed and the scorer's reseed must
+    see the same frozen model (else the frozen figure is a transfer between two draws).
 
     Example::
 
         noise = FixedNoise(0)
-        assert torch.equal(noise.sample(x, 1), noise.sample(x.flip(0), 1))
+        z = noise.sample(x, 1)
+        noise.restart(7)
+        assert torch.equal(z, noise.sample(x.flip(0), 1))
     """
 
     fresh = False
@@ -184,14 +188,13 @@ class FixedNoise:
         self.seed = int(seed)
 
     def restart(self, seed: int | None = None) -> None:
-        if seed is not None:
-            self.seed = int(seed)
+        """Nothing to restart: the frozen draw depends on the construction seed only (``seed`` is ignored)."""
 
     def state(self, x: torch.Tensor | None = None) -> tuple[int, dict[int, int]]:
         return self.seed, {}
 
     def set_state(self, state: tuple[int, dict[int, int]]) -> None:
-        self.seed = state[0]
+        """Nothing to replay: every query gets the frozen draw."""
 
     def sample(self, x: torch.Tensor, draws: int) -> torch.Tensor:
         keys = row_keys(torch.zeros(1, dtype=torch.int64, device=x.device), torch.zeros(1, dtype=torch.int64),

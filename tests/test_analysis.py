@@ -284,3 +284,58 @@ def test_shift_rows_that_do_not_exist_are_left_out():
     assert res.groups["successful"].percent["gt"] == pytest.approx(-50.0)  # image 0: 2 -> 1
     assert res.groups["unsuccessful"].percent == {"gt": pytest.approx(100 * (2 - 3) / 3),
                                                   "rest": pytest.approx(0.0)}  # image 1: class 0's neuron 0.5 -> 0.5
+
+
+# --- shift: δ* = argmax loss (Eq. 1) -------------------------------------------------------------------------
+
+def _literal_argmax_loss_pgd(model, x, y, eps, steps, starts):
+    """PGD written out: from each start, ``steps`` signed steps of 2.5·ε/steps projected on the ε-ball and
+    [0, 1]; every iterate's cross-entropy recorded; per image the iterate with the highest one."""
+    alpha = 2.5 * eps / steps
+    xa, iterates, losses = starts.clone(), [], []
+    for it in range(steps + 1):
+        xr = xa.clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(model(xr), y, reduction="none")
+        g, = torch.autograd.grad(loss.sum(), [xr])
+        iterates.append(xa.clone())
+        losses.append(loss.detach())
+        xa = torch.minimum(torch.maximum(xa + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
+    best = torch.stack(losses).argmax(0)  # (n,): the loss-maximising iterate
+    return torch.stack(iterates)[best, torch.arange(len(x))], torch.stack(losses).amax(0)
+
+
+def test_shift_uses_the_loss_maximising_pgd_iterate(demo, tmp_path):
+    """Eq. 1 / Table 7: δ* = argmax loss. run_shift's set is the literal argmax-loss PGD iterate (igd's ``pgd``,
+    which stops at the first misclassified iterate, reaches a lower loss), and its metrics are those points'."""
+    from igd_cli.analysis.shift import run_shift
+    from igd_cli.attacks import make_attack
+    from igd_cli.attacks.base import image_seed
+    from igd_cli.common import Target
+    from igd_cli.models import LoadedModel
+
+    n, eps, steps = 24, 0.2, 6
+    target = Target(LoadedModel(demo.model, "demo", "test", "demo-fp", 10, "digits", eps), torch.device("cpu"),
+                    "digits")
+    setup = make_setup(target, tmp_path, n_examples=n, eps=eps, show_progress=False)
+    b = setup.data.all()
+    starts = torch.stack([(b.x[i] + (2 * torch.rand(b.x.shape[1:], generator=torch.Generator().manual_seed(
+        image_seed(0, i))) - 1) * eps).clamp(0, 1) for i in range(n)])
+    ref, ref_loss = _literal_argmax_loss_pgd(demo.model, b.x, b.y, eps, steps, starts)
+    imp = torch.rand(128, 10, generator=torch.Generator().manual_seed(3))
+    shift, attack = run_shift(setup, imp, "block3", 13, steps=steps)
+    got = next(Path(setup.workdir).glob("base-pgd-maxloss-*.safetensors"))
+    from igd_cli.evaluate import load_set
+
+    x_adv = load_set(got, setup.data, eps=eps).x_adv
+    assert (x_adv - ref).abs().amax() < 1e-5 and attack["attack"] == "pgd-maxloss"
+    with torch.no_grad():
+        first_wrong = make_attack("pgd", demo.model, eps=eps, steps=steps)(b.x, b.y, torch.arange(n))
+        loss_first = torch.nn.functional.cross_entropy(demo.model(first_wrong), b.y, reduction="none")
+    assert bool((ref_loss >= loss_first - 1e-5).all()) and bool((ref_loss > loss_first + 1e-3).any())
+    lit = activation_shift(demo.model, "block3", imp, 13, b.x, ref, b.y)
+    for g, grp in shift.groups.items():
+        assert grp.n == lit.groups[g].n and grp.n > 0
+        assert grp.percent == pytest.approx(lit.groups[g].percent, abs=1e-4)
+    again, _ = run_shift(setup, imp, "block3", 13, steps=steps)  # the set is reused from the workdir
+    for g, grp in again.groups.items():
+        assert grp.n == shift.groups[g].n and grp.percent == pytest.approx(shift.groups[g].percent, abs=1e-4)

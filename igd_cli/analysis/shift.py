@@ -15,6 +15,10 @@ of sums, so images with near-zero activation do not blow it up). Rows: ``gt`` (S
 attacks only), ``rest`` (the classes other than y and ŷ* for successful attacks — Table 7's Δ_rem-cls —, other
 than y for unsuccessful ones — Table 7's Δ_non-GT; the paper's text swaps the two names) and ``unimp`` (U).
 
+The adversarial point is Eq. 1's ``δ* = argmax_δ L(f(x + δ), y)``: :class:`MaxLossPGD` keeps, per image, the PGD
+iterate with the highest cross-entropy (not the first misclassified one, which stops just past the boundary and
+shrinks the shifts).
+
 Example::
 
     res = activation_shift(model, "block3", importance, k=2, x=x, x_adv=x_adv, y=y)
@@ -28,16 +32,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import hashlib
+import json
+import math
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from ..attacks.base import gather
+from ..artifacts import read_metadata
+from ..attacks.base import Attack, AttackResult, gather, image_generators, run_attack
+from ..errors import IgdError
 from ..console import progress
 from ..defense import check_k, importance_ranks
 from ..devices import module_device
-from ..evaluate import Budgets, Evaluator
+from ..evaluate import load_set, restrict, save_adversarial, set_meta
 from ..layers import capture, resolve_layer
-from ..scoring import Score, final_of_selected, final_rows
+from ..scoring import Score, classify, final_of_selected, final_rows
 from .setup import EvalSetup, write_json
 
 Row = Literal["gt", "pred", "rest", "unimp"]
@@ -149,19 +160,90 @@ def activation_shift(model: nn.Module, layer: str, importance: torch.Tensor, k: 
     return ShiftResult(int(k), int(n_neurons), n_unimp, len(x), clean_wrong, groups)
 
 
+class MaxLossPGD(Attack):
+    """ℓ∞ PGD for Eq. 1: igd's ``pgd`` start and steps (a uniform random start per image, ``steps`` signed steps of
+    2.5·ε/steps), returning per image the iterate (start and every step, over restarts) with the highest
+    cross-entropy, δ* = argmax loss. Written here because igd's ``pgd`` returns the first misclassified iterate
+    (an attack-success point) and the field's PGD (Madry et al.; torchattacks) the last one.
+
+    Example::
+
+        x_adv = MaxLossPGD(model, eps=0.2, steps=50)(x, y)
+    """
+
+    name = "pgd-maxloss"
+    defaults = {"steps": PGD_STEPS, "restarts": 1}
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        steps, eps = self.budget["steps"], self.eps
+        alpha = 2.5 * eps / steps
+        gens = image_generators(self.seed, index)
+        best = x.clone()
+        best_loss = torch.full((len(x),), -math.inf, device=x.device)
+        for _ in range(self.budget["restarts"]):
+            noise = torch.stack([torch.rand(x.shape[1:], generator=g) for g in gens]).to(x.device)
+            xa = (x + (2 * noise - 1) * eps).clamp(0, 1)
+            for it in range(steps + 1):
+                xr = xa.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    loss = F.cross_entropy(self.model(xr), y, reduction="none")
+                    g, = torch.autograd.grad(loss.sum(), [xr]) if it < steps else (None,)
+                loss = loss.detach()
+                better = loss > best_loss
+                best[better], best_loss[better] = xa[better], loss[better]
+                if it < steps:
+                    xa = torch.min(torch.max(xa + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
+        return best
+
+
+def _maxloss_set(setup: EvalSetup, steps: int) -> tuple[AttackResult, str | None]:
+    """The δ* set on the base model, kept in (and reused from) the setup's workdir like every igd attack set."""
+    atk = MaxLossPGD(setup.target.model, eps=setup.eps, seed=setup.seed, device=setup.target.device,
+                     num_classes=setup.target.loaded.num_classes, steps=steps)
+    info = atk.describe()
+    key = {"model_fingerprint": setup.target.loaded.fingerprint, "attack": info["attack"], "target": "base",
+           "eps": round(setup.eps, 10), "norm": "Linf", "budget": info["budget"], "seed": setup.seed,
+           "dataset": setup.data.name, "split": setup.data.split}
+    key = json.loads(json.dumps(key, sort_keys=True))
+    path = None
+    positions = torch.arange(len(setup.data), dtype=torch.int64)
+    if setup.workdir is not None:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+        path = Path(setup.workdir) / f"base-{info['attack']}-{digest}.safetensors"
+        if path.exists():
+            try:
+                if read_metadata(path).get("set_key") == key:
+                    part = restrict(load_set(path, setup.data, eps=setup.eps), positions)
+                    if part is not None:
+                        return part, str(path)
+            except IgdError:
+                pass  # unreadable or stale: recompute and overwrite
+    res = run_attack(atk, setup.data, batch_size=setup.batch_size, positions=positions,
+                     description=f"base {info['attack']}", show_progress=setup.show_progress)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        x, y = gather(setup.data, res.index)
+        model = setup.target.model
+        worst = [classify(model, p, y, 1, batch_size=setup.batch_size) for p in (x, res.x_adv)]
+        meta = set_meta(setup.target.provenance(), info, "base", setup.data,
+                        Score.of(final_of_selected(worst)).mean, {"set_key": key, "point": "argmax loss"})
+        save_adversarial(path, res, meta)
+    return res, (str(path) if path is not None else None)
+
+
 def run_shift(setup: EvalSetup, importance: torch.Tensor, layer: str, k: int, steps: int = PGD_STEPS
               ) -> tuple[ShiftResult, dict[str, Any]]:
-    """PGD (``steps`` steps, the paper's 50) on the base model over the setup's images (the set is kept and
-    reused in its workdir like every igd attack set), then :func:`activation_shift`. Returns the metrics and the
-    attack's figures on the base model (deterministic: scored once, exact)."""
-    ev = Evaluator(setup.target, None, setup.data, eps=setup.eps, budgets=Budgets(steps=steps), seed=setup.seed,
-                   batch_size=setup.batch_size, workdir=setup.workdir, show_progress=setup.show_progress)
-    adv, src, bits = ev.obtain("pgd", "base", ev.positions)
-    clean = ev.clean("base")
+    """δ* = argmax-loss PGD (:class:`MaxLossPGD`, ``steps`` steps, the paper's 50) on the base model over the
+    setup's images (the set is kept and reused in its workdir), then :func:`activation_shift`. Returns the metrics
+    and the attack's figures on the base model (deterministic: scored once, exact)."""
+    adv, src = _maxloss_set(setup, steps)
     x, y = gather(setup.data, adv.index)
-    shift = activation_shift(setup.target.model, layer, importance, k, x, adv.x_adv, y,
-                             batch_size=setup.batch_size)
-    return shift, {"attack": "pgd", "steps": steps, "eps": setup.eps, "set": src or None,
+    model = setup.target.model
+    clean = classify(model, x, y, 1, seed=setup.seed, batch_size=setup.batch_size)
+    bits = classify(model, adv.x_adv, y, 1, seed=setup.seed, batch_size=setup.batch_size)
+    shift = activation_shift(model, layer, importance, k, x, adv.x_adv, y, batch_size=setup.batch_size)
+    return shift, {"attack": MaxLossPGD.name, "point": "argmax loss over the PGD iterates (Eq. 1)", "steps": steps,
+                   "eps": setup.eps, "set": src,
                    "clean_accuracy": Score.of(final_rows(clean)).mean,
                    "robust_accuracy": Score.of(final_of_selected([clean, bits])).mean}
 
@@ -178,7 +260,7 @@ def analyze_shift(setup: EvalSetup, ranking: str, path: str, layer: str, importa
     stem = Path(out) / f"shift-{ranking}-{layer.replace('.', '-')}-k{k}"
     result = {"analysis": "shift", "ranking": ranking, "importance": path, "layer": layer, **shift.to_json(),
               "attack": attack, "labels": LABELS, "setup": {**setup.describe(), "budget": {"steps": steps}}}
-    title = (f"{setup.target.loaded.name.split('/')[-1]} · {layer} · top-{k} of {ranking} · PGD-{steps}, "
+    title = (f"{setup.target.loaded.name.split('/')[-1]} · {layer} · top-{k} of {ranking} · PGD-{steps} (max loss), "
              f"ε = {setup.eps:.4g} · {len(setup.data)} images")
     result["plot"] = str(plot_shift(stem.with_suffix(".png"), result, LABELS, title))
     result["seconds"] = round(time.perf_counter() - t0, 3)

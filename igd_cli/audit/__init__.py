@@ -88,7 +88,7 @@ def run_audit(audit: Audit, checks: Sequence[int] | None = None, plot_dir: str |
                                              title="AutoAttack robust accuracy vs budget (Table 10)"))
         results.append(res)
         seconds[str(c)] = round(time.perf_counter() - t, 3)
-    rows = rows_for(audit.audited, "draws", audit.draws)
+    rows = rows_for(audit.audited, audit.protocol, audit.draws)
     return {
         "model": audit.target.loaded.name, "model_fingerprint": audit.target.loaded.fingerprint,
         "mask": str(audit.mask_path) if audit.mask_path is not None else None,
@@ -96,7 +96,7 @@ def run_audit(audit: Audit, checks: Sequence[int] | None = None, plot_dir: str |
         "dataset": audit.data.name, "split": audit.data.split, "n_examples": len(audit.data), "eps": audit.eps,
         "preset": audit.preset_name, "budgets": audit.budgets().kwargs(), "seed": audit.seed,
         "randomized": audit.randomized, "draws": rows // 2 if rows > 1 else 1,
-        "protocol": "draws" if rows > 1 else "deterministic",
+        "protocol": ("draws" if rows > 1 else audit.protocol if audit.randomized else "deterministic"),
         "checks": [r.to_json() for r in results],
         "flags": [r.id for r in results if r.verdict == "flag"],
         "thresholds": dict(THRESHOLDS), "plots": plots,
@@ -114,7 +114,11 @@ def render_audit(r: dict[str, Any], console=None) -> None:
     console = console or out_console
     proto = (f"randomized model: every robust accuracy is the repeated-draw score (Croce et al.): per image the "
              f"point with the lowest mean correctness over {r['draws']} draws, scored on {r['draws']} fresh draws, "
-             "mean ± std over draws") if r["randomized"] else "deterministic model: every point scored once (exact)"
+             "mean ± std over draws") if r["protocol"] == "draws" else \
+        ("randomized model scored by ONE draw per point (single-draw protocol)" if r["randomized"] else
+         "deterministic model: every point scored once (exact)")
+    proto += ("; comparisons: paired per-image differences, flagged beyond "
+              f"{r['thresholds']['z']:g} standard errors (docs/audit.md)")
     t = Table(title=f"igd audit: {r['model']}" + (f" + {r['mask']}" if r["mask"] else "") +
                     f", {r['n_examples']} images of {r['dataset']} ({r['split']}), ε = {r['eps']:.4g}, "
                     f"{r['preset']} preset", caption=proto, caption_justify="left", show_lines=True)

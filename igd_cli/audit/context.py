@@ -7,11 +7,13 @@ Example::
     audit = Audit(target, data, eps=0.2, preset="quick", defense=load_defense(target, "mask.safetensors"),
                   mask_path="mask.safetensors", workdir="runs/demo/adv")
     score = audit.robust(["aa", "rays"])          # worst case over both, mean ± std over draws
+    paired(score, audit.robust(["aa"]), "blackbox_margin").flag   # the audit's statistical rule
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -26,7 +28,7 @@ from ..data import ImageSet
 from ..defense import IGDefense
 from ..errors import IgdError
 from ..evaluate import DIRECT_RUN_ORDER, TRANSFER, Budgets, Evaluator, defense_identity
-from ..scoring import DEFAULT_DRAWS, Score, final_of_selected, final_rows
+from ..scoring import DEFAULT_DRAWS, Score, check_protocol, final_of_selected, final_rows
 from ..variants import SmoothedModel, frozen_noise
 from .thresholds import PRESETS, THRESHOLDS
 
@@ -35,11 +37,25 @@ from .thresholds import PRESETS, THRESHOLDS
 Which = Literal["audited", "base", "frozen", "smoothed"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Cell:
-    """One figure of the audit: a score and how to print it (``61.30 ± 1.80 %`` for a randomized model)."""
+    """One figure of the audit: its final draws (R, n) per image and how to print it (``61.30 ± 1.80 %`` for a
+    randomized model: mean ± std over draws)."""
 
-    score: Score
+    final: torch.Tensor  # (R, n) bool: each image's correctness in the final draws of its selected candidate
+
+    @classmethod
+    def of(cls, final: torch.Tensor) -> "Cell":
+        return cls(final.detach().cpu())
+
+    @property
+    def score(self) -> Score:
+        return Score.of(self.final)
+
+    @property
+    def per_image(self) -> torch.Tensor:
+        """``p_i``: each image's correctness averaged over the final draws, (n,) float64."""
+        return self.final.double().mean(0)
 
     @property
     def mean(self) -> float:
@@ -54,14 +70,55 @@ class Cell:
         return (s + f" ± {100 * self.std:.2f}" if self.score.draws > 1 else s) + " %"
 
     def to_json(self) -> dict[str, Any]:
-        return {"mean": self.mean, "std": self.std, "draws": self.score.draws, "n": self.score.n,
-                "majority": self.score.majority, "all_draws": self.score.all_draws}
+        sc = self.score
+        return {"mean": sc.mean, "std": sc.std, "draws": sc.draws, "n": sc.n, "majority": sc.majority,
+                "all_draws": sc.all_draws}
 
 
-def margin(name: str, *cells: Cell) -> float:
-    """The threshold ``name`` widened to the draw noise of the cells compared (see :mod:`.thresholds`)."""
-    std = max([c.std for c in cells] + [0.0])
-    return max(THRESHOLDS[name], THRESHOLDS["std_factor"] * std)
+@dataclass(frozen=True)
+class Test:
+    """A comparison on the footing of :mod:`.thresholds`: the mean ``estimate`` of per-image values (paired
+    differences for two figures), its standard error, the threshold, and the verdict's rule (``above``: flag when
+    ``estimate − z·se > threshold``; ``below``: flag when ``estimate + z·se < threshold``)."""
+
+    estimate: float
+    se: float
+    threshold: float
+    z: float
+    n: int
+    rule: Literal["above", "below"]
+
+    @property
+    def flag(self) -> bool:
+        if self.rule == "above":
+            return self.estimate - self.z * self.se > self.threshold
+        return self.estimate + self.z * self.se < self.threshold
+
+    def text(self) -> str:
+        """``+3.2 ± 1.1 pts`` (estimate ± standard error, in points)."""
+        return f"{100 * self.estimate:+.1f} ± {100 * self.se:.1f} pts"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"estimate": self.estimate, "se": self.se, "threshold": self.threshold, "z": self.z, "n": self.n,
+                "rule": self.rule, "lower": self.estimate - self.z * self.se,
+                "upper": self.estimate + self.z * self.se, "flag": self.flag}
+
+
+def per_image_test(values: torch.Tensor, threshold: str | float, rule: Literal["above", "below"] = "above") -> Test:
+    """The test of per-image values (n,) (or paired differences) against a threshold (a :data:`THRESHOLDS` name
+    or a number): mean, standard error ``sd / √n`` (sample sd; 0 for one image)."""
+    v = values.double().flatten()
+    n = len(v)
+    se = float(v.std(unbiased=True)) / math.sqrt(n) if n > 1 else 0.0
+    t = THRESHOLDS[threshold] if isinstance(threshold, str) else float(threshold)
+    return Test(float(v.mean()) if n else 0.0, se, t, THRESHOLDS["z"], n, rule)
+
+
+def paired(a: Cell, b: Cell, threshold: str | float, rule: Literal["above", "below"] = "above") -> Test:
+    """A − B on the same images through the paired per-image differences (see :mod:`.thresholds`)."""
+    if a.final.shape[1] != b.final.shape[1]:
+        raise ValueError(f"paired figures on different image counts: {a.final.shape[1]} vs {b.final.shape[1]}")
+    return per_image_test(a.per_image - b.per_image, threshold, rule)
 
 
 class Audit:
@@ -70,7 +127,8 @@ class Audit:
     def __init__(self, target: Target, data: ImageSet, *, eps: float, preset: str = "quick",
                  defense: nn.Module | None = None, mask_path: str | Path | None = None,
                  workdir: str | Path | None = None, seed: int = 0, batch_size: int = 128,
-                 draws: int = DEFAULT_DRAWS, show_progress: bool = True, overrides: dict[str, Any] | None = None):
+                 draws: int = DEFAULT_DRAWS, protocol: str = "draws", show_progress: bool = True,
+                 overrides: dict[str, Any] | None = None):
         if preset not in PRESETS:
             raise IgdError(f"--preset {preset}: expected {' or '.join(PRESETS)}")
         unknown = set(overrides or {}) - set(PRESETS[preset])
@@ -82,6 +140,8 @@ class Audit:
         self.defense, self.mask_path = defense, mask_path
         self.workdir = Path(workdir) if workdir is not None else None
         self.seed, self.batch_size, self.draws, self.show_progress = int(seed), batch_size, int(draws), show_progress
+        check_protocol(protocol, draws)
+        self.protocol = protocol  # "single-draw": a randomized model scored once (what check 1 flags)
         self.ident = defense_identity(mask_path, defense) if defense is not None and mask_path is not None else \
             (mask_identity(torch.cat([m.flatten() for m in defense.masks]), defense.layer, defense.settings())
              if isinstance(defense, IGDefense) else  # library use, no mask file: keyed by the masks' contents
@@ -135,7 +195,7 @@ class Audit:
             else:
                 meta = dict(self.ident)
                 if which != "audited":  # variants' sets are keyed apart from the defence's own
-                    meta["variant"] = {"frozen": "frozen-noise", "smoothed": "smoothing-alone"}[which]
+                    meta["variant"] = {"frozen": "frozen-noise-2", "smoothed": "smoothing-alone"}[which]
                 ev = Evaluator(self.target, self.model(which), self.data, defense_meta=meta,
                                **self._ev_args(eps, budgets))
                 kind = "defended"
@@ -144,7 +204,8 @@ class Audit:
 
     def _ev_args(self, eps: float, budgets: Budgets) -> dict[str, Any]:
         return {"eps": eps, "budgets": budgets, "seed": self.seed, "batch_size": self.batch_size,
-                "workdir": self.workdir, "show_progress": self.show_progress, "draws": self.draws}
+                "workdir": self.workdir, "show_progress": self.show_progress, "draws": self.draws,
+                "protocol": self.protocol}
 
     def bits(self, attack: str, which: Which = "audited", *, eps_factor: float = 1.0,
              on: Which | None = None, **budget: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +233,7 @@ class Audit:
             if not cands:
                 cands.append(clean)
             cands.append(bits)
-        return Cell(Score.of(final_of_selected(cands)))
+        return Cell.of(final_of_selected(cands))
 
     def iwwc(self, which: Which = "audited") -> Cell:
         """The paper's image-wise worst case on model ``which``: IW-WC's six base-model sets transferred to it and
@@ -180,11 +241,11 @@ class Audit:
         cands = [self.bits(TRANSFER[0], "base", on=which)[0]]
         cands += [self.bits(a, "base", on=which)[1] for a in TRANSFER]
         cands += [self.bits(a, which)[1] for a in DIRECT_RUN_ORDER]
-        return Cell(Score.of(final_of_selected(cands)))
+        return Cell.of(final_of_selected(cands))
 
     def clean(self, which: Which = "audited") -> Cell:
         ev, kind = self._evaluator(which, self.eps, self.budgets())
-        return Cell(Score.of(final_rows(ev.clean(kind))))
+        return Cell.of(final_rows(ev.clean(kind)))
 
     def adversarial(self, attack: str, which: Which = "audited") -> torch.Tensor:
         """The points of ``attack`` against ``which`` (obtained or reused like every set of the audit)."""

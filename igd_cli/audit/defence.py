@@ -16,7 +16,7 @@ import torch
 from ..attacks.base import reseed
 from ..evaluate import DIRECT, TRANSFER
 from ..scoring import rows_for
-from .context import Audit, margin
+from .context import Audit, paired, per_image_test
 from .result import CheckResult
 from .thresholds import THRESHOLDS
 
@@ -33,43 +33,47 @@ def transfer_vs_direct(audit: Audit) -> CheckResult:
     direct = {a: audit.robust([a]) for a in DIRECT}
     transfer = {a: audit.robust([a], "base", on="audited") for a in DIRECT}
     d_all, t_all = audit.robust(list(DIRECT)), audit.robust(list(DIRECT), "base", on="audited")
-    m = margin("transfer_margin", d_all, t_all)
-    bad = d_all.mean - t_all.mean > m
-    weaker = [a for a in DIRECT if direct[a].mean - transfer[a].mean > margin("transfer_margin", direct[a], transfer[a])]
-    text = (f"direct {d_all.text()} vs transferred {t_all.text()} (worst over {', '.join(DIRECT)}); "
+    test = paired(d_all, t_all, "transfer_margin")
+    bad = test.flag
+    per_attack = {a: paired(direct[a], transfer[a], "transfer_margin") for a in DIRECT}
+    weaker = [a for a, t in per_attack.items() if t.flag]
+    text = (f"direct {d_all.text()} vs transferred {t_all.text()} (worst over {', '.join(DIRECT)}; "
+            f"difference {test.text()}); "
             + "; ".join(f"{a} {direct[a].text()} / Tr {transfer[a].text()}" for a in DIRECT))
     meaning = ("the attacks on the defence do worse than the same attacks on the base model transferred: the "
                "defence hides its gradients from its own attacker, so its direct figures overstate it; only the "
                "worst case over direct and transfer attacks (IW-WC) is a fair figure") if bad else \
-        "direct attacks are at least as strong as transferred ones: the defence does not hide its gradients"
+        "direct attacks are not shown to be weaker than transferred ones: the defence does not hide its gradients"
     figures = {"direct": {a: c.to_json() for a, c in direct.items()},
                "transfer": {a: c.to_json() for a, c in transfer.items()},
                "direct_worst": d_all.to_json(), "transfer_worst": t_all.to_json(), "weaker_direct": weaker,
-               "margin": m}
+               "test": test.to_json(), "tests": {a: t.to_json() for a, t in per_attack.items()}}
     return CheckResult(7, "transfer vs direct", "flag" if bad else "ok", figures, text, meaning)
 
 
 def frozen_noise_check(audit: Audit) -> CheckResult:
-    """Check 8: the direct attacks against the defence with its smoothing noise frozen to one draw
-    (deterministic, scored once) beside the randomized defence's figure (repeated draws)."""
+    """Check 8: the direct attacks against the defence with its smoothing noise frozen to one draw (one
+    deterministic function for the attacker and the scorer, scored once) beside the randomized defence's figure
+    (repeated draws)."""
     if not audit.has_defense:
         return _na(8, "frozen noise")
     rand = audit.robust(list(DIRECT))
-    frozen = audit.robust(list(DIRECT), "frozen")
     if not audit.randomized:
-        return CheckResult(8, "frozen noise", "ok", {"randomized": rand.to_json(), "frozen": frozen.to_json()},
+        return CheckResult(8, "frozen noise", "ok", {"randomized": rand.to_json()},
                            f"defence deterministic (no smoothing): {rand.text()}",
                            "no fresh noise to freeze: every figure already comes without randomness")
-    gain = rand.mean - frozen.mean
-    m = margin("frozen_gain", rand, frozen)
-    bad = gain > m
-    text = f"fresh noise {rand.text()} vs frozen noise {frozen.text()} (worst over {', '.join(DIRECT)})"
-    meaning = (f"{100 * gain:.1f} points of the robustness exist only with fresh noise: they come from randomness "
+    frozen = audit.robust(list(DIRECT), "frozen")
+    test = paired(rand, frozen, "frozen_gain")
+    bad = test.flag
+    text = (f"fresh noise {rand.text()} vs frozen noise {frozen.text()} (worst over {', '.join(DIRECT)}; "
+            f"gain {test.text()})")
+    meaning = (f"{test.text()} of the robustness exist only with fresh noise: they come from randomness "
                "(attacks aiming at a moving target), not from the interpretability mask") if bad else \
-        "the defence is as robust with its noise frozen: its robustness does not rest on fresh randomness"
+        "the defence is not shown to be more robust with fresh noise than frozen: its robustness does not rest " \
+        "on fresh randomness"
     return CheckResult(8, "frozen noise", "flag" if bad else "ok",
-                       {"randomized": rand.to_json(), "frozen": frozen.to_json(), "gain": gain, "margin": m},
-                       text, meaning)
+                       {"randomized": rand.to_json(), "frozen": frozen.to_json(), "gain": test.estimate,
+                        "test": test.to_json()}, text, meaning)
 
 
 @torch.no_grad()
@@ -94,15 +98,17 @@ def mask_acts(audit: Audit) -> CheckResult:
     its pseudo-label, i.e. a one-sample noisy classifier."""
     if not audit.has_defense:
         return _na(9, "does the mask act?")
-    rows = max(1, rows_for(audit.defense, "draws", audit.draws) // 2)  # the protocol's final draws
+    rows = max(1, rows_for(audit.defense, audit.protocol, audit.draws) // 2)  # the protocol's final draws
     wb = audit.whitebox()
-    shares = {}
+    shares, tests = {}, {}
     for name, x in (("clean", audit.x), (wb, audit.adversarial(wb))):
         bits = mask_change_share(audit.defense, x, audit.y, rows, seed=audit.seed, batch_size=audit.batch_size)
         per_draw = bits.float().mean(1)
+        tests[name] = per_image_test(bits.double().mean(0), "mask_acts_share", "below")
         shares[name] = {"mean": float(per_draw.mean()), "std": float(per_draw.std()) if rows > 1 else 0.0,
-                        "images_ever": int(bits.any(0).sum()), "n": len(x), "draws": rows}
-    idle = [k for k, s in shares.items() if s["mean"] < THRESHOLDS["mask_acts_share"]]
+                        "images_ever": int(bits.any(0).sum()), "n": len(x), "draws": rows,
+                        "test": tests[name].to_json()}
+    idle = [k for k, t in tests.items() if t.flag]
     bad = bool(idle)
 
     def t(s: dict) -> str:
@@ -112,24 +118,27 @@ def mask_acts(audit: Audit) -> CheckResult:
     meaning = (f"on the {' and '.join(idle)} images the mask (almost) never changes the prediction from argmax ŷ: "
                "there the defence is its pseudo-label, a one-sample noisy classifier, and what it gains or loses "
                "comes from the smoothing noise, not from the interpretability ranking") if bad else \
-        "the mask changes the prediction on a measurable share of clean and adversarial images: the ranking acts"
+        "the mask is not shown to act on fewer images than the threshold, clean and adversarial: the ranking acts"
     return CheckResult(9, "does the mask act?", "flag" if bad else "ok", shares, text, meaning)
 
 
 def smoothing_alone(audit: Audit) -> CheckResult:
     """Check 10 (the paper's Table 6, row 2): the base model with the same noise and no mask, scored the same way
     (IW-WC: the base model's six transfer sets and the three direct attacks run against it, repeated draws); the
-    defence's gain over it is what the interpretability ranking contributes."""
+    defence's gain over it is what the interpretability ranking contributes. Flags only when the data show the
+    gain is below the threshold (noise never raises the flag)."""
     if not audit.has_defense:
         return _na(10, "smoothing alone")
     defended, smooth, base = audit.iwwc("audited"), audit.iwwc("smoothed"), audit.robust(list(TRANSFER), "base")
-    gain = defended.mean - smooth.mean
-    m = max(THRESHOLDS["smoothing_gain"], THRESHOLDS["std_factor"] * max(defended.std, smooth.std))
-    bad = gain <= m
-    text = (f"IW-WC: IG-Defense {defended.text()} vs smoothing alone {smooth.text()} vs base {base.text()}")
-    meaning = (f"the defence gains {100 * gain:+.1f} points over the same noise without a mask (not more than "
-               f"{100 * m:.1f}): the interpretability ranking adds nothing measurable beyond smoothing") if bad else \
-        f"the mask adds {100 * gain:.1f} points over smoothing alone: the ranking contributes"
+    test = paired(defended, smooth, "smoothing_gain", "below")
+    bad = test.flag
+    text = (f"IW-WC: IG-Defense {defended.text()} vs smoothing alone {smooth.text()} vs base {base.text()}; "
+            f"gain {test.text()}")
+    t = 100 * THRESHOLDS["smoothing_gain"]
+    meaning = (f"the defence gains {test.text()} over the same noise without a mask, shown to be below {t:.1f} "
+               "points: the interpretability ranking adds nothing measurable beyond smoothing") if bad else \
+        (f"the mask adds {test.text()} over smoothing alone: not shown to be below {t:.1f} points"
+         + ("" if test.estimate - test.z * test.se > test.threshold else " (nor shown above: more images decide)"))
     return CheckResult(10, "smoothing alone (Table 6)", "flag" if bad else "ok",
                        {"defended": defended.to_json(), "smoothing_alone": smooth.to_json(),
-                        "base": base.to_json(), "gain": gain, "margin": m}, text, meaning)
+                        "base": base.to_json(), "gain": test.estimate, "test": test.to_json()}, text, meaning)

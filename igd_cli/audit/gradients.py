@@ -71,30 +71,51 @@ def autoattack_flags(audit: Audit) -> CheckResult:
         targets = max(1, min(9, n_cls - 1))
         checks.check_n_classes(n_cls, AA_ATTACKS, targets, targets, logger=logs["n_classes"])
     zero = int((grad.flatten(1).abs().sum(1) == 0).sum())
-    fired = [k for k, log in logs.items() if log.messages]
+    warned = [k for k, log in logs.items() if log.messages]
     declared = is_randomized(model)
-    if declared and "randomized" not in fired:
-        # IG-Defense's output changes only where the noise flips the near one-hot pseudo-label (τ = 0.01), which
-        # a batch may not show; the model draws fresh noise per query all the same
-        logs["randomized"].messages.append("pyautoattack's check saw no change on this batch, but the model "
-                                           "draws fresh noise at every query")
-        fired.insert(0, "randomized")
-    figures = {"flags": fired, "messages": {k: log.messages for k, log in logs.items() if log.messages},
+    random = declared or "randomized" in warned
+    eot = eot_samples(audit)
+    # a random output is a problem only for an evaluation that ignores it: one draw per point (no repeated
+    # draws) or white-box attacks without EoT; igd's protocol (repeated draws, APGD+EoT) is AutoAttack's own
+    # prescription for a randomized defence. A model that is random without declaring it (no ``randomized``
+    # attribute) is scored once and attacked without EoT: unguarded whatever the protocol
+    unguarded = random and (not declared or audit.protocol != "draws" or eot < 2)
+    fired = [k for k in warned if k != "randomized"] + (["randomized"] if unguarded else [])
+    figures = {"flags": fired, "warnings": warned,
+               "messages": {k: log.messages for k, log in logs.items() if log.messages},
                "images_checked": len(x), "zero_gradient_images": zero,
                "output_changes_between_calls": bool(not torch.equal(out[0], out[1])), "n_classes": int(n_cls),
-               "declares_fresh_noise": declared}
-    text = ("AutoAttack warns: " + ", ".join(fired)) if fired else "no AutoAttack warning"
+               "declares_fresh_noise": declared, "randomized": random, "protocol": audit.protocol,
+               "eot_samples": eot if random else None}
+    text = ("AutoAttack warns: " + ", ".join(warned)) if warned else "no AutoAttack warning"
+    if random and "randomized" not in warned:
+        text += " (the model declares fresh noise per query)"
+    if random:
+        text += (f"; scored by {audit.protocol}" + ("" if audit.protocol != "draws" else f" ({audit.draws} + "
+                                                     f"{audit.draws})") + f", APGD with {eot} EoT samples")
     text += f"; zero gradient on {zero}/{len(x)} images"
     meaning = {
-        "randomized": "the output is random: score by repeated draws and attack with EoT (AutoAttack's rand "
-                      "version); one draw is a coin toss near the boundary",
+        "randomized": "the output is random but the evaluation scores one draw per point or attacks without EoT: "
+                      "a lucky draw decides near the boundary; use --protocol draws and EoT (AutoAttack's rand "
+                      "version)",
         "probabilities": "the model outputs probabilities: CE/DLR on them saturate, give logits",
         "zero_gradients": "some images have an exactly zero input gradient: gradient attacks stall there",
         "dynamic": "the forward pass itself computes gradients: a dynamic defence AutoAttack may not break",
         "n_classes": "too few classes for AutoAttack's targeted attacks",
     }
+    ok = ("none of AutoAttack's warnings fired" if not warned else
+          "the model is random, and every figure is a repeated-draw score of EoT attacks, as AutoAttack prescribes")
     return CheckResult(1, "AutoAttack flags", "flag" if fired else "ok", figures, text,
-                       "; ".join(meaning[k] for k in fired) or "none of AutoAttack's warnings fired")
+                       "; ".join(meaning[k] for k in fired) or ok)
+
+
+def eot_samples(audit: Audit) -> int:
+    """The EoT samples of the audit's white-box attack on a randomized model (the preset's, else APGD+EoT's
+    default)."""
+    from ..attacks import ATTACKS
+
+    given = audit.budgets().eot_iter
+    return int(given if given is not None else ATTACKS["apgd-eot"].defaults["eot_iter"])
 
 
 # --- check 6: loss surface --------------------------------------------------------------------------------

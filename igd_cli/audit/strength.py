@@ -1,6 +1,7 @@
 """Checks on attack strength, all on the audited model: black-box vs white-box (check 2, Table 9), stronger
 AutoAttack (check 3, Table 9), more steps (check 4, Fig. 7C) and larger budgets (check 5, Table 10). Every
-robust accuracy of a randomized model is the repeated-draw score (mean ± std over draws).
+robust accuracy of a randomized model is the repeated-draw score (mean ± std over draws); every comparison is a
+paired per-image test (:mod:`.thresholds`).
 
 Example::
 
@@ -10,12 +11,13 @@ Example::
 
 from __future__ import annotations
 
-from ..scoring import Score, final_of_selected
-from .context import Audit, Cell, margin
+from ..scoring import final_of_selected
+from .context import Audit, Cell, paired, per_image_test
 from .result import CheckResult
-from .thresholds import THRESHOLDS
 
 BLACKBOX = ("square", "rays")
+#: standard AutoAttack's targeted APGD (APGD-T, DLR loss): the stronger AutoAttack strengthens it like every APGD
+APGD_T = "apgd-t-dlr"
 
 
 def _cells(cells: dict[str, Cell]) -> dict[str, dict]:
@@ -27,44 +29,45 @@ def blackbox_vs_whitebox(audit: Audit) -> CheckResult:
     white_names = [audit.whitebox()] + ([] if audit.randomized else ["apgd-t-dlr"])
     white = audit.robust(white_names)
     black = {a: audit.robust([a]) for a in BLACKBOX}
-    worst_name = min(black, key=lambda a: black[a].mean)
-    m = margin("blackbox_margin", white, black[worst_name])
-    bad = white.mean - black[worst_name].mean > m
+    tests = {a: paired(white, c, "blackbox_margin") for a, c in black.items()}
+    worst_name = max(tests, key=lambda a: tests[a].estimate)
+    test = tests[worst_name]
+    bad = any(t.flag for t in tests.values())
     text = (f"white box ({' + '.join(white_names)}) {white.text()}; "
-            + "; ".join(f"{a} {c.text()}" for a, c in black.items()))
-    meaning = (f"{worst_name} (no gradients) beats the white-box attacks by {100 * (white.mean - black[worst_name].mean):.1f} "
-               "points: the gradients mislead the attacker (masked gradients)") if bad else \
-        "the white-box attacks are at least as strong as the black-box ones: gradients are useful"
+            + "; ".join(f"{a} {c.text()}" for a, c in black.items())
+            + f"; white − {worst_name} {test.text()}")
+    meaning = (f"{worst_name} (no gradients) beats the white-box attacks by {test.text()}: the gradients mislead "
+               "the attacker (masked gradients)") if bad else \
+        "the black-box attacks are not shown to beat the white-box ones: gradients are useful"
     figures = {"whitebox_attacks": white_names, "whitebox": white.to_json(), "blackbox": _cells(black),
-               "margin": m}
+               "tests": {a: t.to_json() for a, t in tests.items()}}
     return CheckResult(2, "black box vs white box", "flag" if bad else "ok", figures, text, meaning)
 
 
 def stronger_autoattack(audit: Audit) -> CheckResult:
-    """Check 3: the paper's stronger AutoAttack (APGD 200 steps × 10 restarts, FAB-T 10 restarts, Square 5
-    restarts; scaled down by the quick preset) must not fall far below standard AutoAttack."""
+    """Check 3: the paper's stronger AutoAttack (every APGD — the white-box one and APGD-T — 200 steps × 10
+    restarts, FAB-T 10 restarts, Square 5 restarts; scaled down by the quick preset) must not fall far below
+    standard AutoAttack."""
     st = audit.preset["stronger"]
+    wb = audit.whitebox()
+    apgd = {"steps": st["steps"], "restarts": st["restarts"]}
+    runs = {wb: apgd, APGD_T: apgd, "fab-t": {"restarts": st["fab_restarts"]},
+            "square": {"restarts": st["square_restarts"]}}
     standard = audit.robust(["aa"])
-    parts = {
-        audit.whitebox(): audit.robust([audit.whitebox()], steps=st["steps"], restarts=st["restarts"]),
-        "fab-t": audit.robust(["fab-t"], restarts=st["fab_restarts"]),
-        "square": audit.robust(["square"], restarts=st["square_restarts"]),
-    }
-    # the stronger AutoAttack's image-wise worst case: standard AA and the three stronger attacks
+    parts = {a: audit.robust([a], **b) for a, b in runs.items()}
+    # the stronger AutoAttack's image-wise worst case: standard AA and the four stronger attacks
     clean, aa = audit.bits("aa")
-    cands = [clean, aa, audit.bits(audit.whitebox(), steps=st["steps"], restarts=st["restarts"])[1],
-             audit.bits("fab-t", restarts=st["fab_restarts"])[1],
-             audit.bits("square", restarts=st["square_restarts"])[1]]
-    stronger = Cell(Score.of(final_of_selected(cands)))
-    m = margin("stronger_aa_drop", standard, stronger)
-    bad = standard.mean - stronger.mean > m
-    text = (f"AA {standard.text()}; stronger AA {stronger.text()} ({audit.whitebox()} {st['steps'] or 'paper'} steps × "
-            f"{st['restarts']} restarts, FAB-T × {st['fab_restarts']}, Square × {st['square_restarts']})")
-    meaning = (f"more restarts and steps remove {100 * (standard.mean - stronger.mean):.1f} more points: standard "
-               "AutoAttack overestimates the robustness") if bad else \
-        "more restarts and steps change little: standard AutoAttack's figure holds"
+    stronger = Cell.of(final_of_selected([clean, aa] + [audit.bits(a, **b)[1] for a, b in runs.items()]))
+    test = paired(standard, stronger, "stronger_aa_drop")
+    bad = test.flag
+    text = (f"AA {standard.text()}; stronger AA {stronger.text()} ({wb} and {APGD_T} {st['steps'] or 'paper'} "
+            f"steps × {st['restarts']} restarts, FAB-T × {st['fab_restarts']}, Square × {st['square_restarts']}); "
+            f"drop {test.text()}")
+    meaning = (f"more restarts and steps remove {test.text()}: standard AutoAttack overestimates the "
+               "robustness") if bad else \
+        "more restarts and steps are not shown to remove more than the margin: standard AutoAttack's figure holds"
     figures = {"aa": standard.to_json(), "stronger_aa": stronger.to_json(), "parts": _cells(parts),
-               "budgets": dict(st), "margin": m}
+               "budgets": dict(st), "test": test.to_json()}
     return CheckResult(3, "stronger AutoAttack", "flag" if bad else "ok", figures, text, meaning)
 
 
@@ -75,14 +78,16 @@ def attack_steps(audit: Audit) -> CheckResult:
     curve: list[tuple[str, int, Cell]] = [("fgsm", 1, audit.robust(["fgsm"]))]
     for s in audit.preset["steps_curve"]:
         curve.append((f"{wb}-{s}", int(s), audit.robust([wb], steps=int(s), restarts=1)))
-    rises = [(curve[i][0], curve[i + 1][0], curve[i + 1][2].mean - curve[i][2].mean) for i in range(len(curve) - 1)
-             if curve[i + 1][2].mean - curve[i][2].mean > margin("steps_rise", curve[i][2], curve[i + 1][2])]
+    tests = [(curve[i][0], curve[i + 1][0], paired(curve[i + 1][2], curve[i][2], "steps_rise"))
+             for i in range(len(curve) - 1)]
+    rises = [(a, b, t) for a, b, t in tests if t.flag]
     text = " → ".join(f"{name} {c.text()}" for name, _, c in curve)
-    meaning = ("robust accuracy rises with more steps (" + ", ".join(f"{a} → {b}: +{100 * d:.1f}" for a, b, d in rises)
-               + " points): the iterations get lost, a sign of masked or noisy gradients") if rises else \
-        "more steps never help the model: the attack converges as on an honest model"
+    meaning = ("robust accuracy rises with more steps (" + ", ".join(f"{a} → {b}: {t.text()}" for a, b, t in rises)
+               + "): the iterations get lost, a sign of masked or noisy gradients") if rises else \
+        "more steps are not shown to help the model: the attack converges as on an honest model"
     figures = {"curve": [{"attack": n, "steps": s, **c.to_json()} for n, s, c in curve],
-               "rises": [{"from": a, "to": b, "rise": d} for a, b, d in rises]}
+               "tests": [{"from": a, "to": b, **t.to_json()} for a, b, t in tests],
+               "rises": [{"from": a, "to": b, "rise": t.estimate} for a, b, t in rises]}
     return CheckResult(4, "attack steps (Fig. 7C)", "flag" if rises else "ok", figures, text, meaning)
 
 
@@ -90,19 +95,24 @@ def attack_budget(audit: Audit) -> CheckResult:
     """Check 5 (Table 10): AutoAttack at ε, 2ε, 4ε: robust accuracy must fall and be near zero at the largest."""
     factors = list(audit.preset["budget_factors"])
     curve = [(f, audit.robust(["aa"], eps_factor=float(f))) for f in factors]
-    rises = [(curve[i][0], curve[i + 1][0], curve[i + 1][1].mean - curve[i][1].mean) for i in range(len(curve) - 1)
-             if curve[i + 1][1].mean - curve[i][1].mean > margin("budget_rise", curve[i][1], curve[i + 1][1])]
+    tests = [(curve[i][0], curve[i + 1][0], paired(curve[i + 1][1], curve[i][1], "budget_rise"))
+             for i in range(len(curve) - 1)]
+    rises = [(a, b, t) for a, b, t in tests if t.flag]
     last = curve[-1][1]
-    high = last.mean > THRESHOLDS["budget_near_zero"]
+    near = per_image_test(last.per_image, "budget_near_zero")
+    high = near.flag
     text = " → ".join(f"{f}ε={f * audit.eps:.4g}: {c.text()}" for f, c in curve)
     problems = []
     if rises:
-        problems.append("accuracy rises with the budget")
+        problems.append("accuracy rises with the budget (" + ", ".join(f"{a}ε → {b}ε: {t.text()}"
+                                                                       for a, b, t in rises) + ")")
     if high:
-        problems.append(f"{100 * last.mean:.1f} % survive {factors[-1]}ε (an attack with that budget must win)")
+        problems.append(f"{100 * last.mean:.1f} ± {100 * near.se:.1f} % survive {factors[-1]}ε (an attack with "
+                        "that budget must win)")
     meaning = ("; ".join(problems) + ": the attack cannot use its budget, a sign of masked gradients") if problems \
         else "larger budgets break the model, down to near zero: the attack uses its budget"
     figures = {"curve": [{"factor": f, "eps": f * audit.eps, **c.to_json()} for f, c in curve],
-               "rises": [{"from": a, "to": b, "rise": d} for a, b, d in rises],
-               "near_zero": THRESHOLDS["budget_near_zero"]}
+               "tests": [{"from": a, "to": b, **t.to_json()} for a, b, t in tests],
+               "rises": [{"from": a, "to": b, "rise": t.estimate} for a, b, t in rises],
+               "near_zero": near.to_json()}
     return CheckResult(5, "budget (Table 10)", "flag" if problems else "ok", figures, text, meaning)

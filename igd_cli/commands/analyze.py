@@ -85,7 +85,8 @@ def _render_shift(r: dict[str, Any]) -> None:
     a = r["attack"]
     out_console.print(rich_table(
         f"activation shift at {r['layer']} (top-{r['k']} of {r['ranking']}, {r['n_unimportant']} of "
-        f"{r['n_neurons']} neurons unimportant), PGD-{a['steps']} ε={a['eps']:.4g}, {r['n_images']} images "
+        f"{r['n_neurons']} neurons unimportant), PGD-{a['steps']} at argmax loss (δ*, Eq. 1) ε={a['eps']:.4g}, "
+        f"{r['n_images']} images "
         f"({r['clean_wrong']} misclassified clean, left out)", shift_cells(r)))
     out_console.print(f"base model: clean {100 * a['clean_accuracy']:.2f}%, PGD {100 * a['robust_accuracy']:.2f}%; "
                       f"% change = 100 · Σ(adv − clean) / Σ|clean| of the group's mean activation. "

@@ -14,9 +14,9 @@ from ..common import check_classes, open_target, parse_eps
 from ..defense import load_defense
 from ..errors import IgdError
 from ..evaluate import default_workdir
-from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Draws, Eps, Json, Model, Normalize, Seed,
-                       ZooDataset)
-from ..scoring import DEFAULT_DRAWS
+from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Draws, Eps, Json, Model, Normalize, ProtocolOpt,
+                       Seed, ZooDataset)
+from ..scoring import DEFAULT_DRAWS, check_protocol
 
 
 @app.command("audit", short_help="the gradient-masking and randomness checklist, judged")
@@ -36,7 +36,7 @@ def audit_cmd(
     split: Annotated[str, typer.Option("--split", help="data split to audit on")] = "test",
     workdir: Annotated[Optional[Path], typer.Option("--workdir", help="where attack sets are kept and reused, e.g. "
                                                     "a pipeline's RUN/adv (default: $IGD_HOME/adv/<fingerprint>)")] = None,
-    draws: Draws = DEFAULT_DRAWS,
+    draws: Draws = DEFAULT_DRAWS, protocol: ProtocolOpt = "draws",
     batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto",
     as_json: Json = False,
 ) -> None:
@@ -44,9 +44,11 @@ def audit_cmd(
     box vs white box, stronger AutoAttack, steps, budget, loss surface, transfer vs direct, frozen noise, does
     the mask act, smoothing alone) and prints one table: figures and verdict (ok / flag) per check.
 
-    A randomized defence is scored by repeated draws (mean ± std over --draws draws). Exit code 0 whatever the
-    verdicts.
+    A randomized defence is scored by repeated draws (mean ± std over --draws draws; --protocol single-draw
+    scores one draw, which check 1 flags). Every comparison is a paired per-image test (docs/audit.md). Exit code
+    0 whatever the verdicts.
     """
+    check_protocol(protocol, draws)
     if preset not in PRESETS:
         raise IgdError(f"--preset {preset}: expected {' or '.join(PRESETS)}")
     wanted = parse_checks(checks)
@@ -62,7 +64,7 @@ def audit_cmd(
     check_classes(target, data)
     audit = Audit(target, data, eps=eps_v if eps_v is not None else target.default_eps("the audit's attacks"),
                   preset=preset, defense=defense, mask_path=mask, workdir=workdir or default_workdir(target),
-                  seed=seed, batch_size=batch_size, draws=draws)
+                  seed=seed, batch_size=batch_size, draws=draws, protocol=protocol)
     emit(run_audit(audit, wanted, plot_dir), as_json, render_audit)
 
 

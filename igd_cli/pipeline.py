@@ -57,7 +57,7 @@ class Piece:
     ``pieces/``, transfer sets into ``adv/shard-I-of-N/``, evaluation reports into ``pieces/``); a run without
     ``--piece`` then merges complete pieces it finds and reuses them, so its figures are those of one plain run."""
 
-    stage: Literal["rank", "calibrate", "transfer", "defend"]
+    stage: Literal["rank", "calibrate", "transfer", "defend", "merge"]
     start: int = 0
     stop: int = 0
     index: int = 0
@@ -65,19 +65,21 @@ class Piece:
 
     @property
     def name(self) -> str:
-        if self.stage == "rank":
+        if self.stage == "rank" and self.stop:
             return f"rank-{self.start}-{self.stop}"
-        return self.stage if self.stage == "calibrate" else f"{self.stage}-{self.index}-of-{self.count}"
+        return self.stage if self.stage in ("rank", "calibrate", "merge") else f"{self.stage}-{self.index}-of-{self.count}"
 
 
 def parse_piece(text: str | None) -> Piece | None:
-    """``--piece rank:A:B | calibrate | transfer:I/N | defend:I/N`` (None: the whole run)."""
+    """``--piece rank:A:B | rank | calibrate | transfer:I/N | defend:I/N | merge`` (None: the whole run). ``rank``
+    alone: the whole ranking (merging its pieces) and stop; ``merge``: join the defended-evaluation pieces into
+    the run's report, failing in one line when one is missing or corrupted."""
     if text is None:
         return None
     stage, _, rest = text.strip().partition(":")
     try:
-        if stage == "calibrate" and not rest:
-            return Piece("calibrate")
+        if stage in ("calibrate", "rank", "merge") and not rest:
+            return Piece(stage)
         if stage == "rank":
             a, b = (int(v) for v in rest.split(":"))
             if 0 <= a < b:
@@ -88,7 +90,7 @@ def parse_piece(text: str | None) -> Piece | None:
                 return Piece(stage, index=i, count=n)
     except ValueError:
         pass
-    raise IgdError(f"--piece {text}: expected rank:A:B, calibrate, transfer:I/N or defend:I/N")
+    raise IgdError(f"--piece {text}: expected rank:A:B, rank, calibrate, transfer:I/N, defend:I/N or merge")
 
 
 @dataclass
@@ -203,7 +205,7 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
                           batch_size=cfg.batch_size, seed=cfg.seed, clip_model=cfg.clip_model,
                           clip_pretrained=cfg.clip_pretrained, clip_cache=out / "clip-cache.safetensors",
                           show_progress=show)
-        if piece is not None and piece.stage == "rank":
+        if piece is not None and piece.stage == "rank" and piece.stop:
             if len(wanted) > 1:
                 raise IgdError("--piece rank:A:B: rank pieces cover one masked layer (give one --layer)")
             if piece.stop > n_neurons:
@@ -212,7 +214,8 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
             part = rank(req, method.name, target.provenance(), shard_path(out / "pieces" / importance.name,
                                                                           piece.start, piece.stop),
                         force=force, shard=True)
-            return {"piece": piece.name, "out": str(part.out), "skipped": part.skipped}
+            return {"piece": piece.name, "out": str(part.out), "skipped": part.skipped,
+                    "neurons": [piece.start, piece.stop]}
         _say(f"[1/4] rank: {method.name} at {layer} on {probe.wording()}")
         if not force:
             merge_rank_pieces(out / "pieces", importance, rank_meta(target.provenance(), req, method))
@@ -223,6 +226,8 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
         sizes[layer] = n_neurons
         importances.append(importance)
     check_layers(target.model, layers)
+    if piece is not None and piece.stage == "rank":  # the whole ranking, merged from its pieces
+        return {"piece": piece.name, "out": [str(p) for p in importances], "stages": dict(stages)}
     one = len(layers) == 1
     slug = "+".join(layer.replace(".", "-") for layer in layers)
 
@@ -256,7 +261,10 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
                "data": data.identity(), "eps": eps, "norm": norm, "budgets": asdict(cfg.budgets), "seed": cfg.seed,
                "revisions": attack_revisions(cfg.attack), "pyautoattack": PYAUTOATTACK_VERSION,
                "model_fingerprint": target.loaded.fingerprint, "protocol": cfg.protocol, "draws": cfg.draws}
-    if piece is not None:  # transfer:I/N or defend:I/N
+    if piece is not None and piece.stage == "merge":
+        merge_eval_pieces(out / "pieces", report, eval_id, strict=True)
+        return {"piece": piece.name, "out": str(report)}
+    if piece is not None:  # defend:I/N
         return _run_eval_piece(piece, target, cfg, data, defense, ident, eval_id, report, adv_dir, eps, norm, show)
     if not force:
         merge_eval_pieces(out / "pieces", report, eval_id)
@@ -307,12 +315,19 @@ def _run_eval_piece(piece: Piece, target: Target, cfg: PipelineConfig, data: Ima
     if piece.stage == "transfer":
         evaluate_defense(target, None, data, **kw)
         return {"piece": piece.name, "out": str(workdir), "positions": [int(positions[0]), int(positions[-1]) + 1]}
-    res = evaluate_defense(target, defense, data, defense_meta=ident, protocol=cfg.protocol, draws=cfg.draws, **kw)
     path = report.parent / "pieces" / f"{report.stem}.shard-{piece.index}-of-{piece.count}{report.suffix}"
+    span = [int(positions[0]), int(positions[-1]) + 1]
+    if path.exists():
+        if _matching_meta(path, "eval-report", eval_id) is not None:  # finished before: not recomputed
+            return {"piece": piece.name, "out": str(path), "positions": span, "skipped": True}
+        if not intact(path):  # written atomically, so only something outside igd can have damaged it: say so
+            raise IgdError(f"{path}: corrupted (unreadable, or its tensors do not match their digest): remove it "
+                           f"and rerun this piece")
+    res = evaluate_defense(target, defense, data, defense_meta=ident, protocol=cfg.protocol, draws=cfg.draws, **kw)
     res.save(path, {**target.provenance(), **ident, "pipeline_identity": eval_id, "eval_identity": eval_id,
                     "data": {"dataset": data.name, "split": data.split, "n": n},
                     "shard": [piece.index, piece.count], "positions": [int(positions[0]), int(positions[-1]) + 1]})
-    return {"piece": piece.name, "out": str(path), "positions": [int(positions[0]), int(positions[-1]) + 1]}
+    return {"piece": piece.name, "out": str(path), "positions": span, "skipped": False}
 
 
 def merge_rank_pieces(folder: Path, importance: Path, meta: dict[str, Any]) -> bool:
@@ -341,30 +356,48 @@ def merge_rank_pieces(folder: Path, importance: Path, meta: dict[str, Any]) -> b
     return True
 
 
-def merge_eval_pieces(folder: Path, report: Path, eval_id: dict[str, Any]) -> bool:
+def merge_eval_pieces(folder: Path, report: Path, eval_id: dict[str, Any], strict: bool = False) -> bool:
     """Merge the defended-evaluation pieces in ``folder`` into ``report`` when they belong to this evaluation
-    (``eval_id``) and together hold every image once; nothing otherwise."""
+    (``eval_id``) and together hold every image once; nothing otherwise, or (``strict``) one error line naming
+    what is missing or corrupted."""
     from .artifacts import load_artifact
     from .eval_shards import merge_reports
 
-    if not folder.is_dir() or _matching_meta(report, "eval-report", eval_id) is not None:
+    if not strict and (not folder.is_dir() or _matching_meta(report, "eval-report", eval_id) is not None):
         return False
+    if strict and _matching_meta(report, "eval-report", eval_id) is not None:
+        return False  # already merged
     want = json.loads(json.dumps(eval_id))
     groups: dict[int, list[Path]] = {}
-    for path in sorted(folder.glob(f"{report.stem}.shard-*-of-*{report.suffix}")):
+    pattern = f"{report.stem}.shard-*-of-*{report.suffix}"
+    for path in sorted(folder.glob(pattern)) if folder.is_dir() else []:
         try:
             have = read_metadata(path)
         except IgdError:
+            if strict:
+                raise IgdError(f"{path}: not a readable evaluation piece (corrupted?): remove it and rerun its "
+                               f"piece") from None
             continue
-        if have.get("kind") == "eval-report" and have.get("pipeline_identity") == want and intact(path):
+        if have.get("kind") == "eval-report" and have.get("pipeline_identity") == want:
+            if not intact(path):
+                if strict:
+                    raise IgdError(f"{path}: corrupted (its tensors do not match their digest): remove it and "
+                                   f"rerun its piece")
+                continue
             groups.setdefault(int(have["shard"][1]), []).append(path)
     for count, paths in groups.items():
         if len(paths) == count:
             try:
                 merge_reports([load_artifact(p, kind="eval-report") for p in paths], report)
             except IgdError:
-                continue
+                if strict:
+                    raise
+                continue  # the plain run computes the evaluation itself
             return True
+    if strict:
+        have = ", ".join(f"{len(p)} of {c}" for c, p in groups.items()) or "none"
+        raise IgdError(f"{folder}: the defended-evaluation pieces of this run are incomplete ({have} found, as "
+                       f"{pattern}): run the missing defend:I/N pieces")
     return False
 
 

@@ -30,9 +30,11 @@ RANK = ["--n-probe", "120", "--batch-size", "64"]
 CHAIN = [*RANK, "--n-examples", "9", "--attack", "aa", "--steps", "2", "--queries", "20", "--draws", "3"]
 #: the local node has 2 CPUs: ask for one per task so that two tasks run at once
 RESOURCES = ["--cpus-per-task", "1", "--mem", "1G", "--time", "00:10:00"]
-FIGURES = ("n_examples", "clean_accuracy", "base_clean_accuracy", "robust_accuracy", "base_robust_accuracy",
-           "robust_accuracy_std", "worst_case", "worst_case_std", "worst_case_majority", "worst_case_all_draws",
-           "draws", "protocol", "eps", "k", "layer", "n_neurons")
+FIGURES = ("n_examples", "clean_accuracy", "clean_accuracy_std", "base_clean_accuracy", "robust_accuracy",
+           "base_robust_accuracy", "robust_accuracy_std", "worst_case", "worst_case_std", "worst_case_majority",
+           "worst_case_all_draws", "base_worst_case", "draws", "protocol", "randomized", "measured_on_survivors",
+           "eps", "mode", "k", "layer", "n_neurons", "calibration", "probe", "preset", "budgets")
+PIECES = "pieces"  # where the pieces of a run go (igd pipeline --piece)
 
 
 class Cluster:
@@ -120,7 +122,12 @@ def _until(path: Path, timeout: float = 300) -> None:
 
 
 def _importance(run: Path) -> torch.Tensor:
-    return load_artifact(run / "importance.safetensors", kind="importance")["importance"]
+    (path,) = run.glob("importance-*.safetensors")
+    return load_artifact(path, kind="importance")["importance"]
+
+
+def _rank_piece(run: Path, a: int, b: int) -> Path:
+    return run / PIECES / f"importance-lo-ir-block3.{a:05d}-{b:05d}.safetensors"
 
 
 def test_sharded_ranking_equals_the_unsharded_ranking(cluster, reference, tmp_path):
@@ -147,17 +154,17 @@ def test_scancel_of_a_running_task_then_a_rerun(cluster, reference, tmp_path):
     assert r.returncode == 0, r.stderr
     _until(Path(f"{gate}.started.0"))  # task 1 is running (held at the gate)
     rank_job = _jobs(run)["rank"]
-    shard = run / "shards" / "importance"
-    _until(shard / "importance.0-of-3.safetensors")
-    _until(shard / "importance.2-of-3.safetensors")
+    shard = run / PIECES
+    _until(_rank_piece(run, 0, 42))
+    _until(_rank_piece(run, 85, 128))
     cluster.scancel(f"{rank_job}_1")
     w = cluster.wait(run)
     assert w.returncode == 1
     err = w.stderr.strip().splitlines()
     assert any(f"igd-rank-run (job {rank_job}, array task 1) CANCELLED" in line for line in err), w.stderr
     assert any(line.startswith("error: igd-merge-importance-run") and "never ran" in line for line in err), w.stderr
-    assert not (run / "importance.safetensors").exists()  # the merge never ran
-    assert not (shard / "importance.1-of-3.safetensors").exists()
+    assert not list(run.glob("importance-*.safetensors"))  # the merge never ran
+    assert not _rank_piece(run, 42, 85).exists()
     done = {p.name: p.stat().st_mtime_ns for p in shard.iterdir()}
     gate.with_name(gate.name + ".open").touch()
     r = cluster.submit(run, "--until", "rank", "--", *RANK)
@@ -215,17 +222,19 @@ def test_whole_route_equals_igd_pipeline_and_a_failing_task_stops_its_dependents
         assert got[key] == expected[key], key
     pipe = {a.meta["kind"]: a for a in (load_artifact(p) for p in pipe_run.glob("*.safetensors"))}
     assert torch.equal(_importance(run), pipe["importance"]["importance"])
-    assert torch.equal(load_artifact(run / "mask.safetensors")["mask"], pipe["mask"]["mask"])
+    (mask,) = run.glob("mask-*.safetensors")
+    assert torch.equal(load_artifact(mask)["mask"], pipe["mask"]["mask"])
 
-    # fault: a corrupt evaluation shard -> its merge fails, the final step never runs, --wait names the job
+    # fault: a corrupt evaluation shard -> its task fails, the merge and the final step never run, --wait names them
     first = (run / "result.json").read_text()
-    bad = run / "shards" / "eval" / "eval.1-of-3.safetensors"
+    (bad,) = (run / PIECES).glob("eval-aa-*.shard-1-of-3.safetensors")
     bad.write_bytes(b"\x00 not a safetensors file")
     (run / "result.json").unlink()
     r = cluster.submit(run, "--", *CHAIN, timeout=900)
     assert r.returncode == 1
     jobs = _jobs(run)
-    assert f"error: igd-merge-eval-run (job {jobs['merge-eval']}) FAILED (exit 2:0)" in r.stderr, r.stderr
+    assert f"error: igd-evaluate-run (job {jobs['evaluate']}, array task 1) FAILED (exit 2:0)" in r.stderr, r.stderr
+    assert f"error: igd-merge-eval-run (job {jobs['merge-eval']}) never ran" in r.stderr, r.stderr
     assert f"error: igd-result-run (job {jobs['result']}) never ran" in r.stderr, r.stderr
     assert not (run / "result.json").exists()
     # remove the fault: the re-run recomputes that shard only and gives the same result

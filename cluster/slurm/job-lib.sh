@@ -14,17 +14,10 @@ step_args() {
 # say MESSAGE: one line on stderr (the task's log) with the time and the task
 say() { echo "[$(date -u +%FT%TZ) ${SLURM_JOB_NAME:-job} ${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-}}_${SLURM_ARRAY_TASK_ID:-}] $*" >&2; }
 
-# done_already FILE: a finished shard is never recomputed. Every igd artifact is written atomically (temporary
-# file + rename), so an existing file is complete; plan.py binds the run folder to one set of options, so it is
-# this run's. Prints the skip record on stdout (the JSON lines of the log) and succeeds when FILE exists.
-done_already() {
-  if [ -s "$1" ]; then
-    printf '{"out": "%s", "skipped": true}\n' "$1"
-    say "skipped: $1 exists (finished earlier)"
-    return 0
-  fi
-  return 1
+# piece PIECE: igd pipeline with the run's options on the run folder, computing PIECE only (its --json line goes to
+# the task's log: a finished piece says "skipped": true)
+piece() {
+  step_args pipeline
+  say "igd pipeline --piece $1"
+  igd pipeline "${ARGS[@]}" --out "$IGD_RUN" --piece "$1" --json
 }
-
-# shard_tag I: the file tag of shard I of IGD_SHARDS
-shard_tag() { echo "$1-of-$IGD_SHARDS"; }

@@ -4,14 +4,16 @@
 #   cluster/slurm/submit.sh RUN_DIR --shards N [--wait] [--until STEP] [--time T] [--mem M] [--cpus-per-task C]
 #                           [--gres G] [--sbatch-args "..."] -- <igd pipeline options>
 #
-#   rank (array of N over the layer's neurons) ─> merge importance ─> calibrate-k ─┐
-#   attack (array of N over the images: transfer sets on the base model) ─> merge ─┴> evaluate (array of N over
-#   the images: defend-eval --shard --report) ─> merge reports ─> result (THE FINAL STEP: RUN_DIR/result.json)
+#   rank (array over the layer's neurons) ─> merge-importance ─> calibrate ──────────┐
+#   attack (array over the images: the transfer sets on the base model) ─────────────┴> evaluate (array over the
+#   images: the defended evaluation) ─> merge-eval ─> result (THE FINAL STEP: RUN_DIR/result.json)
 #
-# Every job reads its igd options from RUN_DIR/cluster/*.args (plan.py, from the pipeline options), writes its
-# artifact atomically, and skips what is already done, so re-running the driver on the same RUN_DIR resumes: a
-# finished shard is not recomputed. --until rank|calibrate|attack|evaluate stops after that step's merge.
-# --wait blocks until the last job ends; it exits 1 naming every job that did not complete.
+# Every job runs `igd pipeline <the same options> --out RUN_DIR --piece PIECE` (rank:A:B, rank, calibrate,
+# transfer:I/N, defend:I/N, merge), and the final job the plain `igd pipeline <options> --out RUN_DIR --json`, which
+# reuses every merged piece: RUN_DIR/result.json is the object igd pipeline prints, every figure equal. A piece
+# writes its artifact atomically and a finished piece is skipped, so re-running the driver on the same RUN_DIR
+# resumes. --until rank|calibrate|attack|evaluate stops after that step. --wait blocks until the last job ends; it
+# exits 1 naming every job that did not complete.
 # Resource options apply to every job (each script's #SBATCH lines are the defaults); --sbatch-args (partition,
 # account, QOS, ...) is added to every sbatch. IGD_ACTIVATE (a shell line, e.g. "source ~/igd-env/bin/activate")
 # runs at the top of every job before igd is called.
@@ -46,13 +48,12 @@ run=$(cd "$run" && pwd)
 # 1. the plan: igd pipeline's options -> per-step igd options, layer and neuron count (fails here, not in a job)
 plan=$(python3 "$here/plan.py" "$run" "$shards" -- "$@") || exit $?
 field() { python3 -c 'import json,sys; v=json.loads(sys.argv[1])[sys.argv[2]]; print(" ".join(v) if isinstance(v, list) else v)' "$plan" "$1"; }
-rank_shards=$(field rank_shards) n_neurons=$(field n_neurons) transfer=$(field transfer)
+rank_shards=$(field rank_shards) n_neurons=$(field n_neurons)
 tag=$(basename "$run")
 
 # 2. submit: every job gets the run's environment, its name, a log per task in RUN_DIR/logs, and (for a job with
 # a dependency) --kill-on-invalid-dep so that a failed predecessor cancels it instead of leaving it pending
-export IGD_RUN=$run IGD_SHARDS=$shards IGD_RANK_SHARDS=$rank_shards IGD_N_NEURONS=$n_neurons \
-  IGD_TRANSFER="$transfer" IGD_SLURM_DIR=$here
+export IGD_RUN=$run IGD_SHARDS=$shards IGD_RANK_SHARDS=$rank_shards IGD_N_NEURONS=$n_neurons IGD_SLURM_DIR=$here
 read -r -a extra_args <<<"$extra"
 jobs_file=$run/cluster/jobs.tsv
 : >"$jobs_file"
@@ -68,21 +69,21 @@ submit() {  # submit NAME DEPENDENCY ARRAY SCRIPT [SCRIPT ARGS...] -> prints the
   printf '%s\t%s\n' "igd-$name-$tag" "$id" >>"$jobs_file"
   echo "$id"
 }
-last=
-rank=$(submit rank "" "0-$((rank_shards - 1))" rank.sbatch)
+last= rank=
+if [ "$rank_shards" -gt 0 ]; then rank=$(submit rank "" "0-$((rank_shards - 1))" rank.sbatch); fi
 merge_imp=$(submit merge-importance "$rank" "" merge.sbatch importance); last=$merge_imp
 if [ "$until" != rank ]; then
   calibrate=$(submit calibrate "$merge_imp" "" calibrate.sbatch); last=$calibrate
 fi
 before_eval=$last
-if [ -n "$transfer" ] && { [ "$until" = attack ] || [ "$until" = evaluate ]; }; then  # iw-wc: transfer sets
+if [ "$until" = attack ] || [ "$until" = evaluate ]; then  # the transfer sets need no ranking: from the start
   attack=$(submit attack "" "0-$((shards - 1))" attack.sbatch)
-  merge_adv=$(submit merge-adv "$attack" "" merge.sbatch adv); last="$calibrate:$merge_adv"; before_eval=$last
+  last="$calibrate:$attack"; before_eval=$last
 fi
 if [ "$until" = evaluate ]; then
   evaluate=$(submit evaluate "$before_eval" "0-$((shards - 1))" evaluate.sbatch)
   merge_eval=$(submit merge-eval "$evaluate" "" merge.sbatch eval)
-  # 3. THE FINAL STEP: RUN_DIR/result.json (result.sbatch is the one place that composes the result)
+  # 3. THE FINAL STEP: RUN_DIR/result.json, the object `igd pipeline <options> --json` prints
   rm -f "$run/result.json"
   last=$(submit result "$merge_eval" "" result.sbatch)
 fi

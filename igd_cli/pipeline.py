@@ -21,7 +21,7 @@ from .data import ImageSet, load_dataset, same_images
 from .console import err_console, progress_enabled
 from .defense import check_layers, load_defense
 from .errors import IgdError
-from .evaluate import Budgets, EvalResult, defense_identity, evaluate_defense
+from .evaluate import Budgets, EvalResult, adaptive_temperature, defense_identity, evaluate_defense
 from .ranking import RankRequest, get_method, rank
 from .scoring import DEFAULT_DRAWS
 
@@ -66,6 +66,7 @@ class PipelineConfig:
     seed: int = 0
     protocol: str = "draws"  # how a randomized defence is scored (igd_cli.scoring)
     draws: int = DEFAULT_DRAWS
+    bpda_temperature: float | None = None  # the adaptive attack's, IW-WC's tenth column (None: its default)
 
 
 @dataclass
@@ -89,7 +90,8 @@ class PipelineResult:
         keys = ("n_examples", "defended", "clean_accuracy", "clean_accuracy_std", "base_clean_accuracy",
                 "robust_accuracy", "robust_accuracy_std", "base_robust_accuracy", "worst_case", "worst_case_std",
                 "worst_case_majority", "worst_case_all_draws", "base_worst_case", "draws", "protocol", "randomized",
-                "measured_on_survivors", "eps", "mode")
+                "measured_on_survivors", "eps", "mode", "iw_wc_paper", "iw_wc_paper_std", "iw_wc_paper_majority",
+                "iw_wc_paper_all_draws", "beyond_paper")
         return {
             **{k: ev.get(k) for k in keys},
             "k": self.k, "n_neurons": self.n_neurons, "layer": self.layer,
@@ -173,6 +175,8 @@ def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_d
     eval_id = {"mask_sha256": ident["mask_sha256"], "attack": cfg.attack, "n_examples": len(data),
                "eps": cfg.eps, "budgets": asdict(cfg.budgets), "seed": cfg.seed, "dataset": data.name,
                "model_fingerprint": target.loaded.fingerprint, "protocol": cfg.protocol, "draws": cfg.draws}
+    if cfg.attack == "iw-wc":  # its tenth column, the adaptive attack (beyond the paper)
+        eval_id["bpda_temperature"] = adaptive_temperature(cfg.bpda_temperature)
     evaluation = None if force else _reusable_report(report, eval_id)
     if evaluation is not None:
         stages["transfer"] = stages["defend-eval"] = "reused"
@@ -191,7 +195,8 @@ def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_d
         res: EvalResult = evaluate_defense(target, defense, data, attack=cfg.attack, workdir=adv_dir,
                                            budgets=cfg.budgets, eps=cfg.eps, seed=cfg.seed,
                                            batch_size=cfg.batch_size, defense_meta=ident, show_progress=show,
-                                           on_set=on_set, protocol=cfg.protocol, draws=cfg.draws)
+                                           on_set=on_set, protocol=cfg.protocol, draws=cfg.draws,
+                                           bpda_temperature=cfg.bpda_temperature)
         stages["defend-eval"] = "computed"
         evaluation = res.to_json()
         res.save(report, {**target.provenance(), **ident, "pipeline_identity": eval_id,

@@ -1,0 +1,129 @@
+"""The adaptive attack (issue 22, docs/adaptive.md) against the paper's nine IW-WC columns.
+
+Two measurements, written to ``--out`` (JSON, rewritten after each part):
+
+1. ``--sweep``: the adaptive attack alone at each BPDA temperature T (first ``--sweep-n`` images), its robust
+   accuracy (mean ± std over the draws of igd's repeated-draw scoring) and seconds;
+2. IW-WC with ``--no-skip`` (every column its own accuracy) and the adaptive column at ``--temperature``
+   (default: the sweep's strongest T): the adaptive column against each of the nine, IW-WC over the nine vs
+   the ten, and the wall-time ratio adaptive / nine (the attacks' own seconds, from their set artifacts, all
+   made in this run when ``--workdir`` starts empty).
+
+    python benchmarks/bench_adaptive.py --mask runs/demo/mask-lo-ir-block3.safetensors --n 200 \\
+        --steps 20 --eot-iter 5 --queries 1000 --restarts 1 --sweep 1,2,5,10 --sweep-n 100 \\
+        --workdir /tmp/adaptive-adv --out benchmarks/results/adaptive-demo-quick-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--arch", default=None)
+    ap.add_argument("--dataset", default=None)
+    ap.add_argument("--mask", required=True)
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--eps", default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--eot-iter", type=int, default=None)
+    ap.add_argument("--queries", type=int, default=None)
+    ap.add_argument("--restarts", type=int, default=None)
+    ap.add_argument("--sweep", default="", help="temperatures, comma-separated (empty: no sweep)")
+    ap.add_argument("--sweep-n", type=int, default=None, help="images of the sweep (default --n)")
+    ap.add_argument("--temperature", type=float, default=None, help="IW-WC's adaptive column (default: best of sweep)")
+    ap.add_argument("--no-iwwc", action="store_true")
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    from igd_cli.artifacts import read_metadata
+    from igd_cli.common import open_target, parse_eps
+    from igd_cli.defense import load_defense
+    from igd_cli.evaluate import (DIRECT, TRANSFER, Budgets, Evaluator, column_key, defense_identity,
+                                  evaluate_defense)
+    from igd_cli.scoring import Score, final_of_selected
+
+    target = open_target(args.model, args.arch, args.dataset, "Linf", "cpu", None)
+    eps = parse_eps(args.eps) if args.eps else target.default_eps("the attacks")
+    defense = load_defense(target, args.mask)
+    ident = defense_identity(args.mask, defense)
+    budgets = Budgets(steps=args.steps, restarts=args.restarts, queries=args.queries, eot_iter=args.eot_iter)
+    out: dict = {"command": "python " + " ".join(sys.argv), "model": args.model, "mask": args.mask,
+                 "defense": defense.settings(), "layer": defense.layer, "k": defense.k, "eps": eps,
+                 "budgets": budgets.kwargs(), "device": "cpu", "threads": torch.get_num_threads(),
+                 "load_at_start": os.getloadavg(), "python": platform.python_version()}
+
+    def save() -> None:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1, default=str) + "\n")
+
+    temps = [float(t) for t in args.sweep.split(",") if t.strip()]
+    if temps:
+        data = target.data("test", args.sweep_n or args.n, None)
+        sweep = {}
+        for t in temps:
+            ev = Evaluator(target, defense, data, eps=eps, budgets=budgets, workdir=args.workdir,
+                           defense_meta=ident, show_progress=False, bpda_temperature=t,
+                           batch_size=args.batch_size)
+            t0 = time.perf_counter()
+            _, _, bits = ev.obtain("adaptive", "defended", ev.positions)
+            s = Score.of(final_of_selected([ev.clean("defended"), bits]))
+            sweep[str(t)] = {"robust_accuracy": s.mean, "std": s.std, "majority": s.majority,
+                             "all_draws": s.all_draws, "score": s.to_json(),
+                             "seconds": round(time.perf_counter() - t0, 1), "load": os.getloadavg()}
+            print(f"T={t:g}: {100 * s.mean:.2f} ± {100 * s.std:.2f} %", flush=True)
+            out["sweep"] = {"n": len(data), "temperatures": sweep}
+            save()
+    if args.no_iwwc:
+        return
+    t_iwwc = args.temperature
+    if t_iwwc is None and temps:
+        t_iwwc = min(temps, key=lambda t: (out["sweep"]["temperatures"][str(t)]["robust_accuracy"], t))
+    data = target.data("test", args.n, None)
+    res = evaluate_defense(target, defense, data, attack="iw-wc", workdir=args.workdir, budgets=budgets, eps=eps,
+                           skip=False, defense_meta=ident, show_progress=False, bpda_temperature=t_iwwc,
+                           batch_size=args.batch_size)
+    j = res.to_json()
+    nine = [*DIRECT, *[column_key(a, True) for a in TRANSFER]]
+    seconds = {k: read_metadata(p).get("seconds") for k, p in j["sets"].items() if p}
+    nine_seconds = sum(seconds[k] for k in nine if seconds.get(k) is not None)
+    clean = res.clean_defended
+    paired = {}
+    for k in nine:  # the adaptive column minus each of the nine, per image (mean over final draws)
+        a = final_of_selected([clean, res.defended["adaptive"]]).float().mean(0)
+        b = final_of_selected([clean, res.defended[k]]).float().mean(0)
+        d = a - b
+        paired[k] = {"difference": float(d.mean()), "standard_error": float(d.std() / len(d) ** 0.5)}
+    strongest = min(nine, key=lambda k: j["robust_accuracy"][k])
+    out["iwwc"] = {
+        "n": j["n_examples"], "bpda_temperature": t_iwwc,
+        "clean": [j["clean_accuracy"], j["clean_accuracy_std"]], "base_clean": j["base_clean_accuracy"],
+        "columns": {k: [j["robust_accuracy"][k], j["robust_accuracy_std"][k]] for k in j["robust_accuracy"]},
+        "base_columns": j["base_robust_accuracy"],
+        "adaptive_minus_column": paired, "strongest_of_nine": strongest,
+        "iw_wc_paper": [j["iw_wc_paper"], j["iw_wc_paper_std"], j["iw_wc_paper_majority"],
+                        j["iw_wc_paper_all_draws"]],
+        "iw_wc_ten": [j["worst_case"], j["worst_case_std"], j["worst_case_majority"], j["worst_case_all_draws"]],
+        "base_iw_wc": j["base_worst_case"],
+        "set_seconds": seconds, "nine_seconds": nine_seconds,
+        "wall_time_ratio_adaptive_over_nine": seconds["adaptive"] / nine_seconds if nine_seconds else None,
+        "load_at_end": os.getloadavg(), "result": j,
+    }
+    print(json.dumps({k: v for k, v in out["iwwc"].items() if k != "result"}, indent=1, default=str), flush=True)
+    save()
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,7 @@ from ..calibrate import parse_k
 from ..cli import app, emit
 from ..common import open_target, parse_eps
 from ..console import out_console
+from ..errors import IgdError
 from ..evaluate import Budgets, render_table
 from ..options import (Arch, BatchSize, BpdaTemperature, DataDir, Dataset, Device, Draws, Eps, Json, Model, Normalize, ProbeDataset,
                        ProtocolOpt, Seed, ThreatModel, ZooDataset)
@@ -61,6 +62,8 @@ def pipeline_cmd(
     built from): a second run with the same arguments only re-reads results; an interrupted one resumes.
     """
     check_protocol(protocol, draws)
+    if bpda_temperature is not None and not bpda_temperature >= 1:
+        raise IgdError(f"--bpda-temperature {bpda_temperature}: must be at least 1")
     target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize)
     p = preset_values(preset, target.loaded.name)
 

@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--sweep-n", type=int, default=None, help="images of the sweep (default --n)")
     ap.add_argument("--temperature", type=float, default=None, help="IW-WC's adaptive column (default: best of sweep)")
     ap.add_argument("--no-iwwc", action="store_true")
+    ap.add_argument("--available-only", action="store_true", help="instead of IW-WC: score only the columns whose "
+                    "sets are already in --workdir (an interrupted IW-WC), the adaptive column at --temperature")
     ap.add_argument("--ablation", action="store_true", help="also: stage 1 alone, and stage 2 without BPDA "
                     "(first --sweep-n images; added to an existing --out)")
     ap.add_argument("--workdir", required=True)
@@ -66,6 +68,10 @@ def main() -> None:
                  "defense": defense.settings(), "layer": defense.layer, "k": defense.k, "eps": eps,
                  "budgets": budgets.kwargs(), "device": "cpu", "threads": torch.get_num_threads(),
                  "load_at_start": os.getloadavg(), "python": platform.python_version()}
+    if Path(args.out).exists():  # parts measured by earlier runs (another --sweep, --ablation) are kept
+        before = json.loads(Path(args.out).read_text())
+        out.update({k: before[k] for k in ("sweep", "ablation", "iwwc") if k in before})
+        out["earlier_commands"] = before.get("earlier_commands", []) + [before.get("command")]
 
     def save() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -96,6 +102,12 @@ def main() -> None:
             save()
     if args.no_iwwc:
         return
+    if args.available_only:
+        out["available"] = available(target, defense, ident, target.data("test", args.n, None), eps, budgets,
+                                     args.workdir, args.temperature)
+        out["available"]["command"] = "python " + " ".join(sys.argv)
+        save()
+        return
     t_iwwc = args.temperature
     if t_iwwc is None and temps:
         t_iwwc = min(temps, key=lambda t: (out["sweep"]["temperatures"][str(t)]["robust_accuracy"], t))
@@ -105,8 +117,11 @@ def main() -> None:
                            batch_size=args.batch_size)
     j = res.to_json()
     nine = [*DIRECT, *[column_key(a, True) for a in TRANSFER]]
-    seconds = {k: read_metadata(p).get("seconds") for k, p in j["sets"].items() if p}
-    nine_seconds = sum(seconds[k] for k in nine if seconds.get(k) is not None)
+    metas = {k: read_metadata(p) for k, p in j["sets"].items() if p}
+    seconds = {k: m.get("seconds") for k, m in metas.items()}
+    # per image attacked (a set reused from a run on more images keeps that run's seconds and count)
+    per_image = {k: m["seconds"] / m["n_attacked"] for k, m in metas.items() if m.get("seconds") and m.get("n_attacked")}
+    nine_seconds = sum(per_image[k] for k in nine if k in per_image)
     clean = res.clean_defended
     paired = {}
     for k in nine:  # the adaptive column minus each of the nine, per image (mean over final draws)
@@ -125,12 +140,55 @@ def main() -> None:
                         j["iw_wc_paper_all_draws"]],
         "iw_wc_ten": [j["worst_case"], j["worst_case_std"], j["worst_case_majority"], j["worst_case_all_draws"]],
         "base_iw_wc": j["base_worst_case"],
-        "set_seconds": seconds, "nine_seconds": nine_seconds,
-        "wall_time_ratio_adaptive_over_nine": seconds["adaptive"] / nine_seconds if nine_seconds else None,
+        "set_seconds": seconds, "set_seconds_per_image": per_image, "nine_seconds_per_image": nine_seconds,
+        "set_n_attacked": {k: m.get("n_attacked") for k, m in metas.items()},
+        "wall_time_ratio_adaptive_over_nine": per_image["adaptive"] / nine_seconds if nine_seconds else None,
         "load_at_end": os.getloadavg(), "result": j,
     }
     print(json.dumps({k: v for k, v in out["iwwc"].items() if k != "result"}, indent=1, default=str), flush=True)
     save()
+
+
+def available(target, defense, ident, data, eps, budgets, workdir, temperature) -> dict:
+    """The columns of IW-WC whose sets are in ``workdir`` (made for at least these images), each scored like
+    IW-WC's, the adaptive column against each (paired per-image differences) and the worst cases over them."""
+    from igd_cli.attacks import make_attack
+    from igd_cli.evaluate import DIRECT, TRANSFER, Evaluator, column_key, load_set, restrict
+    from igd_cli.scoring import Score, final_of_selected
+
+    ev = Evaluator(target, defense, data, eps=eps, budgets=budgets, workdir=workdir, defense_meta=ident,
+                   show_progress=False, bpda_temperature=temperature)
+    cols = {}
+    for kind, names in (("base", TRANSFER), ("defended", (*DIRECT, "adaptive"))):
+        for a in names:
+            model = ev._model(kind)
+            atk = make_attack(a, model, eps=eps, seed=0, num_classes=target.loaded.num_classes, strict=False,
+                              **budgets.kwargs(), bpda_temperature=temperature)
+            path = ev._path(ev._key_meta(atk.describe(), kind))
+            part = restrict(load_set(path, data, eps=eps), ev.positions) if path.exists() else None
+            if part is not None:
+                cols[column_key(a, kind == "base")] = ev.column(part, "defended")
+    clean = ev.clean("defended")
+    own = {k: final_of_selected([clean, b]) for k, b in cols.items()}
+    out = {"n": len(data), "bpda_temperature": temperature, "columns": {}, "missing": [], "load": os.getloadavg()}
+    for k in [*[column_key(a, True) for a in TRANSFER], *DIRECT]:
+        if k not in cols:
+            out["missing"].append(k)
+            continue
+        d = own["adaptive"].float().mean(0) - own[k].float().mean(0)
+        s = Score.of(own[k])
+        out["columns"][k] = {"accuracy": s.mean, "std": s.std,
+                             "adaptive_minus_column": float(d.mean()), "standard_error": float(d.std() / len(d) ** 0.5)}
+    a = Score.of(own["adaptive"])
+    out["adaptive"] = {"accuracy": a.mean, "std": a.std, "majority": a.majority, "all_draws": a.all_draws}
+    others = [b for k, b in cols.items() if k != "adaptive"]
+    w_without = Score.of(final_of_selected([clean, *others]))
+    w_with = Score.of(final_of_selected([clean, *others, cols["adaptive"]]))
+    out["worst_case_available_without_adaptive"] = w_without.to_json()
+    out["worst_case_available_with_adaptive"] = w_with.to_json()
+    out["clean"] = Score.of(clean[: clean.shape[0] // 2] if clean.shape[0] > 1 else clean).to_json()
+    print(json.dumps(out, indent=1, default=str), flush=True)
+    return out
 
 
 def ablation(target, defense, data, eps, budgets) -> dict:

@@ -16,9 +16,10 @@ get fresh noise.
 from __future__ import annotations
 
 import contextlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -146,6 +147,8 @@ class IGDefense(nn.Module):
         self.split = LayerSplit(model, self.layers)
         self._checked = False
         self._noise = ContentNoise(seed)
+        #: BPDA through the pseudo-label (None: off, the defence as deployed); see :meth:`bpda`
+        self.bpda_temperature: float | None = None
 
     # -- settings / noise ----------------------------------------------------------------------------
     @property
@@ -172,6 +175,31 @@ class IGDefense(nn.Module):
     def settings(self) -> dict[str, Any]:
         """The defence settings as stored in a mask artifact's ``defense`` metadata."""
         return {"tau": self.tau, "sigma": self.sigma, "n_smooth": self.n_smooth, "rs": self.rs}
+
+    @contextmanager
+    def bpda(self, temperature: float | None) -> Iterator["IGDefense"]:
+        """Within the block, ``ŷ``'s forward is unchanged and its backward is that of ``softmax(z / T)`` (BPDA,
+        Athalye et al. 2018; the adaptive attack's stage 2), ``z`` the (mean) first-pass logits; None: off.
+
+        Example::
+
+            with defense.bpda(5.0):
+                defense(x).logsumexp(1).sum().backward()
+        """
+        if temperature is not None and not temperature > 0:
+            raise IgdError(f"BPDA temperature {temperature}: must be > 0")
+        before = self.bpda_temperature
+        self.bpda_temperature = None if temperature is None else float(temperature)
+        try:
+            yield self
+        finally:
+            self.bpda_temperature = before
+
+    def pseudo_label(self, logits: torch.Tensor) -> torch.Tensor:
+        """``ŷ = softmax(logits / τ)`` (B, C); under :meth:`bpda` with the relaxed backward."""
+        if self.bpda_temperature is None:
+            return F.softmax(logits / self.tau, dim=1)
+        return _BPDASoftmax.apply(logits, self.tau, self.bpda_temperature)
 
     def reseed(self, seed: int | None = None) -> None:
         """Restart the smoothing-noise stream (from ``seed``, or the seed given at construction): every row
@@ -224,7 +252,7 @@ class IGDefense(nn.Module):
                 with capture(self.model, split.name) as box:
                     logits = self.model(x)
                 a, ctx = box["out"], (x,)
-            return Features(a, ctx, F.softmax(logits / self.tau, dim=1), logits if with_base else None)
+            return Features(a, ctx, self.pseudo_label(logits), logits if with_base else None)
 
         batched = x.is_cuda if self.batch_passes is None else self.batch_passes
         if split.fast and batched:
@@ -245,7 +273,7 @@ class IGDefense(nn.Module):
         return (x.unsqueeze(0) + self.sample_noise(x)).reshape(self.n_smooth * x.shape[0], *x.shape[1:])
 
     def _soft_label(self, noisy_logits: torch.Tensor, b: int) -> torch.Tensor:
-        return F.softmax(noisy_logits.reshape(self.n_smooth, b, -1).mean(dim=0) / self.tau, dim=1)
+        return self.pseudo_label(noisy_logits.reshape(self.n_smooth, b, -1).mean(dim=0))
 
     def smoothed_label(self, x: torch.Tensor) -> torch.Tensor:
         """Pass 1 with smoothing as a full forward of the noisy copies: ``ŷ`` (B, C)."""
@@ -285,6 +313,25 @@ class IGDefense(nn.Module):
             # noise as features(); only float rounding can differ.
             return self._hooked_forward(x, self.weights(self.smoothed_label(x)))
         return self.masked_tail(self.features(x))
+
+
+class _BPDASoftmax(torch.autograd.Function):
+    """``softmax(z / τ)`` forward (the same kernel as the deployed ŷ) with the backward of ``softmax(z / T)``:
+    for ``p = softmax(z / T)``, ``∂L/∂z = p ⊙ (g − ⟨g, p⟩) / T``. torch has no "forward of one function, gradient
+    of another" op; the straight-through form ``p + (ŷ − p).detach()`` would change the forward by rounding."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, tau: float, temperature: float) -> torch.Tensor:
+        p = F.softmax(logits.detach() / temperature, dim=1)
+        ctx.save_for_backward(p)
+        ctx.temperature = temperature
+        return F.softmax(logits / tau, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (p,) = ctx.saved_tensors
+        g = p * (grad - (grad * p).sum(dim=1, keepdim=True)) / ctx.temperature
+        return g, None, None
 
 
 def _buffer(i: int) -> str:

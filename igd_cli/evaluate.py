@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from .artifacts import file_sha256, load_artifact, read_metadata, save_artifact
 from .attacks import ATTACKS, make_attack, run_attack
+from .attacks.adaptive import DEFAULT_BPDA_TEMPERATURE, is_defense
 from .attacks.base import AttackResult, gather
 from .common import Target, check_classes
 from .data import ImageSet
@@ -47,9 +48,16 @@ DIRECT = ("aa", "rays", "apgd-eot")
 TRANSFER = ("apgd-ce", "apgd-cw", "apgd-t-dlr", "aa", "rays", "apgd-eot")
 #: the order the direct attacks run in with skipping (cheapest per broken image first)
 DIRECT_RUN_ORDER = ("aa", "apgd-eot", "rays")
+#: IW-WC's columns beyond the paper, run on the defended model after the nine (an IG-Defense only): the adaptive
+#: attack designed against it (docs/adaptive.md); ``iw_wc_paper`` is the worst case without them
+BEYOND_PAPER = ("adaptive",)
 
 LABELS = {"aa": "AA", "aa-rand": "AA-rand", "rays": "RayS", "apgd-eot": "APGD+EoT", "apgd-ce": "APGD-CE",
-          "apgd-cw": "APGD-CW", "apgd-t-dlr": "APGD-tgt-DLR", "square": "Square", "pgd": "PGD", "fgsm": "FGSM"}
+          "apgd-cw": "APGD-CW", "apgd-t-dlr": "APGD-tgt-DLR", "square": "Square", "pgd": "PGD", "fgsm": "FGSM",
+          "adaptive": "Adaptive‡"}
+#: the mark of a column beyond the paper in every table (LABELS) and its note
+BEYOND_NOTE = ("‡ beyond the paper: the adaptive attack designed against IG-Defense (APGD + EoT on the smoothed "
+               "first pass, then on the defence with BPDA through the pseudo-label; docs/adaptive.md)")
 #: tolerance when checking that a loaded set lies in the ε-ball (float32 rounding of x ± ε)
 BALL_TOL = 1e-5
 #: the installed pyautoattack, whose attacks igd composes: a new release may change their points
@@ -214,6 +222,13 @@ class EvalResult:
         cands = self.candidates(defended)
         return final_of_selected(cands) if len(cands) > 1 else None
 
+    def worst_paper(self) -> torch.Tensor | None:
+        """The defended worst case over clean and the paper's columns only (without :data:`BEYOND_PAPER`)."""
+        if self.clean_defended is None:
+            return None
+        cols = [b for k, b in self.defended.items() if k not in BEYOND_PAPER]
+        return final_of_selected([self.clean_defended, *cols]) if cols else None
+
     def alive(self, defended: bool = True) -> torch.Tensor:
         """Images where a later candidate could still be selected (see :func:`igd_cli.scoring.alive`)."""
         return alive(self.candidates(defended))
@@ -265,6 +280,12 @@ class EvalResult:
             "sets": dict(self.sets),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
+        paper = self.worst_paper() if self.mode == "iw-wc" else None
+        if paper is not None:  # the paper's nine columns + clean, beside worst_case over every column
+            p = Score.of(paper)
+            out.update({"iw_wc_paper": p.mean, "iw_wc_paper_std": p.std, "iw_wc_paper_majority": p.majority,
+                        "iw_wc_paper_all_draws": p.all_draws, "iw_wc_paper_score": p.to_json(),
+                        "beyond_paper": [k for k in self.defended if k in BEYOND_PAPER]})
         return out
 
     def correct_matrix(self) -> tuple[list[str], torch.Tensor]:
@@ -348,8 +369,10 @@ class Evaluator:
                  workdir: str | Path | None = None, defense_meta: dict[str, Any] | None = None,
                  adv_files: Sequence[str | Path] = (), show_progress: bool = True,
                  on_set: Callable[[str, str, AttackResult], None] | None = None,
-                 positions: torch.Tensor | None = None, protocol: str = "draws", draws: int = DEFAULT_DRAWS):
+                 positions: torch.Tensor | None = None, protocol: str = "draws", draws: int = DEFAULT_DRAWS,
+                 bpda_temperature: float | None = None):
         self.target, self.defense, self.data = target, defense, data
+        self.bpda_temperature = bpda_temperature  # the adaptive attack's (None: its default)
         self.eps = float(eps) if eps is not None else None  # None: a clean evaluation, which never uses ε
         self.norm, self.seed, self.batch_size = norm, int(seed), batch_size
         self.budgets = budgets or Budgets()
@@ -448,7 +471,7 @@ class Evaluator:
         model = self._model(kind)
         atk = make_attack(attack, model, eps=self.eps, norm=self.norm, seed=self.seed,
                           device=self.target.device, num_classes=self.target.loaded.num_classes,
-                          strict=False, **self.budgets.kwargs())
+                          strict=False, **self.budgets.kwargs(), bpda_temperature=self.bpda_temperature)
         info = atk.describe()
         key = self._key_meta(info, kind)
         path = self._path(key)
@@ -523,7 +546,7 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
                      defense_meta: dict[str, Any] | None = None, show_progress: bool = True,
                      on_set: Callable[[str, str, AttackResult], None] | None = None,
                      positions: torch.Tensor | None = None, protocol: str = "draws",
-                     draws: int = DEFAULT_DRAWS) -> EvalResult:
+                     draws: int = DEFAULT_DRAWS, bpda_temperature: float | None = None) -> EvalResult:
     """Evaluate ``defense`` (and the base model ``target.model``) on the first ``len(data)`` images.
 
     ``attack``: ``none`` (clean, plus any ``adv_files``), an attack name (run on the defended model, and on the
@@ -531,6 +554,8 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
     for the attacks they hold). ``defense=None`` evaluates the base model alone (its IW-WC uses the six base
     sets). ``skip`` runs the IW-WC attacks on the defended model only on images where they can still change the
     worst case. ``protocol``/``draws``: how a randomized model is scored (:mod:`igd_cli.scoring`).
+    With an IG-Defense, IW-WC adds the columns :data:`BEYOND_PAPER` (the adaptive attack, BPDA temperature
+    ``bpda_temperature``) after the nine; ``iw_wc_paper`` in the JSON is the worst case without them.
     ``workdir``: where sets are kept and reused (``"auto"``: :func:`default_workdir`; None: nowhere).
     ``positions``: evaluate only these positions of ``data`` (an evaluation shard; default all); the result's
     ``index`` holds them, and attacks see the same absolute positions (per-image seeds) as in a whole run.
@@ -548,7 +573,8 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
     eps = used_eps(target, eps, attack, adv_files)
     ev = Evaluator(target, defense, data, eps=eps, norm=norm, budgets=budgets, seed=seed, batch_size=batch_size,
                    workdir=workdir, defense_meta=defense_meta, adv_files=adv_files, show_progress=show_progress,
-                   on_set=on_set, positions=positions, protocol=protocol, draws=draws)
+                   on_set=on_set, positions=positions, protocol=protocol, draws=draws,
+                   bpda_temperature=bpda_temperature)
     t0 = time.perf_counter()
     has_def = defense is not None
     result = EvalResult(ev.y.clone(), ev.positions.clone(), list(data.classes), ev.clean("base"),
@@ -583,7 +609,8 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
                 result.base[name] = result.base[column_key(name, True)]
             result.seconds[column_key(name, has_def)] = time.perf_counter() - t
         if has_def:
-            for name in DIRECT_RUN_ORDER:
+            beyond = BEYOND_PAPER if is_defense(defense) else ()
+            for name in (*DIRECT_RUN_ORDER, *beyond):  # the columns beyond the paper last: the nine are unchanged
                 t = time.perf_counter()
                 todo = everything[result.alive(True)] if skip else everything
                 if len(todo) == 0:
@@ -635,6 +662,11 @@ def defense_identity(mask_path: str | Path, defense: nn.Module | None = None,
     return out
 
 
+def adaptive_temperature(value: float | None) -> float:
+    """The adaptive attack's BPDA temperature as used (its default when not given)."""
+    return float(DEFAULT_BPDA_TEMPERATURE if value is None else value)
+
+
 # --- defend-eval as a library call --------------------------------------------------------------------------
 
 def eval_identity(target: Target, ident: dict[str, Any], data: ImageSet, *, attack: str, eps: float | None,
@@ -661,7 +693,8 @@ def eval_identity(target: Target, ident: dict[str, Any], data: ImageSet, *, atta
 def attack_revisions(attack: str) -> dict[str, int | None]:
     """The algorithm revision of every attack an evaluation runs (part of its identity: a changed algorithm is
     another evaluation)."""
-    names = set(DIRECT) | set(TRANSFER) if attack == "iw-wc" else ({attack} if attack in ATTACKS else set())
+    names = set(DIRECT) | set(TRANSFER) | set(BEYOND_PAPER) if attack == "iw-wc" else \
+        ({attack} if attack in ATTACKS else set())
     return {name: ATTACKS[name].revision for name in sorted(names)}
 
 
@@ -685,7 +718,8 @@ def defend_eval(target: Target, defense: nn.Module, mask_path: str | Path, data:
                 budgets: Budgets | None = None, workdir: str | Path | None = None, skip: bool = True,
                 shard: tuple[int, int, int, int] | None = None, seed: int = 0, batch_size: int = 256,
                 protocol: str = "draws", draws: int = DEFAULT_DRAWS, report: str | Path | None = None,
-                show_progress: bool = True) -> tuple[EvalResult, dict[str, Any]]:
+                show_progress: bool = True, bpda_temperature: float | None = None
+                ) -> tuple[EvalResult, dict[str, Any]]:
     """``igd defend-eval`` between parsing and printing: evaluate the defence from ``mask_path`` (and the base
     model), optionally on one shard of the images (``shard`` = (I, N, start, stop), its sets kept apart in
     ``WORKDIR/shard-I-of-N``), write the eval-report ``report`` (with the identity ``igd merge`` checks) and
@@ -696,6 +730,8 @@ def defend_eval(target: Target, defense: nn.Module, mask_path: str | Path, data:
     ident = defense_identity(mask_path, defense)
     identity = eval_identity(target, ident, data, attack=attack, eps=eps, norm=norm, budgets=budgets, seed=seed,
                              skip=skip, adv=adv, protocol=protocol, draws=draws)
+    if attack in ("iw-wc", *BEYOND_PAPER):  # the adaptive attack's setting (igd merge compares it)
+        identity["bpda_temperature"] = adaptive_temperature(bpda_temperature)
     wd: Path | str = Path(workdir) if workdir is not None else "auto"
     positions = None
     where: dict[str, Any] = {"data": {"dataset": data.name, "split": data.split, "n": len(data)},
@@ -708,11 +744,13 @@ def defend_eval(target: Target, defense: nn.Module, mask_path: str | Path, data:
         where.update({"shard": [shard[0], shard[1]], "positions": [shard[2], shard[3]]})
     res = evaluate_defense(target, defense, data, attack=attack, adv_files=adv, workdir=wd, budgets=budgets,
                            eps=eps, norm=norm, seed=seed, batch_size=batch_size, skip=skip, defense_meta=ident,
-                           positions=positions, protocol=protocol, draws=draws, show_progress=show_progress)
+                           positions=positions, protocol=protocol, draws=draws, show_progress=show_progress,
+                           bpda_temperature=bpda_temperature)
     result = res.to_json()
     result.update({"mask": str(mask_path), "layer": ident.get("layer"), "k": getattr(defense, "k", ident.get("k")),
                    "defense": defense.settings() if callable(getattr(defense, "settings", None)) else None,
                    "attack": attack, "batch_size": batch_size, "budget": budgets.kwargs(), "skip": skip,
+                   **({"bpda_temperature": identity["bpda_temperature"]} if "bpda_temperature" in identity else {}),
                    "workdir": str(default_workdir(target) if wd == "auto" else wd), **where,
                    "seconds_total": time.perf_counter() - t0})
     if report is not None:
@@ -762,7 +800,7 @@ def table_cells(result: EvalResult | dict[str, Any], title: str | None = None) -
     r = result.to_json() if isinstance(result, EvalResult) else result
     has_def = bool(r.get("defended"))
     keys = list(dict.fromkeys(list(r["robust_accuracy"]) + list(r["base_robust_accuracy"])))
-    order = [*DIRECT, *[column_key(a, True) for a in TRANSFER]]
+    order = [*DIRECT, *[column_key(a, True) for a in TRANSFER], *BEYOND_PAPER]
     keys.sort(key=lambda k: (order.index(k) if k in order else len(order), k))
     surv = r.get("measured_on_survivors", {})
     draws = int(r.get("draws") or 1)
@@ -794,9 +832,20 @@ def table_cells(result: EvalResult | dict[str, Any], title: str | None = None) -
         row(f"{worst_name}, mean ± std", b_worst, r["worst_case"], std=r.get("worst_case_std"))
         row(f"{worst_name}, majority vote", b_worst, r.get("worst_case_majority"))
         row(f"{worst_name}, correct in all {draws} draws", b_worst, r.get("worst_case_all_draws"))
+        if r.get("beyond_paper"):
+            t.sections.append(len(t.rows))
+            row(f"{worst_name} of the paper's nine, mean ± std", b_worst, r.get("iw_wc_paper"),
+                std=r.get("iw_wc_paper_std"))
+            row(f"{worst_name} of the paper's nine, majority vote", b_worst, r.get("iw_wc_paper_majority"))
+            row(f"{worst_name} of the paper's nine, all {draws} draws", b_worst, r.get("iw_wc_paper_all_draws"))
     elif b_worst is not None or r.get("worst_case") is not None:
         t.sections.append(len(t.rows))
         row(worst_name, b_worst, r.get("worst_case") if has_def else None)
+        if has_def and r.get("beyond_paper"):
+            row(f"{worst_name} of the paper's nine", b_worst, r.get("iw_wc_paper"))
+    if r.get("beyond_paper"):
+        t.notes.append(BEYOND_NOTE + f"; {worst_name} is over every column, \"{worst_name} of the paper's nine\" "
+                       "without it.")
     if surv:
         t.notes.append("† measured only on the images where it could still change the worst case "
                        f"({', '.join(f'{column_label(k)}: {v}' for k, v in surv.items())} images attacked; the "

@@ -25,6 +25,7 @@ Steps = Annotated[Optional[int], typer.Option("--steps", help="attack iterations
 Restarts = Annotated[Optional[int], typer.Option("--restarts", help="random restarts (default: the paper's: APGD 1, APGD-T-DLR 3)")]
 Queries = Annotated[Optional[int], typer.Option("--queries", help="query budget (default: the paper's: RayS 10000, Square 5000)")]
 EotIter = Annotated[Optional[int], typer.Option("--eot-iter", help="EoT gradient samples per step (default: the paper's 20)")]
+BpdaTemperature = Annotated[Optional[float], typer.Option("--bpda-temperature", help="the adaptive attack (beyond the paper, docs/adaptive.md): temperature T >= 1 of the pseudo-label's relaxed backward softmax(f(x+v)/T) (default 5, chosen by measurement)")]
 Shard = Annotated[Optional[str], typer.Option("--shard", help="work only on block I of N of the images (I/N, 0-based), for igd merge")]
 Draws = Annotated[int, typer.Option("--draws", min=1, help="randomized defence: classifications per point for the "
                                     "selection, and as many fresh ones for the score (Croce et al.); a "

@@ -24,8 +24,8 @@ from .data import ImageSet, load_dataset, same_images
 from .console import err_console, progress_enabled
 from .defense import check_layers, load_defense
 from .errors import IgdError
-from .evaluate import (PYAUTOATTACK_VERSION, Budgets, EvalResult, attack_revisions, defense_identity,
-                       evaluate_defense)
+from .evaluate import (PYAUTOATTACK_VERSION, Budgets, EvalResult, adaptive_temperature, attack_revisions,
+                       defense_identity, evaluate_defense)
 from .ranking import RankRequest, get_method, rank, rank_meta
 from .shards import matching_artifact, shard_path
 from .scoring import DEFAULT_DRAWS
@@ -115,6 +115,7 @@ class PipelineConfig:
     seed: int = 0
     protocol: str = "draws"  # how a randomized defence is scored (igd_cli.scoring)
     draws: int = DEFAULT_DRAWS
+    bpda_temperature: float | None = None  # the adaptive attack's, IW-WC's tenth column (None: its default)
 
 
 @dataclass
@@ -138,7 +139,8 @@ class PipelineResult:
         keys = ("n_examples", "defended", "clean_accuracy", "clean_accuracy_std", "base_clean_accuracy",
                 "robust_accuracy", "robust_accuracy_std", "base_robust_accuracy", "worst_case", "worst_case_std",
                 "worst_case_majority", "worst_case_all_draws", "base_worst_case", "draws", "protocol", "randomized",
-                "measured_on_survivors", "eps", "mode")
+                "measured_on_survivors", "eps", "mode", "iw_wc_paper", "iw_wc_paper_std", "iw_wc_paper_majority",
+                "iw_wc_paper_all_draws", "beyond_paper")
         return {
             **{k: ev.get(k) for k in keys},
             "k": self.k, "n_neurons": self.n_neurons, "layer": self.layer,
@@ -261,6 +263,8 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
                "data": data.identity(), "eps": eps, "norm": norm, "budgets": asdict(cfg.budgets), "seed": cfg.seed,
                "revisions": attack_revisions(cfg.attack), "pyautoattack": PYAUTOATTACK_VERSION,
                "model_fingerprint": target.loaded.fingerprint, "protocol": cfg.protocol, "draws": cfg.draws}
+    if cfg.attack == "iw-wc":  # its tenth column, the adaptive attack (beyond the paper)
+        eval_id["bpda_temperature"] = adaptive_temperature(cfg.bpda_temperature)
     if piece is not None and piece.stage == "merge":
         merge_eval_pieces(out / "pieces", report, eval_id, strict=True)
         return {"piece": piece.name, "out": str(report)}
@@ -287,7 +291,8 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
         res: EvalResult = evaluate_defense(target, defense, data, attack=cfg.attack, workdir=adv_dir,
                                            budgets=cfg.budgets, eps=eps, norm=norm, seed=cfg.seed,
                                            batch_size=cfg.batch_size, defense_meta=ident, show_progress=show,
-                                           on_set=on_set, protocol=cfg.protocol, draws=cfg.draws)
+                                           on_set=on_set, protocol=cfg.protocol, draws=cfg.draws,
+                                           bpda_temperature=cfg.bpda_temperature)
         stages["defend-eval"] = "computed"
         evaluation = res.to_json()
         res.save(report, {**target.provenance(), **ident, "pipeline_identity": eval_id,
@@ -323,7 +328,8 @@ def _run_eval_piece(piece: Piece, target: Target, cfg: PipelineConfig, data: Ima
         if not intact(path):  # written atomically, so only something outside igd can have damaged it: say so
             raise IgdError(f"{path}: corrupted (unreadable, or its tensors do not match their digest): remove it "
                            f"and rerun this piece")
-    res = evaluate_defense(target, defense, data, defense_meta=ident, protocol=cfg.protocol, draws=cfg.draws, **kw)
+    res = evaluate_defense(target, defense, data, defense_meta=ident, protocol=cfg.protocol, draws=cfg.draws,
+                           bpda_temperature=cfg.bpda_temperature, **kw)
     res.save(path, {**target.provenance(), **ident, "pipeline_identity": eval_id, "eval_identity": eval_id,
                     "data": {"dataset": data.name, "split": data.split, "n": n},
                     "shard": [piece.index, piece.count], "positions": [int(positions[0]), int(positions[-1]) + 1]})

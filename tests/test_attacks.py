@@ -144,7 +144,7 @@ def test_every_attack_stays_in_the_ball_and_box(demo, correct_batch, name, kw):
 
 def test_registry_matches_the_cli_contract():
     assert list(ATTACKS) == ["aa", "aa-rand", "apgd-ce", "apgd-cw", "apgd-t-dlr", "apgd-eot", "rays", "square",
-                             "pgd", "fgsm", "fab-t"]
+                             "pgd", "fgsm", "fab-t", "adaptive"]
     from igd_cli.attacks import make_attack as mk
     from igd_cli.errors import IgdError
 

@@ -249,7 +249,7 @@ def test_iwwc_shards_merge_to_the_unsharded_report(cli, work, tmp_path):
     r = cli("defend-eval", *common, "--workdir", tmp_path / "wd", "--report", whole, "--json")
     assert r.code == 0, r.err
     wj = r.json()
-    assert wj["budget"]["steps"] == 2 and wj["measured_on_survivors"] == {} and len(wj["robust_accuracy"]) == 9
+    assert wj["budget"]["steps"] == 2 and wj["measured_on_survivors"] == {} and len(wj["robust_accuracy"]) == 10  # 9 + adaptive
     assert 0 < wj["worst_case"] < wj["clean_accuracy"]  # some images broken, some not: the merge can go wrong
     parts = []
     for i in range(2):
@@ -259,7 +259,7 @@ def test_iwwc_shards_merge_to_the_unsharded_report(cli, work, tmp_path):
         parts.append(p)
     assert sorted(q.name for q in (tmp_path / "wds").iterdir()) == ["shard-0-of-2", "shard-1-of-2"]
     sets = list((tmp_path / "wds" / "shard-1-of-2").glob("*.safetensors"))
-    assert len(sets) == 9 and all(torch.equal(load_artifact(s)["index"], torch.arange(n // 2, n)) for s in sets)
+    assert len(sets) == 10 and all(torch.equal(load_artifact(s)["index"], torch.arange(n // 2, n)) for s in sets)
     j = _merge(cli, parts, tmp_path / "merged.safetensors")
     for k in ("clean_accuracy", "robust_accuracy", "base_robust_accuracy", "worst_case", "base_worst_case"):
         assert j[k] == wj[k], k

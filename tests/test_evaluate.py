@@ -93,7 +93,7 @@ def test_worst_case_follows_the_protocol(iwwc):
     res, _ = iwwc
     j = res.to_json()
     assert set(j["robust_accuracy"]) == {"aa", "rays", "apgd-eot", "tr-apgd-ce", "tr-apgd-cw", "tr-apgd-t-dlr",
-                                         "tr-aa", "tr-rays", "tr-apgd-eot"}
+                                         "tr-aa", "tr-rays", "tr-apgd-eot", "adaptive"}  # + the tenth (issue 22)
     assert j["draws"] == 5 and j["randomized"] and j["protocol"] == "draws"
     cands = [res.clean_defended, *res.defended.values()]
     assert all(c.shape == (10, N) for c in cands)
@@ -121,7 +121,7 @@ def test_worst_case_follows_the_protocol(iwwc):
 def test_sets_on_disk_are_valid_artifacts(iwwc, target, data):
     res, work = iwwc
     files = sorted(work.glob("*.safetensors"))
-    assert len(files) == 9
+    assert len(files) == 10  # the nine and the adaptive attack (beyond the paper)
     x = data.all().x
     for f in files:
         art = load_artifact(f, kind="adversarial", fingerprint=target.loaded.fingerprint)
@@ -153,7 +153,7 @@ def test_resume_after_interruption_gives_the_same_table(iwwc, tmp_path, target, 
     again = evaluate_defense(target, _defense(target, mask_path), data, attack="iw-wc", workdir=tmp_path,
                              budgets=TINY, seed=0, batch_size=8, defense_meta=ident, show_progress=False,
                              on_set=lambda a, k, r: ran.append((k, a)))
-    assert sorted(ran) == [("defended", "apgd-eot"), ("defended", "rays")]
+    assert sorted(ran) == [("defended", "adaptive"), ("defended", "apgd-eot"), ("defended", "rays")]
     assert _strip(again.to_json()) == _strip(full.to_json())
     # and a third run computes nothing
     ran.clear()
@@ -185,7 +185,7 @@ def test_skipping_keeps_the_worst_case(tmp_path, target, data, mask_path, monkey
     assert 0 < int(fast.worst(True).sum()) < int(final_rows(fast.clean_defended).sum())
     for k in ("worst_case", "worst_case_std", "worst_case_majority", "worst_case_all_draws"):
         assert fast.to_json()[k] == slow.to_json()[k], k
-    assert set(fast.survivors_only) <= {"aa", "rays", "apgd-eot"} and fast.survivors_only
+    assert set(fast.survivors_only) <= {"aa", "rays", "apgd-eot", "adaptive"} and fast.survivors_only
     assert not slow.survivors_only
     fj, sj = fast.to_json(), slow.to_json()
     for k in fj["robust_accuracy"]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ..errors import IgdError
+from .adaptive import Adaptive
 from .apgd import APGD, APGDCW, APGDEoT, APGDTargetedDLR
 from .autoattack import AutoAttackRand, AutoAttackStandard, FABTargeted, Square
 from .base import BUDGET_KEYS, Attack, AttackResult, predict, reseed, run_attack
@@ -28,6 +29,7 @@ ATTACKS: dict[str, type[Attack]] = {
     "pgd": PGD,
     "fgsm": FGSM,
     "fab-t": FABTargeted,
+    "adaptive": Adaptive,  # beyond the paper: designed against IG-Defense (docs/adaptive.md)
 }
 
 
@@ -42,15 +44,23 @@ def attack_class(name: str) -> type[Attack]:
 def make_attack(name: str, model: nn.Module, *, eps: float, norm: str = "Linf", seed: int = 0, device=None,
                 num_classes: int | None = None, randomized: bool | None = None, strict: bool = True,
                 steps: int | None = None, restarts: int | None = None, queries: int | None = None,
-                eot_iter: int | None = None) -> Attack:
+                eot_iter: int | None = None, bpda_temperature: float | None = None) -> Attack:
     """Build attack ``name`` on ``model``; budget overrides of None keep the paper's defaults.
 
     With ``strict=False`` overrides the attack has no use for are ignored (used for attack ensembles).
+    ``bpda_temperature``: the ``adaptive`` attack's BPDA temperature (None: its default; refused by the others
+    with ``strict``).
     """
     cls = attack_class(name)
+    extra: dict = {}
+    if bpda_temperature is not None:
+        if cls is Adaptive:
+            extra["bpda_temperature"] = bpda_temperature
+        elif strict:
+            raise IgdError(f"--bpda-temperature: only the adaptive attack uses it, not {name}")
     return cls(model, eps=eps, norm=norm, seed=seed, device=device, num_classes=num_classes,
                randomized=randomized, strict=strict, steps=steps, restarts=restarts, queries=queries,
-               eot_iter=eot_iter)
+               eot_iter=eot_iter, **extra)
 
 
 __all__ = ["ATTACKS", "BUDGET_KEYS", "Attack", "AttackResult", "attack_class", "make_attack", "predict",

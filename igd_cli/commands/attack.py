@@ -17,7 +17,7 @@ from ..console import out_console
 from ..errors import IgdError
 from ..attacks.base import gather
 from ..evaluate import defense_identity, save_adversarial, score_meta, set_meta
-from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Draws, EotIter, Eps, Json, Model, ProtocolOpt,
+from ..options import (Arch, BatchSize, BpdaTemperature, DataDir, Dataset, Device, Draws, EotIter, Eps, Json, Model, ProtocolOpt,
                        Queries, Restarts, Seed, Normalize, Shard, Steps, ThreatModel, ZooDataset)
 from ..scoring import DEFAULT_DRAWS, check_protocol, score_set
 from ..shards import parse_shard  # noqa: F401  (shared with defend-eval; importable from here as before)
@@ -35,6 +35,7 @@ def attack_cmd(
     restarts: Restarts = None,
     queries: Queries = None,
     eot_iter: EotIter = None,
+    bpda_temperature: BpdaTemperature = None,
     shard: Shard = None,
     arch: Arch = None,
     normalize: Normalize = None,
@@ -54,6 +55,10 @@ def attack_cmd(
     The robust accuracy printed is the protocol's over {clean, adversarial}: exact for a deterministic model,
     mean ± std over --draws fresh draws for a randomized defence."""
     attack_class(attack)  # unknown names fail before any model is loaded
+    if bpda_temperature is not None and attack != "adaptive":
+        raise IgdError(f"--bpda-temperature: only --attack adaptive uses it, not {attack}")
+    if bpda_temperature is not None and not bpda_temperature >= 1:
+        raise IgdError(f"--bpda-temperature {bpda_temperature}: must be at least 1")
     check_protocol(protocol, draws)
     eps_v = parse_eps(eps)
     if threat_model not in ("Linf", "L2"):
@@ -80,7 +85,7 @@ def attack_cmd(
         extra["mask_sha256"] = extra["defense"]["mask_sha256"]
     atk = make_attack(attack, attacked, eps=eps_v, norm=threat_model, seed=seed, device=target.device,
                       num_classes=target.loaded.num_classes, steps=steps, restarts=restarts, queries=queries,
-                      eot_iter=eot_iter)
+                      eot_iter=eot_iter, bpda_temperature=bpda_temperature)
     start = time.perf_counter()
     res = run_attack(atk, data, batch_size=batch_size, positions=positions, description=f"{kind} {attack}")
     x_clean, _ = gather(data, positions)

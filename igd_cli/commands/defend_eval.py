@@ -18,7 +18,7 @@ from ..console import out_console
 from ..defense import check_settings, load_defense
 from ..errors import IgdError
 from ..evaluate import Budgets, defend_eval, render_per_class, render_table
-from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Draws, EotIter, Eps, Json, Model, ProtocolOpt,
+from ..options import (Arch, BatchSize, BpdaTemperature, DataDir, Dataset, Device, Draws, EotIter, Eps, Json, Model, ProtocolOpt,
                        Queries, Restarts, Seed, Normalize, Shard, Steps, ThreatModel, ZooDataset)
 from ..report import summary_table
 from ..scoring import DEFAULT_DRAWS, check_protocol
@@ -46,6 +46,7 @@ def defend_eval_cmd(
     restarts: Restarts = None,
     queries: Queries = None,
     eot_iter: EotIter = None,
+    bpda_temperature: BpdaTemperature = None,
     draws: Draws = DEFAULT_DRAWS,
     protocol: ProtocolOpt = "draws",
     workdir: Annotated[Optional[Path], typer.Option("--workdir", help="where attack sets are kept and resumed "
@@ -75,6 +76,10 @@ def defend_eval_cmd(
             raise IgdError(f"--{name.replace('_', '-')} {v}: must be at least 1")
     if attack == "none" and any(v is not None for v in budgets.kwargs().values()):
         raise IgdError("--steps/--restarts/--queries/--eot-iter set attack budgets: give --attack NAME or iw-wc")
+    if bpda_temperature is not None and attack not in ("adaptive", "iw-wc"):
+        raise IgdError(f"--bpda-temperature: the adaptive attack's, used by --attack adaptive or iw-wc, not {attack}")
+    if bpda_temperature is not None and not bpda_temperature >= 1:
+        raise IgdError(f"--bpda-temperature {bpda_temperature}: must be at least 1")
     if report is not None and report.is_dir():
         raise IgdError(f"--report {report}: is a directory")
     adv_files = expand_adv(adv or [])  # a folder: every adversarial set in it
@@ -86,7 +91,7 @@ def defend_eval_cmd(
     _, result = defend_eval(target, defense, mask, data, attack=attack, adv=adv_files, eps=eps_value,
                             norm=threat_model, budgets=budgets, workdir=workdir, skip=skip,
                             shard=parse_shard(shard, len(data)), seed=seed, batch_size=batch_size,
-                            protocol=protocol, draws=draws, report=report)
+                            protocol=protocol, draws=draws, report=report, bpda_temperature=bpda_temperature)
     emit(result, as_json, _render)
 
 

@@ -11,8 +11,9 @@ from ..calibrate import parse_k
 from ..cli import app, emit
 from ..common import open_target, parse_eps
 from ..console import out_console
+from ..errors import IgdError
 from ..evaluate import Budgets, render_table
-from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Draws, Eps, Json, Model, Normalize, ProbeDataset,
+from ..options import (Arch, BatchSize, BpdaTemperature, DataDir, Dataset, Device, Draws, Eps, Json, Model, Normalize, ProbeDataset,
                        ProtocolOpt, Seed, ThreatModel, ZooDataset)
 from ..scoring import DEFAULT_DRAWS, check_protocol
 from ..pipeline import PipelineConfig, parse_piece, preset_values, run_pipeline
@@ -44,6 +45,7 @@ def pipeline_cmd(
     restarts: Annotated[Optional[int], typer.Option("--restarts", min=1, help="random restarts (default: the --preset's: quick 1, paper APGD 1 / APGD-T-DLR 3)")] = None,
     queries: Annotated[Optional[int], typer.Option("--queries", min=1, help="RayS/Square queries (default: the --preset's: quick 1000, paper 10000/5000)")] = None,
     eot_iter: Annotated[Optional[int], typer.Option("--eot-iter", min=1, help="EoT samples per step (default: the --preset's: quick 5, paper 20)")] = None,
+    bpda_temperature: BpdaTemperature = None,
     clip_model: Annotated[str, typer.Option("--clip-model", help="cd-ir: open_clip model")] = "ViT-B-16",
     clip_pretrained: Annotated[str, typer.Option("--clip-pretrained", help="cd-ir: weights tag, PATH or none")] = "openai",
     batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto",
@@ -64,6 +66,8 @@ def pipeline_cmd(
     built from): a second run with the same arguments only re-reads results; an interrupted one resumes.
     """
     check_protocol(protocol, draws)
+    if bpda_temperature is not None and not bpda_temperature >= 1:
+        raise IgdError(f"--bpda-temperature {bpda_temperature}: must be at least 1")
     target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize)
     p = preset_values(preset, target.loaded.name)
 
@@ -79,7 +83,7 @@ def pipeline_cmd(
                                                        queries=pick(queries, "queries"),
                                                        eot_iter=pick(eot_iter, "eot_iter")),
                          clip_model=clip_model, clip_pretrained=clip_pretrained, batch_size=batch_size, seed=seed,
-                         protocol=protocol, draws=draws)
+                         protocol=protocol, draws=draws, bpda_temperature=bpda_temperature)
     if out is None:
         out = Path("runs") / Path(target.loaded.name).stem.replace(":", "-")
     res = run_pipeline(target, cfg, out, data_dir=data_dir, force=force, piece=parse_piece(piece))

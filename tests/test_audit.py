@@ -320,7 +320,16 @@ def base_like(demo, data, workdir):
 def echo(demo, data, workdir):
     """The identity mask on one neuron per class: the defence is its pseudo-label argmax f(x + v)."""
     d = IGDefense(Echo(demo.model), "feat", torch.eye(10, dtype=torch.uint8), sigma=0.4, seed=0)
-    return run_audit(_audit(_target(demo.model), data, defense=d, workdir=workdir), [8, 9, 10])
+    # 10 draws: the frozen-vs-fresh gain is then shown beyond noise on 16 images
+    return run_audit(_audit(_target(demo.model), data, defense=d, workdir=workdir, draws=10), [8, 9])
+
+
+@pytest.fixture(scope="module")
+def echo_plain(demo, data, workdir):
+    """The same identity mask without smoothing: the defence is exactly the base model, so over smoothing (none)
+    the ranking adds nothing, with no noise to hide it."""
+    d = IGDefense(Echo(demo.model), "feat", torch.eye(10, dtype=torch.uint8), rs=False, seed=0)
+    return run_audit(_audit(_target(demo.model), data, defense=d, workdir=workdir), [10])
 
 
 def test_checks_7_to_10_pass_on_a_defence_that_is_the_base_model(base_like):
@@ -333,14 +342,19 @@ def test_checks_7_to_10_pass_on_a_defence_that_is_the_base_model(base_like):
     assert _check(base_like, 9)["figures"]["clean"]["images_ever"] > 0
 
 
-def test_checks_8_to_10_flag_a_defence_that_is_its_noisy_pseudo_label(echo):
-    assert _verdicts(echo) == {8: "flag", 9: "flag", 10: "flag"}
+def test_checks_8_and_9_flag_a_defence_that_is_its_noisy_pseudo_label(echo):
+    assert _verdicts(echo) == {8: "flag", 9: "flag"}
     c8 = _check(echo, 8)["figures"]
     assert c8["test"]["lower"] > c8["test"]["threshold"] and c8["frozen"]["draws"] == 1
     c9 = _check(echo, 9)["figures"]
     assert c9["clean"]["images_ever"] == 0 and c9["apgd-eot"]["images_ever"] == 0
-    c10 = _check(echo, 10)["figures"]
+
+
+def test_check_10_flags_a_mask_that_adds_nothing(echo_plain):
+    assert _verdicts(echo_plain) == {10: "flag"}
+    c10 = _check(echo_plain, 10)["figures"]
     assert c10["test"]["upper"] < c10["test"]["threshold"]  # shown: the ranking adds < 2 points over smoothing
+    assert c10["defended"]["mean"] == c10["base"]["mean"]
 
 
 @pytest.fixture(scope="module")

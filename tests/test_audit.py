@@ -490,7 +490,7 @@ def test_cli_json_table_and_plots(cli, mask_file, tmp_path, igd_home):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--checks", "1,11"], "no check 11"), (["--checks", "one"], "expected check numbers"),
+    (["--checks", "1,12"], "no check 12"), (["--checks", "one"], "expected check numbers"),
     (["--preset", "huge"], "--preset huge"), (["--n-examples", "0"], "--n-examples 0"),
     (["--eps", "2"], "--eps 2"), (["--mask", "missing.safetensors"], "missing.safetensors"),
     (["--protocol", "once"], "--protocol once")])
@@ -499,3 +499,15 @@ def test_cli_bad_input_is_one_error_line(cli, args, needle, igd_home):
     assert r.code == 2 and r.out == ""
     lines = r.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0]
+
+
+def test_check_11_runs_the_adaptive_attack_through_the_audit(demo, data, defence, workdir):
+    """Check 11 (beyond the paper) as registered: the nine columns and the adaptive one obtained through the
+    audit; its verdict both ways is tested on constructed bits in tests/test_adaptive.py."""
+    rep = run_audit(_audit(_target(demo.model), data, defense=defence, workdir=workdir), [11])
+    c = _check(rep, 11)
+    assert c["verdict"] in ("ok", "flag") and c["name"] == "adaptive attack (beyond the paper)"
+    f = c["figures"]
+    assert len(f["per_column"]) == 9 and f["iw_wc_ten"]["mean"] <= f["iw_wc_paper"]["mean"] + 1e-12
+    assert f["adaptive"]["n"] == len(data)
+    assert _verdicts(run_audit(_audit(_target(demo.model), data, workdir=workdir), [11])) == {11: "n/a"}

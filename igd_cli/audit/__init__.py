@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import IgdError
 from ..scoring import rows_for
+from .adaptive import CHECK_ID, NAME, adaptive_check
 from .context import Audit, Cell
 from .defence import frozen_noise_check, mask_acts, smoothing_alone, transfer_vs_direct
 from .gradients import autoattack_flags, loss_surfaces, surface_check
@@ -28,7 +29,7 @@ from .result import CheckResult
 from .strength import attack_budget, attack_steps, blackbox_vs_whitebox, stronger_autoattack
 from .thresholds import PRESETS, THRESHOLDS
 
-#: check number -> (name, function); checks 7-10 need a defence (``n/a`` without a mask)
+#: check number -> (name, function); checks 7-11 need a defence (``n/a`` without a mask)
 CHECKS: dict[int, tuple[str, Callable[[Audit], Any]]] = {
     1: ("AutoAttack flags", autoattack_flags),
     2: ("black box vs white box", blackbox_vs_whitebox),
@@ -40,6 +41,7 @@ CHECKS: dict[int, tuple[str, Callable[[Audit], Any]]] = {
     8: ("frozen noise", frozen_noise_check),
     9: ("does the mask act?", mask_acts),
     10: ("smoothing alone", smoothing_alone),
+    CHECK_ID: (NAME, adaptive_check),  # 11: beyond the paper (docs/adaptive.md)
 }
 
 

@@ -6,8 +6,10 @@ by more than its noise: the mean of the paired per-image differences (per image,
 selected point is correct in, nine minus ten) exceeds ``z`` standard errors of those differences. The paper's
 evaluation then overstates the defence.
 
-Not registered in :data:`igd_cli.audit.CHECKS` here (the audit's owner wires it): :func:`adaptive_vs_nine` is
-the pure verdict on per-image bits, :func:`adaptive_check` obtains them through an :class:`Audit`.
+Check 11 of :data:`igd_cli.audit.CHECKS`, on the audit's one statistical footing
+(:func:`igd_cli.audit.context.per_image_test`: paired per-image differences, their standard error, z of
+:data:`~igd_cli.audit.thresholds.THRESHOLDS`): :func:`adaptive_vs_nine` is the pure verdict on per-image bits,
+:func:`adaptive_check` obtains them through an :class:`Audit`.
 
 Example::
 
@@ -17,28 +19,27 @@ Example::
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import torch
 
 from ..scoring import Score, final_of_selected
+from .context import per_image_test
 from .result import CheckResult
+from .thresholds import THRESHOLDS
 
-#: check number proposed for the audit table (after the ten existing checks)
+#: the check's number in the audit table (after the paper's ten)
 CHECK_ID = 11
 NAME = "adaptive attack (beyond the paper)"
-#: standard errors of the paired per-image differences a lower worst case must exceed to be flagged
-Z = 2.0
+#: standard errors of the paired per-image differences a lower worst case must exceed to be flagged (the audit's z)
+Z = THRESHOLDS["z"]
 
 
 def paired(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     """Mean and standard error of the per-image differences ``a − b`` of two (R, n) final-draw bit tensors (per
-    image the share of draws correct)."""
-    d = a.float().mean(0) - b.float().mean(0)
-    n = d.numel()
-    se = float(d.std(unbiased=True)) / math.sqrt(n) if n > 1 else 0.0
-    return float(d.mean()), se
+    image the share of draws correct), as every audit comparison computes them (:func:`per_image_test`)."""
+    t = per_image_test(a.float().mean(0) - b.float().mean(0), 0.0)
+    return t.estimate, t.se
 
 
 def adaptive_vs_nine(clean: torch.Tensor, nine: Mapping[str, torch.Tensor], adaptive: torch.Tensor, *,

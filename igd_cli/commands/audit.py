@@ -24,7 +24,7 @@ def audit_cmd(
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
     zoo_dataset: ZooDataset = None, normalize: Normalize = None,
     mask: Annotated[Optional[Path], typer.Option("--mask", help="mask artifact from igd calibrate-k: audit the "
-                                                 "defended model (without it the base model; checks 7-10 n/a)")] = None,
+                                                 "defended model (without it the base model; checks 7-11 n/a)")] = None,
     n_examples: Annotated[Optional[int], typer.Option("--n-examples", help="the first N test images (default: "
                                                       "the preset's, 100 quick / 1000 paper, at most all)")] = None,
     preset: Annotated[str, typer.Option("--preset", help="attack budgets: quick (the pipeline's quick budgets) "

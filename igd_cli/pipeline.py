@@ -339,7 +339,7 @@ def _run_eval_piece(piece: Piece, target: Target, cfg: PipelineConfig, data: Ima
 def merge_rank_pieces(folder: Path, importance: Path, meta: dict[str, Any]) -> bool:
     """Merge the rank pieces in ``folder`` into ``importance`` when they are of this ranking (its identity) and
     cover every neuron; nothing when the importance already matches or the pieces are incomplete."""
-    from .shards import IMPORTANCE_IDENTITY, check_cover, merge
+    from .shards import IMPORTANCE_IDENTITY, merge
 
     if not folder.is_dir() or matching_artifact(importance, "importance", meta,
                                                 (meta["n_neurons"], meta["num_classes"])) is not None:

@@ -89,7 +89,7 @@ class PerImageSquare(SquareAttack):
         if self.norm not in ("Linf", "L2"):
             raise ValueError(f"Square: norm {self.norm} is not supported here")
         dev = x.device
-        b, (c, h, w) = x.shape[0], x.shape[1:]
+        c, h, w = x.shape[1:]
         n_features = c * h * w
         if self.norm == "Linf":
             x_best = torch.clamp(x + self.eps * self._choice(gens, (c, 1, w), dev), 0., 1.)

@@ -61,7 +61,7 @@ up)
     --pid-file="$dir/munge/munged.pid" --log-file="$dir/log/munged.log" --seed-file="$dir/munge/seed" \
     >>"$dir/log/munged.log" 2>&1 || die "munged did not start (see $dir/log/munged.log)"
   host=$(hostname -s)
-  cpus=$(nproc)
+  cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc honours OMP_NUM_THREADS: not the node's CPUs
   mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 ))
   cat >"$conf" <<CONF
 # written by cluster/slurm/local-cluster.sh: a one-node cluster in $dir

@@ -252,8 +252,8 @@ def test_the_driver_refuses_bad_input_before_submitting_anything(cluster, tmp_pa
     run = tmp_path / "run"
     r = cluster.submit(run, "--", "--bogus", wait=False)
     assert r.returncode == 2 and r.stderr.strip() == "error: igd pipeline options: No such option: --bogus"
-    r = cluster.submit(run, "--", "--layer", "block1", "--layer", "block3", wait=False)
-    assert r.returncode == 2 and "several --layer" in r.stderr
+    r = cluster.submit(run, "--", *RANK, "--piece", "calibrate", wait=False)
+    assert r.returncode == 2 and "--piece: the driver submits the pieces itself" in r.stderr
     r = cluster.submit(run, "--", *RANK, "--force", wait=False)
     assert r.returncode == 2 and "--force" in r.stderr
     r = cluster.submit(run, "--", *RANK, wait=False, shards=0)

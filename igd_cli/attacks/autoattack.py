@@ -62,12 +62,19 @@ def apgd_untargeted(apgd: APGDAttack, x: torch.Tensor, y: torch.Tensor, index: t
         todo = acc.nonzero().flatten()
         if todo.numel() == 0:
             break
-        init = random_start(apgd, x[todo], [gens[i] for i in todo.tolist()])
-        _, acc_curr, _, adv_curr = apgd.attack_single_run(x[todo], y[todo], x_init=init)
-        won = (acc_curr == 0).nonzero().flatten()
-        acc[todo[won]] = False
-        adv[todo[won]] = adv_curr[won].clone()
+        _run_fooling(apgd, x, y, todo, gens, acc, adv)
     return adv
+
+
+def _run_fooling(apgd: APGDAttack, x: torch.Tensor, y: torch.Tensor, todo: torch.Tensor,
+                 gens: list[torch.Generator], acc: torch.Tensor, adv: torch.Tensor) -> None:
+    """One ``attack_single_run`` on the images ``todo`` from their own random starts; the ones it fools leave
+    ``acc`` and keep their adversarial point in ``adv`` (``perturb``'s bookkeeping)."""
+    init = random_start(apgd, x[todo], [gens[i] for i in todo.tolist()])
+    _, acc_curr, _, adv_curr = apgd.attack_single_run(x[todo], y[todo], x_init=init)
+    won = (acc_curr == 0).nonzero().flatten()
+    acc[todo[won]] = False
+    adv[todo[won]] = adv_curr[won].clone()
 
 
 def apgd_targeted(apgd: APGDAttack_targeted, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
@@ -85,11 +92,7 @@ def apgd_targeted(apgd: APGDAttack_targeted, x: torch.Tensor, y: torch.Tensor, i
                 return adv
             with torch.no_grad():
                 apgd.y_target = apgd.model(x[todo]).sort(dim=1)[1][:, -target_class]
-            init = random_start(apgd, x[todo], [gens[i] for i in todo.tolist()])
-            _, acc_curr, _, adv_curr = apgd.attack_single_run(x[todo], y[todo], x_init=init)
-            won = (acc_curr == 0).nonzero().flatten()
-            acc[todo[won]] = False
-            adv[todo[won]] = adv_curr[won].clone()
+            _run_fooling(apgd, x, y, todo, gens, acc, adv)
     return adv
 
 

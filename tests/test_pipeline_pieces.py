@@ -57,3 +57,32 @@ def test_bad_pieces_are_one_error_line(tmp_path, cli):
             parse_piece(bad)
     r = cli("pipeline", *OPTS, "--out", tmp_path / "r", "--piece", "rank:0:999")
     assert r.code == 2 and "N = 128" in r.err and len(r.err.strip().splitlines()) == 1
+
+
+def _error(r) -> str:
+    """The one error line (after the stages' progress lines on stderr)."""
+    errors = [ln for ln in r.err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and r.err.strip().splitlines()[-1] == errors[0], r.err
+    return errors[0]
+
+
+def test_merge_piece_refuses_missing_or_corrupted_pieces(tmp_path, cli):
+    run = tmp_path / "run"
+    for p in ("calibrate", "defend:0/2"):
+        assert cli("pipeline", *OPTS, "--out", run, "--piece", p).code == 0
+    r = cli("pipeline", *OPTS, "--out", run, "--piece", "merge")
+    assert r.code == 2 and "incomplete (1 of 2 found" in _error(r)
+    assert cli("pipeline", *OPTS, "--out", run, "--piece", "defend:1/2").code == 0
+    (piece,) = (run / "pieces").glob("eval-*.shard-1-of-2.safetensors")
+    raw = bytearray(piece.read_bytes())
+    raw[-2] ^= 0x01  # a flipped bit in the tensors, the header intact
+    piece.write_bytes(bytes(raw))
+    r = cli("pipeline", *OPTS, "--out", run, "--piece", "merge")
+    assert r.code == 2 and "corrupted" in _error(r)
+    r = cli("pipeline", *OPTS, "--out", run, "--piece", "defend:1/2")  # the piece refuses to overwrite it silently
+    assert r.code == 2 and "corrupted" in _error(r)
+    piece.unlink()
+    assert cli("pipeline", *OPTS, "--out", run, "--piece", "defend:1/2").code == 0
+    r = cli("pipeline", *OPTS, "--out", run, "--piece", "merge")
+    assert r.code == 0, r.err
+    assert cli("pipeline", *OPTS, "--out", run).json()["stages"]["defend-eval"] == "reused"

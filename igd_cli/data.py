@@ -271,12 +271,10 @@ def same_images(a: ImageSet, b: ImageSet) -> bool:
 
 
 def _bytes_digest(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """sha256 of tensors' dtypes, shapes and bytes (the digest every artifact carries of its tensors)."""
+    from .artifacts import tensors_digest
+
+    return tensors_digest({str(i): t for i, t in enumerate(tensors)})
 
 
 def _array_digest(ds: ImageSet, start: int, stop: int, chunk: int = 4096) -> str:

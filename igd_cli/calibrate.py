@@ -34,6 +34,7 @@ from .defense import Features, IGDefense, artifact_layer, check_importance, chec
 from .devices import module_device
 from .errors import IgdError
 from .layers import layer_output_shape, resolve_layer
+from .common import DEFAULT_N_EXAMPLES  # noqa: F401  (importable from here as before)
 
 DEFAULT_CACHE_BYTES = 2 << 30
 #: calibrate-k's noise stream is ``seed XOR`` this: independent of the evaluation's draws (stream ``seed``) and of
@@ -296,8 +297,6 @@ def _int_k(text: str, given: str) -> int:
     except ValueError as exc:
         raise IgdError(f"--k {given}: k must be a whole number") from exc
 
-
-DEFAULT_N_EXAMPLES = 1000
 
 
 def run_calibration(target: Any, importance_path: str | Path | Sequence[str | Path], out: str | Path, *,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable
 
 import typer
+import typer.core
 
 from . import __version__
 from ._compat import offline_guards
@@ -25,6 +26,27 @@ _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "C
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   pretty_exceptions_enable=False,
                   help="IG-Defense: interpretability-guided test-time adversarial defence (ECCV 2024).")
+
+
+class ArgCommand(typer.core.TyperCommand):
+    """A command whose positional arguments show their metavar alone in ``--help`` (Typer appends the Python type:
+    ``FILE <path>``, ``SHARD <list[Path]>``). Use ``@app.command(..., cls=ArgCommand)`` with ``metavar=`` set."""
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        for p in self.params:
+            if p.param_type_name == "argument" and p.metavar:
+                p.display_type_rich = lambda ctx: None  # shadows Typer's method on this parameter only
+        super().format_options(ctx, formatter)
+
+
+def examples(*lines: str) -> str:
+    """The epilog of a command's ``--help``: its examples, one ``igd …`` command per line, kept as written (click's
+    ``\\b`` stops it from rewrapping them). ``python -m igd_cli.reference`` copies them into docs/reference.md.
+
+    Example: ``@app.command("inspect", epilog=examples("igd inspect mask.safetensors"))``
+    """
+    assert all(line.startswith("igd ") for line in lines), lines
+    return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def emit(result: dict[str, Any], as_json: bool, render: Callable[[dict[str, Any]], None] | None = None) -> None:

@@ -33,6 +33,10 @@ def parse_eps(text: str | float | None) -> float | None:
 FOR_SMOOTHING = "σ = ε/2 of the randomized smoothing; or pass --sigma, or --no-rs"
 
 
+#: images a command evaluates on when --n-examples is not given: the first 1000 (all if fewer), as the paper
+DEFAULT_N_EXAMPLES = 1000
+
+
 @dataclass
 class Target:
     """A model, its device and the data set it is used with."""
@@ -48,6 +52,14 @@ class Target:
 
     def data(self, split: str, n: int | None, data_dir: Path | None = None) -> ImageSet:
         return load_dataset(self.dataset, split, n, data_dir)
+
+    def eval_data(self, split: str, n: int | None, data_dir: Path | None = None) -> ImageSet:
+        """The first ``n`` images of the split; ``None``: the first :data:`DEFAULT_N_EXAMPLES` (all if fewer), the
+        default of every command that evaluates (calibrate-k, attack, defend-eval, the pipeline's paper preset)."""
+        data = self.data(split, n, data_dir)
+        if n is None:
+            data.n = min(DEFAULT_N_EXAMPLES, len(data))
+        return data
 
     def default_eps(self, needed_for: str = "the attacks' budget") -> float:
         """ε when ``--eps`` is not given: the model's own (zoo entry, demo model), else the data set's default for
@@ -111,12 +123,16 @@ def model_input_shape(loaded: LoadedModel, given: tuple[int, ...] | None, datase
     return tuple(load_dataset(ds, "test", 1, data_dir).get(0, 1).x.shape[1:])
 
 
-def resolve_model_layer(target: Target, layer: str | None, input_shape: tuple[int, ...]) -> tuple[str, int]:
-    """The full layer name (default: the model's penultimate layer) and its neuron count N."""
+def resolve_model_layer(target: Target, layer: str | None, input_shape: tuple[int, ...],
+                        chosen: dict[str, str] | None = None) -> tuple[str, int]:
+    """The full layer name (default: :meth:`LoadedModel.masked_layer`, the penultimate layer or the module feeding
+    the classifier; then ``chosen["layer_chosen_by"]`` says which) and its neuron count N."""
     if layer is None:
-        layer = target.loaded.default_layer
+        layer, why = target.loaded.masked_layer(input_shape)
         if layer is None:
-            raise IgdError("--layer is required for this model (igd layers --model ... lists them)")
+            raise IgdError(f"--layer is required for this model: {why} (igd layers --model ... lists the layers)")
+        if chosen is not None:
+            chosen["layer_chosen_by"] = why
     name = resolve_layer(target.model, layer)
     shape = layer_output_shape(target.model, name, input_shape)
     return name, shape[0]

@@ -145,6 +145,90 @@ def neuron_count(model: nn.Module, name: str, input_shape: tuple[int, ...]) -> i
     return layer_output_shape(model, name, input_shape)[0]
 
 
+#: modules that commute with a non-negative per-channel scale (relu(s·a) = s·relu(a), pool(s·a) = s·pool(a) for
+#: s >= 0): masking before or after them is the same defence, so :func:`feeding_layer` names the module before them
+CHANNEL_SCALE_COMMUTING: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.MaxPool1d, nn.MaxPool2d,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+
+
+def feeding_layer(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[str | None, str]:
+    """The module that unambiguously feeds the classifier, for a model whose architecture names no masked layer:
+    ``(name, why)``, or ``(None, why not)``.
+
+    The classifier is the last ``nn.Linear`` to run, whose output is the model's output; with F inputs, a candidate
+    is a module that runs once and outputs F channels. It feeds the classifier when scaling its output channel by
+    channel with ``s >= 0`` scales the classifier's input by the same ``s`` (checked numerically on two random
+    images: only ReLU, pooling, flattening and the like in between, functional ones included). Every such module
+    gives the same defence (the mask is such a scale); the name chosen is the last one that is not itself one of
+    :data:`CHANNEL_SCALE_COMMUTING` (e.g. the block before ReLU and pooling), else the first.
+
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    ...                     nn.Linear(4, 3)).eval()
+    >>> feeding_layer(net, (1, 8, 8))[0]
+    '1'
+    """
+    from .devices import module_device
+
+    modules = dict((n, m) for n, m in model.named_modules() if n)
+    outs: dict[str, Any] = {}
+    calls: dict[str, int] = {}
+    order: list[str] = []
+
+    def record(_m, _i, out, n):
+        calls[n] = calls.get(n, 0) + 1
+        outs[n] = out
+        order.append(n)
+
+    device = module_device(model)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, *input_shape, generator=g).to(device)
+    hooks = [m.register_forward_hook(lambda m_, i_, o_, n=n: record(m_, i_, o_, n)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    linears = [n for n in order if isinstance(modules[n], nn.Linear)]
+    if not linears or not isinstance(logits, torch.Tensor) or outs[linears[-1]] is not logits and not (
+            isinstance(outs[linears[-1]], torch.Tensor) and outs[linears[-1]].shape == logits.shape
+            and torch.equal(outs[linears[-1]], logits)):
+        return None, "no nn.Linear classifier produces the model's output"
+    clf = linears[-1]
+    n_in = modules[clf].in_features
+    cands = [n for n in dict.fromkeys(order) if calls[n] == 1 and n != clf and not clf.startswith(n + ".")
+             and isinstance(outs[n], torch.Tensor) and outs[n].ndim >= 2 and outs[n].shape[1] == n_in]
+    if not cands:
+        return None, f"no module outputs the {n_in} channels the classifier {clf} takes"
+    box: dict[str, torch.Tensor] = {}
+    pre = modules[clf].register_forward_pre_hook(lambda _m, args: box.__setitem__("z", args[0]))
+    s = torch.rand(n_in, generator=g) + 0.25
+    s[::4] = 0.0  # masked-out neurons too
+    s = s.to(device)
+    feeding = []
+    try:
+        with torch.no_grad():
+            model(x)
+            z0 = box["z"]
+            want = z0 * s
+            tol = 1e-5 * float(z0.abs().max().clamp_min(1e-12))
+            for n in cands:
+                with replaced(model, n, lambda a: scale_output(a, s.to(a.dtype).expand(a.shape[0], -1))):
+                    model(x)
+                if box["z"].shape == want.shape and torch.allclose(box["z"], want, rtol=1e-4, atol=tol):
+                    feeding.append(n)
+    finally:
+        pre.remove()
+    if not feeding:
+        return None, (f"no module with {n_in} channels reaches the classifier {clf} channel by channel (something "
+                      "other than ReLU and pooling lies in between)")
+    named = [n for n in feeding if not isinstance(modules[n], CHANNEL_SCALE_COMMUTING)]
+    pick = named[-1] if named else feeding[0]
+    return pick, (f"the module feeding the classifier {clf} ({n_in} channels; between them only operations that "
+                  "commute with a channel scale, such as ReLU and pooling)")
+
+
 class _StopForward(Exception):
     pass
 

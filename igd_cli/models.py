@@ -51,6 +51,16 @@ class LoadedModel:
     info: dict[str, Any] = field(default_factory=dict)
     input_shape: tuple[int, ...] | None = None  # (C, H, W) of one image, when the model's source says it
 
+    def masked_layer(self, input_shape: tuple[int, ...]) -> tuple[str | None, str]:
+        """The layer masked when ``--layer`` is not given, and how it was chosen: the architecture's penultimate
+        layer, else (your own architecture) the module feeding the classifier (:func:`igd_cli.layers.feeding_layer`),
+        else ``(None, why not)``."""
+        if self.default_layer is not None:
+            return self.default_layer, "the model's penultimate layer"
+        from .layers import feeding_layer
+
+        return feeding_layer(self.model, input_shape)
+
     def describe(self) -> dict[str, Any]:
         return {"model": self.name, "source": self.source, "model_fingerprint": self.fingerprint,
                 "num_classes": self.num_classes, "dataset": self.dataset, "eps": self.eps,

@@ -16,30 +16,33 @@ from ..analysis.ablation import analyze_ablation
 from ..analysis.setup import load_rankings, make_setup
 from ..analysis.shift import PGD_STEPS, analyze_shift
 from ..analysis.sweep import OVER, SweepSpec, analyze_sweep, parse_value
-from ..cli import app, emit
+from ..cli import app, emit, examples
 from ..common import open_target, parse_eps
 from ..console import out_console, progress_enabled
 from ..defense import DEFAULT_N_SMOOTH, DEFAULT_TAU
 from ..errors import IgdError
 from ..evaluate import Budgets
-from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Draws, EotIter, Eps, Json, Model, Normalize,
-                       ProtocolOpt, Queries, Restarts, Seed, Steps, ThreatModel, ZooDataset)
+from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Draws, Eps, EpsSigma, Json, Model, Normalize,
+                       PresetEotIter, PresetQueries, PresetRestarts, PresetSteps, ProtocolOpt, Seed, ThreatModel,
+                       ZooDataset)
 from ..pipeline import preset_values
 from ..report import ablation_cells, rich_table, shift_cells, sweep_cells
 from ..scoring import DEFAULT_DRAWS
 
-analyze_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+analyze_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, epilog=examples(
+    "igd analyze shift --importance imp.safetensors --k 16 --n-examples 100 --out runs/demo",
+    "igd analyze sweep --importance imp.safetensors --over k --values 4,16,64 --attack none --n-examples 100 --out runs/demo"),
                           help="The paper's analyses on your model: activation shift (Sec. 3), ablation (Table 6), "
                                "sensitivity sweeps (Figs. 5-7, Table 10).")
 app.add_typer(analyze_app, name="analyze", short_help="the paper's analyses: activation shift, ablation, sweeps")
 
-Importance = Annotated[list[Path], typer.Option("--importance", help="importance artifact(s) from igd rank")]
-K = Annotated[int, typer.Option("--k", min=1, help="neurons kept per class (top-k of the ranking)")]
-Out = Annotated[Optional[Path], typer.Option("--out", help="run folder for the results, plots and attack sets "
+Importance = Annotated[list[Path], typer.Option("--importance", metavar="FILE", help="importance artifact(s) from igd rank")]
+K = Annotated[int, typer.Option("--k", metavar="K", min=1, help="neurons kept per class (top-k of the ranking)")]
+Out = Annotated[Optional[Path], typer.Option("--out", metavar="DIR", help="run folder for the results, plots and attack sets "
                                              "(default runs/<model>, shared with igd pipeline)")]
-NExamples = Annotated[Optional[int], typer.Option("--n-examples", min=1, help="the first N test images (default: "
-                                                  "the preset's; paper: all, at most 1000)")]
-Preset = Annotated[str, typer.Option("--preset", help="budgets and images when not given: quick, paper or auto "
+NExamples = Annotated[Optional[int], typer.Option("--n-examples", metavar="N", min=1, help="the first N test images (default: "
+                                                  "the preset's: quick 200, paper the first 1000 or all if fewer)")]
+Preset = Annotated[str, typer.Option("--preset", metavar="auto|quick|paper", help="budgets and images when not given: quick, paper or auto "
                                      "(as igd pipeline: quick for demo, else paper)")]
 
 
@@ -58,14 +61,15 @@ def _setup(model: str, arch: str | None, dataset: str | None, data_dir: Path | N
     return setup, out, p["preset"]
 
 
-@analyze_app.command("shift", short_help="how an attack shifts the important activations (Sec. 3)")
+@analyze_app.command("shift", short_help="how an attack shifts the important activations (Sec. 3)",
+                     epilog=examples("igd analyze shift --importance imp.safetensors --k 16 --n-examples 100 --out runs/demo"))
 def shift_cmd(
     importance: Importance, k: K,
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
     threat_model: ThreatModel = "Linf", zoo_dataset: ZooDataset = None, normalize: Normalize = None,
     out: Out = None, preset: Preset = "auto", n_examples: NExamples = None,
     eps: Eps = None,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="PGD steps (the paper's 50)")] = PGD_STEPS,
+    steps: Annotated[int, typer.Option("--steps", metavar="N", min=1, help="PGD steps (the paper's 50)")] = PGD_STEPS,
     batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto", as_json: Json = False,
 ) -> None:
     """How a PGD attack on the base model shifts the masked layer's activations (Sec. 3, Eqs. 1-2, Table 7): the
@@ -93,19 +97,21 @@ def _render_shift(r: dict[str, Any]) -> None:
                       f"-> {r['json']}, {r['plot']}")
 
 
-@analyze_app.command("ablation", short_help="the rows of Table 6: clean, AA and IW-WC per component")
+@analyze_app.command("ablation", short_help="the rows of Table 6: clean, AA and IW-WC per component",
+                     epilog=examples("igd analyze ablation --importance imp.safetensors --k 16 --n-examples 20 --no-iw-wc --out runs/demo"))
 def ablation_cmd(
     importance: Importance, k: K,
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
     threat_model: ThreatModel = "Linf", zoo_dataset: ZooDataset = None, normalize: Normalize = None,
     out: Out = None, preset: Preset = "auto", n_examples: NExamples = None,
-    eps: Eps = None,
-    sigma: Annotated[Optional[float], typer.Option("--sigma", help="smoothing noise std (default ε/2)")] = None,
-    tau: Annotated[float, typer.Option("--tau", help="soft pseudo-label temperature")] = DEFAULT_TAU,
-    n_smooth: Annotated[int, typer.Option("--n-smooth", min=1, help="noise samples")] = DEFAULT_N_SMOOTH,
-    random_seed: Annotated[int, typer.Option("--random-seed", help="seed of the random-k row's ranking")] = 0,
+    eps: EpsSigma = None,
+    sigma: Annotated[Optional[float], typer.Option("--sigma", metavar="S", help="smoothing noise std (default ε/2)")] = None,
+    tau: Annotated[float, typer.Option("--tau", metavar="T", help="soft pseudo-label temperature")] = DEFAULT_TAU,
+    n_smooth: Annotated[int, typer.Option("--n-smooth", metavar="N", min=1, help="noise samples")] = DEFAULT_N_SMOOTH,
+    random_seed: Annotated[int, typer.Option("--random-seed", metavar="INT", help="seed of the random-k row's ranking")] = 0,
     iw_wc: Annotated[bool, typer.Option("--iw-wc/--no-iw-wc", help="the IW-WC column (nine attacks per row)")] = True,
-    steps: Steps = None, restarts: Restarts = None, queries: Queries = None, eot_iter: EotIter = None,
+    steps: PresetSteps = None, restarts: PresetRestarts = None, queries: PresetQueries = None,
+    eot_iter: PresetEotIter = None,
     draws: Draws = DEFAULT_DRAWS, protocol: ProtocolOpt = "draws",
     batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto", as_json: Json = False,
 ) -> None:
@@ -130,25 +136,28 @@ def _render_ablation(r: dict[str, Any]) -> None:
                       f"protocol); the others are exact. -> {r['json']}, {r['plot']}")
 
 
-@analyze_app.command("sweep", short_help="accuracy as k, ε, σ, τ, n_s, layer or steps varies")
+@analyze_app.command("sweep", short_help="accuracy as k, ε, σ, τ, n_s, layer or steps varies", epilog=examples(
+    "igd analyze sweep --importance imp.safetensors --over k --values 4,16,64 --attack none --n-examples 100 --out runs/demo",
+    "igd analyze sweep --importance imp.safetensors --over sigma --values 0.05,0.1,0.2 --k 16 --attack none --n-examples 100 --out runs/demo"))
 def sweep_cmd(
     importance: Importance,
-    over: Annotated[str, typer.Option("--over", help=f"the setting to vary: {' | '.join(OVER)}")],
-    values: Annotated[list[str], typer.Option("--values", help="values of --over (repeat, or comma-separated)")],
-    k: Annotated[Optional[int], typer.Option("--k", min=1, help="neurons kept per class at every point (default: "
+    over: Annotated[str, typer.Option("--over", metavar="SETTING", help=f"the setting to vary: {' | '.join(OVER)}")],
+    values: Annotated[list[str], typer.Option("--values", metavar="V,...", help="values of --over (repeat, or comma-separated)")],
+    k: Annotated[Optional[int], typer.Option("--k", metavar="K", min=1, help="neurons kept per class at every point (default: "
                                              "the k of --over k's values, else required)")] = None,
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
     threat_model: ThreatModel = "Linf", zoo_dataset: ZooDataset = None, normalize: Normalize = None,
     out: Out = None, preset: Preset = "auto", n_examples: NExamples = None,
-    eps: Eps = None,
-    layer: Annotated[Optional[str], typer.Option("--layer", help="with several --importance: the layer of every "
+    eps: EpsSigma = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", metavar="LAYER", help="with several --importance: the layer of every "
                                                  "point (not with --over layer)")] = None,
-    sigma: Annotated[Optional[str], typer.Option("--sigma", help="smoothing noise std (default ε/2 of --eps)")] = None,
-    tau: Annotated[float, typer.Option("--tau", help="soft pseudo-label temperature")] = DEFAULT_TAU,
-    n_smooth: Annotated[int, typer.Option("--n-smooth", min=1, help="noise samples")] = DEFAULT_N_SMOOTH,
+    sigma: Annotated[Optional[str], typer.Option("--sigma", metavar="S", help="smoothing noise std (default ε/2 of --eps)")] = None,
+    tau: Annotated[float, typer.Option("--tau", metavar="T", help="soft pseudo-label temperature")] = DEFAULT_TAU,
+    n_smooth: Annotated[int, typer.Option("--n-smooth", metavar="N", min=1, help="noise samples")] = DEFAULT_N_SMOOTH,
     no_rs: Annotated[bool, typer.Option("--no-rs", help="defence without randomized smoothing")] = False,
-    attack: Annotated[str, typer.Option("--attack", help="robust accuracy under: none, an attack name, or iw-wc")] = "aa",
-    steps: Steps = None, restarts: Restarts = None, queries: Queries = None, eot_iter: EotIter = None,
+    attack: Annotated[str, typer.Option("--attack", metavar="none|NAME|iw-wc", help="robust accuracy under: none, an attack name, or iw-wc")] = "aa",
+    steps: PresetSteps = None, restarts: PresetRestarts = None, queries: PresetQueries = None,
+    eot_iter: PresetEotIter = None,
     draws: Draws = DEFAULT_DRAWS, protocol: ProtocolOpt = "draws",
     batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto", as_json: Json = False,
 ) -> None:

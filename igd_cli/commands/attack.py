@@ -11,7 +11,7 @@ import torch
 import typer
 
 from ..attacks import ATTACKS, attack_class, make_attack, run_attack
-from ..cli import app, emit
+from ..cli import app, emit, examples
 from ..common import check_classes, open_target, parse_eps
 from ..console import out_console
 from ..errors import IgdError
@@ -23,14 +23,16 @@ from ..scoring import DEFAULT_DRAWS, check_protocol, score_set
 from ..shards import parse_shard  # noqa: F401  (shared with defend-eval; importable from here as before)
 
 
-@app.command("attack", short_help="adversarial examples against the base or defended model")
+@app.command("attack", short_help="adversarial examples against the base or defended model", epilog=examples(
+    "igd attack --model demo --attack apgd-ce --steps 20 --n-examples 100 --out adv.safetensors",
+    "igd attack --model demo --mask mask.safetensors --attack apgd-eot --steps 10 --eot-iter 5 --n-examples 100 --out adv-defended.safetensors"))
 def attack_cmd(
     model: Model = "demo",
-    attack: Annotated[str, typer.Option("--attack", help=f"one of {', '.join(ATTACKS)}")] = ...,
-    out: Annotated[Path, typer.Option("--out", help="adversarial set to write (.safetensors)")] = ...,
-    mask: Annotated[Optional[Path], typer.Option("--mask", help="attack the defended model with this mask artifact")] = None,
+    attack: Annotated[str, typer.Option("--attack", metavar="NAME", help=f"one of {', '.join(ATTACKS)}")] = ...,
+    out: Annotated[Path, typer.Option("--out", metavar="FILE", help="adversarial set to write (.safetensors)")] = ...,
+    mask: Annotated[Optional[Path], typer.Option("--mask", metavar="FILE", help="attack the defended model with this mask artifact")] = None,
     eps: Eps = None,
-    n_examples: Annotated[Optional[int], typer.Option("--n-examples", help="first N test images (default: all)")] = None,
+    n_examples: Annotated[Optional[int], typer.Option("--n-examples", metavar="N", help="the first N test images (default: the first 1000, or all if fewer)")] = None,
     steps: Steps = None,
     restarts: Restarts = None,
     queries: Queries = None,
@@ -66,7 +68,7 @@ def attack_cmd(
     if out.exists() and out.is_dir():
         raise IgdError(f"--out {out}: is a directory")
     target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize)
-    data = target.data("test", n_examples, data_dir)
+    data = target.eval_data("test", n_examples, data_dir)
     check_classes(target, data)
     if eps_v is None:
         eps_v = target.default_eps("the attack's budget")

@@ -8,43 +8,45 @@ from typing import Annotated, Optional
 import typer
 
 from ..calibrate import DEFAULT_CACHE_BYTES, DEFAULT_N_EXAMPLES, parse_k, run_calibration
-from ..cli import app, emit
+from ..cli import app, emit, examples
 from ..common import open_target, parse_eps
 from ..console import out_console
 from ..defense import DEFAULT_N_SMOOTH, DEFAULT_TAU
-from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Eps, Json, Layer, Model, Normalize, Seed, ThreatModel,
+from ..options import (Arch, BatchSize, CalibrationEps, DataDir, Dataset, Device, Json, Layer, Model, Normalize, Seed, ThreatModel,
                        ZooDataset)
 from ..report import calibration_table
 
 
-@app.command("calibrate-k", short_help="choose k on clean accuracy and write the mask")
+@app.command("calibrate-k", short_help="choose k on clean accuracy and write the mask", epilog=examples(
+    "igd calibrate-k --model demo --importance imp.safetensors --n-examples 200 --out mask.safetensors",
+    "igd calibrate-k --model demo --importance imp.safetensors --k 16 --n-examples 200 --plot k.png --out mask-k16.safetensors"))
 def calibrate_cmd(
     importance: Annotated[list[Path], typer.Option(
-        "--importance", help="importance artifact from igd rank (or igd merge); repeat it (one per layer) to mask "
+        "--importance", metavar="FILE", help="importance artifact from igd rank (or igd merge); repeat it (one per layer) to mask "
                              "several layers with one mask artifact")],
-    out: Annotated[Path, typer.Option("--out", help="where to write the mask artifact (safetensors)")],
+    out: Annotated[Path, typer.Option("--out", metavar="FILE", help="where to write the mask artifact (safetensors)")],
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
     normalize: Normalize = None,
     threat_model: ThreatModel = "Linf", layer: Layer = None,
     zoo_dataset: ZooDataset = None,
-    split: Annotated[str, typer.Option("--split", help="data split to calibrate on")] = "test",
+    split: Annotated[str, typer.Option("--split", metavar="train|test", help="data split to calibrate on")] = "test",
     n_examples: Annotated[Optional[int], typer.Option(
-        "--n-examples", help=f"the first N images of the split (default {DEFAULT_N_EXAMPLES}, or all if fewer)")] = None,
+        "--n-examples", metavar="N", help=f"the first N images of the split (default: the first {DEFAULT_N_EXAMPLES}, or all if fewer)")] = None,
     tolerance: Annotated[float, typer.Option(
-        "--tolerance", help="allowed clean-accuracy drop below the base model, in percentage points")] = 0.5,
-    eps: Eps = None,
-    sigma: Annotated[Optional[float], typer.Option("--sigma", help="smoothing noise std (default ε/2)")] = None,
-    n_smooth: Annotated[int, typer.Option("--n-smooth", help="noise samples for the soft pseudo-label")] = DEFAULT_N_SMOOTH,
-    tau: Annotated[float, typer.Option("--tau", help="softmax temperature of the soft pseudo-label")] = DEFAULT_TAU,
+        "--tolerance", metavar="PTS", help="allowed clean-accuracy drop below the base model, in percentage points")] = 0.5,
+    eps: CalibrationEps = None,
+    sigma: Annotated[Optional[float], typer.Option("--sigma", metavar="S", help="smoothing noise std (default ε/2)")] = None,
+    n_smooth: Annotated[int, typer.Option("--n-smooth", metavar="N", help="noise samples for the soft pseudo-label")] = DEFAULT_N_SMOOTH,
+    tau: Annotated[float, typer.Option("--tau", metavar="T", help="softmax temperature of the soft pseudo-label")] = DEFAULT_TAU,
     no_rs: Annotated[bool, typer.Option("--no-rs", help="no randomized smoothing: ŷ = softmax(f(x)/τ)")] = False,
     k: Annotated[Optional[list[str]], typer.Option(
-        "--k", help="skip the search: write the mask for this k; several layers: LAYER=K fixes that layer's k "
+        "--k", metavar="K|LAYER=K", help="skip the search: write the mask for this k; several layers: LAYER=K fixes that layer's k "
                     "(repeatable; the others keep searching the same fraction k/N)")] = None,
-    batch_size: BatchSize = 256, seed: Seed = 0, device: Device = "auto",
+    batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto",
     cache_mb: Annotated[int, typer.Option(
-        "--cache-mb", help="memory for cached k-independent features; batches beyond are recomputed per k")
+        "--cache-mb", metavar="MB", help="memory for cached k-independent features; batches beyond are recomputed per k")
     ] = DEFAULT_CACHE_BYTES >> 20,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG: clean accuracy vs k with the tolerance band")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", metavar="PNG", help="PNG: clean accuracy vs k with the tolerance band")] = None,
     as_json: Json = False,
 ) -> None:
     """Find the smallest k whose defended clean accuracy is at least the base clean accuracy minus --tolerance

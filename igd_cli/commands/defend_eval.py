@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..adv_files import expand_adv
-from ..cli import app, emit
+from ..cli import app, emit, examples
 from ..common import check_classes, open_target, parse_eps
 from ..console import out_console
 from ..defense import check_settings, load_defense
@@ -25,22 +25,24 @@ from ..scoring import DEFAULT_DRAWS, check_protocol
 from ..shards import parse_shard
 
 
-@app.command("defend-eval", short_help="clean and robust accuracy, base vs defended model")
+@app.command("defend-eval", short_help="clean and robust accuracy, base vs defended model", epilog=examples(
+    "igd defend-eval --model demo --mask mask.safetensors --n-examples 100",
+    "igd defend-eval --model demo --mask mask.safetensors --n-examples 100 --adv adv.safetensors"))
 def defend_eval_cmd(
-    mask: Annotated[Path, typer.Option("--mask", help="mask artifact from igd calibrate-k")],
+    mask: Annotated[Path, typer.Option("--mask", metavar="FILE", help="mask artifact from igd calibrate-k")],
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
     normalize: Normalize = None,
     threat_model: ThreatModel = "Linf",
     zoo_dataset: ZooDataset = None,
-    attack: Annotated[str, typer.Option("--attack", help="none (clean accuracy only), an attack NAME, or iw-wc")] = "none",
+    attack: Annotated[str, typer.Option("--attack", metavar="none|NAME|iw-wc", help="none (clean accuracy only), an attack NAME, or iw-wc")] = "none",
     adv: Annotated[Optional[list[Path]], typer.Option("--adv", metavar="FILE|DIR", help="ready-made adversarial set to "
                                                       "evaluate, or a folder: every set in it (repeat --adv for more)")] = None,
-    split: Annotated[str, typer.Option("--split", help="data split to evaluate on")] = "test",
-    n_examples: Annotated[Optional[int], typer.Option("--n-examples", help="the first N images of the split (default: all)")] = None,
+    split: Annotated[str, typer.Option("--split", metavar="train|test", help="data split to evaluate on")] = "test",
+    n_examples: Annotated[Optional[int], typer.Option("--n-examples", metavar="N", help="the first N images of the split (default: the first 1000, or all if fewer)")] = None,
     eps: Eps = None,
-    sigma: Annotated[Optional[float], typer.Option("--sigma", help="smoothing noise std (default: the mask's)")] = None,
-    n_smooth: Annotated[Optional[int], typer.Option("--n-smooth", help="noise samples (default: the mask's)")] = None,
-    tau: Annotated[Optional[float], typer.Option("--tau", help="soft pseudo-label temperature (default: the mask's)")] = None,
+    sigma: Annotated[Optional[float], typer.Option("--sigma", metavar="S", help="smoothing noise std (default: the mask's)")] = None,
+    n_smooth: Annotated[Optional[int], typer.Option("--n-smooth", metavar="N", help="noise samples (default: the mask's)")] = None,
+    tau: Annotated[Optional[float], typer.Option("--tau", metavar="T", help="soft pseudo-label temperature (default: the mask's)")] = None,
     rs: Annotated[Optional[bool], typer.Option("--rs/--no-rs", help="randomized smoothing on/off (default: the mask's)")] = None,
     steps: Steps = None,
     restarts: Restarts = None,
@@ -49,13 +51,13 @@ def defend_eval_cmd(
     bpda_temperature: BpdaTemperature = None,
     draws: Draws = DEFAULT_DRAWS,
     protocol: ProtocolOpt = "draws",
-    workdir: Annotated[Optional[Path], typer.Option("--workdir", help="where attack sets are kept and resumed "
+    workdir: Annotated[Optional[Path], typer.Option("--workdir", metavar="DIR", help="where attack sets are kept and resumed "
                                                     "(default: $IGD_HOME/adv/<model fingerprint>)")] = None,
     skip: Annotated[bool, typer.Option("--skip/--no-skip", help="IW-WC: attack the defended model only on images "
                                        "where it can still change the worst case (same worst case, faster)")] = True,
     shard: Shard = None,
-    batch_size: BatchSize = 256, seed: Seed = 0, device: Device = "auto",
-    report: Annotated[Optional[Path], typer.Option("--report", help="write an eval-report artifact: per-image, "
+    batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto",
+    report: Annotated[Optional[Path], typer.Option("--report", metavar="FILE", help="write an eval-report artifact: per-image, "
                                                    "per-draw correctness and per-class accuracy")] = None,
     as_json: Json = False,
 ) -> None:
@@ -86,7 +88,7 @@ def defend_eval_cmd(
     target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize)
     eps_value = parse_eps(eps)
     defense = load_defense(target, mask, sigma=sigma, n_smooth=n_smooth, tau=tau, rs=rs, seed=seed)
-    data = target.data(split, n_examples, data_dir)
+    data = target.eval_data(split, n_examples, data_dir)
     check_classes(target, data)
     _, result = defend_eval(target, defense, mask, data, attack=attack, adv=adv_files, eps=eps_value,
                             norm=threat_model, budgets=budgets, workdir=workdir, skip=skip,

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..cli import app, emit
+from ..cli import app, emit, examples
 from ..console import out_console
 from ..data import DATASETS, data_dir as resolve_data_dir, load_dataset
 from ..devices import resolve_device
@@ -19,14 +19,16 @@ from ..models import igd_home, load_model, robustbench_entry
 from ..options import DataDir, Dataset, Json, Model, ThreatModel, ZooDataset
 
 
-@app.command("fetch", short_help="fill the model and data caches once, for offline nodes")
+@app.command("fetch", short_help="fill the model and data caches once, for offline nodes", epilog=examples(
+    "igd fetch --model demo",
+    "igd fetch --model Addepalli2022Efficient_RN18 --dataset cifar10   # needs a download"))
 def fetch_cmd(
     model: Model = "demo",
     dataset: Dataset = None,
     data_dir: DataDir = None,
     threat_model: ThreatModel = "Linf",
     zoo_dataset: ZooDataset = None,
-    mirror: Annotated[Optional[str], typer.Option("--mirror", envvar="IGD_MIRROR", help="download from this mirror "
+    mirror: Annotated[Optional[str], typer.Option("--mirror", metavar="URL", envvar="IGD_MIRROR", help="download from this mirror "
                                                   "(http(s):// or file://) laid out as models/<ds>/<tm>/<name>.pt "
                                                   "and data/<archive>, instead of the zoo's and torchvision's hosts")] = None,
     as_json: Json = False,

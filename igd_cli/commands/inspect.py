@@ -9,14 +9,15 @@ import typer
 from rich.table import Table
 
 from ..artifacts import read_metadata, tensor_info
-from ..cli import app, emit
+from ..cli import ArgCommand, app, emit, examples
 from ..console import out_console
 from ..defense import mask_summary
 from ..options import Json
 
 
-@app.command("inspect", short_help="kind, tensors and metadata of a safetensors file")
-def inspect_cmd(file: Annotated[Path, typer.Argument(help="a safetensors file (igd artifact or any other)")],
+@app.command("inspect", short_help="kind, tensors and metadata of a safetensors file", epilog=examples(
+    "igd inspect mask.safetensors"), cls=ArgCommand)
+def inspect_cmd(file: Annotated[Path, typer.Argument(metavar="FILE", help="a safetensors file (igd artifact or any other)")],
                 as_json: Json = False) -> None:
     """Show the kind, tensors and metadata of a safetensors file."""
     meta = read_metadata(file)

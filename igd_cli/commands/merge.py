@@ -11,18 +11,20 @@ import typer
 from rich.table import Table
 
 from .. import eval_shards  # registers the adversarial-set and eval-report mergers
-from ..cli import app, emit
+from ..cli import ArgCommand, app, emit, examples
 from ..console import out_console
 from ..evaluate import render_table
 from ..options import Json
 from ..shards import merge
 
 
-@app.command("merge", short_help="join shards into the full artifact")
+@app.command("merge", short_help="join shards into the full artifact", epilog=examples(
+    "igd rank --model demo --n-probe 200 --neurons 64:128 --out imp-1.safetensors",
+    "igd merge imp-0.safetensors imp-1.safetensors --out imp-merged.safetensors"), cls=ArgCommand)
 def merge_cmd(
-    shards: Annotated[list[Path], typer.Argument(help="shard files; together they must cover every neuron "
+    shards: Annotated[list[Path], typer.Argument(metavar="SHARD", help="shard files; together they must cover every neuron "
                                                      "(importance) or every example (sets, reports) once")],
-    out: Annotated[Path, typer.Option("--out", help="the merged artifact to write")],
+    out: Annotated[Path, typer.Option("--out", metavar="FILE", help="the merged artifact to write")],
     as_json: Json = False,
 ) -> None:
     """Check that the shards belong together and cover 0..N-1 exactly once, then write the full artifact."""

@@ -8,52 +8,55 @@ from typing import Annotated, Optional
 import typer
 
 from ..calibrate import parse_k
-from ..cli import app, emit
+from ..cli import app, emit, examples
 from ..common import open_target, parse_eps
 from ..console import out_console
 from ..errors import IgdError
 from ..evaluate import Budgets, render_table
-from ..options import (Arch, BatchSize, BpdaTemperature, DataDir, Dataset, Device, Draws, Eps, Json, Model, Normalize, ProbeDataset,
-                       ProtocolOpt, Seed, ThreatModel, ZooDataset)
+from ..options import (Arch, BatchSize, BpdaTemperature, DataDir, Dataset, Device, Draws, EpsSigma, Json, Model, Normalize,
+                       PipelineProbeDataset, PresetEotIter, PresetQueries, PresetRestarts, PresetSteps, ProtocolOpt,
+                       Seed, ThreatModel, ZooDataset)
 from ..scoring import DEFAULT_DRAWS, check_protocol
 from ..pipeline import PipelineConfig, parse_piece, preset_values, run_pipeline
 
 
-@app.command("pipeline", short_help="the whole method, cached: rank, calibrate-k, attacks, eval")
+@app.command("pipeline", short_help="the whole method, cached: rank, calibrate-k, attacks, eval", epilog=examples(
+    "igd pipeline --model demo --preset quick --n-examples 50 --out runs/demo",
+    "igd pipeline --model Addepalli2022Efficient_RN18 --device cuda --out runs/rn18   # needs a download and a GPU"))
 def pipeline_cmd(
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
     normalize: Normalize = None,
     threat_model: ThreatModel = "Linf",
     layer: Annotated[Optional[list[str]], typer.Option(
-        "--layer", help="masked layer (default: the penultimate); repeat it to mask several layers at once")] = None,
+        "--layer", metavar="LAYER", help="masked layer (default: as igd rank: the penultimate layer, or the module feeding the classifier); repeat it to mask several layers at once")] = None,
     zoo_dataset: ZooDataset = None,
-    probe_dataset: ProbeDataset = None,
+    probe_dataset: PipelineProbeDataset = None,
     allow_overlap: Annotated[bool, typer.Option("--allow-overlap", help="accept ranking on the evaluation images "
                                                 "(a --dataset file without --probe-dataset); the paper ranks on "
                                                 "training images")] = False,
-    method: Annotated[str, typer.Option("--method", help="lo-ir | cd-ir | random")] = "lo-ir",
-    attack: Annotated[str, typer.Option("--attack", help="iw-wc (the paper's nine attacks) | aa (AutoAttack)")] = "iw-wc",
-    out: Annotated[Optional[Path], typer.Option("--out", help="run folder for every artifact (default runs/<model>)")] = None,
-    n_probe: Annotated[Optional[int], typer.Option("--n-probe", min=1, help="ranking: first N probe images (the training split, or --probe-dataset; default all)")] = None,
-    n_examples: Annotated[Optional[int], typer.Option("--n-examples", min=1, help="calibration and evaluation: first N test images (default: the --preset's: quick 200, paper all up to 1000)")] = None,
-    tolerance: Annotated[float, typer.Option("--tolerance", help="calibrate-k: allowed clean-accuracy drop, points")] = 0.5,
+    method: Annotated[str, typer.Option("--method", metavar="lo-ir|cd-ir|random", help="lo-ir | cd-ir | random")] = "lo-ir",
+    attack: Annotated[str, typer.Option("--attack", metavar="iw-wc|aa", help="iw-wc (the paper's nine attacks) | aa (AutoAttack)")] = "iw-wc",
+    out: Annotated[Optional[Path], typer.Option("--out", metavar="DIR", help="run folder for every artifact (default runs/<model>)")] = None,
+    n_probe: Annotated[Optional[int], typer.Option("--n-probe", metavar="N", min=1, help="ranking: first N probe images (the training split, or --probe-dataset; default all)")] = None,
+    n_examples: Annotated[Optional[int], typer.Option("--n-examples", metavar="N", min=1, help="calibration and evaluation: first N test images (default: the --preset's: quick 200, paper all up to 1000)")] = None,
+    tolerance: Annotated[float, typer.Option("--tolerance", metavar="PTS", help="calibrate-k: allowed clean-accuracy drop, points")] = 0.5,
     k: Annotated[Optional[list[str]], typer.Option(
-        "--k", help="use this k instead of calibrating it (several layers: LAYER=K, repeatable)")] = None,
-    eps: Eps = None,
+        "--k", metavar="K|LAYER=K", help="use this k instead of calibrating it (several layers: LAYER=K, repeatable)")] = None,
+    eps: EpsSigma = None,
     no_rs: Annotated[bool, typer.Option("--no-rs", help="defence without randomized smoothing")] = False,
-    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="attack iterations (default: the --preset's: quick 20, paper APGD 100)")] = None,
-    restarts: Annotated[Optional[int], typer.Option("--restarts", min=1, help="random restarts (default: the --preset's: quick 1, paper APGD 1 / APGD-T-DLR 3)")] = None,
-    queries: Annotated[Optional[int], typer.Option("--queries", min=1, help="RayS/Square queries (default: the --preset's: quick 1000, paper 10000/5000)")] = None,
-    eot_iter: Annotated[Optional[int], typer.Option("--eot-iter", min=1, help="EoT samples per step (default: the --preset's: quick 5, paper 20)")] = None,
+    steps: PresetSteps = None,
+    restarts: PresetRestarts = None,
+    queries: PresetQueries = None,
+    eot_iter: PresetEotIter = None,
     bpda_temperature: BpdaTemperature = None,
-    clip_model: Annotated[str, typer.Option("--clip-model", help="cd-ir: open_clip model")] = "ViT-B-16",
-    clip_pretrained: Annotated[str, typer.Option("--clip-pretrained", help="cd-ir: weights tag, PATH or none")] = "openai",
+    clip_model: Annotated[str, typer.Option("--clip-model", metavar="NAME", help="cd-ir: open_clip model")] = "ViT-B-16",
+    clip_pretrained: Annotated[str, typer.Option("--clip-pretrained", metavar="TAG|PATH", help="cd-ir: weights tag, PATH or none")] = "openai",
     batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto",
     draws: Draws = DEFAULT_DRAWS,
     protocol: ProtocolOpt = "draws",
-    preset: Annotated[str, typer.Option("--preset", help="attack budgets and images when not given: paper (the paper's), quick (200 images, 20 steps, 1000 queries, 5 EoT samples, 1 restart) or auto (quick for demo, else paper)")] = "auto",
+    preset: Annotated[str, typer.Option("--preset", metavar="auto|quick|paper", help="attack budgets and images when not given: paper (the paper's), quick (200 images, 20 steps, 1000 queries, 5 EoT samples, 1 restart) or auto (quick for demo, else paper)")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="recompute every stage even when its artifact matches")] = False,
-    piece: Annotated[Optional[str], typer.Option("--piece", help="compute one piece of the run, for job arrays: "
+    piece: Annotated[Optional[str], typer.Option("--piece", metavar="PIECE", help="compute one piece of the run, for job arrays: "
                                                  "rank:A:B (importance rows A..B-1), calibrate, transfer:I/N or "
                                                  "defend:I/N (shard I of N of the images); a run without --piece "
                                                  "merges the complete pieces it finds")] = None,

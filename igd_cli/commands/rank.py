@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..cli import app, emit
+from ..cli import app, emit, examples
 from ..common import check_classes, open_target, resolve_model_layer
 from ..data import load_dataset
 from ..errors import IgdError
@@ -21,9 +21,11 @@ from ..ranking.cd_ir import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, DEFAULT
 from ..shards import parse_neurons
 
 
-@app.command("rank", short_help="class-wise neuron importance of one layer (N, C)")
+@app.command("rank", short_help="class-wise neuron importance of one layer (N, C)", epilog=examples(
+    "igd rank --model demo --n-probe 200 --out imp.safetensors",
+    "igd rank --model demo --n-probe 200 --neurons 0:64 --out imp-0.safetensors"))
 def rank_cmd(
-    out: Annotated[Path, typer.Option("--out", help="importance artifact to write (a shard with --neurons)")],
+    out: Annotated[Path, typer.Option("--out", metavar="FILE", help="importance artifact to write (a shard with --neurons)")],
     model: Model = "demo",
     arch: Arch = None,
     normalize: Normalize = None,
@@ -32,16 +34,16 @@ def rank_cmd(
     threat_model: ThreatModel = "Linf",
     zoo_dataset: ZooDataset = None,
     probe_dataset: ProbeDataset = None,
-    split: Annotated[str, typer.Option("--split", help="probe images from train (default) or test (a "
+    split: Annotated[str, typer.Option("--split", metavar="train|test", help="probe images from train (default) or test (a "
                                        "PATH.safetensors has no splits: all its images)")] = "train",
     layer: Layer = None,
-    method: Annotated[str, typer.Option("--method", help=" | ".join(METHODS))] = "lo-ir",
-    n_probe: Annotated[Optional[int], typer.Option("--n-probe", min=1, help="first N images of the split (default: all)")] = None,
-    neurons: Annotated[Optional[str], typer.Option("--neurons", help="A:B computes rows A..B-1 only (a shard for igd merge)")] = None,
-    clip_model: Annotated[str, typer.Option("--clip-model", help="open_clip model name (cd-ir)")] = DEFAULT_CLIP_MODEL,
-    clip_pretrained: Annotated[str, typer.Option("--clip-pretrained", help="open_clip weights tag, a local checkpoint PATH, or none (untrained)")] = DEFAULT_CLIP_PRETRAINED,
-    clip_cache: Annotated[Optional[Path], typer.Option("--clip-cache", help="CLIP embeddings cache, written or reused when it matches (default: under $IGD_HOME/clip-cache)")] = None,
-    clip_template: Annotated[str, typer.Option("--clip-template", help="text prompt per class, {} = class name (CLIP-Dissect: the bare name)")] = DEFAULT_TEMPLATE,
+    method: Annotated[str, typer.Option("--method", metavar="lo-ir|cd-ir|random", help=" | ".join(METHODS))] = "lo-ir",
+    n_probe: Annotated[Optional[int], typer.Option("--n-probe", metavar="N", min=1, help="first N images of the split (default: all)")] = None,
+    neurons: Annotated[Optional[str], typer.Option("--neurons", metavar="A:B", help="A:B computes rows A..B-1 only (a shard for igd merge)")] = None,
+    clip_model: Annotated[str, typer.Option("--clip-model", metavar="NAME", help="open_clip model name (cd-ir)")] = DEFAULT_CLIP_MODEL,
+    clip_pretrained: Annotated[str, typer.Option("--clip-pretrained", metavar="TAG|PATH", help="open_clip weights tag, a local checkpoint PATH, or none (untrained)")] = DEFAULT_CLIP_PRETRAINED,
+    clip_cache: Annotated[Optional[Path], typer.Option("--clip-cache", metavar="FILE", help="CLIP embeddings cache, written or reused when it matches (default: under $IGD_HOME/clip-cache)")] = None,
+    clip_template: Annotated[str, typer.Option("--clip-template", metavar="TEXT", help="text prompt per class, {} = class name (CLIP-Dissect: the bare name)")] = DEFAULT_TEMPLATE,
     batch_size: BatchSize = 128,
     seed: Seed = 0,
     device: Device = "auto",
@@ -58,17 +60,19 @@ def rank_cmd(
                          normalize=normalize)
     data = load_dataset(probe_dataset or target.dataset, split, n_probe, data_dir)
     check_classes(target, data)
-    full_layer, n = resolve_model_layer(target, layer, tuple(data.get(0, 1).x.shape[1:]))
+    chosen: dict[str, str] = {}
+    full_layer, n = resolve_model_layer(target, layer, tuple(data.get(0, 1).x.shape[1:]), chosen)
     a, b = parse_neurons(neurons, n)
     req = RankRequest(model=target.model, layer=full_layer, n_neurons=n, num_classes=target.loaded.num_classes,
                       data=data, neurons=(a, b), batch_size=batch_size, seed=seed, exact_naive=exact_naive,
                       clip_model=clip_model, clip_pretrained=clip_pretrained, clip_cache=clip_cache,
                       clip_template=clip_template, show_progress=progress_enabled())
-    res = rank(req, m.name, target.provenance(), out, force=force, shard=neurons is not None)
+    res = rank(req, m.name, target.provenance(), out, force=force, shard=neurons is not None, note=chosen)
     details = res.meta.get("details") or {}
     result = {"out": str(out), "method": m.name, "layer": full_layer, "shape": list(res.shape), "n_probe": len(data),
               "seconds": round(time.perf_counter() - t0, 3), "kind": res.kind, "neurons": [a, b], "n_neurons": n,
-              "skipped": res.skipped, "compute_seconds": res.meta.get("seconds"), "path": details.get("path")}
+              "skipped": res.skipped, "compute_seconds": res.meta.get("seconds"), "path": details.get("path"),
+              **chosen}
     for key in ("fallback_reason", "clip_cache", "clip_cache_reused", "classes_without_probes"):
         if key in details:
             result[key] = details[key]
@@ -79,7 +83,8 @@ def _render(r: dict) -> None:
     t = Table(title=f"igd rank: {r['method']} at {r['layer']}" + ("  (already done: skipped)" if r["skipped"] else ""))
     t.add_column("")
     t.add_column("value", overflow="fold")
-    rows = [("out", r["out"]), ("kind", r["kind"]), ("shape (N, C)", "×".join(map(str, r["shape"]))),
+    rows = [("out", r["out"]), *([("layer chosen by", r["layer_chosen_by"])] if "layer_chosen_by" in r else []),
+            ("kind", r["kind"]), ("shape (N, C)", "×".join(map(str, r["shape"]))),
             ("neurons", f"{r['neurons'][0]}:{r['neurons'][1]} of {r['n_neurons']}"), ("probe images", r["n_probe"]),
             ("computed by", r.get("path") or "-"), ("seconds", r["seconds"])]
     for key in ("fallback_reason", "clip_cache", "clip_cache_reused", "classes_without_probes"):

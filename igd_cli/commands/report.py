@@ -7,16 +7,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..cli import app, emit
+from ..cli import ArgCommand, app, emit, examples
 from ..console import out_console
 from ..options import Json
 from ..run_report import write_run_report
 
 
-@app.command("report", short_help="one Markdown page of a run folder: tables, plots, timings")
+@app.command("report", short_help="one Markdown page of a run folder: tables, plots, timings", epilog=examples(
+    "igd report runs/demo"), cls=ArgCommand)
 def report_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="a run folder: igd pipeline --out, igd analyze --out")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="the Markdown file (default RUN_DIR/report.md)")] = None,
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a run folder: igd pipeline --out, igd analyze --out")],
+    out: Annotated[Optional[Path], typer.Option("--out", metavar="FILE", help="the Markdown file (default RUN_DIR/report.md)")] = None,
     as_json: Json = False,
 ) -> None:
     """Write one Markdown page for a run folder: setup and provenance, calibration, the base-vs-defended tables,

@@ -142,11 +142,12 @@ def rank_meta(provenance: dict[str, Any], req: RankRequest, method: Method) -> d
 
 
 def rank(req: RankRequest, method_name: str, provenance: dict[str, Any], out: Path, *,
-         force: bool = False, shard: bool | None = None) -> RankResult:
+         force: bool = False, shard: bool | None = None, note: dict[str, Any] | None = None) -> RankResult:
     """Compute rows ``req.neurons`` with the method and write the artifact atomically; a complete file at ``out``
     made with the same identity is kept and the work skipped (resume), unless ``force``. ``shard``: write an
     ``importance-shard`` (True; what ``--neurons`` asks for, even for 0:N), the full ``importance`` (False), or
-    decide from the range (None)."""
+    decide from the range (None). ``note``: metadata recorded but not part of the identity (how the layer was
+    chosen)."""
     from ..shards import matching_artifact
 
     method = get_method(method_name)
@@ -174,6 +175,6 @@ def rank(req: RankRequest, method_name: str, provenance: dict[str, Any], out: Pa
         raise RuntimeError(f"{method.name} returned shape {tuple(imp.shape)}, expected {shape}")
     if not torch.isfinite(imp).all():
         raise IgdError(f"{method.name} produced non-finite importance values at {req.layer} (check the model)")
-    meta.update({"seconds": round(seconds, 3), "details": res.info})
+    meta.update({"seconds": round(seconds, 3), "details": res.info, **(note or {})})
     save_artifact(out, kind, {"importance": imp}, meta)
     return RankResult(out, kind, shape, seconds, False, meta)

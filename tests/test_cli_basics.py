@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -50,7 +51,8 @@ def test_help_reads_right(cli):
     for what in ("first N test images", "attack iterations", "random restarts", "RayS/Square queries",
                  "EoT samples per step"):
         assert f"{what} (default: the --preset's" in flat, what
-    flat = " ".join(cli("attack", "--help").out.split())
+    # click may wrap a line after a hyphen ("--threat-" / "model"): join those before comparing
+    flat = " ".join(re.sub(r"(?<=\w)-\n\s*", "-", cli("attack", "--help").out).split())
     assert "--threat-model L2" in flat and "zoo entry's" in flat
     assert "--adv FILE" in " ".join(cli("defend-eval", "--help").out.split())
 

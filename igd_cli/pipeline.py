@@ -200,7 +200,8 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
     layers, sizes, importances = [], {}, []
     stages["rank"] = "reused"
     for wanted_layer in wanted:
-        layer, n_neurons = resolve_model_layer(target, wanted_layer, tuple(probe.get(0, 1).x.shape[1:]))
+        chosen: dict[str, str] = {}
+        layer, n_neurons = resolve_model_layer(target, wanted_layer, tuple(probe.get(0, 1).x.shape[1:]), chosen)
         importance = out / f"importance-{method.name}-{layer.replace('.', '-')}.safetensors"
         req = RankRequest(model=target.model, layer=layer, n_neurons=n_neurons,
                           num_classes=target.loaded.num_classes, data=probe, neurons=(0, n_neurons),
@@ -218,10 +219,11 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
                         force=force, shard=True)
             return {"piece": piece.name, "out": str(part.out), "skipped": part.skipped,
                     "neurons": [piece.start, piece.stop]}
-        _say(f"[1/4] rank: {method.name} at {layer} on {probe.wording()}")
+        _say(f"[1/4] rank: {method.name} at {layer}"
+             + (f" ({chosen['layer_chosen_by']})" if chosen else "") + f" on {probe.wording()}")
         if not force:
             merge_rank_pieces(out / "pieces", importance, rank_meta(target.provenance(), req, method))
-        ranked = rank(req, method.name, target.provenance(), importance, force=force, shard=False)
+        ranked = rank(req, method.name, target.provenance(), importance, force=force, shard=False, note=chosen)
         if not ranked.skipped:
             stages["rank"] = "computed"
         layers.append(layer)

@@ -167,3 +167,15 @@ def test_without_a_feeding_module_layer_stays_required(tmp_path, cli, igd_home, 
     assert r.err.startswith("error: --layer is required for this model: ") and "igd layers" in r.err
     r = cli("layers", *model, "--json")
     assert r.code == 0 and r.json()["default_layer"] is None and r.json()["no_default_layer_because"]
+
+
+def test_the_pipeline_masks_the_default_and_records_why(tmp_path, cli, igd_home):
+    path, mod = _module(tmp_path)
+    model = ["--model", _weights(tmp_path, mod, "Renamed"), "--arch", f"{path}:Renamed", "--dataset", "digits",
+             "--device", "cpu"]
+    r = cli("pipeline", *model, "--attack", "aa", "--eps", "0.1", "--n-probe", 30, "--n-examples", 8, "--steps", 2,
+            "--queries", 20, "--eot-iter", 1, "--restarts", 1, "--out", tmp_path / "run", "--json")
+    assert r.code == 0, r.err
+    assert r.json()["layer"] == "body"
+    art = load_artifact(tmp_path / "run" / "importance-lo-ir-body.safetensors", kind="importance")
+    assert "classifier" in art.meta["layer_chosen_by"]

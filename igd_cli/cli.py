@@ -23,9 +23,22 @@ from .errors import IgdError, one_line
 # typer >= 0.20 vendors click: take its exception classes from typer, whichever click it uses.
 _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
+
+def examples(*lines: str) -> str:
+    """The epilog of a command's ``--help``: its examples, one ``igd …`` command per line, kept as written (click's
+    ``\\b`` stops it from rewrapping them). ``python -m igd_cli.reference`` copies them into docs/reference.md.
+
+    Example: ``@app.command("inspect", epilog=examples("igd inspect mask.safetensors"))``
+    """
+    assert all(line.startswith("igd ") for line in lines), lines
+    return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   pretty_exceptions_enable=False,
-                  help="IG-Defense: interpretability-guided test-time adversarial defence (ECCV 2024).")
+                  help="IG-Defense: interpretability-guided test-time adversarial defence (ECCV 2024).",
+                  epilog=examples("igd pipeline --model demo --preset quick --n-examples 50 --out runs/demo",
+                                  "igd rank --help"))
 
 
 class ArgCommand(typer.core.TyperCommand):
@@ -37,16 +50,6 @@ class ArgCommand(typer.core.TyperCommand):
             if p.param_type_name == "argument" and p.metavar:
                 p.display_type_rich = lambda ctx: None  # shadows Typer's method on this parameter only
         super().format_options(ctx, formatter)
-
-
-def examples(*lines: str) -> str:
-    """The epilog of a command's ``--help``: its examples, one ``igd …`` command per line, kept as written (click's
-    ``\\b`` stops it from rewrapping them). ``python -m igd_cli.reference`` copies them into docs/reference.md.
-
-    Example: ``@app.command("inspect", epilog=examples("igd inspect mask.safetensors"))``
-    """
-    assert all(line.startswith("igd ") for line in lines), lines
-    return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def emit(result: dict[str, Any], as_json: bool, render: Callable[[dict[str, Any]], None] | None = None) -> None:

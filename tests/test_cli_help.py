@@ -46,6 +46,12 @@ def test_every_command_is_covered():
             "igd merge", "igd inspect", "igd layers", "igd fetch"} <= set(COMMANDS)
 
 
+def test_igd_help_shows_where_to_start(cli):
+    r = cli("--help")
+    assert r.code == 0 and _examples(r.out) == ["igd pipeline --model demo --preset quick --n-examples 50 --out runs/demo",
+                                               "igd rank --help"]
+
+
 @pytest.mark.parametrize("full", COMMANDS)
 @pytest.mark.parametrize("width", [80, WIDTH])
 def test_help_has_no_python_type_placeholders(full, width):

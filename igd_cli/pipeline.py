@@ -161,13 +161,17 @@ def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_d
     """Run (or re-read) every stage for ``target`` into the folder ``out``, holding the folder's lock (a second
     process on the same folder fails at once with one line instead of mixing its results in). With ``piece``,
     compute that piece only (holding that piece's lock: the pieces of one run go on in parallel) and return what
-    it wrote."""
+    it wrote and its ``seconds``."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise IgdError(f"--out {out}: is a file, expected a folder")
     out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
     with run_lock(out, None if piece is None else piece.name):
-        return _run_pipeline(target, cfg, out, data_dir=data_dir, force=force, piece=piece)
+        res = _run_pipeline(target, cfg, out, data_dir=data_dir, force=force, piece=piece)
+    if isinstance(res, dict):  # a piece: its wall time, which cluster/slurm/size.py sizes jobs from
+        res["seconds"] = round(time.perf_counter() - t0, 3)
+    return res
 
 
 def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: str | Path | None,

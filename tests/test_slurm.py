@@ -225,6 +225,17 @@ def test_whole_route_equals_igd_pipeline_and_a_failing_task_stops_its_dependents
     (mask,) = run.glob("mask-*.safetensors")
     assert torch.equal(load_artifact(mask)["mask"], pipe["mask"]["mask"])
 
+    # the pilot's sizing: size.py reads the tasks' logged seconds (each piece's --json line) and scales them
+    sized = subprocess.run([sys.executable, str(SLURM / "size.py"), str(run), "--images", "900", "--json"],
+                           capture_output=True, text=True, timeout=60)
+    assert sized.returncode == 0, sized.stderr
+    sized = json.loads(sized.stdout)
+    evals = [x for x in _records(run, "evaluate") if not x.get("skipped")]
+    assert len(evals) == 3 and sized["steps"]["evaluate"]["tasks_measured"] == 3
+    slowest = max(x["seconds"] / (x["positions"][1] - x["positions"][0]) for x in evals)
+    assert sized["steps"]["evaluate"]["seconds_per_unit"] == round(slowest, 4)
+    assert {"rank", "calibrate", "evaluate", "merge-eval"} <= set(sized["steps"]) and sized["shards"] >= 1
+
     # fault: a corrupt evaluation shard -> its task fails, the merge and the final step never run, --wait names them
     first = (run / "result.json").read_text()
     (bad,) = (run / PIECES).glob("eval-aa-*.shard-1-of-3.safetensors")

@@ -63,3 +63,19 @@ def test_command_line(maker, tmp_path, monkeypatch, capsys):
     ref = Tiny(None, True, False)
     assert torch.equal((ds.all().x * 255).round().to(torch.uint8), torch.stack([pil_to_tensor(ref[i][0]) for i in range(4)]))
     assert "4 images of Tiny (train)" in capsys.readouterr().out
+
+
+def test_the_pages_inline_snippet_writes_a_file_igd_reads(tmp_path, monkeypatch):
+    """The Python block of docs/own-model-and-data.md, run with CIFAR-10 replaced by FakeData (no download)."""
+    page = (ROOT / "docs" / "own-model-and-data.md").read_text()
+    code = page.split("```python\n", 1)[1].split("```", 1)[0]
+    original = 'torchvision.datasets.CIFAR10("data", train=False, download=True)'
+    assert original in code
+    code = code.replace(original, 'torchvision.datasets.FakeData(6, (3, 5, 4), 3)\nds.classes = ["a", "b", "c"]')
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "own-model-and-data.md", "exec"), {})
+    ds = load_dataset(str(tmp_path / "cifar10-test.safetensors"), "test")
+    ref = torchvision.datasets.FakeData(6, (3, 5, 4), 3)
+    assert ds.classes == ["a", "b", "c"] and len(ds) == 6
+    assert torch.equal((ds.all().x * 255).round().to(torch.uint8), torch.stack([pil_to_tensor(ref[i][0]) for i in range(6)]))
+    assert torch.equal(ds.all().y, torch.tensor([int(ref[i][1]) for i in range(6)]))

@@ -3,6 +3,7 @@ measured in the same run, images per second per stage, peak GPU memory, fp32 aga
 
     python benchmarks/bench_gpu.py [--device auto] [--tiny] [--out-dir benchmarks/results]
                                    [--models resnet18 wrn-34-10 resnet50] [--n-images 512] [--n-attack 1000]
+                                   [--fast-rows R] [--literal-rows 4] [--budgets paper|quick|tiny]
 
 Models: the real CIFAR-10 ResNet-18 (pyautoattack's ``examples/model_test.pt``), a WRN-34-10 (RobustBench's
 architecture, random weights: no checkpoint offline) and a torchvision ResNet-50 with 1000 classes (random
@@ -71,6 +72,18 @@ SIZES = {"full": {"n_images": 512, "fast_rows": None, "literal_rows": 4, "n_atta
 TINY_BUDGETS = Budgets(steps=2, restarts=1, queries=8, eot_iter=1)
 
 
+def attack_budgets(name: str) -> Budgets:
+    """``--budgets``: paper (every attack's default), quick (igd pipeline's quick preset) or tiny."""
+    if name == "tiny":
+        return TINY_BUDGETS
+    from igd_cli.pipeline import preset_values
+
+    if name == "quick":
+        p = preset_values("quick", "")
+        return Budgets(steps=p["steps"], restarts=p["restarts"], queries=p["queries"], eot_iter=p["eot_iter"])
+    return Budgets()
+
+
 # --- models and images -----------------------------------------------------------------------------------
 
 def build_model(name: str, tiny: bool, device: torch.device) -> tuple[torch.nn.Module, str]:
@@ -131,11 +144,18 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float, floa
     return out, seconds, (round(peak, 1) if peak is not None else None)
 
 
-def forward_pass(model: torch.nn.Module, data: Any, batch: int, precision: str, device: torch.device) -> None:
-    """One clean pass of ``model`` over ``data`` under ``precision``."""
+def forward_pass(model: torch.nn.Module, data: Any, batch: int, precision: str, device: torch.device,
+                 channels_last: bool | None = None) -> None:
+    """One clean pass of ``model`` over ``data`` under ``precision`` (inputs as igd lays them out, or forced
+    channels-last / contiguous with ``channels_last``)."""
     with torch.no_grad(), autocast(precision, device):
         for b in data.batches(batch):
-            model(memory_format(b.x.to(device), precision))
+            x = b.x.to(device)
+            if channels_last is None:
+                x = memory_format(x, precision)
+            elif x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            model(x)
 
 
 def precisions(device: torch.device, tiny: bool) -> list[str]:
@@ -177,6 +197,13 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, workd
         _, s, peak = timed(lambda: forward_pass(model, data, batch, p, device), device)
         base_seconds[p] = s
         row("forward", p, s, peak, len(data))
+        # channels_last (igd uses it for low precision on CUDA only): channels-last inputs against contiguous ones
+        times = {}
+        for cl in (False, True):
+            forward_pass(model, data, batch, p, device, channels_last=cl)
+            _, times[cl], _ = timed(lambda: forward_pass(model, data, batch, p, device, channels_last=cl), device)
+        row("channels-last", p, times[True], None, len(data), ratio=round(times[True] / times[False], 3),
+            ratio_of="forward with channels-last inputs / contiguous inputs")
 
     # LO-IR: the fast path on R neurons against the literal ablation timed on a few and scaled to R
     for layer in (penultimate, stage3):
@@ -184,7 +211,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, workd
 
         big_n = neuron_count(model, layer, shape)
         n_neurons[layer] = big_n
-        r = min(big_n, size["fast_rows"] or big_n)
+        r = min(big_n, args.fast_rows or size["fast_rows"] or big_n)
         lit_rows = min(r, args.literal_rows or size["literal_rows"])
         lit, s_lit, _ = timed(lambda: lo_ir_naive(model, layer, data, classes, neurons=(0, lit_rows),
                                                   n_neurons=big_n, batch_size=batch, show_progress=False), device)
@@ -235,7 +262,8 @@ def bench_iwwc(args: argparse.Namespace, device: torch.device, workdir: Path) ->
     model = target.model
     n = len(data)
     eps = 8 / 255
-    budgets = TINY_BUDGETS if args.tiny else Budgets()
+    budget_name = args.budgets or ("tiny" if args.tiny else "paper")
+    budgets = attack_budgets(budget_name)
     batch = args.batch_size or size["batch"]
     big_n = 512
     mask = topk_mask(random_importance(big_n, 10, seed=0), big_n // 4).to(device)
@@ -246,14 +274,14 @@ def bench_iwwc(args: argparse.Namespace, device: torch.device, workdir: Path) ->
     batch_all = data.all()
     x, y = batch_all.x.to(device), batch_all.y.to(device)
     aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=device, seed=0)
-    if args.tiny:  # tiny budgets on the same four attacks
-        aa.apgd.n_iter = aa.apgd_targeted.n_iter = aa.fab.n_iter = TINY_BUDGETS.steps
-        aa.square.n_queries = TINY_BUDGETS.queries
+    if budget_name != "paper":  # the same reduced budgets on AutoAttack's four attacks
+        aa.apgd.n_iter = aa.apgd_targeted.n_iter = aa.fab.n_iter = budgets.steps
+        aa.square.n_queries = budgets.queries
     (x_adv, y_adv), s_aa, peak_aa = timed(lambda: aa.run_standard_evaluation(x, y, batch_size=batch), device)
     aa_acc = float((y_adv == y).float().mean())  # pyautoattack's predictions on its adversarial points
     js = res.to_json()
-    return {"n_images": n, "images": what, "eps": eps, "budgets": "tiny " + json.dumps(vars(TINY_BUDGETS))
-            if args.tiny else "the paper's (every attack's default)", "iwwc_seconds": round(s_iwwc, 3),
+    return {"n_images": n, "images": what, "eps": eps, "budgets": f"{budget_name} " + json.dumps(vars(budgets))
+            if budget_name != "paper" else "the paper's (every attack's default)", "iwwc_seconds": round(s_iwwc, 3),
             "autoattack_seconds": round(s_aa, 3), "ratio": round(s_iwwc / s_aa, 3),
             "ratio_of": "IW-WC on the defended model (with its base attacks) / standard AutoAttack on the base model",
             "iwwc_images_per_s": round(n / s_iwwc, 3), "autoattack_images_per_s": round(n / s_aa, 3),
@@ -311,6 +339,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--n-images", type=int, default=None, help="images per stage (default 512; tiny 8)")
     ap.add_argument("--n-attack", type=int, default=None, help="IW-WC vs AutoAttack images (default 1000; tiny 4)")
     ap.add_argument("--literal-rows", type=int, default=None, help="neurons the literal LO-IR is timed on")
+    ap.add_argument("--fast-rows", type=int, default=None,
+                    help="neurons the fast LO-IR computes (default all; tiny 8): a CPU cannot rank every neuron of "
+                         "layer3 of the big models in reasonable time")
+    ap.add_argument("--budgets", choices=("paper", "quick", "tiny"), default=None,
+                    help="IW-WC and AutoAttack budgets (default paper; tiny with --tiny)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--no-attack", action="store_true", help="skip IW-WC vs AutoAttack")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")

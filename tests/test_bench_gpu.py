@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
-STAGES = {"forward", "lo-ir", "defended", "calibrate-k"}
+STAGES = {"forward", "channels-last", "lo-ir", "defended", "calibrate-k"}
 
 
 def _load():

@@ -9,7 +9,7 @@ says so.
 Example::
 
     bs = resolve_batch_size("auto", default=128, device=target.device, cap=len(data),
-                            try_batch=rank_trial(req), what="LO-IR")
+                            try_batch=rank_trial(req, "lo-ir"), what="LO-IR")
 """
 
 from __future__ import annotations
@@ -176,7 +176,11 @@ def defended_trial(model: nn.Module, data: Any, *, grad: bool, precision: str = 
         x, y = batch.x.to(device), batch.y.to(device)
         if grad:
             x.requires_grad_(True)
-            F.cross_entropy(model(x), y).backward()
+            try:
+                F.cross_entropy(model(x), y).backward()
+            finally:  # the trial leaves no gradients behind (they would hold memory and leak into the next use)
+                for p in model.parameters():
+                    p.grad = None
             return
         with torch.no_grad(), autocast(precision, device):
             model(memory_format(x, precision))

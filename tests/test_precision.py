@@ -284,3 +284,29 @@ def test_channels_last_only_for_low_precision_on_cuda():
     x = torch.rand(2, 3, 8, 8)
     for p in ("fp32", "bf16", "fp16"):  # CPU: unchanged (measured slower for bf16, docs/gpu.md)
         assert memory_format(x, p) is x
+
+
+def test_pipeline_identities_carry_the_precision(demo, tmp_path, igd_home):
+    from dataclasses import replace
+
+    from igd_cli.common import open_target
+    from igd_cli.pipeline import PipelineConfig, _calibration_identity
+    from igd_cli.ranking import RankRequest, get_method, rank_meta
+
+    target = open_target("demo", None, None, "Linf", "cpu")
+    data = target.data("test", 20)
+    imp = tmp_path / "imp.safetensors"
+    from igd_cli.ranking import rank
+
+    req = RankRequest(model=target.model, layer="block3", n_neurons=128, num_classes=10, data=data, neurons=(0, 128),
+                      show_progress=False)
+    rank(req, "random", target.provenance(), imp)
+    cfg = PipelineConfig()
+    fp32 = _calibration_identity(target, [imp], cfg, 0.1, data)
+    bf16 = _calibration_identity(target, [imp], replace(cfg, precision="bf16"), 0.1, data)
+    assert "precision" not in fp32 and bf16 == {**fp32, "precision": "bf16"}
+    lo = get_method("lo-ir")
+    assert "precision" not in rank_meta(target.provenance(), req, lo)["params"]
+    req.precision = "fp16"
+    assert rank_meta(target.provenance(), req, lo)["params"]["precision"] == "fp16"
+    assert "precision" not in rank_meta(target.provenance(), req, get_method("random"))["params"]

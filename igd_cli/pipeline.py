@@ -278,10 +278,9 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
     if piece is not None and piece.stage == "merge":
         merge_eval_pieces(out / "pieces", report, eval_id, strict=True)
         return {"piece": piece.name, "out": str(report)}
-    eval_bs = _eval_batch(cfg, target, defense, data) if evaluation_needed(piece) else PIPELINE_BATCH
     if piece is not None:  # defend:I/N
         return _run_eval_piece(piece, target, cfg, data, defense, ident, eval_id, report, adv_dir, eps, norm, show,
-                               eval_bs)
+                               _eval_batch(cfg, target, defense, data))
     if not force:
         merge_eval_pieces(out / "pieces", report, eval_id)
     evaluation = None if force else _reusable_report(report, eval_id)
@@ -293,6 +292,7 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
         def on_set(attack: str, kind: str, _res) -> None:
             ran.append(f"{kind}:{attack}")
 
+        eval_bs = _eval_batch(cfg, target, defense, data)  # searched only when attacks will run
         _say(f"[3/4] attacks on the base model ({cfg.attack}) for transfer, cached in {adv_dir}")
         evaluate_defense(target, None, data, attack=cfg.attack, workdir=adv_dir, budgets=cfg.budgets,
                          eps=eps, norm=norm, seed=cfg.seed, batch_size=eval_bs, show_progress=show,
@@ -433,11 +433,6 @@ def check_probe_overlap(probe: ImageSet, evaluation: ImageSet, cfg: PipelineConf
 
 #: the pipeline's default --batch-size (what ``auto`` is on a CPU)
 PIPELINE_BATCH = 128
-
-
-def evaluation_needed(piece: Piece | None) -> bool:
-    """Whether this run (or piece) runs attacks (the merge piece does not)."""
-    return piece is None or piece.stage in ("defend", "transfer")
 
 
 def _eval_batch(cfg: PipelineConfig, target: Target, model: Any, data: ImageSet) -> int:

@@ -158,7 +158,7 @@ def forward_pass(model: torch.nn.Module, data: Any, batch: int, precision: str, 
             model(x)
 
 
-def precisions(device: torch.device, tiny: bool) -> list[str]:
+def precisions(device: torch.device) -> list[str]:
     """fp32 and what autocast runs here (bf16; fp16 on CUDA only: CPU fp16 kernels are a slow path)."""
     out = ["fp32"]
     for p in ("bf16", "fp16"):
@@ -190,7 +190,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, workd
                      "images_per_s": round(n_img / seconds, 2) if seconds > 0 else None, "peak_gpu_mb": peak,
                      **extra})
 
-    precs = precisions(device, args.tiny)
+    precs = precisions(device)
     base_seconds: dict[str, float] = {}
     for p in precs:
         forward_pass(model, data, batch, p, device)  # warm-up (cuDNN autotuning, lazy init)

@@ -17,6 +17,12 @@ ProbeDataset = Annotated[Optional[str], typer.Option("--probe-dataset", help="ra
 ThreatModel = Annotated[str, typer.Option("--threat-model", help="Linf or L2")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="images per forward pass")]
+AutoBatchSize = Annotated[str, typer.Option("--batch-size", help="images per forward pass, or auto: on a CUDA "
+                                            "device the largest batch of this stage's workload that fits (binary "
+                                            "search on out-of-memory); on a CPU the default")]
+Precision = Annotated[str, typer.Option("--precision", help="fp32 | bf16 | fp16: ranking and the defended "
+                                        "forward (clean scoring, calibration) under torch.autocast; attacks "
+                                        "always run in fp32 (low precision can mask gradients)")]
 Seed = Annotated[int, typer.Option("--seed", help="random seed: the same seed gives the same result")]
 Json = Annotated[bool, typer.Option("--json", help="print exactly one JSON object, the result, on stdout")]
 Layer = Annotated[Optional[str], typer.Option("--layer", help="dotted module name of the masked layer (default: the model's penultimate layer)")]

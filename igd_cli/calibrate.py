@@ -35,6 +35,7 @@ from .devices import module_device
 from .errors import IgdError
 from .layers import layer_output_shape, resolve_layer
 from .common import DEFAULT_N_EXAMPLES  # noqa: F401  (importable from here as before)
+from .precision import autocast, memory_format, precision_meta
 
 DEFAULT_CACHE_BYTES = 2 << 30
 #: calibrate-k's noise stream is ``seed XOR`` this: independent of the evaluation's draws (stream ``seed``) and of
@@ -145,8 +146,9 @@ class Calibration:
 class _FeatureStore:
     """k-independent features per batch: cached, or recomputable from the saved noise state."""
 
-    def __init__(self, defense: IGDefense, data: ImageSet, batch_size: int, max_cache_bytes: int, noise_seed: int):
-        self.defense, self.data, self.batch_size = defense, data, batch_size
+    def __init__(self, defense: IGDefense, data: ImageSet, batch_size: int, max_cache_bytes: int, noise_seed: int,
+                 precision: str = "fp32"):
+        self.defense, self.data, self.batch_size, self.precision = defense, data, batch_size, precision
         self.device = module_device(defense.model)
         self.entries: list[tuple[int, int, torch.Tensor, Features | None, torch.Tensor | None]] = []
         self.base_correct = 0
@@ -157,7 +159,7 @@ class _FeatureStore:
             task = bar.add_task("features (pass 1)", total=len(data))
             for batch in data.batches(batch_size):
                 start, stop = int(batch.index[0]), int(batch.index[-1]) + 1
-                x, y = batch.x.to(self.device), batch.y.to(self.device)
+                x, y = memory_format(batch.x.to(self.device), precision), batch.y.to(self.device)
                 state = defense.noise_state(x) if defense.rs else None
                 feats = defense.features(x, with_base=True)
                 self.base_correct += int((feats.base_logits.argmax(1) == y).sum())
@@ -173,7 +175,8 @@ class _FeatureStore:
             if feats is None:
                 if state is not None:
                     self.defense.set_noise_state(state)
-                feats = self.defense.features(self.data.get(start, stop).x.to(self.device))
+                feats = self.defense.features(memory_format(self.data.get(start, stop).x.to(self.device),
+                                                            self.precision))
                 self.recomputed += 1
             yield y, feats
 
@@ -181,7 +184,7 @@ class _FeatureStore:
 @torch.no_grad()
 def calibrate_k(defense: IGDefense, importance: torch.Tensor | Sequence[torch.Tensor], data: ImageSet, *,
                 tolerance: float = 0.5, batch_size: int = 256, k: int | Mapping[str, int] | None = None,
-                max_cache_bytes: int = DEFAULT_CACHE_BYTES) -> Calibration:
+                max_cache_bytes: int = DEFAULT_CACHE_BYTES, precision: str = "fp32") -> Calibration:
     """Binary search over k ∈ [1, N] for the smallest k whose defended clean accuracy passes.
 
     Invariant: the upper end passes (k = N keeps every neuron, so ``s = Σ_c ŷ_c = 1`` and the defence is the base
@@ -195,6 +198,7 @@ def calibrate_k(defense: IGDefense, importance: torch.Tensor | Sequence[torch.Te
 
     The smoothing noise is each image's first draw on stream ``calibration_stream(s)``, ``s`` the defence's seed
     (none of the draws an evaluation with seed ``s`` reports); the defence's noise stream is left as it was.
+    ``precision``: every forward under autocast (:mod:`igd_cli.precision`).
     """
     if tolerance < 0:
         raise IgdError(f"--tolerance {tolerance}: must be >= 0 percentage points")
@@ -221,8 +225,9 @@ def calibrate_k(defense: IGDefense, importance: torch.Tensor | Sequence[torch.Te
     saved = defense.noise_state()  # (seed, rows seen): restored at the end, so the caller's stream is untouched
     noise_seed = calibration_stream(saved[0])
     try:
-        store = _FeatureStore(defense, data, batch_size, max_cache_bytes, noise_seed)
-        result_k, correct, order = _search(defense, ranks, schedule, fixed, store, len(data), tolerance)
+        with autocast(precision, device):
+            store = _FeatureStore(defense, data, batch_size, max_cache_bytes, noise_seed, precision)
+            result_k, correct, order = _search(defense, ranks, schedule, fixed, store, len(data), tolerance)
     finally:
         defense.set_noise_state(saved)
     info = {"cached_bytes": store.cached_bytes, "recomputed_batches": store.recomputed,
@@ -298,20 +303,27 @@ def _int_k(text: str, given: str) -> int:
         raise IgdError(f"--k {given}: k must be a whole number") from exc
 
 
+#: calibrate-k's default --batch-size (every command's: results do not depend on it, docs/same-answer.md)
+CALIBRATION_BATCH = 128
+
 
 def run_calibration(target: Any, importance_path: str | Path | Sequence[str | Path], out: str | Path, *,
                     layer: str | None = None, split: str = "test", n_examples: int | None = None,
                     tolerance: float = 0.5, eps: float | None = None, sigma: float | None = None, n_smooth: int = 1,
                     tau: float = 0.01, rs: bool = True, k: int | Mapping[str, int] | None = None,
-                    batch_size: int = 256, seed: int = 0, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                    batch_size: int | str = 256, seed: int = 0, cache_bytes: int = DEFAULT_CACHE_BYTES,
                     data_dir: str | Path | None = None, plot: str | Path | None = None,
-                    extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+                    extra_meta: dict[str, Any] | None = None, precision: str = "fp32",
+                    auto_default: int = CALIBRATION_BATCH) -> dict[str, Any]:
     """``igd calibrate-k`` as a library call: choose k on the first ``n_examples`` images (default 1000, or the
     whole split when smaller), write the mask artifact (and the plot) and return the result dictionary.
 
     Several importance files (a list, one per layer) give one mask artifact masking all their layers; ``k`` is
     then a mapping of the layers whose k is fixed, and the result's ``k`` and ``n_neurons`` are keyed by layer.
+    ``batch_size`` may be ``"auto"`` (:mod:`igd_cli.batching`); ``precision``: the defended forwards under
+    autocast, recorded in the mask's calibration (it can change k). ``auto_default``: what ``auto`` is on a CPU.
     """
+    from .batching import calibration_trial, resolve_batch_size
     from .common import FOR_SMOOTHING, check_classes
     from .defense import check_settings, save_mask, topk_mask
     from .report import plot_calibration
@@ -341,8 +353,10 @@ def run_calibration(target: Any, importance_path: str | Path | Sequence[str | Pa
     one = len(layers) == 1
     full = [torch.ones(imp.shape[0], target.loaded.num_classes, device=target.device) for imp in imps]
     defense = IGDefense(target.model, layers, full, tau=tau, sigma=sigma, n_smooth=n_smooth, rs=rs, seed=seed)
+    batch_size = resolve_batch_size(batch_size, default=auto_default, device=target.device, cap=len(data),
+                                    try_batch=calibration_trial(defense, data, precision), what="calibrate-k")
     cal = calibrate_k(defense, list(imps), data, tolerance=tolerance, batch_size=batch_size, k=k,
-                      max_cache_bytes=cache_bytes)
+                      max_cache_bytes=cache_bytes, precision=precision)
     ks = cal.ks
     masks = [topk_mask(imp, ks[name]) for name, imp in zip(layers, imps)]
     settings = {**defense.settings(), "eps": eps_value}
@@ -351,7 +365,8 @@ def run_calibration(target: Any, importance_path: str | Path | Sequence[str | Pa
                    "noise_seed": cal.info["noise_seed"] if rs else None,
                    "batch_size": batch_size, "base_clean_accuracy": cal.base_accuracy,
                    "clean_accuracy": cal.accuracy, "curve": cal.curve, "searched": cal.searched,
-                   "data": {"dataset": data.name, "split": split, "n": cal.n_examples}, "data_id": data.identity()}
+                   "data": {"dataset": data.name, "split": split, "n": cal.n_examples}, "data_id": data.identity(),
+                   **precision_meta(precision)}
     search = {} if one else {"k_search": cal.k, "search_layer": cal.schedule.reference, "n_search": cal.n_neurons,
                              "fraction": cal.k / cal.n_neurons, "fixed_k": dict(cal.schedule.fixed),
                              "curve_k": curve_k, "passes": cal.passes(cal.k)}
@@ -364,7 +379,8 @@ def run_calibration(target: Any, importance_path: str | Path | Sequence[str | Pa
               "curve": cal.curve, "out": str(out), "seconds": cal.seconds,
               "n_neurons": cal.n_neurons if one else sizes, "n_examples": cal.n_examples, "tolerance": tolerance,
               "layer": defense.layer, "layers": layers, "searched": cal.searched, "order": cal.order,
-              "defense": settings, **search, **cal.info, "noise_seed": calibration["noise_seed"]}
+              "defense": settings, **search, **cal.info, "noise_seed": calibration["noise_seed"],
+              "batch_size": batch_size, "precision": precision}
     if plot is not None:
         methods = "+".join(dict.fromkeys(str(a.meta.get("method", "?")) for a in arts))
         xlabel = None if one else (f"k at {cal.schedule.reference} (of N = {cal.n_neurons}; every searched layer "

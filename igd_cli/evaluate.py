@@ -39,6 +39,7 @@ from .attacks.base import AttackResult, gather
 from .common import Target, check_classes
 from .data import ImageSet
 from .errors import IgdError
+from .precision import precision_meta
 from .eval_result import (BEYOND_NOTE, BEYOND_PAPER, DIRECT, DIRECT_RUN_ORDER, LABELS, TRANSFER,  # noqa: F401
                           EvalResult, column_key, column_label)
 from .eval_table import TableCells, render_per_class, render_table, scoring_note, table_cells  # noqa: F401
@@ -68,8 +69,9 @@ class Evaluator:
                  adv_files: Sequence[str | Path] = (), show_progress: bool = True,
                  on_set: Callable[[str, str, AttackResult], None] | None = None,
                  positions: torch.Tensor | None = None, protocol: str = "draws", draws: int = DEFAULT_DRAWS,
-                 bpda_temperature: float | None = None):
+                 bpda_temperature: float | None = None, precision: str = "fp32"):
         self.target, self.defense, self.data = target, defense, data
+        self.precision = precision  # the clean scoring's (attacks and their sets: fp32)
         self.bpda_temperature = bpda_temperature  # the adaptive attack's (None: its default)
         self.eps = float(eps) if eps is not None else None  # None: a clean evaluation, which never uses ε
         self.norm, self.seed, self.batch_size = norm, int(seed), batch_size
@@ -190,7 +192,8 @@ class Evaluator:
         bits = self.column(res, kind)
         if path is not None:
             rows = self.row_of[res.index]
-            score = Score.of(final_of_selected([self.clean(kind)[:, rows], bits[:, rows]]))
+            # the set's own score (kept with the set, whose key has no precision): with fp32 clean bits
+            score = Score.of(final_of_selected([self.clean(kind, "fp32")[:, rows], bits[:, rows]]))
             extra = {"set_key": key, "seconds": round(res.seconds, 3), "n_attacked": len(positions),
                      "batch_size": self.batch_size, **score_meta(score, self.protocol)}
             if kind == "defended":
@@ -199,12 +202,16 @@ class Evaluator:
         return res, (str(path) if path is not None else ""), bits
 
     # -- scoring ---------------------------------------------------------------------------------------
-    def clean(self, kind: str) -> torch.Tensor:
-        """The clean images' bits (D, n) on the ``kind`` model (computed once)."""
-        if kind not in self._clean_bits:
-            self._clean_bits[kind] = classify(self._model(kind), self.x, self.y, self.rows[kind], seed=self.seed,
-                                              batch_size=self.batch_size, description=self._label(kind, "clean"))
-        return self._clean_bits[kind]
+    def clean(self, kind: str, precision: str | None = None) -> torch.Tensor:
+        """The clean images' bits (D, n) on the ``kind`` model in ``precision`` (default: the evaluation's),
+        computed once."""
+        precision = precision or self.precision
+        key = kind if precision == self.precision else f"{kind}:{precision}"
+        if key not in self._clean_bits:
+            self._clean_bits[key] = classify(self._model(kind), self.x, self.y, self.rows[kind], seed=self.seed,
+                                             batch_size=self.batch_size, description=self._label(kind, "clean"),
+                                             precision=precision)
+        return self._clean_bits[key]
 
     def _label(self, kind: str, what: str) -> str | None:
         """The progress-bar name of a scoring pass (None: no bar)."""
@@ -244,7 +251,8 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
                      defense_meta: dict[str, Any] | None = None, show_progress: bool = True,
                      on_set: Callable[[str, str, AttackResult], None] | None = None,
                      positions: torch.Tensor | None = None, protocol: str = "draws",
-                     draws: int = DEFAULT_DRAWS, bpda_temperature: float | None = None) -> EvalResult:
+                     draws: int = DEFAULT_DRAWS, bpda_temperature: float | None = None,
+                     precision: str = "fp32") -> EvalResult:
     """Evaluate ``defense`` (and the base model ``target.model``) on the first ``len(data)`` images.
 
     ``attack``: ``none`` (clean, plus any ``adv_files``), an attack name (run on the defended model, and on the
@@ -257,6 +265,8 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
     ``workdir``: where sets are kept and reused (``"auto"``: :func:`default_workdir`; None: nowhere).
     ``positions``: evaluate only these positions of ``data`` (an evaluation shard; default all); the result's
     ``index`` holds them, and attacks see the same absolute positions (per-image seeds) as in a whole run.
+    ``precision``: the clean scoring under autocast (:mod:`igd_cli.precision`); attacks and the scoring of their
+    sets run in fp32.
 
     Example::
 
@@ -272,7 +282,7 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
     ev = Evaluator(target, defense, data, eps=eps, norm=norm, budgets=budgets, seed=seed, batch_size=batch_size,
                    workdir=workdir, defense_meta=defense_meta, adv_files=adv_files, show_progress=show_progress,
                    on_set=on_set, positions=positions, protocol=protocol, draws=draws,
-                   bpda_temperature=bpda_temperature)
+                   bpda_temperature=bpda_temperature, precision=precision)
     t0 = time.perf_counter()
     has_def = defense is not None
     result = EvalResult(ev.y.clone(), ev.positions.clone(), list(data.classes), ev.clean("base"),
@@ -369,7 +379,7 @@ def adaptive_temperature(value: float | None) -> float:
 
 def eval_identity(target: Target, ident: dict[str, Any], data: ImageSet, *, attack: str, eps: float | None,
                   norm: str, budgets: Budgets, seed: int, skip: bool, adv: Sequence[str | Path],
-                  protocol: str, draws: int) -> dict[str, Any]:
+                  protocol: str, draws: int, precision: str = "fp32") -> dict[str, Any]:
     """What makes two reports parts of one evaluation (``igd merge`` compares it): model, defence (mask sha256
     and settings), data, attack, ε, budgets, seed, scoring protocol, skipping and the given sets (by their attack
     identity, so shards may be given the matching shards of a set)."""
@@ -384,7 +394,8 @@ def eval_identity(target: Target, ident: dict[str, Any], data: ImageSet, *, atta
            "defense": ident.get("settings"), "data": data.identity(),
            "classes": list(data.classes), "attack": attack, "eps": eps, "norm": norm, "budget": budgets.kwargs(),
            "revisions": attack_revisions(attack), "pyautoattack": PYAUTOATTACK_VERSION,
-           "seed": int(seed), "skip": bool(skip), "adv": sets, "protocol": protocol, "draws": int(draws)}
+           "seed": int(seed), "skip": bool(skip), "adv": sets, "protocol": protocol, "draws": int(draws),
+           **precision_meta(precision)}
     return json.loads(json.dumps(out, sort_keys=True, default=str))  # as it reads back from metadata
 
 
@@ -416,7 +427,7 @@ def defend_eval(target: Target, defense: nn.Module, mask_path: str | Path, data:
                 budgets: Budgets | None = None, workdir: str | Path | None = None, skip: bool = True,
                 shard: tuple[int, int, int, int] | None = None, seed: int = 0, batch_size: int = 256,
                 protocol: str = "draws", draws: int = DEFAULT_DRAWS, report: str | Path | None = None,
-                show_progress: bool = True, bpda_temperature: float | None = None
+                show_progress: bool = True, bpda_temperature: float | None = None, precision: str = "fp32"
                 ) -> tuple[EvalResult, dict[str, Any]]:
     """``igd defend-eval`` between parsing and printing: evaluate the defence from ``mask_path`` (and the base
     model), optionally on one shard of the images (``shard`` = (I, N, start, stop), its sets kept apart in
@@ -427,7 +438,7 @@ def defend_eval(target: Target, defense: nn.Module, mask_path: str | Path, data:
     eps = used_eps(target, eps, attack, adv)
     ident = defense_identity(mask_path, defense)
     identity = eval_identity(target, ident, data, attack=attack, eps=eps, norm=norm, budgets=budgets, seed=seed,
-                             skip=skip, adv=adv, protocol=protocol, draws=draws)
+                             skip=skip, adv=adv, protocol=protocol, draws=draws, precision=precision)
     if attack in ("iw-wc", *BEYOND_PAPER):  # the adaptive attack's setting (igd merge compares it)
         identity["bpda_temperature"] = adaptive_temperature(bpda_temperature)
     wd: Path | str = Path(workdir) if workdir is not None else "auto"
@@ -443,11 +454,12 @@ def defend_eval(target: Target, defense: nn.Module, mask_path: str | Path, data:
     res = evaluate_defense(target, defense, data, attack=attack, adv_files=adv, workdir=wd, budgets=budgets,
                            eps=eps, norm=norm, seed=seed, batch_size=batch_size, skip=skip, defense_meta=ident,
                            positions=positions, protocol=protocol, draws=draws, show_progress=show_progress,
-                           bpda_temperature=bpda_temperature)
+                           bpda_temperature=bpda_temperature, precision=precision)
     result = res.to_json()
     result.update({"mask": str(mask_path), "layer": ident.get("layer"), "k": getattr(defense, "k", ident.get("k")),
                    "defense": defense.settings() if callable(getattr(defense, "settings", None)) else None,
                    "attack": attack, "batch_size": batch_size, "budget": budgets.kwargs(), "skip": skip,
+                   "precision": precision,
                    **({"bpda_temperature": identity["bpda_temperature"]} if "bpda_temperature" in identity else {}),
                    "workdir": str(default_workdir(target) if wd == "auto" else wd), **where,
                    "seconds_total": time.perf_counter() - t0})

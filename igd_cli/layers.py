@@ -355,7 +355,8 @@ class LayerSplit:
         """Verify ``tail(head(x)) == model(x)`` on a real batch; falls back to hooks if not."""
         if not self.fast:
             return False
-        with torch.no_grad():
+        # in full precision: the check is of the split, not of autocast's rounding
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             want = self.model(x)
             try:
                 got = self.tail(*self.head(x))

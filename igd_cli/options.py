@@ -20,6 +20,12 @@ PipelineProbeDataset = Annotated[Optional[str], typer.Option("--probe-dataset", 
 ThreatModel = Annotated[str, typer.Option("--threat-model", metavar="Linf|L2", help="Linf or L2")]
 Device = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:N")]
 BatchSize = Annotated[int, typer.Option("--batch-size", metavar="N", min=1, help="images per forward pass")]
+AutoBatchSize = Annotated[str, typer.Option("--batch-size", metavar="N|auto", help="images per forward pass, or auto: on a CUDA "
+                                            "device the largest batch of this stage's workload that fits (binary "
+                                            "search on out-of-memory); on a CPU the default")]
+Precision = Annotated[str, typer.Option("--precision", metavar="fp32|bf16|fp16", help="fp32 | bf16 | fp16: ranking and the defended "
+                                        "forward (clean scoring, calibration) under torch.autocast; attacks "
+                                        "always run in fp32 (low precision can mask gradients)")]
 Seed = Annotated[int, typer.Option("--seed", metavar="INT", help="random seed: the same seed gives the same result")]
 Json = Annotated[bool, typer.Option("--json", help="print exactly one JSON object, the result, on stdout")]
 Layer = Annotated[Optional[str], typer.Option("--layer", metavar="LAYER", help="dotted module name of the masked layer (default: the model's penultimate layer; for your own --arch the module feeding the classifier, when one does: igd layers names it)")]

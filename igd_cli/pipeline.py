@@ -18,12 +18,14 @@ from typing import Any, Iterator, Literal
 import torch
 
 from .artifacts import file_sha256, intact, read_metadata
+from .batching import defended_trial, rank_trial, resolve_batch_size
 from .calibrate import DEFAULT_N_EXAMPLES, calibration_stream, run_calibration
 from .common import Target, check_classes, resolve_model_layer
 from .data import ImageSet, load_dataset, same_images
 from .console import err_console, progress_enabled
 from .defense import check_layers, load_defense
 from .errors import IgdError
+from .precision import precision_meta
 from .evaluate import (PYAUTOATTACK_VERSION, Budgets, EvalResult, adaptive_temperature, attack_revisions,
                        defense_identity, evaluate_defense)
 from .ranking import RankRequest, get_method, rank, rank_meta
@@ -111,11 +113,12 @@ class PipelineConfig:
     budgets: Budgets = field(default_factory=Budgets)
     clip_model: str = "ViT-B-16"
     clip_pretrained: str = "openai"
-    batch_size: int = 128
+    batch_size: int | str = 128  # or "auto" (igd_cli.batching), resolved per stage
     seed: int = 0
     protocol: str = "draws"  # how a randomized defence is scored (igd_cli.scoring)
     draws: int = DEFAULT_DRAWS
     bpda_temperature: float | None = None  # the adaptive attack's, IW-WC's tenth column (None: its default)
+    precision: str = "fp32"  # ranking, calibration and clean scoring under autocast; attacks fp32 (igd_cli.precision)
 
 
 @dataclass
@@ -161,13 +164,17 @@ def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_d
     """Run (or re-read) every stage for ``target`` into the folder ``out``, holding the folder's lock (a second
     process on the same folder fails at once with one line instead of mixing its results in). With ``piece``,
     compute that piece only (holding that piece's lock: the pieces of one run go on in parallel) and return what
-    it wrote."""
+    it wrote and its ``seconds``."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise IgdError(f"--out {out}: is a file, expected a folder")
     out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
     with run_lock(out, None if piece is None else piece.name):
-        return _run_pipeline(target, cfg, out, data_dir=data_dir, force=force, piece=piece)
+        res = _run_pipeline(target, cfg, out, data_dir=data_dir, force=force, piece=piece)
+    if isinstance(res, dict):  # a piece: its wall time, which cluster/slurm/size.py sizes jobs from
+        res["seconds"] = round(time.perf_counter() - t0, 3)
+    return res
 
 
 def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: str | Path | None,
@@ -187,7 +194,7 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
             data.n = min(DEFAULT_N_EXAMPLES, len(data))
         check_classes(target, data)
         return _run_eval_piece(piece, target, cfg, data, None, {}, {}, out / "report", out / "adv", eps, norm,
-                               progress_enabled())
+                               progress_enabled(), _eval_batch(cfg, target, target.model, data))
 
     # 1. rank (the probe set: the first n_probe training images, or of --probe-dataset), one importance file per
     # masked layer
@@ -207,7 +214,12 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
                           num_classes=target.loaded.num_classes, data=probe, neurons=(0, n_neurons),
                           batch_size=cfg.batch_size, seed=cfg.seed, clip_model=cfg.clip_model,
                           clip_pretrained=cfg.clip_pretrained, clip_cache=out / "clip-cache.safetensors",
-                          show_progress=show)
+                          show_progress=show, precision=cfg.precision)
+        if cfg.batch_size == "auto":
+            req.batch_size = resolve_batch_size("auto", default=PIPELINE_BATCH, device=target.device,
+                                                cap=len(probe), try_batch=rank_trial(req, method.name),
+                                                what=f"{method.name} ranking")
+            req.clip_batch_size = PIPELINE_BATCH
         if piece is not None and piece.stage == "rank" and piece.stop:
             if len(wanted) > 1:
                 raise IgdError("--piece rank:A:B: rank pieces cover one masked layer (give one --layer)")
@@ -247,6 +259,7 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
         cal = run_calibration(target, importances[0] if one else importances, mask, split="test", n_examples=cfg.n_examples,
                               tolerance=cfg.tolerance, eps=eps, n_smooth=1, rs=cfg.rs, k=cfg.k,
                               batch_size=cfg.batch_size, seed=cfg.seed, data_dir=data_dir,
+                              precision=cfg.precision, auto_default=PIPELINE_BATCH,
                               plot=out / f"calibration-{method.name}-{slug}.png",
                               extra_meta={"pipeline_identity": want})
         stages["calibrate"] = "computed"
@@ -264,14 +277,16 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
     eval_id = {"mask_sha256": ident["mask_sha256"], "defense": ident.get("settings"), "attack": cfg.attack,
                "data": data.identity(), "eps": eps, "norm": norm, "budgets": asdict(cfg.budgets), "seed": cfg.seed,
                "revisions": attack_revisions(cfg.attack), "pyautoattack": PYAUTOATTACK_VERSION,
-               "model_fingerprint": target.loaded.fingerprint, "protocol": cfg.protocol, "draws": cfg.draws}
+               "model_fingerprint": target.loaded.fingerprint, "protocol": cfg.protocol, "draws": cfg.draws,
+               **precision_meta(cfg.precision)}
     if cfg.attack == "iw-wc":  # its tenth column, the adaptive attack (beyond the paper)
         eval_id["bpda_temperature"] = adaptive_temperature(cfg.bpda_temperature)
     if piece is not None and piece.stage == "merge":
         merge_eval_pieces(out / "pieces", report, eval_id, strict=True)
         return {"piece": piece.name, "out": str(report)}
     if piece is not None:  # defend:I/N
-        return _run_eval_piece(piece, target, cfg, data, defense, ident, eval_id, report, adv_dir, eps, norm, show)
+        return _run_eval_piece(piece, target, cfg, data, defense, ident, eval_id, report, adv_dir, eps, norm, show,
+                               _eval_batch(cfg, target, defense, data))
     if not force:
         merge_eval_pieces(out / "pieces", report, eval_id)
     evaluation = None if force else _reusable_report(report, eval_id)
@@ -283,18 +298,19 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
         def on_set(attack: str, kind: str, _res) -> None:
             ran.append(f"{kind}:{attack}")
 
+        eval_bs = _eval_batch(cfg, target, defense, data)  # searched only when attacks will run
         _say(f"[3/4] attacks on the base model ({cfg.attack}) for transfer, cached in {adv_dir}")
         evaluate_defense(target, None, data, attack=cfg.attack, workdir=adv_dir, budgets=cfg.budgets,
-                         eps=eps, norm=norm, seed=cfg.seed, batch_size=cfg.batch_size, show_progress=show,
+                         eps=eps, norm=norm, seed=cfg.seed, batch_size=eval_bs, show_progress=show,
                          on_set=on_set)
         stages["transfer"] = "computed" if ran else "reused"
         n_base = len(ran)
         _say(f"[4/4] defend-eval --attack {cfg.attack} on {data.wording()}")
         res: EvalResult = evaluate_defense(target, defense, data, attack=cfg.attack, workdir=adv_dir,
                                            budgets=cfg.budgets, eps=eps, norm=norm, seed=cfg.seed,
-                                           batch_size=cfg.batch_size, defense_meta=ident, show_progress=show,
+                                           batch_size=eval_bs, defense_meta=ident, show_progress=show,
                                            on_set=on_set, protocol=cfg.protocol, draws=cfg.draws,
-                                           bpda_temperature=cfg.bpda_temperature)
+                                           bpda_temperature=cfg.bpda_temperature, precision=cfg.precision)
         stages["defend-eval"] = "computed"
         evaluation = res.to_json()
         res.save(report, {**target.provenance(), **ident, "pipeline_identity": eval_id,
@@ -308,7 +324,7 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
 
 def _run_eval_piece(piece: Piece, target: Target, cfg: PipelineConfig, data: ImageSet, defense, ident: dict[str, Any],
                     eval_id: dict[str, Any], report: Path, adv_dir: Path, eps: float, norm: str,
-                    show: bool) -> dict[str, Any]:
+                    show: bool, batch_size: int) -> dict[str, Any]:
     """Shard ``piece.index`` of ``piece.count`` of the images: the transfer sets on the base model (``transfer``),
     or the defended evaluation with them (``defend``), kept in ``adv/shard-I-of-N`` (the sets) and ``pieces/``
     (the report), as the whole run would compute them for these images."""
@@ -318,7 +334,7 @@ def _run_eval_piece(piece: Piece, target: Target, cfg: PipelineConfig, data: Ima
     positions = torch.arange(piece.index * n // piece.count, (piece.index + 1) * n // piece.count)
     workdir = adv_dir / f"shard-{piece.index}-of-{piece.count}"
     kw = dict(attack=cfg.attack, workdir=workdir, budgets=cfg.budgets, eps=eps, norm=norm, seed=cfg.seed,
-              batch_size=cfg.batch_size, show_progress=show, positions=positions)
+              batch_size=batch_size, show_progress=show, positions=positions)
     if piece.stage == "transfer":
         evaluate_defense(target, None, data, **kw)
         return {"piece": piece.name, "out": str(workdir), "positions": [int(positions[0]), int(positions[-1]) + 1]}
@@ -331,7 +347,7 @@ def _run_eval_piece(piece: Piece, target: Target, cfg: PipelineConfig, data: Ima
             raise IgdError(f"{path}: corrupted (unreadable, or its tensors do not match their digest): remove it "
                            f"and rerun this piece")
     res = evaluate_defense(target, defense, data, defense_meta=ident, protocol=cfg.protocol, draws=cfg.draws,
-                           bpda_temperature=cfg.bpda_temperature, **kw)
+                           bpda_temperature=cfg.bpda_temperature, precision=cfg.precision, **kw)
     res.save(path, {**target.provenance(), **ident, "pipeline_identity": eval_id, "eval_identity": eval_id,
                     "data": {"dataset": data.name, "split": data.split, "n": n},
                     "shard": [piece.index, piece.count], "positions": [int(positions[0]), int(positions[-1]) + 1]})
@@ -421,6 +437,17 @@ def check_probe_overlap(probe: ImageSet, evaluation: ImageSet, cfg: PipelineConf
                    f"pass training images (or --allow-overlap)")
 
 
+#: the pipeline's default --batch-size (what ``auto`` is on a CPU)
+PIPELINE_BATCH = 128
+
+
+def _eval_batch(cfg: PipelineConfig, target: Target, model: Any, data: ImageSet) -> int:
+    """The attack stages' batch: ``cfg.batch_size``, or with ``auto`` the largest batch of attack steps (forward
+    and backward of ``model``, fp32) that fits."""
+    return resolve_batch_size(cfg.batch_size, default=PIPELINE_BATCH, device=target.device, cap=len(data),
+                              try_batch=defended_trial(model, data, grad=True), what="the attack steps")
+
+
 def _say(text: str) -> None:
     err_console.print(text, highlight=False, soft_wrap=True)  # paths stay whole
 
@@ -433,7 +460,8 @@ def _calibration_identity(target: Target, importances: list[Path], cfg: Pipeline
     return json.loads(json.dumps({
         "model_fingerprint": target.loaded.fingerprint, "importance_sha256": shas[0] if len(shas) == 1 else shas,
         "data": data.identity(), "tolerance": cfg.tolerance, "k": cfg.k, "eps": eps, "rs": cfg.rs,
-        "seed": cfg.seed, "noise_seed": calibration_stream(cfg.seed) if cfg.rs else None}))
+        "seed": cfg.seed, "noise_seed": calibration_stream(cfg.seed) if cfg.rs else None,
+        **precision_meta(cfg.precision)}))
 
 
 @contextlib.contextmanager

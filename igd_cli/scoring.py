@@ -58,22 +58,27 @@ def rows_for(model: nn.Module, protocol: str = "draws", draws: int = DEFAULT_DRA
 
 @torch.no_grad()
 def classify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: int, *, seed: int = 0,
-             batch_size: int = 256, description: str | None = None) -> torch.Tensor:
+             batch_size: int = 256, description: str | None = None, precision: str = "fp32") -> torch.Tensor:
     """Correctness (rows, n) of ``model`` on ``x``: row r is each point's r-th query after ``reseed(seed)``.
 
     The defence's noise is keyed by image content (:mod:`igd_cli.noise`), so a point's draws are fresh per query
     and the same in any batch, shard or order; a deterministic model needs one row. ``description``: show a
-    progress bar (images × draws) under that name.
+    progress bar (images × draws) under that name. ``precision``: the forwards under autocast
+    (:mod:`igd_cli.precision`; clean scoring only, never an attack's set).
     """
+    from .precision import autocast, memory_format
+
     reseed(model, seed)
     device = module_device(model)
     out = torch.empty(rows, len(x), dtype=torch.bool)
     with progress() as bar:
         task = bar.add_task(description or "scoring", total=rows * len(x), visible=description is not None)
         for i in range(0, len(x), batch_size):
-            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+            xb, yb = memory_format(x[i:i + batch_size].to(device), precision), y[i:i + batch_size].to(device)
             for r in range(rows):
-                out[r, i:i + batch_size] = (model(xb).argmax(1) == yb).cpu()
+                with autocast(precision, device):
+                    logits = model(xb)
+                out[r, i:i + batch_size] = (logits.argmax(1) == yb).cpu()
                 bar.advance(task, len(xb))
     return out
 

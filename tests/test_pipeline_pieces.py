@@ -86,3 +86,36 @@ def test_merge_piece_refuses_missing_or_corrupted_pieces(tmp_path, cli):
     r = cli("pipeline", *OPTS, "--out", run, "--piece", "merge")
     assert r.code == 0, r.err
     assert cli("pipeline", *OPTS, "--out", run).json()["stages"]["defend-eval"] == "reused"
+
+
+def test_several_layers_pieces_equal_one_plain_run(tmp_path, cli, monkeypatch):
+    """Two masked layers: the cluster route's pieces (the ranking one job, as plan.py plans it; calibration; transfer
+    and defended shards) merged by a plain run give every figure, k per layer and the mask of one plain run."""
+    opts = [*OPTS, "--layer", "block2", "--layer", "block3"]
+    plain = cli("pipeline", *opts, "--out", tmp_path / "plain")
+    assert plain.code == 0, plain.err
+    want = plain.json()
+    assert set(want["k"]) == {"block2", "block3"}, want["k"]
+    run = tmp_path / "pieces"
+    for p in ("transfer:1/2", "rank", "transfer:0/2", "calibrate", "defend:1/2", "defend:0/2", "merge"):
+        r = cli("pipeline", *opts, "--out", run, "--piece", p)
+        assert r.code == 0, (p, r.err)
+
+    def boom(*a, **k):
+        raise AssertionError("the merging run attacked: the pieces should have been merged")
+
+    monkeypatch.setattr(evaluate, "run_attack", boom)
+    monkeypatch.setattr(attacks_base, "run_attack", boom)
+    got = cli("pipeline", *opts, "--out", run)
+    assert got.code == 0, got.err
+    got = got.json()
+    for key in FIGURES:
+        assert got[key] == want[key], key
+    assert len(want["paths"]["importance"]) == 2  # one ranking per layer
+    for key in ("importance", "mask"):
+        paths = {j is want: j["paths"][key] for j in (want, got)}
+        pairs = zip(*(p if isinstance(p, list) else [p] for p in paths.values()))
+        for pa, pb in pairs:
+            a, b = load_artifact(pa), load_artifact(pb)
+            assert set(a.tensors) == set(b.tensors), key
+            assert all(torch.equal(a[t], b[t]) for t in a.tensors), key

@@ -225,6 +225,17 @@ def test_whole_route_equals_igd_pipeline_and_a_failing_task_stops_its_dependents
     (mask,) = run.glob("mask-*.safetensors")
     assert torch.equal(load_artifact(mask)["mask"], pipe["mask"]["mask"])
 
+    # the pilot's sizing: size.py reads the tasks' logged seconds (each piece's --json line) and scales them
+    sized = subprocess.run([sys.executable, str(SLURM / "size.py"), str(run), "--images", "900", "--json"],
+                           capture_output=True, text=True, timeout=60)
+    assert sized.returncode == 0, sized.stderr
+    sized = json.loads(sized.stdout)
+    evals = [x for x in _records(run, "evaluate") if not x.get("skipped")]
+    assert len(evals) == 3 and sized["steps"]["evaluate"]["tasks_measured"] == 3
+    slowest = max(x["seconds"] / (x["positions"][1] - x["positions"][0]) for x in evals)
+    assert sized["steps"]["evaluate"]["seconds_per_unit"] == round(slowest, 4)
+    assert {"rank", "calibrate", "evaluate", "merge-eval"} <= set(sized["steps"]) and sized["shards"] >= 1
+
     # fault: a corrupt evaluation shard -> its task fails, the merge and the final step never run, --wait names them
     first = (run / "result.json").read_text()
     (bad,) = (run / PIECES).glob("eval-aa-*.shard-1-of-3.safetensors")
@@ -263,3 +274,25 @@ def test_the_driver_refuses_bad_input_before_submitting_anything(cluster, tmp_pa
     assert cluster.submit(run, "--until", "rank", "--", *RANK).returncode == 0
     r = cluster.submit(run, "--until", "rank", "--", "--n-probe", "60", wait=False)
     assert r.returncode == 2 and "holds a run with other options" in r.stderr
+
+
+def test_several_masked_layers_through_the_route(cluster, tmp_path):
+    """Two masked layers: the ranking is one job (plan.py), the rest sharded; result.json equals igd pipeline's."""
+    chain = [*CHAIN, "--layer", "block2", "--layer", "block3"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "IGD_NO_PROGRESS": "1", "IGD_HOME": str(tmp_path / "home")}
+    p = subprocess.run([sys.executable, "-m", "igd_cli", "pipeline", *chain, "--out", str(tmp_path / "plain"),
+                        "--json"], env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr
+    expected = json.loads(p.stdout)
+    run = tmp_path / "run"
+    r = cluster.submit(run, "--", *chain, shards=2, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert "rank" not in _jobs(run)  # no ranking array: merge-importance ranks both layers in one job
+    got = json.loads((run / "result.json").read_text())
+    assert set(got["k"]) == {"block2", "block3"}
+    for key in FIGURES:
+        assert got[key] == expected[key], key
+    (mask,) = run.glob("mask-*.safetensors")
+    want = load_artifact(expected["paths"]["mask"])
+    have = load_artifact(mask)
+    assert set(have.tensors) == set(want.tensors) and all(torch.equal(have[t], want[t]) for t in want.tensors)

@@ -12,8 +12,10 @@ from ..cli import app, emit, examples
 from ..common import open_target, parse_eps
 from ..console import out_console
 from ..defense import DEFAULT_N_SMOOTH, DEFAULT_TAU
-from ..options import (Arch, BatchSize, CalibrationEps, DataDir, Dataset, Device, Json, Layer, Model, Normalize, Seed, ThreatModel,
-                       ZooDataset)
+from ..batching import parse_batch_size
+from ..options import (Arch, AutoBatchSize, CalibrationEps, DataDir, Dataset, Device, Json, Layer, Model, Normalize,
+                       Precision, Seed, ThreatModel, ZooDataset)
+from ..precision import check_precision
 from ..report import calibration_table
 
 
@@ -42,7 +44,7 @@ def calibrate_cmd(
     k: Annotated[Optional[list[str]], typer.Option(
         "--k", metavar="K|LAYER=K", help="skip the search: write the mask for this k; several layers: LAYER=K fixes that layer's k "
                     "(repeatable; the others keep searching the same fraction k/N)")] = None,
-    batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto",
+    batch_size: AutoBatchSize = "128", precision: Precision = "fp32", seed: Seed = 0, device: Device = "auto",
     cache_mb: Annotated[int, typer.Option(
         "--cache-mb", metavar="MB", help="memory for cached k-independent features; batches beyond are recomputed per k")
     ] = DEFAULT_CACHE_BYTES >> 20,
@@ -58,10 +60,14 @@ def calibrate_cmd(
     layer's clean features do not depend on k: they are computed once (seeded noise, same seed -> same k) and each
     candidate k only runs the rest of the network.
     """
+    check_precision(precision)
+    parse_batch_size(batch_size)
     target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize)
+    check_precision(precision, target.device)
     result = run_calibration(target, list(importance), out, layer=layer, split=split, n_examples=n_examples,
                              tolerance=tolerance, eps=parse_eps(eps), sigma=sigma, n_smooth=n_smooth, tau=tau,
-                             rs=not no_rs, k=parse_k(k), batch_size=batch_size, seed=seed, cache_bytes=cache_mb << 20,
+                             rs=not no_rs, k=parse_k(k), batch_size=parse_batch_size(batch_size), precision=precision,
+                             seed=seed, cache_bytes=cache_mb << 20,
                              data_dir=data_dir, plot=plot)
     emit(result, as_json, _render)
 

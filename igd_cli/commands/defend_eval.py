@@ -18,11 +18,17 @@ from ..console import out_console
 from ..defense import check_settings, load_defense
 from ..errors import IgdError
 from ..evaluate import Budgets, defend_eval, render_per_class, render_table
-from ..options import (Arch, BatchSize, BpdaTemperature, DataDir, Dataset, Device, Draws, EotIter, Eps, Json, Model, ProtocolOpt,
+from ..batching import defended_trial, parse_batch_size, resolve_batch_size
+from ..options import (Arch, AutoBatchSize, BpdaTemperature, DataDir, Dataset, Device, Draws, EotIter, Eps, Json, Model, Precision, ProtocolOpt,
                        Queries, Restarts, Seed, Normalize, Shard, Steps, ThreatModel, ZooDataset)
+from ..precision import check_precision
 from ..report import summary_table
 from ..scoring import DEFAULT_DRAWS, check_protocol
 from ..shards import parse_shard
+
+
+#: the default --batch-size (every command's: results do not depend on it, docs/same-answer.md)
+EVAL_BATCH = 128
 
 
 @app.command("defend-eval", short_help="clean and robust accuracy, base vs defended model", epilog=examples(
@@ -56,7 +62,8 @@ def defend_eval_cmd(
     skip: Annotated[bool, typer.Option("--skip/--no-skip", help="IW-WC: attack the defended model only on images "
                                        "where it can still change the worst case (same worst case, faster)")] = True,
     shard: Shard = None,
-    batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto",
+    batch_size: AutoBatchSize = "128", seed: Seed = 0, device: Device = "auto",
+    precision: Precision = "fp32",
     report: Annotated[Optional[Path], typer.Option("--report", metavar="FILE", help="write an eval-report artifact: per-image, "
                                                    "per-draw correctness and per-class accuracy")] = None,
     as_json: Json = False,
@@ -69,6 +76,8 @@ def defend_eval_cmd(
     """
     attack = attack.strip().lower()
     check_protocol(protocol, draws)
+    check_precision(precision)
+    parse_batch_size(batch_size)
     if n_smooth is not None or tau is not None or sigma is not None:
         check_settings(tau=1.0 if tau is None else tau, sigma=sigma, n_smooth=1 if n_smooth is None else n_smooth,
                        rs=False)
@@ -86,14 +95,20 @@ def defend_eval_cmd(
         raise IgdError(f"--report {report}: is a directory")
     adv_files = expand_adv(adv or [])  # a folder: every adversarial set in it
     target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize)
+    check_precision(precision, target.device)
     eps_value = parse_eps(eps)
     defense = load_defense(target, mask, sigma=sigma, n_smooth=n_smooth, tau=tau, rs=rs, seed=seed)
     data = target.eval_data(split, n_examples, data_dir)
     check_classes(target, data)
+    grad = attack != "none"  # an attack's step (forward and backward, fp32) is the heaviest batch; else scoring
+    bs = resolve_batch_size(batch_size, default=EVAL_BATCH, device=target.device, cap=len(data),
+                            try_batch=defended_trial(defense, data, grad=grad, precision="fp32" if grad else precision),
+                            what="the defended model's " + ("attack steps" if grad else "clean scoring"))
     _, result = defend_eval(target, defense, mask, data, attack=attack, adv=adv_files, eps=eps_value,
                             norm=threat_model, budgets=budgets, workdir=workdir, skip=skip,
-                            shard=parse_shard(shard, len(data)), seed=seed, batch_size=batch_size,
-                            protocol=protocol, draws=draws, report=report, bpda_temperature=bpda_temperature)
+                            shard=parse_shard(shard, len(data)), seed=seed, batch_size=bs,
+                            protocol=protocol, draws=draws, report=report, bpda_temperature=bpda_temperature,
+                            precision=precision)
     emit(result, as_json, _render)
 
 

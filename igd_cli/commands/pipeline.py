@@ -13,9 +13,11 @@ from ..common import open_target, parse_eps
 from ..console import out_console
 from ..errors import IgdError
 from ..evaluate import Budgets, render_table
-from ..options import (Arch, BatchSize, BpdaTemperature, DataDir, Dataset, Device, Draws, EpsSigma, Json, Model, Normalize,
-                       PipelineProbeDataset, PresetEotIter, PresetQueries, PresetRestarts, PresetSteps, ProtocolOpt,
-                       Seed, ThreatModel, ZooDataset)
+from ..batching import parse_batch_size
+from ..options import (Arch, AutoBatchSize, BpdaTemperature, DataDir, Dataset, Device, Draws, EpsSigma, Json, Model,
+                       Normalize, PipelineProbeDataset, Precision, PresetEotIter, PresetQueries, PresetRestarts,
+                       PresetSteps, ProtocolOpt, Seed, ThreatModel, ZooDataset)
+from ..precision import check_precision
 from ..scoring import DEFAULT_DRAWS, check_protocol
 from ..pipeline import PipelineConfig, parse_piece, preset_values, run_pipeline
 
@@ -51,7 +53,8 @@ def pipeline_cmd(
     bpda_temperature: BpdaTemperature = None,
     clip_model: Annotated[str, typer.Option("--clip-model", metavar="NAME", help="cd-ir: open_clip model")] = "ViT-B-16",
     clip_pretrained: Annotated[str, typer.Option("--clip-pretrained", metavar="TAG|PATH", help="cd-ir: weights tag, PATH or none")] = "openai",
-    batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto",
+    batch_size: AutoBatchSize = "128", seed: Seed = 0, device: Device = "auto",
+    precision: Precision = "fp32",
     draws: Draws = DEFAULT_DRAWS,
     protocol: ProtocolOpt = "draws",
     preset: Annotated[str, typer.Option("--preset", metavar="auto|quick|paper", help="attack budgets and images when not given: paper (the paper's), quick (200 images, 20 steps, 1000 queries, 5 EoT samples, 1 restart) or auto (quick for demo, else paper)")] = "auto",
@@ -69,9 +72,12 @@ def pipeline_cmd(
     built from): a second run with the same arguments only re-reads results; an interrupted one resumes.
     """
     check_protocol(protocol, draws)
+    check_precision(precision)
+    batch = parse_batch_size(batch_size)
     if bpda_temperature is not None and not bpda_temperature >= 1:
         raise IgdError(f"--bpda-temperature {bpda_temperature}: must be at least 1")
     target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize)
+    check_precision(precision, target.device)
     p = preset_values(preset, target.loaded.name)
 
     def pick(value, key):
@@ -85,8 +91,8 @@ def pipeline_cmd(
                          rs=not no_rs, budgets=Budgets(steps=pick(steps, "steps"), restarts=pick(restarts, "restarts"),
                                                        queries=pick(queries, "queries"),
                                                        eot_iter=pick(eot_iter, "eot_iter")),
-                         clip_model=clip_model, clip_pretrained=clip_pretrained, batch_size=batch_size, seed=seed,
-                         protocol=protocol, draws=draws, bpda_temperature=bpda_temperature)
+                         clip_model=clip_model, clip_pretrained=clip_pretrained, batch_size=batch, seed=seed,
+                         protocol=protocol, draws=draws, bpda_temperature=bpda_temperature, precision=precision)
     if out is None:
         out = Path("runs") / Path(target.loaded.name).stem.replace(":", "-")
     res = run_pipeline(target, cfg, out, data_dir=data_dir, force=force, piece=parse_piece(piece))

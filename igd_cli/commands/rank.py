@@ -14,11 +14,17 @@ from ..common import check_classes, open_target, resolve_model_layer
 from ..data import load_dataset
 from ..errors import IgdError
 from ..console import out_console, progress_enabled
-from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Json, Layer, Model, Normalize, ProbeDataset, Seed, ThreatModel,
-                       ZooDataset)
+from ..batching import parse_batch_size, rank_trial, resolve_batch_size
+from ..options import (Arch, AutoBatchSize, DataDir, Dataset, Device, Json, Layer, Model, Normalize, Precision, ProbeDataset, Seed,
+                       ThreatModel, ZooDataset)
+from ..precision import check_precision
 from ..ranking import METHODS, RankRequest, get_method, rank
 from ..ranking.cd_ir import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, DEFAULT_TEMPLATE
 from ..shards import parse_neurons
+
+
+#: the default --batch-size
+RANK_BATCH = 128
 
 
 @app.command("rank", short_help="class-wise neuron importance of one layer (N, C)", epilog=examples(
@@ -44,7 +50,8 @@ def rank_cmd(
     clip_pretrained: Annotated[str, typer.Option("--clip-pretrained", metavar="TAG|PATH", help="open_clip weights tag, a local checkpoint PATH, or none (untrained)")] = DEFAULT_CLIP_PRETRAINED,
     clip_cache: Annotated[Optional[Path], typer.Option("--clip-cache", metavar="FILE", help="CLIP embeddings cache, written or reused when it matches (default: under $IGD_HOME/clip-cache)")] = None,
     clip_template: Annotated[str, typer.Option("--clip-template", metavar="TEXT", help="text prompt per class, {} = class name (CLIP-Dissect: the bare name)")] = DEFAULT_TEMPLATE,
-    batch_size: BatchSize = 128,
+    batch_size: AutoBatchSize = "128",
+    precision: Precision = "fp32",
     seed: Seed = 0,
     device: Device = "auto",
     exact_naive: Annotated[bool, typer.Option("--exact-naive", help="lo-ir: the literal algorithm (one pass per neuron), the reference")] = False,
@@ -56,6 +63,8 @@ def rank_cmd(
     if out.is_dir():
         raise IgdError(f"--out {out}: is a directory, expected the importance file to write")
     m = get_method(method)
+    check_precision(precision)
+    parse_batch_size(batch_size)
     target = open_target(model, arch, dataset or probe_dataset, threat_model, device, zoo_dataset,
                          normalize=normalize)
     data = load_dataset(probe_dataset or target.dataset, split, n_probe, data_dir)
@@ -63,16 +72,21 @@ def rank_cmd(
     chosen: dict[str, str] = {}
     full_layer, n = resolve_model_layer(target, layer, tuple(data.get(0, 1).x.shape[1:]), chosen)
     a, b = parse_neurons(neurons, n)
+    check_precision(precision, target.device)
     req = RankRequest(model=target.model, layer=full_layer, n_neurons=n, num_classes=target.loaded.num_classes,
-                      data=data, neurons=(a, b), batch_size=batch_size, seed=seed, exact_naive=exact_naive,
+                      data=data, neurons=(a, b), batch_size=RANK_BATCH, seed=seed, exact_naive=exact_naive,
                       clip_model=clip_model, clip_pretrained=clip_pretrained, clip_cache=clip_cache,
-                      clip_template=clip_template, show_progress=progress_enabled())
+                      clip_template=clip_template, show_progress=progress_enabled(), precision=precision)
+    req.batch_size = resolve_batch_size(batch_size, default=RANK_BATCH, device=target.device, cap=len(data),
+                                        try_batch=rank_trial(req, m.name), what=f"{m.name} ranking")
+    if batch_size.strip().lower() == "auto":
+        req.clip_batch_size = RANK_BATCH  # the search measured the ranked model's pass, not CLIP's
     res = rank(req, m.name, target.provenance(), out, force=force, shard=neurons is not None, note=chosen)
     details = res.meta.get("details") or {}
     result = {"out": str(out), "method": m.name, "layer": full_layer, "shape": list(res.shape), "n_probe": len(data),
               "seconds": round(time.perf_counter() - t0, 3), "kind": res.kind, "neurons": [a, b], "n_neurons": n,
               "skipped": res.skipped, "compute_seconds": res.meta.get("seconds"), "path": details.get("path"),
-              **chosen}
+              "batch_size": req.batch_size, "precision": precision, **chosen}
     for key in ("fallback_reason", "clip_cache", "clip_cache_reused", "classes_without_probes"):
         if key in details:
             result[key] = details[key]

@@ -20,6 +20,7 @@ from ..artifacts import save_artifact
 from ..console import err_console
 from ..data import ImageSet
 from ..errors import IgdError
+from ..precision import precision_meta
 
 
 @dataclass
@@ -41,6 +42,8 @@ class RankRequest:
     clip_cache: Path | None = None
     clip_template: str = "{}"
     show_progress: bool = True
+    clip_batch_size: int | None = None  # CLIP's encoding batch (default: batch_size)
+    precision: str = "fp32"  # the model's forwards under autocast (lo-ir, cd-ir's activations); igd_cli.precision
 
 
 @dataclass
@@ -61,7 +64,7 @@ class Method:
 
 def _lo_ir_params(req: RankRequest) -> dict[str, Any]:
     return {"ablation": "zero the neuron (whole channel)", "statistic": "mean |change of ground-truth logit|",
-            "empty_class": 0.0}
+            "empty_class": 0.0, **precision_meta(req.precision)}
 
 
 def _lo_ir_run(req: RankRequest) -> RankOutput:
@@ -69,7 +72,7 @@ def _lo_ir_run(req: RankRequest) -> RankOutput:
 
     path = "naive" if req.exact_naive else req.lo_ir_path
     res = lo_ir(req.model, req.layer, req.data, req.num_classes, neurons=req.neurons, batch_size=req.batch_size,
-                path=path, show_progress=req.show_progress)
+                path=path, show_progress=req.show_progress, precision=req.precision)
     empty = [i for i, c in enumerate(res.class_counts.tolist()) if c == 0]
     if empty:
         err_console.print(f"note: classes {empty} have no probe image: their importance is 0")
@@ -80,7 +83,8 @@ def _lo_ir_run(req: RankRequest) -> RankOutput:
 def _cd_ir_params(req: RankRequest) -> dict[str, Any]:
     from .cd_ir import params
 
-    return params(req.clip_model, req.clip_pretrained, req.clip_template, len(req.data))
+    return {**params(req.clip_model, req.clip_pretrained, req.clip_template, len(req.data)),
+            **precision_meta(req.precision)}
 
 
 def _cd_ir_run(req: RankRequest) -> RankOutput:
@@ -88,7 +92,8 @@ def _cd_ir_run(req: RankRequest) -> RankOutput:
 
     res = cd_ir(req.model, req.layer, req.data, neurons=req.neurons, clip_model=req.clip_model,
                 clip_pretrained=req.clip_pretrained, template=req.clip_template, cache=req.clip_cache,
-                batch_size=req.batch_size, show_progress=req.show_progress)
+                batch_size=req.batch_size, show_progress=req.show_progress, precision=req.precision,
+                clip_batch_size=req.clip_batch_size)
     return RankOutput(res.importance, {"path": "soft-wpmi", "clip_cache": str(res.cache),
                                        "clip_cache_reused": res.cache_reused, **res.info})
 

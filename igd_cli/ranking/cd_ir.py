@@ -34,6 +34,7 @@ from ..console import err_console, progress
 from ..data import ImageSet
 from ..errors import IgdError
 from ..layers import LayerSplit
+from ..precision import autocast, memory_format
 
 DEFAULT_CLIP_MODEL = "ViT-B-16"
 DEFAULT_CLIP_PRETRAINED = "openai"
@@ -84,15 +85,16 @@ class _TopK:
 # --- the layer's activations ---------------------------------------------------------------------------
 
 def activation_topk(model: nn.Module, layer: str, data: ImageSet, k: int, batch_size: int = 128,
-                    show_progress: bool = True) -> torch.Tensor:
-    """Indices (K, N) of the K probe images with the largest spatial-mean activation ``q_j``, per neuron."""
+                    show_progress: bool = True, precision: str = "fp32") -> torch.Tensor:
+    """Indices (K, N) of the K probe images with the largest spatial-mean activation ``q_j``, per neuron
+    (``precision``: the forwards under autocast, :mod:`igd_cli.precision`)."""
     split = LayerSplit(model, layer)
     device = next(iter(model.parameters())).device
     top = _TopK(k)
-    with torch.no_grad(), progress() as bar:
+    with torch.no_grad(), progress() as bar, autocast(precision, device):
         task = bar.add_task("CD-IR activations", total=math.ceil(len(data) / batch_size)) if show_progress else None
         for batch in data.batches(batch_size):
-            a, _ = split.head(batch.x.to(device))
+            a, _ = split.head(memory_format(batch.x.to(device), precision))
             q = a.flatten(2).mean(2) if a.ndim > 2 else a  # spatial mean: Q rows for this batch
             top.add(q.to(torch.float32), int(batch.index[0]))
             if task is not None:
@@ -333,7 +335,7 @@ class CdIrResult:
 def cd_ir(model: nn.Module, layer: str, data: ImageSet, *, neurons: tuple[int, int] | None = None,
           clip_model: str = DEFAULT_CLIP_MODEL, clip_pretrained: str = DEFAULT_CLIP_PRETRAINED,
           template: str = DEFAULT_TEMPLATE, cache: Path | None = None, batch_size: int = 128,
-          show_progress: bool = True) -> CdIrResult:
+          show_progress: bool = True, precision: str = "fp32", clip_batch_size: int | None = None) -> CdIrResult:
     """CD-IR rows ``neurons`` (default all). ``L_d`` needs every neuron, so a shard computes the full soft-WPMI
     (cheap once the activations are known) and keeps its rows."""
     import time
@@ -342,10 +344,10 @@ def cd_ir(model: nn.Module, layer: str, data: ImageSet, *, neurons: tuple[int, i
     t0 = time.perf_counter()
     img, txt, path, reused = clip_embeddings(data, clip_model=clip_model, clip_pretrained=clip_pretrained,
                                              template=template, cache=cache, device=device,
-                                             batch_size=batch_size, show_progress=show_progress)
+                                             batch_size=clip_batch_size or batch_size, show_progress=show_progress)
     t1 = time.perf_counter()
     k = min(int(SOFT_WPMI["top_k"]), len(data))
-    top_idx = activation_topk(model, layer, data, k, batch_size, show_progress)
+    top_idx = activation_topk(model, layer, data, k, batch_size, show_progress, precision)
     t2 = time.perf_counter()
     p = img.to(device) @ txt.to(device).T  # P = E_img · E_txtᵀ (M, C)
     consts = {key: v for key, v in SOFT_WPMI.items() if key != "top_k"}

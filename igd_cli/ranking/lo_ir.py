@@ -28,6 +28,7 @@ from ..console import progress
 from ..data import ImageSet
 from ..errors import IgdError
 from ..layers import LayerSplit, replaced
+from ..precision import autocast, full_precision, memory_format
 
 PATHS = ("auto", "closed-form", "batched-tail", "naive")
 
@@ -98,11 +99,12 @@ def _zero_channel(a: torch.Tensor, j: int) -> torch.Tensor:
 
 def lo_ir_naive(model: nn.Module, layer: str, data: ImageSet, num_classes: int, *,
                 neurons: tuple[int, int] | None = None, n_neurons: int | None = None, batch_size: int = 128,
-                show_progress: bool = True) -> LoIrResult:
+                show_progress: bool = True, precision: str = "fp32") -> LoIrResult:
     """The literal LO-IR: for each neuron, zero it with a forward hook and run the probe set (the reference).
 
     The probe set is streamed once (batches outside, neurons inside) so that it is decoded only once; every
-    neuron still costs one full forward of every image.
+    neuron still costs one full forward of every image. ``precision``: the forwards under autocast
+    (:mod:`igd_cli.precision`).
     """
     device = _device(model)
     if n_neurons is None:
@@ -112,10 +114,10 @@ def lo_ir_naive(model: nn.Module, layer: str, data: ImageSet, num_classes: int, 
     a, b = _rows(neurons, n_neurons)
     acc = _ClassMean(b - a, num_classes, device)
     n_batches = math.ceil(len(data) / batch_size)
-    with torch.no_grad(), progress() as bar:
+    with torch.no_grad(), progress() as bar, autocast(precision, device):
         task = bar.add_task("LO-IR (literal)", total=n_batches * (b - a)) if show_progress else None
         for batch in data.batches(batch_size):
-            x, y = batch.x.to(device), batch.y.to(device)
+            x, y = memory_format(batch.x.to(device), precision), batch.y.to(device)
             _check_labels(y, num_classes)
             acc.add_counts(y)
             base = model(x).gather(1, y[:, None])[:, 0]
@@ -332,11 +334,14 @@ def _verify_closed_form(plan: ClosedForm, split: LayerSplit, a: torch.Tensor, ct
 
 def lo_ir(model: nn.Module, layer: str, data: ImageSet, num_classes: int, *,
           neurons: tuple[int, int] | None = None, batch_size: int = 128, path: str = "auto",
-          chunk_elems: int = DEFAULT_CHUNK_ELEMS, show_progress: bool = True) -> LoIrResult:
+          chunk_elems: int = DEFAULT_CHUNK_ELEMS, show_progress: bool = True, precision: str = "fp32"
+          ) -> LoIrResult:
     """LO-IR rows ``neurons`` (default all), identical to :func:`lo_ir_naive` up to float32 rounding.
 
     ``path``: ``auto`` (closed form when the tail allows it, else the batched tail), or force one of
-    ``closed-form`` (an error when it does not apply), ``batched-tail``, ``naive``.
+    ``closed-form`` (an error when it does not apply), ``batched-tail``, ``naive``. ``precision``: the forwards
+    under autocast (:mod:`igd_cli.precision`); the closed form is planned and verified in fp32 all the same (the
+    verification checks the algebra, not the rounding).
     """
     if path not in PATHS:
         raise IgdError(f"unknown LO-IR path {path!r} (choose from {', '.join(PATHS)})")
@@ -344,17 +349,17 @@ def lo_ir(model: nn.Module, layer: str, data: ImageSet, num_classes: int, *,
     if path == "naive":
         n = _layer_width(split, data)
         return lo_ir_naive(model, split.name, data, num_classes, neurons=neurons, n_neurons=n,
-                           batch_size=batch_size, show_progress=show_progress)
+                           batch_size=batch_size, show_progress=show_progress, precision=precision)
     device = _device(model)
     n_batches = math.ceil(len(data) / batch_size)
     plan: ClosedForm | None = None
     reason: str | None = None
     acc: _ClassMean | None = None
     chosen = path
-    with torch.no_grad(), progress() as bar:
+    with torch.no_grad(), progress() as bar, autocast(precision, device):
         task = None
         for bi, batch in enumerate(data.batches(batch_size)):
-            x, y = batch.x.to(device), batch.y.to(device)
+            x, y = memory_format(batch.x.to(device), precision), batch.y.to(device)
             _check_labels(y, num_classes)
             if bi == 0:
                 split.check(x[:4])  # the fx split must reproduce the model, else LayerSplit falls back to hooks
@@ -363,10 +368,12 @@ def lo_ir(model: nn.Module, layer: str, data: ImageSet, num_classes: int, *,
                 a0, b0 = _rows(neurons, a.shape[1])
                 acc = _ClassMean(b0 - a0, num_classes, device)
                 if path in ("auto", "closed-form"):
-                    plan, reason = closed_form_plan(split, a, ctx)
-                    probe_rows = sorted({a0, (a0 + b0) // 2, b0 - 1})
-                    if plan is not None and not _verify_closed_form(plan, split, a, ctx, probe_rows):
-                        plan, reason = None, "the closed form disagreed with real ablations on the first batch"
+                    with full_precision(device):  # plan and verify the algebra in fp32, whatever the precision
+                        a4, ctx4 = split.head(x[:8])
+                        plan, reason = closed_form_plan(split, a4, ctx4)
+                        probe_rows = sorted({a0, (a0 + b0) // 2, b0 - 1})
+                        if plan is not None and not _verify_closed_form(plan, split, a4, ctx4, probe_rows):
+                            plan, reason = None, "the closed form disagreed with real ablations on the first batch"
                     if plan is None and path == "closed-form":
                         raise IgdError(f"LO-IR closed form does not apply at {split.name}: {reason}")
                 chosen = "closed-form" if plan is not None else "batched-tail"

@@ -169,3 +169,27 @@ def test_a_deterministic_model_is_classified_once(target, data):
 def test_part_is_checked(target, data):
     with pytest.raises(ValueError, match="part"):
         classify(make_defense(target), data.all().x, data.all().y, 2, part="half")
+
+
+def test_fallback_features_with_base_run_one_clean_forward(target, data):
+    """calibrate-k's feature pass in the hook fallback: ``A(x)`` and ``f(x)`` come from one full forward (it ran a
+    partial forward to the layer, then a full one for the base logits: 3 stem passes per image, now 2)."""
+    d = make_defense(target)
+    d.split.fast, d._checked = False, True
+    stem = next(m for m in target.model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor))
+    x = data.get(0, 16).x
+    counter = Counted(stem)
+    try:
+        with torch.no_grad():
+            feats = d.features(x, with_base=True)
+    finally:
+        counter.close()
+    assert counter.images == 2 * len(x)  # the noisy copy and the clean image, once each
+    with torch.no_grad():
+        assert torch.equal(feats.base_logits, target.model(x))
+        assert torch.equal(feats.a, d.split.head(x)[0])
+        d.reseed(1)
+        want = d.smoothed_label(x)
+    d.reseed(1)
+    with torch.no_grad():
+        assert torch.equal(d.features(x, with_base=True).yhat, want)

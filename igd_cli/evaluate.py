@@ -204,7 +204,9 @@ class Evaluator:
         """The clean images' bits (D, n) on the ``kind`` model (computed once; the selection draws only, where
         :meth:`clean_final` already made the final ones)."""
         if kind not in self._clean_bits:
-            if kind in self._clean_final and self.rows[kind] > 1:
+            if kind in self._clean_final and self.rows[kind] == 1:  # one row both selects and scores
+                self._clean_bits[kind] = self._clean_final[kind]
+            elif kind in self._clean_final:
                 sel = classify(self._model(kind), self.x, self.y, self.rows[kind], seed=self.seed, part="selection",
                                batch_size=self.batch_size, description=self._label(kind, "clean, selection"))
                 self._clean_bits[kind] = torch.cat([self._clean_final[kind], sel])

@@ -155,6 +155,22 @@ def test_classify_parts_are_the_rows_of_all(target, data, skips):
     assert counter.images == (R if skips else 2 * R) * len(x)
 
 
+def test_the_clean_bits_are_made_once(target, data):
+    """clean_final then clean: a deterministic model's one row is reused, a randomized one gets only its R
+    selection draws added (R + R queries per image in all, as one full pass)."""
+    for rs, want in ((False, 1), (True, 2 * R)):
+        d = make_defense(target, rs=rs)
+        ev = Evaluator(target, d, data, seed=SEED, batch_size=BS, workdir=None, show_progress=False, draws=R)
+        counter = Counted(d)
+        try:
+            ev.clean_final("defended")
+            ev.clean("defended")
+            ev.clean_final("defended")
+        finally:
+            counter.close()
+        assert counter.images == want * N
+
+
 def test_a_deterministic_model_is_classified_once(target, data):
     d = make_defense(target, rs=False)
     counter = Counted(d)

@@ -69,13 +69,17 @@ def counting():
             return fn(self, *args, **kwargs)
         return counted
 
+    own = {n for n in NAMES if n in vars(torch.Tensor)}  # the others are inherited from torch._C.TensorBase
     for n, f in orig.items():
         setattr(torch.Tensor, n, wrap(n, f))
     try:
         yield counts
     finally:
         for n, f in orig.items():
-            setattr(torch.Tensor, n, f)
+            if n in own:
+                setattr(torch.Tensor, n, f)
+            else:
+                delattr(torch.Tensor, n)
 
 
 @pytest.fixture(scope="module")

@@ -151,7 +151,7 @@ class _FeatureStore:
         self.defense, self.data, self.batch_size, self.precision = defense, data, batch_size, precision
         self.device = module_device(defense.model)
         self.entries: list[tuple[int, int, torch.Tensor, Features | None, torch.Tensor | None]] = []
-        self.base_correct = 0
+        base_correct = torch.zeros((), dtype=torch.int64, device=self.device)  # summed on the device
         self.cached_bytes = 0
         self.recomputed = 0
         defense.reseed(noise_seed)
@@ -162,13 +162,14 @@ class _FeatureStore:
                 x, y = memory_format(batch.x.to(self.device), precision), batch.y.to(self.device)
                 state = defense.noise_state(x) if defense.rs else None
                 feats = defense.features(x, with_base=True)
-                self.base_correct += int((feats.base_logits.argmax(1) == y).sum())
+                base_correct += (feats.base_logits.argmax(1) == y).sum()
                 feats.base_logits = None
                 keep = self.cached_bytes + feats.nbytes() <= max_cache_bytes
                 if keep:
                     self.cached_bytes += feats.nbytes()
                 self.entries.append((start, stop, y, feats if keep else None, state))
                 bar.advance(task, len(y))
+        self.base_correct = int(base_correct)  # one transfer after the pass
 
     def __iter__(self):
         for start, stop, y, feats, state in self.entries:
@@ -246,10 +247,10 @@ def _search(defense: IGDefense, ranks: list[torch.Tensor], schedule: KSchedule, 
     def evaluate(kk: int) -> int:
         if kk not in correct:
             masks = [(r < kl).float() for r, kl in zip(ranks, schedule.ks(kk).values())]
-            total = 0
+            total = torch.zeros((), dtype=torch.int64, device=store.device)  # summed on the device
             for y, feats in store:
-                total += int((defense.masked_tail(feats, masks).argmax(1) == y).sum())
-            correct[kk] = total
+                total += (defense.masked_tail(feats, masks).argmax(1) == y).sum()
+            correct[kk] = int(total)  # one transfer per k
             order.append(kk)
         return correct[kk]
 

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .artifacts import Artifact, file_sha256, load_artifact, save_artifact
-from .devices import module_device
+from .devices import module_device, module_dtype
 from .errors import IgdError
 from .layers import LayerSplit, capture, fit_weights, resolve_layer, scale_output, scaled_layers
 from .noise import ContentNoise
@@ -141,9 +141,9 @@ class IGDefense(nn.Module):
         self.layer = "+".join(self.layers)
         self.tau, self.sigma, self.n_smooth, self.rs = float(tau), sigma, int(n_smooth), bool(rs)
         self.batch_passes = batch_passes
-        device = module_device(model)
-        for i, m in enumerate(masks):
-            self.register_buffer(_buffer(i), m.detach().to(device=device, dtype=torch.float32), persistent=False)
+        device, dtype = module_device(model), module_dtype(model)
+        for i, m in enumerate(masks):  # 0/1: exact in the model's float dtype
+            self.register_buffer(_buffer(i), m.detach().to(device=device, dtype=dtype), persistent=False)
         self.split = LayerSplit(model, self.layers)
         self._checked = False
         self._noise = ContentNoise(seed)
@@ -214,6 +214,13 @@ class IGDefense(nn.Module):
     def set_noise_state(self, state: tuple) -> None:
         self._noise.set_state(state)
 
+    def skip_noise(self, x: torch.Tensor, queries: int) -> None:
+        """Advance the noise stream as ``queries`` forwards of the batch ``x`` would (each forward draws once per
+        row), without running them: what :func:`igd_cli.scoring.classify` uses to leave out draws it does not need
+        while every later draw stays the one the full sequence of queries gives."""
+        if self.rs:
+            self._noise.skip(x, queries)
+
     def query_owners(self, owners: torch.Tensor):
         """Context: the rows of the queries inside are made for the attacked images ``owners`` (their positions);
         their noise is then keyed by (owner, content), see :meth:`igd_cli.noise.ContentNoise.owned`."""
@@ -264,6 +271,10 @@ class IGDefense(nn.Module):
             yhat = self._soft_label(noisy_logits, b)
         else:
             yhat = self.smoothed_label(x)
+            if with_base and not split.fast:  # hook fallback: one full forward gives both A(x) and f(x)
+                with capture(self.model, split.name) as box:
+                    base = self.model(x)
+                return Features(box["out"], (x,), yhat, base)
             a, ctx = split.head(x)
         base = split.tail(a, ctx) if with_base else None
         return Features(a, ctx, yhat, base)

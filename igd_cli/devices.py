@@ -30,3 +30,12 @@ def module_device(model: torch.nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def module_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The floating dtype of a model's first floating parameter (or buffer): what a probe input is made in (float32
+    for a model with neither, igd's image dtype)."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32

@@ -71,6 +71,9 @@ class EvalResult:
     protocol: str = "draws"
     #: the defended model's output is random (smoothing), whatever the protocol scored it with
     randomized: bool = False
+    #: sides ("base", "defended") without columns whose clean bits are the final draws only (R, n): with nothing to
+    #: select against, the selection draws are not made; such a side takes no column
+    clean_final_only: tuple[str, ...] = ()
 
     @property
     def n(self) -> int:
@@ -79,6 +82,17 @@ class EvalResult:
     def _side(self, defended: bool) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         return (self.clean_defended, self.defended) if defended else (self.clean_base, self.base)
 
+    def _clean_final(self, defended: bool) -> torch.Tensor | None:
+        """The clean images' final draws (R, n) on one side."""
+        clean, cols = self._side(defended)
+        if clean is None:
+            return None
+        if ("defended" if defended else "base") in self.clean_final_only:
+            if cols:
+                raise ValueError("a side scored without selection draws cannot take columns")
+            return clean
+        return final_rows(clean)
+
     def candidates(self, defended: bool = True) -> list[torch.Tensor]:
         """The clean bits, then every column's, in scoring order (selection ties go to the earliest)."""
         clean, cols = self._side(defended)
@@ -86,8 +100,8 @@ class EvalResult:
 
     def draws(self, defended: bool = True) -> int:
         """R, the final draws per point (1 for a deterministic model or the single-draw protocol)."""
-        clean, _ = self._side(defended)
-        return 0 if clean is None else final_rows(clean).shape[0]
+        final = self._clean_final(defended)
+        return 0 if final is None else final.shape[0]
 
     def worst(self, defended: bool = True) -> torch.Tensor | None:
         """The worst case's final draws (R, n): per image the candidate selected over clean and every column, or
@@ -111,7 +125,7 @@ class EvalResult:
         clean, cols = self._side(defended)
         if clean is None:
             return []
-        out = [("clean", final_rows(clean))]
+        out = [("clean", self._clean_final(defended))]
         out += [(k, final_of_selected([clean, v])) for k, v in cols.items()]
         worst = self.worst(defended)
         return out + ([("worst_case", worst)] if worst is not None else [])
@@ -203,7 +217,8 @@ class EvalResult:
             cands["defended"] = ["clean", *self.defended]
         full = dict(meta or {})
         full.update({"columns": names, "candidates": cands, "protocol": self.protocol,
-                     "draws": self.draws(self.clean_defended is not None), "result": self.to_json()})
+                     "draws": self.draws(self.clean_defended is not None), "result": self.to_json(),
+                     "clean_final_only": list(self.clean_final_only)})
         return save_artifact(path, "eval-report", tensors, full)
 
     @classmethod
@@ -229,4 +244,5 @@ class EvalResult:
                    base, dfd, dict(r.get("measured_on_survivors") or {}), dict(r.get("sets") or {}),
                    dict(r.get("seconds") or {}), eps=r.get("eps"), seed=int(r.get("seed", 0)),
                    mode=str(r.get("mode", "none")), protocol=str(meta.get("protocol", r.get("protocol", "draws"))),
-                   randomized=bool(r.get("randomized", False)))
+                   randomized=bool(r.get("randomized", False)),
+                   clean_final_only=tuple(meta.get("clean_final_only") or ()))

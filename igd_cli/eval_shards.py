@@ -141,7 +141,7 @@ def _check_identity(shards: Sequence[Artifact]) -> None:
             if a.get(k) != b.get(k):
                 raise IgdError(f"{s.path.name} does not belong with {ref.path.name}: different {k} "
                                f"({_short(a.get(k))} vs {_short(b.get(k))})")
-    check_together(list(shards), ("columns", "candidates", "protocol", "draws"))
+    check_together(list(shards), ("columns", "candidates", "protocol", "draws", "clean_final_only"))
 
 
 def merge_reports(shards: list[Artifact], out) -> MergeResult:

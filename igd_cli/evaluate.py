@@ -43,7 +43,7 @@ from .precision import precision_meta
 from .eval_result import (BEYOND_NOTE, BEYOND_PAPER, DIRECT, DIRECT_RUN_ORDER, LABELS, TRANSFER,  # noqa: F401
                           EvalResult, column_key, column_label)
 from .eval_table import TableCells, render_per_class, render_table, scoring_note, table_cells  # noqa: F401
-from .scoring import DEFAULT_DRAWS, Score, classify, final_of_selected, is_randomized, rows_for
+from .scoring import DEFAULT_DRAWS, Score, classify, final_of_selected, final_rows, is_randomized, rows_for
 
 @dataclass
 class Budgets:
@@ -98,6 +98,7 @@ class Evaluator:
         self.row_of[self.positions] = torch.arange(len(self.positions))
         self.given = self._load_given(adv_files)
         self._clean_bits: dict[str, torch.Tensor] = {}
+        self._clean_final: dict[str, torch.Tensor] = {}
 
     # -- sets ------------------------------------------------------------------------------------------
     def _load_given(self, files: Sequence[str | Path]) -> dict[tuple[str, str], tuple[AttackResult, str]]:
@@ -204,14 +205,33 @@ class Evaluator:
     # -- scoring ---------------------------------------------------------------------------------------
     def clean(self, kind: str, precision: str | None = None) -> torch.Tensor:
         """The clean images' bits (D, n) on the ``kind`` model in ``precision`` (default: the evaluation's),
-        computed once."""
+        computed once (the selection draws only, where :meth:`clean_final` already made the final ones)."""
         precision = precision or self.precision
         key = kind if precision == self.precision else f"{kind}:{precision}"
         if key not in self._clean_bits:
-            self._clean_bits[key] = classify(self._model(kind), self.x, self.y, self.rows[kind], seed=self.seed,
-                                             batch_size=self.batch_size, description=self._label(kind, "clean"),
-                                             precision=precision)
+            kw = dict(seed=self.seed, batch_size=self.batch_size, precision=precision)
+            if key in self._clean_final and self.rows[kind] == 1:  # one row both selects and scores
+                self._clean_bits[key] = self._clean_final[key]
+            elif key in self._clean_final:
+                sel = classify(self._model(kind), self.x, self.y, self.rows[kind], part="selection",
+                               description=self._label(kind, "clean, selection"), **kw)
+                self._clean_bits[key] = torch.cat([self._clean_final[key], sel])
+            else:
+                self._clean_bits[key] = classify(self._model(kind), self.x, self.y, self.rows[kind],
+                                                 description=self._label(kind, "clean"), **kw)
         return self._clean_bits[key]
+
+    def clean_final(self, kind: str) -> torch.Tensor:
+        """The clean images' final draws (R, n) on the ``kind`` model in the evaluation's precision,
+        ``final_rows(clean(kind))``: without a
+        candidate to select against, the R selection draws are not made (R classifications per image, not 2R)."""
+        if kind in self._clean_bits:
+            return final_rows(self._clean_bits[kind])
+        if kind not in self._clean_final:
+            self._clean_final[kind] = classify(self._model(kind), self.x, self.y, self.rows[kind], seed=self.seed,
+                                               part="final", batch_size=self.batch_size, precision=self.precision,
+                                               description=self._label(kind, "clean"))
+        return self._clean_final[kind]
 
     def _label(self, kind: str, what: str) -> str | None:
         """The progress-bar name of a scoring pass (None: no bar)."""
@@ -285,9 +305,19 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
                    bpda_temperature=bpda_temperature, precision=precision)
     t0 = time.perf_counter()
     has_def = defense is not None
-    result = EvalResult(ev.y.clone(), ev.positions.clone(), list(data.classes), ev.clean("base"),
-                        ev.clean("defended") if has_def else None, eps=ev.eps, seed=ev.seed, mode=attack,
-                        protocol=protocol, randomized=has_def and is_randomized(defense))
+    # a side with no column to select against (clean accuracy alone) needs the clean images' final draws only
+    base_cols = attack == "iw-wc" or any(kind == "base" for kind, _ in ev.given) or \
+        (attack != "none" and (base or not has_def))
+    def_cols = has_def and (attack != "none" or bool(ev.given))
+
+    def clean_bits(kind: str, cols: bool) -> torch.Tensor:
+        return ev.clean(kind) if cols else ev.clean_final(kind)
+
+    result = EvalResult(ev.y.clone(), ev.positions.clone(), list(data.classes), clean_bits("base", base_cols),
+                        clean_bits("defended", def_cols) if has_def else None, eps=ev.eps, seed=ev.seed,
+                        mode=attack, protocol=protocol, randomized=has_def and is_randomized(defense),
+                        clean_final_only=tuple(side for side, cols in (("base", base_cols), ("defended", def_cols))
+                                               if not cols))
     result.seconds["clean"] = time.perf_counter() - t0
     everything = ev.positions
 
@@ -343,6 +373,8 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
             result.sets.setdefault(attack if not has_def else f"base:{attack}", src)
             result.seconds[f"base:{attack}"] = time.perf_counter() - t
     result.seconds["total"] = time.perf_counter() - t0
+    if (bool(result.base) and not base_cols) or (bool(result.defended) and not def_cols):
+        raise AssertionError("a side got columns but only its clean final draws were made")  # pragma: no cover
     return result
 
 

@@ -105,10 +105,10 @@ def scaled_layers(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> Iter
 
 def layer_output_shape(model: nn.Module, name: str, input_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of the layer's output for one input of ``input_shape`` (C, H, W)."""
-    p = next(iter(model.parameters()), None)
-    device = p.device if p is not None else torch.device("cpu")
+    from .devices import module_device, module_dtype
+
     with torch.no_grad(), capture(model, name) as box:
-        model(torch.zeros(1, *input_shape, device=device))
+        model(torch.zeros(1, *input_shape, device=module_device(model), dtype=module_dtype(model)))
     out = box.get("out")
     if not isinstance(out, torch.Tensor) or out.ndim < 2:
         raise IgdError(f"--layer {name}: its output is not a (batch, neurons, ...) tensor")
@@ -122,7 +122,7 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[dict[str
     >>> layer_table(nn.Sequential(nn.Conv2d(3, 8, 3)), (3, 32, 32))
     [{'layer': '0', 'type': 'Conv2d', 'shape': [8, 30, 30]}]
     """
-    from .devices import module_device
+    from .devices import module_device, module_dtype
 
     shapes: dict[str, list[int]] = {}
     hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: shapes.__setitem__(n, list(out.shape[1:]))
@@ -130,7 +130,7 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[dict[str
              for n, m in model.named_modules() if n]
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=module_device(model)))
+            model(torch.zeros(1, *input_shape, device=module_device(model), dtype=module_dtype(model)))
     except RuntimeError as exc:  # the model cannot take this shape
         raise IgdError(f"the model does not run on one {'×'.join(map(str, input_shape))} image "
                        f"({' '.join(str(exc).split())[:160]}): pass --input-shape C,H,W") from exc

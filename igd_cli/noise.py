@@ -40,8 +40,9 @@ def mix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
+@lru_cache(maxsize=4096)
 def mix_int(v: int) -> int:
-    """:func:`mix32` of one Python int (the low 32 bits of ``v``)."""
+    """:func:`mix32` of one Python int (the low 32 bits of ``v``); cached: every query hashes its seed with it."""
     return int(mix32(torch.tensor([v & M32], dtype=torch.int64))[0])
 
 
@@ -155,7 +156,8 @@ class ContentNoise:
             seen[h] = c + 1
         return torch.tensor(out, dtype=torch.int64)
 
-    def sample(self, x: torch.Tensor, draws: int) -> torch.Tensor:
+    def _hashes(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows' keys: their content hashes, combined with their owners inside :meth:`owned`."""
         hashes = content_hash(x)
         if self.owners is not None:
             if len(self.owners) != len(hashes):
@@ -163,8 +165,19 @@ class ContentNoise:
             o = self.owners.to(hashes.device)
             own = mix32(mix32(o & M32) ^ mix32((o >> 32) ^ 0x3243F6A8))
             hashes = hashes ^ (own << 31)  # both below 2**63
+        return hashes
+
+    def sample(self, x: torch.Tensor, draws: int) -> torch.Tensor:
+        hashes = self._hashes(x)
         keys = row_keys(hashes, self.counts(hashes), self.seed, draws)
         return gaussian(keys, tuple(x.shape[1:]), dtype=x.dtype)
+
+    def skip(self, x: torch.Tensor, queries: int) -> None:
+        """Advance the stream as ``queries`` queries of the batch ``x`` would, without drawing their noise: the
+        next query of any row then gets exactly the draw it would have got after them."""
+        hashes = self._hashes(x)
+        for _ in range(int(queries)):
+            self.counts(hashes)
 
 
 class FixedNoise:
@@ -195,6 +208,9 @@ class FixedNoise:
 
     def set_state(self, state: tuple[int, dict[int, int]]) -> None:
         """Nothing to replay: every query gets the frozen draw."""
+
+    def skip(self, x: torch.Tensor, queries: int) -> None:
+        """Nothing to advance: every query gets the frozen draw."""
 
     def sample(self, x: torch.Tensor, draws: int) -> torch.Tensor:
         keys = row_keys(torch.zeros(1, dtype=torch.int64, device=x.device), torch.zeros(1, dtype=torch.int64),

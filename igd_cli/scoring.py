@@ -56,31 +56,60 @@ def rows_for(model: nn.Module, protocol: str = "draws", draws: int = DEFAULT_DRA
     return 2 * int(draws)
 
 
+Part = Literal["all", "final", "selection"]
+
+
 @torch.no_grad()
 def classify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: int, *, seed: int = 0,
-             batch_size: int = 256, description: str | None = None, precision: str = "fp32") -> torch.Tensor:
+             batch_size: int = 256, description: str | None = None, precision: str = "fp32",
+             part: Part = "all") -> torch.Tensor:
     """Correctness (rows, n) of ``model`` on ``x``: row r is each point's r-th query after ``reseed(seed)``.
 
     The defence's noise is keyed by image content (:mod:`igd_cli.noise`), so a point's draws are fresh per query
     and the same in any batch, shard or order; a deterministic model needs one row. ``description``: show a
     progress bar (images × draws) under that name. ``precision``: the forwards under autocast
     (:mod:`igd_cli.precision`; clean scoring only, never an attack's set).
+
+    ``part`` (for ``rows`` = 2R > 1): ``"final"`` gives only rows 0..R-1 and ``"selection"`` only rows R..2R-1,
+    each (R, n) and bit for bit those rows of ``"all"``: the other half's queries are not made, the model's
+    noise stream is advanced past them (``skip_noise``; a model without it is queried and the answers dropped).
+    A candidate with nothing to be selected against (a clean-only evaluation) needs only its final draws.
     """
     from .precision import autocast, memory_format
 
+    if part not in ("all", "final", "selection"):
+        raise ValueError(f"part {part!r}: expected all, final or selection")
+    half = rows // 2 if rows > 1 and part != "all" else 0
     reseed(model, seed)
     device = module_device(model)
-    out = torch.empty(rows, len(x), dtype=torch.bool)
+    # the bits stay on the model's device until the end: one transfer, not one per batch and draw
+    out = torch.empty(rows - half, len(x), dtype=torch.bool, device=device)
     with progress() as bar:
-        task = bar.add_task(description or "scoring", total=rows * len(x), visible=description is not None)
+        task = bar.add_task(description or "scoring", total=(rows - half) * len(x), visible=description is not None)
         for i in range(0, len(x), batch_size):
             xb, yb = memory_format(x[i:i + batch_size].to(device), precision), y[i:i + batch_size].to(device)
-            for r in range(rows):
+            if part == "selection":
+                _skip_queries(model, xb, half)
+            for r in range(rows - half):
                 with autocast(precision, device):
                     logits = model(xb)
-                out[r, i:i + batch_size] = (logits.argmax(1) == yb).cpu()
+                out[r, i:i + batch_size] = logits.argmax(1) == yb
                 bar.advance(task, len(xb))
-    return out
+            if part == "final":
+                _skip_queries(model, xb, half)
+    return out.cpu()
+
+
+def _skip_queries(model: nn.Module, xb: torch.Tensor, queries: int) -> None:
+    """Advance ``model``'s noise stream past ``queries`` queries of ``xb`` (made and dropped if it cannot skip)."""
+    if queries <= 0:
+        return
+    skip = getattr(model, "skip_noise", None)
+    if callable(skip):
+        skip(xb, queries)
+    else:
+        for _ in range(queries):
+            model(xb)
 
 
 def final_rows(bits: torch.Tensor) -> torch.Tensor:

@@ -179,7 +179,7 @@ class MaxLossPGD(Attack):
         alpha = 2.5 * eps / steps
         gens = image_generators(self.seed, index)
         best = x.clone()
-        best_loss = torch.full((len(x),), -math.inf, device=x.device)
+        best_loss = torch.full((len(x),), -math.inf, dtype=x.dtype, device=x.device)
         for _ in range(self.budget["restarts"]):
             noise = torch.stack([torch.rand(x.shape[1:], generator=g) for g in gens]).to(x.device)
             xa = (x + (2 * noise - 1) * eps).clamp(0, 1)

@@ -104,7 +104,7 @@ class Adaptive(APGD):
         apgd = self._make("ce")
         apgd.init_hyperparam(x)
         out, fooled = x1.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        best_loss = torch.full((len(x),), -float("inf"), device=x.device)
+        best_loss = torch.full((len(x),), -float("inf"), dtype=x.dtype, device=x.device)
         todo = torch.arange(len(x), device=x.device)
         if own:
             with defense.bpda(self.temperature):

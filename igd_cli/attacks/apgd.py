@@ -32,17 +32,21 @@ class _APGDMargin(APGDAttack):
 
     def dlr_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # noqa: D401 - pyautoattack hook
         x_sorted, ind_sorted = x.sort(dim=1)
-        ind = (ind_sorted[:, -1] == y).float()
+        ind = (ind_sorted[:, -1] == y).to(x.dtype)
         u = torch.arange(x.shape[0], device=x.device)
         return -(x[u, y] - x_sorted[:, -2] * ind - x_sorted[:, -1] * (1.0 - ind))
 
 
 def random_start(apgd: APGDAttack, x: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
-    """pyautoattack's random start (``attack_single_run``'s first lines) with per-image generators."""
+    """pyautoattack's random start (``attack_single_run``'s first lines) with per-image generators.
+
+    The generators are CPU ones on purpose: an image's start is then the same draw on any device (a CUDA generator
+    gives other numbers); it is drawn in float32, as pyautoattack draws it, and moved to the images' device and dtype.
+    """
     if apgd.norm == "Linf":
-        t = torch.stack([2 * torch.rand(x.shape[1:], generator=g) - 1 for g in gens]).to(x.device)
+        t = torch.stack([2 * torch.rand(x.shape[1:], generator=g) - 1 for g in gens]).to(x.device, x.dtype)
     else:  # L2
-        t = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device)
+        t = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device, x.dtype)
     return x + apgd.eps * torch.ones_like(x) * apgd.normalize(t)
 
 
@@ -71,7 +75,7 @@ class APGD(Attack):
         apgd.init_hyperparam(x)
         return (apgd, image_generators(self.seed, index), x.clone(),
                 torch.zeros(len(x), dtype=torch.bool, device=x.device),
-                torch.full((len(x),), -float("inf"), device=x.device))
+                torch.full((len(x),), -float("inf"), dtype=x.dtype, device=x.device))
 
     def _stage(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, loss: str
                ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -101,14 +101,22 @@ def fab_targeted(fab: FABAttack_PT, x: torch.Tensor, y: torch.Tensor, index: tor
     generator, which it seeds per call: with one restart it draws nothing and runs on the batch; with more, every
     image runs alone under its own seed."""
     fab.targeted = True
+    dtype = x.dtype
+    if dtype != torch.float32:
+        # pyautoattack's FAB works in float32 (``attack_single_run`` casts the images with ``.float()``): it runs
+        # on float32 images, its queries are cast to the images' dtype (a float64 model) and their logits back to
+        # float32, and its points are returned in the images' dtype
+        predict = fab.predict
+        fab.predict = lambda z: predict(z.to(dtype)).float()
+        x = x.float()
     if fab.n_restarts == 1:
-        return fab.perturb(x, y)
+        return fab.perturb(x, y).to(dtype)
     out = []
     for i in range(len(x)):
         fab.seed = image_seed(seed, int(index[i]))
         out.append(fab.perturb(x[i:i + 1], y[i:i + 1]))
     fab.seed = seed
-    return torch.cat(out)
+    return torch.cat(out).to(dtype)
 
 
 class AutoAttackStandard(Attack):

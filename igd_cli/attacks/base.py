@@ -125,7 +125,8 @@ class Attack:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """Adversarial points for a batch (on the attack's device), inside the ε-ball and [0, 1]."""
-        x = x.to(self.device, torch.float32)
+        # the images' own float dtype (float32 from igd's data; float64 for a float64 model): never the default
+        x = x.to(self.device, x.dtype if x.is_floating_point() else torch.float32)
         y = y.to(self.device, torch.int64)
         if index is None:
             index = torch.arange(len(x), dtype=torch.int64)

@@ -39,7 +39,9 @@ class PGD(Attack):
             if todo.numel() == 0:
                 break
             x0, y0 = x[todo], y[todo]
-            noise = torch.stack([torch.rand(x.shape[1:], generator=gens[i]) for i in todo.tolist()]).to(x.device)
+            # CPU generators (the same draw on any device), moved to the images' device and dtype
+            noise = torch.stack([torch.rand(x.shape[1:], generator=gens[i]) for i in todo.tolist()]).to(x.device,
+                                                                                                       x.dtype)
             xa = (x0 + (2 * noise - 1) * self.eps).clamp(0, 1)
             found = torch.zeros(len(todo), dtype=torch.bool, device=x.device)
             best = xa.clone()

@@ -55,9 +55,10 @@ class RayS(Attack):
         shape = x.shape
         dim = int(math.prod(shape[1:]))
         xf = x.reshape(n, dim)
-        owners = (torch.arange(n) if index is None else index.cpu()).to(torch.int64)
-        sgn = torch.ones(n, dim, device=x.device)
-        d_t = torch.full((n,), float("inf"), device=x.device)
+        # the owners live on the images' device: the queries' owners are picked by device indices, no transfer
+        owners = (torch.arange(n) if index is None else index).to(device=x.device, dtype=torch.int64)
+        sgn = torch.ones(n, dim, dtype=x.dtype, device=x.device)
+        d_t = torch.full((n,), float("inf"), dtype=x.dtype, device=x.device)
         x_final = _point(xf, sgn / math.sqrt(dim), d_t)
         queries = torch.zeros(n, dtype=torch.long, device=x.device)
         dist = (x_final - xf).abs().amax(1)
@@ -97,7 +98,7 @@ class RayS(Attack):
         d_end = d_cur.clone()
 
         queries[idx] += 1
-        own = owners[idx.cpu()]
+        own = owners[idx]
         succ = self._succ(_point(x, unit, d_cur).reshape(-1, *shape[1:]), y, own)
         d_end[succ] = torch.minimum(d_cur, norm)[succ]
         search = succ.nonzero().flatten()
@@ -105,7 +106,7 @@ class RayS(Attack):
             d_mid = (d_start[search] + d_end[search]) / 2.0
             queries[idx[search]] += 1
             s = self._succ(_point(x[search], unit[search], d_mid).reshape(-1, *shape[1:]), y[search],
-                           own[search.cpu()])
+                           own[search])
             d_end[search[s]] = d_mid[s]
             d_start[search[~s]] = d_mid[~s]
             search = search[(d_end[search] - d_start[search]) > self.tol]

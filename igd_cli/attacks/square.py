@@ -56,7 +56,7 @@ class PerImageSquare(SquareAttack):
 
     def eta_no_flip(self, s: int) -> torch.Tensor:
         """pyautoattack's ``eta(s)`` before its random transposition (its first lines, for the ℓ2 norm)."""
-        delta = torch.zeros([s, s]).to(self.device)
+        delta = torch.zeros([s, s], device=self.device)
         delta[:s // 2] = self.eta_rectangles(s // 2, s)
         delta[s // 2:] = -1. * self.eta_rectangles(s - s // 2, s)
         delta /= (delta ** 2).sum(dim=(0, 1), keepdim=True).sqrt()
@@ -134,21 +134,21 @@ class PerImageSquare(SquareAttack):
                 vh, vw = self._int(g_act, 0, h - s, dev), self._int(g_act, 0, w - s, dev)
                 vh2, vw2 = self._int(g_act, 0, h - s, dev), self._int(g_act, 0, w - s, dev)
                 mask_1 = torch.zeros_like(x_curr)
-                _set_window(mask_1, vh, vw, s, torch.ones(len(idx), c, s, s, device=dev))
+                _set_window(mask_1, vh, vw, s, torch.ones(len(idx), c, s, s, dtype=x.dtype, device=dev))
                 norms_window_1 = (_get_window(delta_curr, vh, vw, s) ** 2).sum(dim=(-2, -1), keepdim=True).sqrt()
                 mask_2 = torch.zeros_like(x_curr)
-                _set_window(mask_2, vh2, vw2, s, torch.ones(len(idx), c, s, s, device=dev))
+                _set_window(mask_2, vh2, vw2, s, torch.ones(len(idx), c, s, s, dtype=x.dtype, device=dev))
                 norms_image = self.lp_norm(x_best_curr - x_curr)
                 mask_image = torch.max(mask_1, mask_2)
                 norms_windows = ((delta_curr * mask_image) ** 2).sum(dim=(-2, -1), keepdim=True).sqrt()
-                new_deltas = torch.ones([len(idx), c, s, s], device=dev)
+                new_deltas = torch.ones([len(idx), c, s, s], dtype=x.dtype, device=dev)
                 new_deltas *= self._eta(g_act, s, dev).unsqueeze(1) * self._choice(g_act, (c, 1, 1), dev)
                 old_deltas = _get_window(delta_curr, vh, vw, s) / (1e-12 + norms_window_1)
                 new_deltas += old_deltas
                 new_deltas = new_deltas / (1e-12 + (new_deltas ** 2).sum(dim=(-2, -1), keepdim=True).sqrt()) * (
                     torch.max((self.eps * torch.ones_like(new_deltas)) ** 2 - norms_image ** 2,
                               torch.zeros_like(new_deltas)) / c + norms_windows ** 2).sqrt()
-                _set_window(delta_curr, vh2, vw2, s, torch.zeros(len(idx), c, s, s, device=dev))
+                _set_window(delta_curr, vh2, vw2, s, torch.zeros(len(idx), c, s, s, dtype=x.dtype, device=dev))
                 _set_window(delta_curr, vh, vw, s, new_deltas + 0)
                 x_new = torch.clamp(x_curr + self.normalize(delta_curr) * self.eps, 0., 1.)
             margin, loss = self.margin_and_loss(x_new, y_curr)

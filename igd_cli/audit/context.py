@@ -28,7 +28,7 @@ from ..data import ImageSet
 from ..defense import IGDefense
 from ..errors import IgdError
 from ..evaluate import DIRECT_RUN_ORDER, TRANSFER, Budgets, Evaluator, defense_identity
-from ..scoring import DEFAULT_DRAWS, Score, check_protocol, final_of_selected, final_rows
+from ..scoring import DEFAULT_DRAWS, Score, check_protocol, final_of_selected
 from ..variants import SmoothedModel, frozen_noise
 from .thresholds import PRESETS, THRESHOLDS
 
@@ -245,7 +245,7 @@ class Audit:
 
     def clean(self, which: Which = "audited") -> Cell:
         ev, kind = self._evaluator(which, self.eps, self.budgets())
-        return Cell.of(final_rows(ev.clean(kind)))
+        return Cell.of(ev.clean_final(kind))
 
     def adversarial(self, attack: str, which: Which = "audited") -> torch.Tensor:
         """The points of ``attack`` against ``which`` (obtained or reused like every set of the audit)."""

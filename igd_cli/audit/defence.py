@@ -83,13 +83,13 @@ def mask_change_share(defense, x: torch.Tensor, y: torch.Tensor, rows: int, *, s
     query)? Draw r is each image's r-th query after ``reseed(seed)``, as :func:`igd_cli.scoring.classify`."""
     reseed(defense, seed)
     device = next(defense.model.parameters()).device
-    out = torch.empty(rows, len(x), dtype=torch.bool)
+    out = torch.empty(rows, len(x), dtype=torch.bool, device=device)  # on the device: one transfer at the end
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(device)
         for r in range(rows):
             feats = defense.features(xb)
-            out[r, i:i + batch_size] = (defense.masked_tail(feats).argmax(1) != feats.yhat.argmax(1)).cpu()
-    return out
+            out[r, i:i + batch_size] = defense.masked_tail(feats).argmax(1) != feats.yhat.argmax(1)
+    return out.cpu()
 
 
 def mask_acts(audit: Audit) -> CheckResult:

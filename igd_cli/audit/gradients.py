@@ -175,7 +175,7 @@ def loss_surfaces(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
     r = orthogonal_direction(g, image_generators(seed, idx))
     alphas = torch.linspace(-eps, eps, grid)
     a, b = torch.meshgrid(alphas, alphas, indexing="ij")
-    a, b = a.flatten().to(device), b.flatten().to(device)
+    a, b = a.flatten().to(device, x.dtype), b.flatten().to(device, x.dtype)
     shape = (1,) * (x.dim() - 1)
     pts = []
     for i in range(len(x)):
@@ -183,7 +183,7 @@ def loss_surfaces(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
         pts.append((x[i] + d.clamp(-eps, eps)).clamp(0, 1))
     pts_t = torch.cat(pts)  # (n·G², ...)
     yy = y.repeat_interleave(grid * grid)
-    loss = torch.zeros(len(pts_t), device=device)
+    loss = torch.zeros(len(pts_t), dtype=x.dtype, device=device)
     prob = None
     reseed(model, seed)
     for _ in range(draws):

@@ -117,8 +117,8 @@ def lo_ir_naive(model: nn.Module, layer: str, data: ImageSet, num_classes: int, 
     with torch.no_grad(), progress() as bar, autocast(precision, device):
         task = bar.add_task("LO-IR (literal)", total=n_batches * (b - a)) if show_progress else None
         for batch in data.batches(batch_size):
+            _check_labels(batch.y, num_classes)  # on the data set's CPU labels: no device sync per batch
             x, y = memory_format(batch.x.to(device), precision), batch.y.to(device)
-            _check_labels(y, num_classes)
             acc.add_counts(y)
             base = model(x).gather(1, y[:, None])[:, 0]
             for j in range(a, b):
@@ -359,8 +359,8 @@ def lo_ir(model: nn.Module, layer: str, data: ImageSet, num_classes: int, *,
     with torch.no_grad(), progress() as bar, autocast(precision, device):
         task = None
         for bi, batch in enumerate(data.batches(batch_size)):
+            _check_labels(batch.y, num_classes)  # on the data set's CPU labels: no device sync per batch
             x, y = memory_format(batch.x.to(device), precision), batch.y.to(device)
-            _check_labels(y, num_classes)
             if bi == 0:
                 split.check(x[:4])  # the fx split must reproduce the model, else LayerSplit falls back to hooks
             a, ctx = split.head(x)

@@ -86,7 +86,8 @@ def main() -> None:
     if args.data is None:
         args.data = data_dir() / DATA_FILE
     if not args.data.is_file():
-        raise SystemExit(f"error: {args.data} not found: place {DATA_FILE} there, or pass --data FILE")
+        print(f"error: {args.data} not found: place {DATA_FILE} there, or pass --data FILE", file=sys.stderr)
+        raise SystemExit(2)
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)  # bit-for-bit reproducible on CPU

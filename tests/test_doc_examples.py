@@ -4,15 +4,20 @@ lacks, parses with igd's real Typer parser; a failure names the page and line of
 What counts as an example: each line of a ```bash / ```sh / ```shell / ```console block whose command is ``igd``
 (``$ `` prompts stripped; in a console block only prompt lines are commands, the rest is output; backslash
 continuations joined; ``a && igd …`` / ``igd … | head`` keep the igd part; ``NAME=value`` / ``export NAME=value``
-lines set variables for the page's later commands), and each inline code span ```igd …``` in the prose that reads
-as a whole command. Blocks marked otherwise (```text, ```json, a bare ```` ``` ````: output) are not examples. A
-*synopsis* (a line with ``…``, ``...``, ``[``, ``<`` or an ``a|b`` alternative) is not a runnable command: only its
-command and the ``--options`` it names are checked against the parser.
+lines set variables for the page's later commands), and each inline code span ```igd …``` of the prose: a whole
+command is checked like a block's; a *mention* that leaves out what the command requires (``igd attack --attack
+adaptive``, ``igd defend-eval --adv``) must name an existing command and options that command has. Blocks marked
+otherwise (```text, ```json, a bare ```` ``` ````: output) are not examples. A *synopsis* (a line with ``…``,
+``...``, ``[``, ``<`` or an ``a|b`` alternative) is not a runnable command: only its command and the ``--options``
+it names are checked against the parser. An example that names a path outside the repository (``../shared``,
+``/work/…``: not in a reader's clone) fails.
 
 Each page runs in its own temporary working folder, its commands in order (so a page's later commands read what
 its earlier ones wrote), with ``IGD_HOME`` in that folder, no network (``IGD_OFFLINE=1``), and the repository's
-``examples/`` and ``benchmarks/`` beside it. A command is only *parsed* (every option and argument accepted by
-the real parser, types converted, nothing run) when it needs something this machine lacks:
+``examples/`` and ``benchmarks/`` beside it; the demo model's ``imp.safetensors`` and ``mask.safetensors``, which
+a page may take as given (PREPARED), are made with ``igd rank`` / ``igd calibrate-k`` before the first command
+that reads them. A command the page repeats verbatim runs once. A command is only *parsed* (every option and
+argument accepted by the real parser, types converted, nothing run) when it needs something this machine lacks:
 
 - a GPU (``--device cuda…`` without one);
 - a download: a RobustBench zoo model (a ``--model`` that is neither ``demo`` nor a file), ``--method cd-ir``
@@ -94,6 +99,8 @@ SHARED_FILES = {"cifar10-test-846.safetensors", "cifar10-train-4660.safetensors"
 COMMAND_LANGS = {"bash", "sh", "shell", "console", "zsh"}
 SYNOPSIS = re.compile(r"…|\.\.\.|\[|<|\|")
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*(\.[a-z]+)?$")
+#: a path a reader's clone does not have (issue 24: examples name nothing outside the repository)
+OUTSIDE = re.compile(r"(^|[=:])(\.\./shared\b|/work/)")
 ASSIGN = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 
 
@@ -153,7 +160,7 @@ def extract(text: str, file: str) -> list[Example]:
                 env[m.group(1)] = _expand(m.group(2), env)
                 continue
             if words and words[0] == "igd":
-                add(simple, words, lineno)
+                add(" ".join(words), words, lineno)
 
     def add(simple: str, words: list[str], lineno: int, inline: bool = False) -> None:
         syn = bool(SYNOPSIS.search(simple))
@@ -352,14 +359,26 @@ def parse_only_reason(cmd, ctx, argv: list[str], made_by_parsed: dict[str, int])
 ATTACK_BUDGETS = ("--steps", "--restarts", "--queries", "--eot-iter")
 
 
+def attack_budgets(attack: str | None) -> set[str]:
+    """The budget options an ``--attack`` value takes: one attack's own (its ``defaults``), all for a set of
+    attacks (``iw-wc``, a pipeline, an ablation), none for ``none``."""
+    from igd_cli.attacks import ATTACKS
+
+    if attack in (None, "none"):
+        return set()
+    if attack in ATTACKS:
+        return {"--" + k.replace("_", "-") for k in ATTACKS[attack].defaults}
+    return set(ATTACK_BUDGETS)
+
+
 def reduce(cmd, argv: list[str]) -> list[str]:
     """Apply :data:`SUBSTITUTIONS`: cap the options given, add the ones left out that the command takes (the
     attack budgets only where the command attacks)."""
     argv = list(argv)
     known = option_names(cmd)
-    attacks = parse(argv)[1].params.get("attack", "iw-wc") not in ("none", None)
+    takes = attack_budgets(parse(argv)[1].params.get("attack", "iw-wc"))
     for name, (kind, value) in SUBSTITUTIONS.items():
-        if name not in known or (name in ATTACK_BUDGETS and not attacks and not option_values(argv, name)):
+        if name not in known or (name in ATTACK_BUDGETS and name not in takes and not option_values(argv, name)):
             continue
         given = option_values(argv, name)
         for i, v in given:
@@ -405,6 +424,10 @@ def check_page(examples: list[Example], workdir: Path, run, prepare=None, show=N
             if err:
                 failures.append(f"{ex.where}: {ex.text}: {err}")
             continue
+        outside = [w for w in ex.argv if OUTSIDE.search(w)]
+        if outside:
+            failures.append(f"{ex.where}: {ex.text}: names a path outside the repository: {outside[0]}")
+            log.append(f"{ex.where} FAIL path outside the repository: {outside[0]}")
         err = parse_error(ex.argv, partial=ex.inline)
         if err:
             failures.append(f"{ex.where}: {ex.text}: does not parse: {err}")
@@ -564,6 +587,13 @@ def test_the_old_adv_example_fails_and_names_its_line(tmp_path, monkeypatch):
     assert parse_error(fixed[0].argv) is None
 
 
+def test_a_path_outside_the_repository_fails(tmp_path):
+    page = "```bash\nD=../shared/data\nigd layers --dataset $D/cifar10-test-846.safetensors --model M\n```\n"
+    failures, _ = check_page(extract(page, "p.md"), tmp_path, run=lambda argv: (0, ""))
+    assert failures == ["p.md:3: igd layers --dataset $D/cifar10-test-846.safetensors --model M: names a path "
+                        "outside the repository: ../shared/data/cifar10-test-846.safetensors"]
+
+
 def test_a_synopsis_with_an_unknown_option_fails():
     ok = extract("`igd calibrate-k … --importance A --k layer3=64 --out M`", "p.md")
     bad = extract("`igd calibrate-k … --importance A --kk 3 [--out M]`", "p.md")
@@ -588,6 +618,11 @@ def test_reduce_caps_and_adds_the_budget_options():
     small = reduce(cmd, ["pipeline", "--preset", "paper", "--n-examples", "1000", "--steps=1"])
     assert small[:6] == ["pipeline", "--preset", "quick", "--n-examples", "8", "--steps=1"]
     assert option_values(small, "--queries") == [(small.index("--queries") + 1, "20")]
+    adaptive = ["attack", "--attack", "adaptive", "--out", "a.safetensors"]
+    small = reduce(parse(adaptive)[0], adaptive)
+    assert "--steps" in small and "--queries" not in small  # only the budgets the attack takes
+    clean = ["defend-eval", "--mask", "m.safetensors"]  # --attack none: no attack budget added
+    assert reduce(parse(clean)[0], clean) == [*clean, "--n-examples", "8", "--draws", "2"]
     cmd, _ = parse(["report", "runs/demo"])
     assert reduce(cmd, ["report", "runs/demo"]) == ["report", "runs/demo"]
 

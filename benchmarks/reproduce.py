@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from _data import add_data_dir, data_file  # noqa: E402
 from igd_cli.artifacts import atomic_write_bytes  # noqa: E402
 from igd_cli.common import parse_eps  # noqa: E402
+from igd_cli.data import data_dir  # noqa: E402
 
 #: per mode: images for the analyses, attack budget flags, probe images, timing rounds
 MODES: dict[str, dict[str, Any]] = {
@@ -166,6 +167,16 @@ def portable(obj: Any, prefixes: dict[str, str]) -> Any:
     return obj
 
 
+def portable_folder(folder: Path, prefixes: dict[str, str]) -> None:
+    """:func:`portable` for the run folders' text files (reports and JSON results; artifacts are left alone)."""
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.suffix in (".md", ".json"):
+            text = f.read_text()
+            new = portable(text, prefixes)
+            if new != text:
+                atomic_write_bytes(f, new.encode())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=HERE / "results")
@@ -179,9 +190,11 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", choices=("demo", "resnet18"), default=["demo", "resnet18"])
     ap.add_argument("--from-json", type=Path, default=None, help="only re-render the page from this results file")
     a = ap.parse_args()
+    prefixes = {str(ROOT) + "/": "", str(data_dir(a.data_dir)) + "/": "$IGD_DATA_DIR/"}
     if a.from_json is not None:
         R = json.loads(a.from_json.read_text())
         md = a.from_json.with_suffix(".md")
+        portable_folder(a.from_json.parent / f"reproduce-{R['tag']}", prefixes)
         atomic_write_bytes(md, render(R).encode())
         log(f"wrote {md}")
         return 0
@@ -215,7 +228,8 @@ def main() -> int:
     R["overhead"] = run(str(HERE / "bench_defense.py"), "--json", "--rounds", str(cfg["rounds"]), "--device",
                         a.device)
     R["minutes"], R["load_end"] = (time.time() - t0) / 60, os.getloadavg()
-    R = portable(R, {str(ROOT) + "/": "", str(train.parent) + "/": "$IGD_DATA_DIR/"})
+    R = portable(R, prefixes)
+    portable_folder(base, prefixes)
     a.out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(a.out / f"reproduce-{tag}.json", json.dumps(R, indent=1, default=str).encode())
     atomic_write_bytes(a.out / f"reproduce-{tag}.md", render(R).encode())

@@ -189,8 +189,17 @@ def main() -> int:
     ap.add_argument("--tag", default=None)
     ap.add_argument("--models", nargs="+", choices=("demo", "resnet18"), default=["demo", "resnet18"])
     ap.add_argument("--from-json", type=Path, default=None, help="only re-render the page from this results file")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None,
+                    help="join the results files of per-model runs made in parallel (--models demo, --models "
+                    "resnet18, same --tag and --out) into OUT/reproduce-TAG.json and its page")
     a = ap.parse_args()
     prefixes = {str(ROOT) + "/": "", str(data_dir(a.data_dir)) + "/": "$IGD_DATA_DIR/"}
+    if a.merge:
+        parts = [json.loads(f.read_text()) for f in a.merge]
+        R = merge(parts)
+        out = a.out / f"reproduce-{R['tag']}.json"
+        atomic_write_bytes(out, json.dumps(R, indent=1, default=str).encode())
+        a.from_json = out
     if a.from_json is not None:
         R = json.loads(a.from_json.read_text())
         md = a.from_json.with_suffix(".md")
@@ -272,6 +281,24 @@ def model_section(name: str, r: dict[str, Any]) -> list[str]:
     return L
 
 
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results object from per-model runs of the same mode and tag made in parallel: every part's models; the
+    ranking and forward costs of the first part (each part measured them); the wall time of the longest part."""
+    if len({(p["mode"], p["tag"]) for p in parts}) != 1:
+        raise SystemExit("error: --merge: the parts differ in mode or tag")
+    R = {**parts[0], "models": {}}
+    for p in parts:
+        if set(p["models"]) & set(R["models"]):
+            raise SystemExit(f"error: --merge: model {sorted(set(p['models']) & set(R['models']))[0]} is in two parts")
+        R["models"].update(p["models"])
+    R["minutes"] = max(p["minutes"] for p in parts)
+    R["load_end"] = max((p["load_end"] for p in parts), key=lambda x: x[0])
+    R["parts"] = [{"argv": p["argv"], "date": p["date"], "minutes": p["minutes"], "models": list(p["models"])}
+                  for p in parts]
+    R["argv"] = [w for w in parts[0]["argv"] if w not in ("--models", *parts[0]["models"])]
+    return R
+
+
 def render(R: dict[str, Any]) -> str:
     """The Markdown page of a results file; every figure and verdict is read or computed from ``R``."""
     tag = R["tag"]
@@ -282,6 +309,10 @@ def render(R: dict[str, Any]) -> str:
          "(`igd report`). Raw results: "
          f"[reproduce-{tag}.json](reproduce-{tag}.json).", "",
          "| model | run report |", "|---|---|"]
+    if R.get("parts"):
+        L[4:4] = ["Run as per-model processes in parallel on the same machine (each also timed the ranking and "
+                  "forward costs; the first one's are shown): " + "; ".join(
+                      f"`reproduce.py {' '.join(p['argv'])}` {p['minutes']:.1f} minutes" for p in R["parts"]) + ".", ""]
     for name in R["models"]:
         L.append(f"| {name} | [reproduce-{tag}/{name}/report.md](reproduce-{tag}/{name}/report.md) |")
     L += ["", "## The paper's claims", "", "| claim | verdict here | evidence |", "|---|---|---|"]

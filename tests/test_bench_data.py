@@ -55,3 +55,19 @@ def test_no_code_default_points_outside_the_repository():
                     if re.search(r"\.\./shared|/work/|[\"']shared[\"']\s*/", line):
                         bad.append(f"{p.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not bad, "\n".join(bad)
+
+
+def test_reproduce_merges_per_model_parts_and_refuses_overlap():
+    import reproduce
+
+    part = {"mode": "quick", "tag": "t", "argv": ["--quick", "--models", "demo"], "date": "d", "minutes": 2.0,
+            "load_end": [1.0], "models": {"demo": {}}}
+    other = {**part, "argv": ["--quick", "--models", "resnet18"], "minutes": 5.0, "load_end": [3.0],
+             "models": {"resnet18": {}}}
+    R = reproduce.merge([part, other])
+    assert list(R["models"]) == ["demo", "resnet18"] and R["minutes"] == 5.0 and R["load_end"] == [3.0]
+    assert R["argv"] == ["--quick"] and [p["models"] for p in R["parts"]] == [["demo"], ["resnet18"]]
+    with pytest.raises(SystemExit):
+        reproduce.merge([part, part])
+    with pytest.raises(SystemExit):
+        reproduce.merge([part, {**other, "mode": "default"}])

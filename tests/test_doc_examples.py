@@ -24,8 +24,10 @@ argument accepted by the real parser, types converted, nothing run) when it need
   (CLIP weights), a torchvision data set (``--dataset cifar10`` …), ``igd fetch``;
 - a data file of ``../shared/data`` that is absent (when present it is used: any input whose file name is one of
   those files, wherever the page says it lives, reads that file);
-- a placeholder (``M``, ``IMP``, ``PATH.pt``, ``RUN_DIR``: a name in capitals; a path with ``…``), or an input
-  written by a command outside igd (EXTERNAL below) or by an earlier example on the page that was only parsed.
+- a placeholder (``M``, ``IMP``, ``PATH.pt``, ``RUN_DIR``: a name in capitals; a path with ``…``), an input
+  written by a command outside igd (EXTERNAL below) or by an earlier example on the page that was only parsed, or
+  a file the reader brings (``--model weights.pt``: no example of the page writes it; a name within a typo of a
+  file the page did write runs, and fails).
 
 A command that runs is reduced by this substitution table (an option the example gives is capped; an option it
 leaves out is added when the command takes it, so that a default budget is reduced too; the attack budgets
@@ -47,6 +49,7 @@ runs to the end (exit 0). Commands outside igd (``python …``, ``pip …``, ``c
 
 from __future__ import annotations
 
+import difflib
 import glob
 import re
 import shlex
@@ -351,6 +354,11 @@ def parse_only_reason(cmd, ctx, argv: list[str], made_by_parsed: dict[str, int])
             return f"{opt} {v}: the data file is absent here"
         if opt == "--model" and "/" not in v and not Path(v).suffix:
             return f"--model {v}: a RobustBench zoo model (a download)"
+        near = difflib.get_close_matches(v, [str(f) for f in Path(".").rglob("*") if "igd_home" not in f.parts
+                                             and not f.is_symlink()], n=1, cutoff=0.85)
+        if near:
+            return None  # a near miss of a file the page made: run it, so that the typo fails
+        return f"{opt} {v}: a file the reader brings (no example of the page writes it)"
     return None
 
 
@@ -586,6 +594,14 @@ def test_the_old_adv_example_fails_and_names_its_line(tmp_path, monkeypatch):
     assert parse_error(fixed[0].argv) is None
 
 
+def test_a_file_the_reader_brings_is_parsed_and_a_typo_runs(page_env, capsys):
+    page = ("```bash\nigd rank --model demo --out imp.safetensors --n-probe 16\nigd layers --model weights.pt\n"
+            "igd inspect imp.safetensor\n```\n")
+    failures, log = check_page(extract(page, "p.md"), page_env, _runner(capsys))
+    assert "a file the reader brings" in log[1]
+    assert len(failures) == 1 and failures[0].startswith("p.md:4: igd inspect imp.safetensor: exit 2")
+
+
 def test_a_path_outside_the_repository_fails(tmp_path):
     page = "```bash\nD=../shared/data\nigd layers --dataset $D/cifar10-test-846.safetensors --model M\n```\n"
     failures, _ = check_page(extract(page, "p.md"), tmp_path, run=lambda argv: (0, ""))
@@ -603,11 +619,13 @@ def test_a_synopsis_with_an_unknown_option_fails():
 def test_a_command_that_parses_but_fails_fails(page_env, capsys):
     """A runnable example whose run exits non-zero is a failure naming its line; one that needs a download, a GPU
     or a placeholder's file is only parsed."""
-    page = ("```bash\nigd inspect missing.safetensors\nigd rank --model Wu2020Adversarial --out imp.safetensors\n"
+    page = ("```bash\nigd rank --model demo --layer no.such.layer --out x.safetensors\n"
+            "igd rank --model Wu2020Adversarial --out imp.safetensors\n"
             "igd calibrate-k --importance imp.safetensors --out m.safetensors\nigd layers --model M\n"
             "igd layers --model demo --device cuda\n```\n")
     failures, log = check_page(extract(page, "p.md"), page_env, _runner(capsys))
-    assert len(failures) == 1 and failures[0].startswith("p.md:2: igd inspect missing.safetensors: exit 2")
+    assert len(failures) == 1 and failures[0].startswith("p.md:2: igd rank --model demo --layer no.such.layer")
+    assert ": exit 2 " in failures[0]
     assert "zoo model" in log[1] and "itself only parsed" in log[2] and "placeholder" in log[3]
     assert ("needs a GPU" in log[4]) != torch.cuda.is_available()
 

@@ -14,10 +14,11 @@ it names are checked against the parser. An example that names a path outside th
 
 Each page runs in its own temporary working folder, its commands in order (so a page's later commands read what
 its earlier ones wrote), with ``IGD_HOME`` in that folder, no network (``IGD_OFFLINE=1``), and the repository's
-``examples/`` and ``benchmarks/`` beside it; the demo model's ``imp.safetensors`` and ``mask.safetensors``, which
-a page may take as given (PREPARED), are made with ``igd rank`` / ``igd calibrate-k`` before the first command
-that reads them. A command the page repeats verbatim runs once. A command is only *parsed* (every option and
-argument accepted by the real parser, types converted, nothing run) when it needs something this machine lacks:
+``examples/``, ``benchmarks/`` and ``artifacts/`` beside it; the demo model's ``imp.safetensors`` and
+``mask.safetensors``, which a page may take as given (PREPARED), are made with ``igd rank`` / ``igd calibrate-k``
+before the first command that reads them. A command the page repeats verbatim runs once. A command is only
+*parsed* (every option and argument accepted by the real parser, types converted, nothing run) when it needs
+something this machine lacks:
 
 - a GPU (``--device cuda…`` without one);
 - a download: a RobustBench zoo model (a ``--model`` that is neither ``demo`` nor a file), ``--method cd-ir``
@@ -500,9 +501,9 @@ def doc_pages() -> list[Path]:
 
 @pytest.fixture
 def page_env(tmp_path, monkeypatch):
-    """A working folder as a page's reader has it: the repository's examples/ and benchmarks/ beside it, igd's
+    """A working folder as a page's reader has it: the repository's examples/, benchmarks/, artifacts/ beside it, igd's
     home inside it, no network, no progress bars."""
-    for name in ("examples", "benchmarks"):
+    for name in ("examples", "benchmarks", "artifacts"):
         (tmp_path / name).symlink_to(ROOT / name, target_is_directory=True)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("IGD_HOME", str(tmp_path / "igd_home"))

@@ -25,9 +25,9 @@ something this machine lacks:
   (CLIP weights), a torchvision data set (``--dataset cifar10`` …), ``igd fetch``;
 - a data file of ``../shared/data`` that is absent (when present it is used: any input whose file name is one of
   those files, wherever the page says it lives, reads that file);
-- a placeholder (``M``, ``IMP``, ``PATH.pt``, ``RUN_DIR``: a name in capitals; a path with ``…``), an input
-  written by a command outside igd (EXTERNAL below) or by an earlier example on the page that was only parsed, or
-  a file the reader brings (``--model weights.pt``: no example of the page writes it; a name within a typo of a
+- a placeholder (``M``, ``IMP``, ``PATH.pt``, ``RUN_DIR``, ``defend:I/N``: a name in capitals; a path with
+  ``…``), an input written by a command outside igd (EXTERNAL below) or by an earlier example on the page that
+  was only parsed, or a file the reader brings (``--model weights.pt``: no example of the page writes it; a name within a typo of a
   file the page did write runs, and fails).
 
 A command that runs is reduced by this substitution table (an option the example gives is capped; an option it
@@ -104,6 +104,8 @@ SYNOPSIS = re.compile(r"…|\.\.\.|\[|<|\|")
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*(\.[a-z]+)?$")
 #: a path a reader's clone does not have (issue 24: examples name nothing outside the repository)
 OUTSIDE = re.compile(r"(^|[=:])(\.\./shared\b|/work/)")
+#: values in capitals that are not placeholders
+LITERAL_CAPS = {"L2", "Linf"}
 ASSIGN = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 
 
@@ -331,6 +333,10 @@ def parse_only_reason(cmd, ctx, argv: list[str], made_by_parsed: dict[str, int])
     for _, m in option_values(argv, "--method"):
         if m == "cd-ir":
             return "CD-IR needs the CLIP weights (a download)"
+    for w in argv:  # a placeholder value: --piece defend:I/N, --neurons A:B, --k K
+        if not w.startswith("-") and any(PLACEHOLDER.match(seg) and seg not in LITERAL_CAPS
+                                         for seg in re.split(r"[/:=,]", w)):
+            return f"{w}: a placeholder"
     for opt, v in inputs(cmd, ctx, argv):
         base = v.split(":")[0] if opt == "--model" else v
         if opt in ("--dataset", "--probe-dataset") and v.lower() in DOWNLOAD_DATASETS:
@@ -623,12 +629,13 @@ def test_a_command_that_parses_but_fails_fails(page_env, capsys):
     page = ("```bash\nigd rank --model demo --layer no.such.layer --out x.safetensors\n"
             "igd rank --model Wu2020Adversarial --out imp.safetensors\n"
             "igd calibrate-k --importance imp.safetensors --out m.safetensors\nigd layers --model M\n"
-            "igd layers --model demo --device cuda\n```\n")
+            "igd layers --model demo --device cuda\nigd pipeline --piece defend:I/N\n```\n")
     failures, log = check_page(extract(page, "p.md"), page_env, _runner(capsys))
     assert len(failures) == 1 and failures[0].startswith("p.md:2: igd rank --model demo --layer no.such.layer")
     assert ": exit 2 " in failures[0]
     assert "zoo model" in log[1] and "itself only parsed" in log[2] and "placeholder" in log[3]
     assert ("needs a GPU" in log[4]) != torch.cuda.is_available()
+    assert "defend:I/N: a placeholder" in log[5]
 
 
 def test_reduce_caps_and_adds_the_budget_options():

@@ -27,8 +27,8 @@ something this machine lacks:
   those files, wherever the page says it lives, reads that file);
 - a placeholder (``M``, ``IMP``, ``PATH.pt``, ``RUN_DIR``, ``defend:I/N``: a name in capitals; a path with
   ``…``), an input written by a command outside igd (EXTERNAL below) or by an earlier example on the page that
-  was only parsed, or a file the reader brings (``--model weights.pt``: no example of the page writes it; a name within a typo of a
-  file the page did write runs, and fails).
+  was only parsed, or a file the reader brings (``--model weights.pt``: no example of the page writes it; a name
+  within a typo of a file the page did write runs, and fails).
 
 A command that runs is reduced by this substitution table (an option the example gives is capped; an option it
 leaves out is added when the command takes it, so that a default budget is reduced too; the attack budgets

@@ -1,7 +1,8 @@
 """Cost of calibrate-k against one defended clean-accuracy pass over the same images (goal: ≤ 3×).
 
 Real CIFAR-10 ResNet-18 (pyautoattack's ``examples/model_test.pt``) at ``layer4`` (N = 512), images from
-``../shared/data/cifar10-test-846.safetensors`` when present (random CIFAR-shaped images otherwise), smoothing on
+``cifar10-test-846.safetensors`` in ``--data-dir`` when present (default ``$IGD_DATA_DIR``, else ``$IGD_HOME/data``;
+random CIFAR-shaped images otherwise), smoothing on
 (σ = 4/255). Three timings, each the median over ``--repeats`` runs:
 
 - one defended clean-accuracy pass (the first noise draw, as calibrate-k scores it);
@@ -32,7 +33,9 @@ from igd_cli.devices import module_device  # noqa: E402
 from igd_cli.models import load_model  # noqa: E402
 from igd_cli.scoring import classify  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-test-846.safetensors"
+from _data import add_data_dir, find_data_file  # noqa: E402
+
+TEST_FILE = "cifar10-test-846.safetensors"
 
 
 def clean_pass(defense: IGDefense, data: ImageSet, batch_size: int, seed: int = 0) -> int:
@@ -76,6 +79,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--importance", help="importance artifact for the model (default: seeded random)")
     ap.add_argument("--json", action="store_true")
+    add_data_dir(ap)
     args = ap.parse_args()
 
     import os
@@ -86,15 +90,16 @@ def main() -> None:
     dev = torch.device(args.device)
     model = load_model(str(Path(pyautoattack.__file__).parent / "examples" / "model_test.pt"), arch="resnet18",
                        device=dev).model
-    if SHARED.exists():
-        data = load_dataset(str(SHARED), "test", args.n_examples)
-        source = SHARED.name
+    real = find_data_file(TEST_FILE, args.data_dir)
+    if real is not None:
+        data = load_dataset(str(real), "test", args.n_examples)
+        source = real.name
     else:
         g = torch.Generator().manual_seed(0)
         xs = torch.rand(args.n_examples, 3, 32, 32, generator=g)
         ys = torch.randint(0, 10, (args.n_examples,), generator=g)
         data = ImageSet("random", "test", [str(i) for i in range(10)], args.n_examples, lambda i, j: (xs[i:j], ys[i:j]))
-        source = "random images (../shared/data absent)"
+        source = f"random images ({TEST_FILE} absent)"
     if args.importance:
         from igd_cli.artifacts import load_artifact
 

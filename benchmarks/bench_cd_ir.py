@@ -4,7 +4,8 @@
 
 The cold run computes CLIP image and text embeddings and writes the clip-cache; the warm runs rank layer4 and
 layer3 from the cache (CLIP is not run again), so their time is the ranked model's forward plus soft-WPMI.
-Needs ``../shared/data``.
+Needs ``cifar10-train-4660.safetensors`` in ``--data-dir``
+(default ``$IGD_DATA_DIR``, else ``$IGD_HOME/data``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ os.environ.setdefault("IGD_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "cifar10-train-4660.safetensors"
+sys.path.insert(0, str(ROOT))
+
+from _data import add_data_dir, data_file  # noqa: E402
 
 
 def main() -> int:
@@ -33,10 +36,9 @@ def main() -> int:
     ap.add_argument("--clip-model", default="ViT-B-16")
     ap.add_argument("--clip-pretrained", default="none")
     ap.add_argument("--batch-size", type=int, default=128)
+    add_data_dir(ap)
     args = ap.parse_args()
-    if not DATA.exists():
-        print(f"needs {DATA}", file=sys.stderr)
-        return 1
+    data_path = data_file("cifar10-train-4660.safetensors", args.data_dir)
     import pyautoattack
 
     from igd_cli.data import load_dataset
@@ -44,7 +46,7 @@ def main() -> int:
     from igd_cli.ranking.cd_ir import cd_ir
 
     model = load_model(str(Path(pyautoattack.__file__).parent / "examples" / "model_test.pt"), arch="resnet18").model
-    data = load_dataset(str(DATA), "train", args.n_probe)
+    data = load_dataset(str(data_path), "train", args.n_probe)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "clip.safetensors"

@@ -33,9 +33,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _data import add_data_dir, data_file  # noqa: E402
 from igd_cli.cli import main as igd  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "data"
+
+class DataFile(str):
+    """A data file's name in a setting, resolved in ``--data-dir`` when the setting runs."""
 
 
 def resnet18_path() -> str:
@@ -50,8 +53,8 @@ SETTINGS = {
              "budgets": ["--steps", "20", "--restarts", "1", "--queries", "1000", "--eot-iter", "5"],
              "layers": ("block3", "block2")},
     "resnet18": {"model": ["--model", resnet18_path, "--arch", "resnet18"],
-                 "probe": ["--dataset", str(SHARED / "cifar10-train-4660.safetensors"), "--n-probe", "256"],
-                 "eval": ["--dataset", str(SHARED / "cifar10-test-846.safetensors"), "--n-examples", "64",
+                 "probe": ["--dataset", DataFile("cifar10-train-4660.safetensors"), "--n-probe", "256"],
+                 "eval": ["--dataset", DataFile("cifar10-test-846.safetensors"), "--n-examples", "64",
                           "--eps", "1/255"],
                  "budgets": ["--steps", "10", "--restarts", "1", "--queries", "300", "--eot-iter", "2"],
                  "layers": ("layer4", "layer3")},
@@ -68,8 +71,9 @@ def call(*args: str) -> dict:
     return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
-def run_setting(name: str, workdir: Path, draws: int) -> dict:
-    s = SETTINGS[name]
+def run_setting(name: str, workdir: Path, draws: int, data_dir: Path | None = None) -> dict:
+    s = {k: [str(data_file(v, data_dir)) if isinstance(v, DataFile) else v for v in a] if isinstance(a, list) else a
+         for k, a in SETTINGS[name].items()}
     model = [v() if callable(v) else v for v in s["model"]]
     last, before = s["layers"]
     wd = workdir / name
@@ -126,9 +130,10 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=5, help="noise draws per candidate (METHOD.md: R = 5)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/igd-layers"))
     ap.add_argument("--out", type=Path, default=None, help="write the raw results here (JSON)")
+    add_data_dir(ap)
     args = ap.parse_args()
     os.environ.setdefault("IGD_NO_PROGRESS", "1")
-    results = [run_setting(name, args.workdir, args.draws) for name in args.settings]
+    results = [run_setting(name, args.workdir, args.draws, args.data_dir) for name in args.settings]
     for res in results:
         print(markdown(res) + f"\n\n({res['seconds']} s, load average {res['load_avg'][0]:.2f})\n")
     if args.out is not None:

@@ -5,7 +5,8 @@
 Timing: the literal algorithm (one full forward of the probe set per neuron) is timed on ``--naive-neurons``
 neurons and scaled per neuron to all N (plus its one base pass); the fast path runs on all N. Exactness: the
 timed literal rows against the fast rows (max abs diff), and, on ``--check-probe`` images, the full literal
-matrix against the fast one (max abs diff, top-50 set agreement per class). Needs ``../shared/data``.
+matrix against the fast one (max abs diff, top-50 set agreement per class). Needs ``cifar10-train-4660.safetensors``
+in ``--data-dir`` (default ``$IGD_DATA_DIR``, else ``$IGD_HOME/data``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from rich.table import Table
 os.environ.setdefault("IGD_NO_PROGRESS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "cifar10-train-4660.safetensors"
+sys.path.insert(0, str(ROOT))
+
+from _data import add_data_dir, data_file  # noqa: E402
 
 
 def top_agreement(fast: torch.Tensor, ref: torch.Tensor, k: int, tie: float = 1e-5) -> float:
@@ -53,10 +56,9 @@ def main() -> int:
     ap.add_argument("--layers", nargs="+", default=["layer4", "layer3"])
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    add_data_dir(ap)
     args = ap.parse_args()
-    if not DATA.exists():
-        print(f"needs {DATA}", file=sys.stderr)
-        return 1
+    data_path = data_file("cifar10-train-4660.safetensors", args.data_dir)
     if args.threads:
         torch.set_num_threads(args.threads)
     import pyautoattack
@@ -66,12 +68,12 @@ def main() -> int:
     from igd_cli.ranking.lo_ir import lo_ir, lo_ir_naive
 
     model = load_model(str(Path(pyautoattack.__file__).parent / "examples" / "model_test.pt"), arch="resnet18").model
-    data = load_dataset(str(DATA), "train", args.n_probe)
+    data = load_dataset(str(data_path), "train", args.n_probe)
     console = Console(width=170)
     rows = []
     for layer in args.layers:
         # warm-up so that neither side pays first-call costs
-        lo_ir(model, layer, load_dataset(str(DATA), "train", 8), 10, neurons=(0, 2), show_progress=False)
+        lo_ir(model, layer, load_dataset(str(data_path), "train", 8), 10, neurons=(0, 2), show_progress=False)
         k = args.naive_neurons
         # the literal's one base pass (it is part of its cost once), then k neurons
         def base_pass():
@@ -88,7 +90,7 @@ def main() -> int:
         diff_rows = float((fast.importance[:k] - naive.importance).abs().max())
         check_diff, agree = None, None
         if args.check_probe:
-            small = load_dataset(str(DATA), "train", args.check_probe)
+            small = load_dataset(str(data_path), "train", args.check_probe)
             ref = lo_ir_naive(model, layer, small, 10, batch_size=args.batch_size, show_progress=False)
             got = lo_ir(model, layer, small, 10, batch_size=args.batch_size, show_progress=False)
             check_diff = float((ref.importance - got.importance).abs().max())

@@ -92,7 +92,7 @@ print("IGD-SCALE " + json.dumps({"code": code, "seconds": time.perf_counter() - 
 
 
 def synthetic(workdir: Path, name: str, n_classes: int, shape: tuple[int, ...], n: int, seed: int = 0) -> Path:
-    """Random uint8 images of ``shape`` with labels 0..n-1 mod C, in the ``../shared/data`` file format."""
+    """Random uint8 images of ``shape`` with labels 0..n-1 mod C, in igd's data-file format."""
     g = torch.Generator().manual_seed(seed)
     path = workdir / f"{name}-synthetic-{n}.safetensors"
     save_artifact(path, "dataset", {"x": torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8),

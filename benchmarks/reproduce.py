@@ -10,7 +10,9 @@ and ``igd analyze shift | sweep --over k | sweep --over sigma | ablation`` into 
 come from ``bench_lo_ir.py`` and ``bench_defense.py``. ``reproduce-TAG.md`` links the run reports and decides the
 paper's claims from the measured numbers. Models: the embedded ``demo`` CNN (PGD-trained on digits) and the real
 CIFAR-10 ResNet-18 of pyautoattack (standard training) with ``cifar10-train-4660`` / ``cifar10-test-846`` from
-``--data-dir`` (default ``../shared/data``) at a small ε (its robustness is zero at the paper's 8/255).
+``--data-dir`` (default ``$IGD_DATA_DIR``, else ``$IGD_HOME/data``) at a small ε (its robustness is zero at the
+paper's 8/255). The raw results go to ``reproduce-TAG.json`` first; ``--from-json`` re-renders the page from it
+(every figure and verdict on the page is computed from that file).
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
+from _data import add_data_dir, data_file  # noqa: E402
 from igd_cli.artifacts import atomic_write_bytes  # noqa: E402
 from igd_cli.common import parse_eps  # noqa: E402
+from igd_cli.data import data_dir  # noqa: E402
 
 #: per mode: images for the analyses, attack budget flags, probe images, timing rounds
 MODES: dict[str, dict[str, Any]] = {
@@ -126,11 +130,16 @@ def claims(R: dict[str, Any]) -> list[tuple[str, str, str]]:
         rows_ab = {x["masking"] + (" + RS" if x["rs"] else ""): x["figures"] for x in r["ablation"]["rows"]}
         base = r["ablation"]["rows"][0]["figures"]
         lo = rows_ab.get(f"lo-ir-{pk} + RS", {})
-        gain = (lo.get("iw_wc") or 0) - (base.get("iw_wc") or 0)
-        rows.append((f"{name}: IG-Defense (LO-IR + RS) raises IW-WC by 1-3 points (Table 6 row 9 vs row 1)",
-                     "supported" if gain > 0.005 else "contradicted" if gain < -0.005 else "no change",
-                     f"IW-WC {pct(lo.get('iw_wc'))} ± {pct(lo.get('iw_wc_std'))}% vs base {pct(base.get('iw_wc'))}%;"
-                     f" RS alone {pct(rows_ab.get('none + RS', {}).get('iw_wc'))}%"))
+        nine = "iw_wc_paper" if "iw_wc_paper" in lo else "iw_wc"  # results made before iw_wc_paper was recorded
+        gain, std = (lo.get(nine) or 0) - (base.get(nine) or 0), lo.get(f"{nine}_std") or 0
+        verdict = ("supported" if gain > max(0.005, std) else "contradicted" if gain < -max(0.005, std)
+                   else "no change beyond the draw-to-draw spread")
+        ten = (f"; with the adaptive attack (ten columns) {pct(lo.get('iw_wc'))} ± {pct(lo.get('iw_wc_std'))}%"
+               if nine == "iw_wc_paper" else "")
+        rows.append((f"{name}: IG-Defense (LO-IR + RS) raises IW-WC by 1-3 points (Table 6 row 9 vs row 1)", verdict,
+                     f"IW-WC over the paper's nine attacks {pct(lo.get(nine))} ± {pct(lo.get(f'{nine}_std'))}% vs base "
+                     f"{pct(base.get(nine))}% ({100 * gain:+.1f} points, {r['ablation']['setup']['data']['n']}"
+                     f" images){ten}; RS alone {pct(rows_ab.get('none + RS', {}).get(nine))}%"))
         g = r["shift"]["groups"]["successful"]["percent"]
         rows.append((f"{name}: successful attacks lower the GT class's important activations and raise the "
                      "post-attack class's (Fig. 2C)",
@@ -145,6 +154,29 @@ def claims(R: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
+def portable(obj: Any, prefixes: dict[str, str]) -> Any:
+    """``obj`` with every string's machine-specific prefix (the repository, the data folder) replaced, so that the
+    committed JSON names no path outside the repository."""
+    if isinstance(obj, dict):
+        return {k: portable(v, prefixes) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v, prefixes) for v in obj]
+    if isinstance(obj, str):
+        for old, new in prefixes.items():
+            obj = obj.replace(old, new)
+    return obj
+
+
+def portable_folder(folder: Path, prefixes: dict[str, str]) -> None:
+    """:func:`portable` for the run folders' text files (reports and JSON results; artifacts are left alone)."""
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.suffix in (".md", ".json"):
+            text = f.read_text()
+            new = portable(text, prefixes)
+            if new != text:
+                atomic_write_bytes(f, new.encode())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=HERE / "results")
@@ -152,54 +184,145 @@ def main() -> int:
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true")
     g.add_argument("--paper", action="store_true")
-    ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    add_data_dir(ap)
     ap.add_argument("--resnet-eps", default="1/255", help="ε for the standard-trained ResNet-18 (8/255 breaks it)")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--models", nargs="+", choices=("demo", "resnet18"), default=["demo", "resnet18"])
+    ap.add_argument("--from-json", type=Path, default=None, help="only re-render the page from this results file")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None,
+                    help="join the results files of per-model runs made in parallel (--models demo, --models "
+                    "resnet18, same --tag and --out) into OUT/reproduce-TAG.json and its page")
     a = ap.parse_args()
+    prefixes = {str(ROOT) + "/": "", str(data_dir(a.data_dir)) + "/": "$IGD_DATA_DIR/"}
+    if a.merge:
+        parts = [json.loads(f.read_text()) for f in a.merge]
+        R = merge(parts)
+        out = a.out / f"reproduce-{R['tag']}.json"
+        atomic_write_bytes(out, json.dumps(R, indent=1, default=str).encode())
+        a.from_json = out
+    if a.from_json is not None:
+        R = json.loads(a.from_json.read_text())
+        md = a.from_json.with_suffix(".md")
+        portable_folder(a.from_json.parent / f"reproduce-{R['tag']}", prefixes)
+        atomic_write_bytes(md, render(R).encode())
+        log(f"wrote {md}")
+        return 0
     mode = "quick" if a.quick else "paper" if a.paper else "default"
     cfg = MODES[mode]
     tag = a.tag or {"quick": f"{a.device}-quick", "default": a.device, "paper": f"{a.device}-paper"}[mode]
-    train, test = a.data_dir / "cifar10-train-4660.safetensors", a.data_dir / "cifar10-test-846.safetensors"
-    if not (train.exists() and test.exists()):
-        print(f"error: needs {train.name} and {test.name} in --data-dir {a.data_dir}", file=sys.stderr)
-        return 2
+    need_resnet = "resnet18" in a.models
+    train = data_file("cifar10-train-4660.safetensors", a.data_dir)  # also bench_lo_ir.py's probe set
+    test = data_file("cifar10-test-846.safetensors", a.data_dir) if need_resnet else None
     import pyautoattack
+    import torch
 
     resnet = str(Path(pyautoattack.__file__).parent / "examples" / "model_test.pt")
     base = a.out / f"reproduce-{tag}"
     t0 = time.time()
-    R: dict[str, Any] = {"mode": mode, "argv": sys.argv[1:], "load_start": os.getloadavg()[0], "models": {}}
+    R: dict[str, Any] = {"mode": mode, "tag": tag, "argv": sys.argv[1:], "cfg": cfg, "device": a.device,
+                         "resnet_eps": a.resnet_eps, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                         "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                         "load_start": os.getloadavg(), "models": {}}
     if "demo" in a.models:
         R["models"]["demo"] = model_runs("demo", ["--model", "demo"], [], [], "0.2", cfg, base / "demo", a.device)
-    if "resnet18" in a.models:
+    if need_resnet:
         R["models"]["resnet18"] = model_runs(
             "resnet18", ["--model", resnet, "--arch", "resnet18"], ["--dataset", str(train), "--split", "train"],
             ["--dataset", str(test)], a.resnet_eps,
             {**cfg, "n_shift": min(cfg["n_shift"], 846), "n": min(cfg["n"], 846)}, base / "resnet18", a.device)
     log("ranking cost: bench_lo_ir.py; forward cost: bench_defense.py")
     R["ranking_cost"] = run(str(HERE / "bench_lo_ir.py"), "--n-probe", str(cfg["lo_probe"]), "--naive-neurons", "2",
-                            "--check-probe", "0", "--layers", "layer4", json_out=False)
+                            "--check-probe", "0", "--layers", "layer4", "--data-dir", str(train.parent),
+                            json_out=False)
     R["overhead"] = run(str(HERE / "bench_defense.py"), "--json", "--rounds", str(cfg["rounds"]), "--device",
                         a.device)
-    R["minutes"], R["load_end"] = (time.time() - t0) / 60, os.getloadavg()[0]
+    R["minutes"], R["load_end"] = (time.time() - t0) / 60, os.getloadavg()
+    R = portable(R, prefixes)
+    portable_folder(base, prefixes)
+    a.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(a.out / f"reproduce-{tag}.json", json.dumps(R, indent=1, default=str).encode())
+    atomic_write_bytes(a.out / f"reproduce-{tag}.md", render(R).encode())
+    log(f"wrote {a.out / f'reproduce-{tag}.md'}")
+    return 0
+
+
+def pm(fig: dict[str, Any], key: str) -> str:
+    """``mean ± std`` in %, the std only where the figure came from repeated draws."""
+    v, sd = fig.get(key), fig.get(f"{key}_std")
+    return pct(v) + (f" ± {pct(sd)}" if sd else "")
+
+
+def model_section(name: str, r: dict[str, Any]) -> list[str]:
+    """One model's calibration, ablation (the paper's nine attacks and the ten with the adaptive one) and shift."""
+    cal, ab, sh = r["calibrate-lo-ir"], r["ablation"], r["shift"]
+    st = ab.get("setup", {})
+    L = [f"## {name}", "",
+         f"Layer `{cal['layer']}` (N = {r['n_neurons']}); `igd calibrate-k` on {cal['n_examples']} images: k = "
+         f"{r['k']} with LO-IR, {r['calibrate-random']['k']} with the random ranking (base clean "
+         f"{pct(cal['base_clean_accuracy'])}%, defended {pct(cal['clean_accuracy'])}% at k = {r['k']}). "
+         f"The paper's ratio 50/512 gives k = {r['paper_k']}.", "",
+         f"Table 6 analogue (`igd analyze ablation`, k = {ab['k']}, σ = {ab['settings']['sigma']:.4g}, "
+         f"{st['data']['n']} images, ε = {st['eps']:.4g}, budgets {st['budget']}, {st['draws']} + {st['draws']} "
+         "draws): accuracies in %, mean ± std over the final "
+         "draws for randomized rows (repeated-draw scoring: per image the attack point is selected on its own "
+         "draws and scored on independent ones). IW-WC (nine) is the paper's worst case over clean and its nine "
+         "attacks; IW-WC (ten) adds the adaptive attack designed against IG-Defense (two-pass rows only).", "",
+         "| row | clean | AA | IW-WC (nine) | IW-WC (ten) |", "|---|---|---|---|---|"]
+    for x in ab["rows"]:
+        f = x["figures"]
+        nine = pm(f, "iw_wc_paper") if "iw_wc_paper" in f else "—"
+        L.append(f"| {x['name']} | {pm(f, 'clean')} | {pm(f, 'aa')} | {nine} | {pm(f, 'iw_wc')} |")
+    g = sh["groups"]["successful"]
+    p = g["percent"]
+    L += ["", f"Activation shift (`igd analyze shift`, k = {sh['k']}, {sh['n_images']} images, "
+          f"{g['n']} successful attacks): important neurons of the true class {p.get('gt', 0):+.1f}%, of the "
+          f"post-attack class {p.get('pred', 0):+.1f}%, of the other classes {p.get('rest', 0):+.1f}%, unimportant "
+          f"{(p.get('unimp') or 0):+.1f}%."]
+    return L
+
+
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results object from per-model runs of the same mode and tag made in parallel: every part's models; the
+    ranking and forward costs of the first part (each part measured them); the wall time of the longest part."""
+    if len({(p["mode"], p["tag"]) for p in parts}) != 1:
+        raise SystemExit("error: --merge: the parts differ in mode or tag")
+    R = {**parts[0], "models": {}}
+    for p in parts:
+        if set(p["models"]) & set(R["models"]):
+            raise SystemExit(f"error: --merge: model {sorted(set(p['models']) & set(R['models']))[0]} is in two parts")
+        R["models"].update(p["models"])
+    R["minutes"] = max(p["minutes"] for p in parts)
+    R["load_end"] = max((p["load_end"] for p in parts), key=lambda x: x[0])
+    R["parts"] = [{"argv": p["argv"], "date": p["date"], "minutes": p["minutes"], "models": list(p["models"])}
+                  for p in parts]
+    R["argv"] = [w for w in parts[0]["argv"] if w not in ("--models", *parts[0]["models"])]
+    return R
+
+
+def render(R: dict[str, Any]) -> str:
+    """The Markdown page of a results file; every figure and verdict is read or computed from ``R``."""
+    tag = R["tag"]
     L = [f"# IG-Defense reproduction on this machine ({tag})", "",
-         f"`python benchmarks/reproduce.py {' '.join(R['argv'])}`, {time.strftime('%Y-%m-%d %H:%M')}, "
-         f"{R['minutes']:.1f} minutes (1-minute load {R['load_start']:.1f} at start, {R['load_end']:.1f} at end on "
-         f"{os.cpu_count()} CPUs: timings from a loaded machine are noisy). Every figure below comes from igd's own "
-         "commands; each model's run folder has the full page (`igd report`).", "",
+         f"`python benchmarks/reproduce.py {' '.join(R['argv'])}`, {R['date']}, {R['minutes']:.1f} minutes "
+         f"(1-minute load {R['load_start'][0]:.1f} at start, {R['load_end'][0]:.1f} at end on {R['cpus']} CPUs). "
+         "Every figure below comes from igd's own commands; each model's run folder has the full page "
+         "(`igd report`). Raw results: "
+         f"[reproduce-{tag}.json](reproduce-{tag}.json).", "",
          "| model | run report |", "|---|---|"]
+    if R.get("parts"):
+        L[4:4] = ["Run as per-model processes in parallel on the same machine (each also timed the ranking and "
+                  "forward costs; the first one's are shown): " + "; ".join(
+                      f"`reproduce.py {' '.join(p['argv'])}` {p['minutes']:.1f} minutes" for p in R["parts"]) + ".", ""]
     for name in R["models"]:
         L.append(f"| {name} | [reproduce-{tag}/{name}/report.md](reproduce-{tag}/{name}/report.md) |")
     L += ["", "## The paper's claims", "", "| claim | verdict here | evidence |", "|---|---|---|"]
     L += [f"| {c} | **{v}** | {e} |" for c, v, e in claims(R)]
+    for name, r in R["models"].items():
+        L += ["", *model_section(name, r)]
     L += ["", "## Ranking cost (bench_lo_ir.py)", "", "```", R["ranking_cost"].strip(), "```", "",
           "Not run here: the paper's adversarially trained models (not obtainable offline), CD-IR with the OpenAI "
           "CLIP (no weights offline), ImageNet.", ""]
-    atomic_write_bytes(a.out / f"reproduce-{tag}.md", "\n".join(L).encode())
-    atomic_write_bytes(a.out / f"reproduce-{tag}.json", json.dumps(R, indent=1, default=str).encode())
-    log(f"wrote {a.out / f'reproduce-{tag}.md'}")
-    return 0
+    return "\n".join(L)
 
 
 if __name__ == "__main__":

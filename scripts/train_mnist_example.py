@@ -3,7 +3,8 @@
 
     python scripts/train_mnist_example.py [--eps 0.1] [--epochs 8] [--out-dir runs/mnist-example] [--no-pipeline]
 
-Data: ``../shared/data/mnist-test-10000.safetensors`` (the MNIST test set). The network trains on images
+Data: ``mnist-test-10000.safetensors`` (the MNIST test set) from ``--data`` or the data folder (``$IGD_DATA_DIR``,
+else ``$IGD_HOME/data``). The network trains on images
 2000..9999 and is tested on images 0..1999; both parts are written beside the weights as tensor files, so the
 pipeline ranks on training images (``--probe-dataset``) and calibrates and attacks on held-out images only.
 Training is FGSM with a random start at ε (Wong et al., "Fast is better than free", step 1.25ε) on normalised
@@ -29,11 +30,11 @@ sys.path.insert(0, str(ROOT))
 from examples.mnist_cnn import small_cnn  # noqa: E402
 from igd_cli.archs import Normalized  # noqa: E402
 from igd_cli.artifacts import save_artifact  # noqa: E402
-from igd_cli.data import load_dataset  # noqa: E402
+from igd_cli.data import data_dir, load_dataset  # noqa: E402
 from igd_cli.user_arch import NORMALIZATIONS  # noqa: E402
 from train_demo import accuracy, pgd  # noqa: E402  (the demo's PGD and accuracy, same folder)
 
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist-test-10000.safetensors"
+DATA_FILE = "mnist-test-10000.safetensors"  # in the data folder unless --data names it
 ARCH = "examples/mnist_cnn.py:small_cnn"
 HELD_OUT = 2000  # images 0..HELD_OUT-1 are the test part
 
@@ -48,7 +49,7 @@ def pipeline_args(weights: Path, test: Path, train: Path, eps: float, out: Path,
 
 
 def write_split(path: Path, x: torch.Tensor, y: torch.Tensor, classes: list[str], source: str) -> Path:
-    """Images in [0, 1] as a tensor file in ``../shared/data``'s format (x uint8 NCHW, y int64), written atomically:
+    """Images in [0, 1] as a tensor file in igd's data-file format (x uint8 NCHW, y int64), written atomically:
     the pipeline's ``--dataset`` and ``--probe-dataset`` (a file has no splits, so each part is its own file)."""
     from safetensors.torch import save_file
 
@@ -68,7 +69,9 @@ def batched_accuracy(model, x, y, chunk: int = 500, **kw) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MNIST as a safetensors file (x uint8, y)")
+    ap.add_argument("--data", type=Path, default=None,
+                    help=f"MNIST as a safetensors file (x uint8, y); default: {DATA_FILE} in the data folder "
+                    "($IGD_DATA_DIR, else $IGD_HOME/data)")
     ap.add_argument("--eps", type=float, default=0.1, help="l-inf training budget (0: standard training)")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--n-train", type=int, default=None, help="train on the first N images after the test part")
@@ -80,6 +83,11 @@ def main() -> None:
     ap.add_argument("--n-examples", type=int, default=200, help="pipeline: calibration and evaluation images")
     ap.add_argument("--no-pipeline", action="store_true", help="only train")
     args = ap.parse_args()
+    if args.data is None:
+        args.data = data_dir() / DATA_FILE
+    if not args.data.is_file():
+        print(f"error: {args.data} not found: place {DATA_FILE} there, or pass --data FILE", file=sys.stderr)
+        raise SystemExit(2)
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)  # bit-for-bit reproducible on CPU

@@ -213,8 +213,9 @@ def test_ablation_two_passes_without_mask_equal_the_base_model(demo, tmp_path):
     base_row = evaluate_row(setup, base_v, base_json)
     row = evaluate_row(setup, two, base_json)
     assert not row.randomized
-    for col in ("clean", "aa", "iw_wc"):
+    for col in ("clean", "aa", "iw_wc", "iw_wc_paper"):  # iw_wc_paper: the paper's nine columns (no adaptive)
         assert row.figures[col] == base_row.figures[col], col
+    assert row.details["iw_wc"]["beyond_paper"] == ["adaptive"] and "iw_wc_paper" in row.details["iw_wc"]
     assert 0 < base_row.figures["aa"] < 1  # the attack broke some images and not others: the check has teeth
 
 

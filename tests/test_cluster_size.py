@@ -56,7 +56,8 @@ def test_shards_and_time_follow_the_slowest_rate(tmp_path):
     assert steps["attack"]["seconds_per_unit"] == 6.0  # 120 s / 20 images
     assert steps["rank"]["seconds_per_unit"] == 0.25  # 64 s / 256 neurons
     assert steps["rank"]["predicted_task_seconds"] == round(0.25 * math.ceil(512 / shards), 1)
-    assert steps["calibrate"]["predicted_task_seconds"] == 8.0 * 10000 / 40  # one job over all images
+    assert steps["calibrate"]["seconds_per_unit"] == 0.2  # one job over the pilot's 40 images: 8 s / 40
+    assert steps["calibrate"]["predicted_task_seconds"] == 8.0 * 10000 / 40  # ... and over the full run's
     assert steps["merge-importance"]["predicted_task_seconds"] == 3.0
     need = max(v["predicted_task_seconds"] for v in steps.values()) * 2
     h, m, s = map(int, out["time"].split(":"))

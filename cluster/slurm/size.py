@@ -71,8 +71,9 @@ def records(run: Path, step: str) -> list[dict]:
     return out
 
 
-def rate(step: str, recs: list[dict]) -> tuple[float, int] | None:
-    """(seconds per unit, tasks measured): the slowest computed task of ``step`` (units: STEPS[step])."""
+def rate(step: str, recs: list[dict], pilot_images: int) -> tuple[float, int] | None:
+    """(seconds per unit, tasks measured): the slowest computed task of ``step`` (units: STEPS[step]; a job over
+    all the pilot's images counts them all)."""
     rates = []
     for r in recs:
         if r.get("skipped") or "seconds" not in r:
@@ -81,8 +82,10 @@ def rate(step: str, recs: list[dict]) -> tuple[float, int] | None:
             units = r["neurons"][1] - r["neurons"][0]
         elif "positions" in r:
             units = r["positions"][1] - r["positions"][0]
+        elif STEPS[step] == "images":
+            units = pilot_images  # one job over all the run's images
         else:
-            units = 1  # a whole-run task: scaled by the run's images below
+            units = 1
         rates.append(float(r["seconds"]) / units)
     return (max(rates), len(rates)) if rates else None
 
@@ -95,14 +98,14 @@ def size(run: Path, images: int, limit: float, margin: float) -> dict:
     pilot_n = int(plan["n_examples"])
     steps = {}
     for step, unit in STEPS.items():
-        got = rate(step, records(run, step))
+        got = rate(step, records(run, step), pilot_n)
         if got is None:
             continue
         per, tasks = got
         if unit == "images" and step in ("attack", "evaluate"):
             per_task = lambda s, per=per: per * math.ceil(images / s)  # noqa: E731
-        elif unit == "images":  # one job over all images: its pilot seconds scaled by M / pilot images
-            per_task = lambda s, per=per: per * images / pilot_n  # noqa: E731
+        elif unit == "images":  # one job over all the images
+            per_task = lambda s, per=per: per * images  # noqa: E731
         elif unit == "neurons":
             per_task = lambda s, per=per: per * math.ceil(plan["n_neurons"] / min(s, plan["n_neurons"]))  # noqa: E731
         else:

@@ -31,7 +31,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="demo")
     ap.add_argument("--arch", default=None)
-    ap.add_argument("--dataset", default=None)
+    ap.add_argument("--dataset", default=None, help="data set name or PATH.safetensors (default: the model's own)")
+    ap.add_argument("--normalize", default=None, help="igd's --normalize for a state-dict model without it")
     ap.add_argument("--mask", required=True)
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--eps", default=None)
@@ -59,12 +60,13 @@ def main() -> None:
                                   evaluate_defense)
     from igd_cli.scoring import Score, final_of_selected
 
-    target = open_target(args.model, args.arch, args.dataset, "Linf", "cpu", None)
+    target = open_target(args.model, args.arch, args.dataset, "Linf", "cpu", None, args.normalize)
     eps = parse_eps(args.eps) if args.eps else target.default_eps("the attacks")
     defense = load_defense(target, args.mask)
     ident = defense_identity(args.mask, defense)
     budgets = Budgets(steps=args.steps, restarts=args.restarts, queries=args.queries, eot_iter=args.eot_iter)
-    out: dict = {"command": "python " + " ".join(sys.argv), "model": args.model, "mask": args.mask,
+    out: dict = {"command": "python " + " ".join(sys.argv), "model": args.model, "arch": args.arch,
+                 "dataset": target.dataset, "normalize": args.normalize, "mask": args.mask,
                  "defense": defense.settings(), "layer": defense.layer, "k": defense.k, "eps": eps,
                  "budgets": budgets.kwargs(), "device": "cpu", "threads": torch.get_num_threads(),
                  "load_at_start": os.getloadavg(), "python": platform.python_version()}

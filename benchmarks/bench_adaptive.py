@@ -10,8 +10,11 @@ Two measurements, written to ``--out`` (JSON, rewritten after each part):
    made in this run when ``--workdir`` starts empty).
 
     python benchmarks/bench_adaptive.py --mask runs/demo/mask-lo-ir-block3.safetensors --n 200 \\
-        --steps 20 --eot-iter 5 --queries 1000 --restarts 1 --sweep 1,2,5,10 --sweep-n 100 \\
-        --workdir /tmp/adaptive-adv --out benchmarks/results/adaptive-demo-quick-cpu.json
+        --steps 20 --eot-iter 5 --queries 1000 --restarts 1 --sweep 1,2,5,10 --sweep-n 200 \\
+        --workdir /tmp/adaptive-adv --out benchmarks/results/adaptive-demo-200-quick-cpu.json
+
+A state-dict model takes igd's ``--arch``, ``--dataset`` (a tensor file) and ``--normalize``; docs/adaptive.md
+gives the commands for the MNIST example and the CIFAR-10 ResNet-18.
 """
 
 from __future__ import annotations

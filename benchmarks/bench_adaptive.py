@@ -10,8 +10,11 @@ Two measurements, written to ``--out`` (JSON, rewritten after each part):
    made in this run when ``--workdir`` starts empty).
 
     python benchmarks/bench_adaptive.py --mask runs/demo/mask-lo-ir-block3.safetensors --n 200 \\
-        --steps 20 --eot-iter 5 --queries 1000 --restarts 1 --sweep 1,2,5,10 --sweep-n 100 \\
-        --workdir /tmp/adaptive-adv --out benchmarks/results/adaptive-demo-quick-cpu.json
+        --steps 20 --eot-iter 5 --queries 1000 --restarts 1 --sweep 1,2,5,10 --sweep-n 200 \\
+        --workdir /tmp/adaptive-adv --out benchmarks/results/adaptive-demo-200-quick-cpu.json
+
+A state-dict model takes igd's ``--arch``, ``--dataset`` (a tensor file) and ``--normalize``; docs/adaptive.md
+gives the commands for the MNIST example and the CIFAR-10 ResNet-18.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="demo")
     ap.add_argument("--arch", default=None)
-    ap.add_argument("--dataset", default=None)
+    ap.add_argument("--dataset", default=None, help="data set name or PATH.safetensors (default: the model's own)")
+    ap.add_argument("--normalize", default=None, help="igd's --normalize for a state-dict model without it")
     ap.add_argument("--mask", required=True)
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--eps", default=None)
@@ -59,12 +63,13 @@ def main() -> None:
                                   evaluate_defense)
     from igd_cli.scoring import Score, final_of_selected
 
-    target = open_target(args.model, args.arch, args.dataset, "Linf", "cpu", None)
+    target = open_target(args.model, args.arch, args.dataset, "Linf", "cpu", None, args.normalize)
     eps = parse_eps(args.eps) if args.eps else target.default_eps("the attacks")
     defense = load_defense(target, args.mask)
     ident = defense_identity(args.mask, defense)
     budgets = Budgets(steps=args.steps, restarts=args.restarts, queries=args.queries, eot_iter=args.eot_iter)
-    out: dict = {"command": "python " + " ".join(sys.argv), "model": args.model, "mask": args.mask,
+    out: dict = {"command": "python " + " ".join(sys.argv), "model": args.model, "arch": args.arch,
+                 "dataset": target.dataset, "normalize": args.normalize, "mask": args.mask,
                  "defense": defense.settings(), "layer": defense.layer, "k": defense.k, "eps": eps,
                  "budgets": budgets.kwargs(), "device": "cpu", "threads": torch.get_num_threads(),
                  "load_at_start": os.getloadavg(), "python": platform.python_version()}

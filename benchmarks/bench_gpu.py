@@ -45,6 +45,7 @@ os.environ.setdefault("IGD_NO_PROGRESS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _data import add_data_dir, find_data_file  # noqa: E402
 from igd_cli.artifacts import save_artifact  # noqa: E402
 from igd_cli.calibrate import calibrate_k  # noqa: E402
 from igd_cli.data import load_dataset  # noqa: E402
@@ -56,8 +57,7 @@ from igd_cli.precision import autocast, check_precision, memory_format  # noqa: 
 from igd_cli.ranking.lo_ir import lo_ir, lo_ir_naive  # noqa: E402
 from igd_cli.ranking.random_ir import random_importance  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "data"
-CIFAR_TEST = SHARED / "cifar10-test-846.safetensors"
+CIFAR_TEST = "cifar10-test-846.safetensors"  # in the data folder (benchmarks/_data.py), when there
 
 #: model -> (classes, image shape (full), image shape (tiny), penultimate layer, layer3-like stage)
 MODELS: dict[str, tuple[int, tuple[int, ...], tuple[int, ...], str, str]] = {
@@ -112,13 +112,14 @@ def build_model(name: str, tiny: bool, device: torch.device) -> tuple[torch.nn.M
     return net.eval().to(device), "random (torchvision ResNet-50, 1000 classes, ImageNet normalisation)"
 
 
-def images(name: str, n: int, shape: tuple[int, ...], workdir: Path) -> tuple[Any, str, Path]:
-    """The first ``n`` CIFAR-10 test images for the CIFAR models (when ``../shared/data`` has them), else
+def images(name: str, n: int, shape: tuple[int, ...], workdir: Path,
+           data_dir: Path | None = None) -> tuple[Any, str, Path]:
+    """The first ``n`` CIFAR-10 test images for the CIFAR models (when the data folder has them), else
     random synthetic images of ``shape`` with labels ``i mod C``; what they are; their file."""
     classes = MODELS[name][0]
-    if classes == 10 and shape == (3, 32, 32) and CIFAR_TEST.exists():
-        return (load_dataset(str(CIFAR_TEST), "test", min(n, 846)), "CIFAR-10 test images (../shared/data)",
-                CIFAR_TEST)
+    cifar = find_data_file(CIFAR_TEST, data_dir)
+    if classes == 10 and shape == (3, 32, 32) and cifar is not None:
+        return load_dataset(str(cifar), "test", min(n, 846)), f"CIFAR-10 test images ({CIFAR_TEST})", cifar
     g = torch.Generator().manual_seed(0)
     path = workdir / f"{name}-synthetic-{n}-{'x'.join(map(str, shape))}.safetensors"
     save_artifact(path, "dataset", {"x": torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8),
@@ -180,7 +181,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, workd
     shape = tiny_shape if args.tiny else full_shape
     model, weights = build_model(name, args.tiny, device)
     n = args.n_images or size["n_images"]
-    data, what, _ = images(name, n, shape, workdir)
+    data, what, _ = images(name, n, shape, workdir, args.data_dir)
     batch = args.batch_size or size["batch"]
     rows: list[dict[str, Any]] = []
     n_neurons: dict[str, int] = {}
@@ -258,7 +259,7 @@ def bench_iwwc(args: argparse.Namespace, device: torch.device, workdir: Path) ->
     size = SIZES["tiny" if args.tiny else "full"]
     path = Path(pyautoattack.__file__).parent / "examples" / "model_test.pt"
     n = args.n_attack or size["n_attack"]
-    data, what, file = images("resnet18", n, (3, 32, 32), workdir)
+    data, what, file = images("resnet18", n, (3, 32, 32), workdir, args.data_dir)
     target = open_target(str(path), "resnet18", str(file), "Linf", str(device), None)
     model = target.model
     n = len(data)
@@ -335,6 +336,7 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="auto")
+    add_data_dir(ap)
     ap.add_argument("--tiny", action="store_true", help="small stand-in models, few images, tiny budgets (CPU, tests)")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--n-images", type=int, default=None, help="images per stage (default 512; tiny 8)")

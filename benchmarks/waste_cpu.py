@@ -32,6 +32,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _data import add_data_dir, data_file  # noqa: E402
 from igd_cli.calibrate import calibrate_k  # noqa: E402
 from igd_cli.common import open_target  # noqa: E402
 from igd_cli.data import load_dataset  # noqa: E402
@@ -41,7 +42,6 @@ from igd_cli.layers import layer_output_shape  # noqa: E402
 from igd_cli.ranking.lo_ir import lo_ir  # noqa: E402
 from igd_cli.scoring import Score, classify, final_rows  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 class Passes:
@@ -66,7 +66,7 @@ def weighted(model: nn.Module) -> list[nn.Module]:
     return [m for _, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)]
 
 
-def setup(name: str, n: int):
+def setup(name: str, n: int, data_dir: Path | None = None):
     if name == "demo":
         target = open_target("demo", None, None, "Linf", "cpu")
         data, layer, sigma = target.data("test", n), "block3", target.loaded.eps / 2
@@ -74,9 +74,7 @@ def setup(name: str, n: int):
         import pyautoattack
 
         path = Path(pyautoattack.__file__).parent / "examples" / "model_test.pt"
-        cifar = DATA / "cifar10-test-846.safetensors"
-        if not cifar.exists():
-            raise SystemExit(f"{cifar} is missing: the ResNet-18 row needs the real CIFAR-10 images")
+        cifar = data_file("cifar10-test-846.safetensors", data_dir)  # the ResNet-18 row needs real CIFAR-10
         target = open_target(str(path), "resnet18", str(cifar), "Linf", "cpu")
         data, layer, sigma = load_dataset(str(cifar), "test", n), "layer4", 4 / 255
     model = target.model.eval()
@@ -111,8 +109,8 @@ def per_image(count: int, n: int) -> float:
     return count / n
 
 
-def measure(name: str, n: int, draws: int, rounds: int, batch_size: int) -> dict:
-    target, data, defense, imp, layer = setup(name, n)
+def measure(name: str, n: int, draws: int, rounds: int, batch_size: int, data_dir: Path | None = None) -> dict:
+    target, data, defense, imp, layer = setup(name, n, data_dir)
     stem, head = weighted(target.model)[0], weighted(target.model)[-1]
     out: dict = {"model": name, "layer": layer, "n": n, "draws": draws, "batch_size": batch_size,
                  "sigma": defense.sigma, "n_smooth": defense.n_smooth, "fast_split": defense.split.fast}
@@ -187,9 +185,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "waste-cpu.json"))
+    add_data_dir(ap)
     args = ap.parse_args()
     torch.manual_seed(0)
-    rows = [measure(m, args.n_demo if m == "demo" else args.n_resnet, args.draws, args.rounds, args.batch_size)
+    rows = [measure(m, args.n_demo if m == "demo" else args.n_resnet, args.draws, args.rounds, args.batch_size,
+                    args.data_dir)
             for m in args.models]
     result = {"benchmark": "waste_cpu", "rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine(), "load_avg": list(os.getloadavg()),

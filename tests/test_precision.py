@@ -30,24 +30,8 @@ PREDICTION_AGREEMENT = 0.97
 
 def literal_lo_ir(model, layer_module, x, y, num_classes):
     """The literal LO-IR: per neuron, zero its channel with a hook and rerun every image (fp32)."""
-    with torch.no_grad():
-        base = model(x).gather(1, y[:, None])[:, 0]
-        n = _width(model, layer_module, x[:1])
-        imp = torch.zeros(n, num_classes, dtype=torch.float64)
-        counts = torch.bincount(y, minlength=num_classes).clamp(min=1).double()
-        for j in range(n):
-            def zero(_m, _i, out, j=j):
-                out = out.clone()
-                out[:, j] = 0
-                return out
-            h = layer_module.register_forward_hook(zero)
-            try:
-                abl = model(x).gather(1, y[:, None])[:, 0]
-            finally:
-                h.remove()
-            diff = (base - abl).abs().double()
-            imp[j] = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, y, diff) / counts
-    return imp.float()
+    n = _width(model, layer_module, x[:1])
+    return torch.stack([_literal_rows(model, layer_module, x, y, j, num_classes) for j in range(n)])
 
 
 def _width(model, layer_module, x):
@@ -173,7 +157,7 @@ def _final_linear(model) -> str:
     return names[-1]
 
 
-def _literal_rows(model, layer_module, x, y, j):
+def _literal_rows(model, layer_module, x, y, j, num_classes=10):
     """One row j of the literal LO-IR on (x, y)."""
     with torch.no_grad():
         base = model(x).gather(1, y[:, None])[:, 0]
@@ -188,8 +172,8 @@ def _literal_rows(model, layer_module, x, y, j):
         finally:
             h.remove()
     diff = (base - abl).abs().double()
-    counts = torch.bincount(y, minlength=10).clamp(min=1).double()
-    return (torch.zeros(10, dtype=torch.float64).index_add_(0, y, diff) / counts).float()
+    counts = torch.bincount(y, minlength=num_classes).clamp(min=1).double()
+    return (torch.zeros(num_classes, dtype=torch.float64).index_add_(0, y, diff) / counts).float()
 
 
 # --- identity: precision is in what it changes, and only there -------------------------------------------------

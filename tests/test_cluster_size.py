@@ -89,3 +89,58 @@ def test_bad_input_is_one_error_line(tmp_path):
     assert r.returncode == 2 and "no finished attack or evaluate task" in r.stderr
     r = _size(_pilot(tmp_path / "b"), "--images", 10, "--time", "soon")
     assert r.returncode == 2 and r.stderr.strip() == "error: --time soon: expected [D-]HH:MM:SS"
+
+
+def _documented(script: str) -> list[tuple[str, list[str]]]:
+    """Every command line of README.md and docs/ that runs ``script`` (backslash continuations joined, fenced
+    blocks only): (file:line, its arguments)."""
+    import shlex
+
+    out = []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
+        lines, fenced = page.read_text().splitlines(), False
+        for n, line in enumerate(lines, 1):
+            if line.startswith("```"):
+                fenced = not fenced
+                continue
+            if fenced and script in line and not line.lstrip().startswith("#"):
+                text, k = line, n
+                while text.endswith("\\"):
+                    text = text[:-1] + " " + lines[k].strip()
+                    k += 1
+                args = shlex.split(text, comments=True)
+                out.append((f"{page.relative_to(REPO)}:{n}", args[args.index(next(a for a in args if script in a)) + 1:]))
+    return out
+
+
+def test_the_documented_size_and_submit_lines_parse():
+    """The cluster lines README and docs/ show: size.py's with its own parser, submit.sh's driver options against
+    the options its source accepts and the igd pipeline options after ``--`` with igd pipeline's parser."""
+    import importlib.util
+    import re
+
+    import typer
+
+    from igd_cli.cli import app
+    from igd_cli.commands import register_all
+
+    spec = importlib.util.spec_from_file_location("size", SIZE)
+    size = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(size)
+    sized = _documented("cluster/slurm/size.py")
+    assert sized, "no size.py line found in README.md or docs/"
+    for where, args in sized:
+        size.parser().parse_args(args)  # exits (SystemExit) on an unknown or missing option
+    register_all()
+    pipeline = typer.main.get_command(app).commands["pipeline"]
+    driver = set(re.findall(r"(--[a-z-]+)[|)]", (REPO / "cluster" / "slurm" / "submit.sh").read_text()))
+    submitted = _documented("cluster/slurm/submit.sh")
+    assert submitted, "no submit.sh line found in README.md or docs/"
+    for where, args in submitted:
+        cut = args.index("--")
+        opts, i = [], 1  # args[0] is RUN_DIR; every driver option but --wait takes a value
+        while i < cut:
+            opts.append(args[i])
+            i += 1 if args[i] == "--wait" else 2
+        assert set(opts) <= driver, (where, set(opts) - driver)
+        pipeline.make_context("igd pipeline", args[cut + 1:])  # raises on an unknown option

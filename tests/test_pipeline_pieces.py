@@ -21,6 +21,15 @@ FIGURES = ("n_examples", "clean_accuracy", "clean_accuracy_std", "base_clean_acc
            "eps", "mode", "k", "n_neurons", "layer", "calibration", "probe")
 
 
+def _forbid_attacks(monkeypatch) -> None:
+    """From here on any attack fails the test: a merging run must reuse the pieces' sets and reports."""
+    def boom(*a, **k):
+        raise AssertionError("the merging run attacked: the pieces should have been merged")
+
+    monkeypatch.setattr(evaluate, "run_attack", boom)
+    monkeypatch.setattr(attacks_base, "run_attack", boom)
+
+
 def test_pieces_then_a_plain_run_equal_one_plain_run(tmp_path, cli, monkeypatch):
     plain = cli("pipeline", *OPTS, "--out", tmp_path / "plain")
     assert plain.code == 0, plain.err
@@ -34,11 +43,7 @@ def test_pieces_then_a_plain_run_equal_one_plain_run(tmp_path, cli, monkeypatch)
         assert r.json()["piece"] == p.replace(":", "-").replace("/", "-of-")
     assert sorted(q.name for q in (run / "adv").iterdir()) == ["shard-0-of-3", "shard-1-of-3", "shard-2-of-3"]
 
-    def boom(*a, **k):
-        raise AssertionError("the merging run attacked: the pieces should have been merged")
-
-    monkeypatch.setattr(evaluate, "run_attack", boom)
-    monkeypatch.setattr(attacks_base, "run_attack", boom)
+    _forbid_attacks(monkeypatch)
     merged = cli("pipeline", *OPTS, "--out", run)
     assert merged.code == 0, merged.err
     got = merged.json()
@@ -101,11 +106,7 @@ def test_several_layers_pieces_equal_one_plain_run(tmp_path, cli, monkeypatch):
         r = cli("pipeline", *opts, "--out", run, "--piece", p)
         assert r.code == 0, (p, r.err)
 
-    def boom(*a, **k):
-        raise AssertionError("the merging run attacked: the pieces should have been merged")
-
-    monkeypatch.setattr(evaluate, "run_attack", boom)
-    monkeypatch.setattr(attacks_base, "run_attack", boom)
+    _forbid_attacks(monkeypatch)
     got = cli("pipeline", *opts, "--out", run)
     assert got.code == 0, got.err
     got = got.json()

@@ -44,7 +44,10 @@ class Counted:
     def _count(self, _m, args):
         self.images += args[0].shape[0]
 
-    def close(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
         self.handle.remove()
 
 
@@ -71,12 +74,9 @@ def test_clean_only_evaluation_makes_r_draws_with_the_old_figures(target, data):
     d = make_defense(target)
     x, y = data.all().x, data.all().y
     ref = old_protocol_bits(d, x, y, 2 * R, SEED, BS)[:R]
-    counter = Counted(d)
-    try:
+    with Counted(d) as counter:
         res = evaluate_defense(target, d, data, attack="none", workdir=None, seed=SEED, batch_size=BS, draws=R,
                                show_progress=False)
-    finally:
-        counter.close()
     assert counter.images == R * N  # was 2R·N
     got = res.to_json()
     want = figures(ref)
@@ -147,11 +147,8 @@ def test_classify_parts_are_the_rows_of_all(target, data, skips):
     assert torch.equal(full, old_protocol_bits(d, x, y, 2 * R, SEED, BS))
     assert torch.equal(classify(model, x, y, 2 * R, seed=SEED, batch_size=BS, part="final"), full[:R])
     assert torch.equal(classify(model, x, y, 2 * R, seed=SEED, batch_size=BS, part="selection"), full[R:])
-    counter = Counted(d)
-    try:
+    with Counted(d) as counter:
         classify(model, x, y, 2 * R, seed=SEED, batch_size=BS, part="final")
-    finally:
-        counter.close()
     assert counter.images == (R if skips else 2 * R) * len(x)
 
 
@@ -161,24 +158,18 @@ def test_the_clean_bits_are_made_once(target, data):
     for rs, want in ((False, 1), (True, 2 * R)):
         d = make_defense(target, rs=rs)
         ev = Evaluator(target, d, data, seed=SEED, batch_size=BS, workdir=None, show_progress=False, draws=R)
-        counter = Counted(d)
-        try:
+        with Counted(d) as counter:
             ev.clean_final("defended")
             ev.clean("defended")
             ev.clean_final("defended")
-        finally:
-            counter.close()
         assert counter.images == want * N
 
 
 def test_a_deterministic_model_is_classified_once(target, data):
     d = make_defense(target, rs=False)
-    counter = Counted(d)
-    try:
+    with Counted(d) as counter:
         res = evaluate_defense(target, d, data, attack="none", workdir=None, seed=SEED, batch_size=BS, draws=R,
                                show_progress=False)
-    finally:
-        counter.close()
     assert counter.images == N and res.to_json()["draws"] == 1
 
 
@@ -194,12 +185,9 @@ def test_fallback_features_with_base_run_one_clean_forward(target, data):
     d.split.fast, d._checked = False, True
     stem = next(m for m in target.model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor))
     x = data.get(0, 16).x
-    counter = Counted(stem)
-    try:
+    with Counted(stem) as counter:
         with torch.no_grad():
             feats = d.features(x, with_base=True)
-    finally:
-        counter.close()
     assert counter.images == 2 * len(x)  # the noisy copy and the clean image, once each
     with torch.no_grad():
         assert torch.equal(feats.base_logits, target.model(x))

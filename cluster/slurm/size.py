@@ -130,14 +130,19 @@ def size(run: Path, images: int, limit: float, margin: float) -> dict:
                       f"<the pilot's igd pipeline options, with --n-examples {images}>"}
 
 
-def main(argv: list[str]) -> None:
+def parser() -> argparse.ArgumentParser:
+    """size.py's options (also what tests check the documented command lines against)."""
     ap = argparse.ArgumentParser(prog="size.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path, help="a finished pilot run folder of submit.sh")
     ap.add_argument("--images", type=int, required=True, help="images of the full run (its --n-examples)")
     ap.add_argument("--time", default="04:00:00", help="the longest wall time a task may take (a partition's limit)")
     ap.add_argument("--margin", type=float, default=2.0, help="safety factor on every predicted time")
     ap.add_argument("--json", action="store_true")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str]) -> None:
+    a = parser().parse_args(argv)
     if a.images < 1 or a.margin < 1:
         fail("--images must be ≥ 1 and --margin ≥ 1")
     out = size(a.run, a.images, parse_time(a.time), a.margin)

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .console import err_console
+from .devices import module_device
 from .errors import IgdError
 from .precision import autocast, memory_format
 
@@ -155,16 +156,10 @@ def _activation_elems(req: Any) -> int:
     """Elements of one image's output of the ranked layer."""
     from .layers import capture
 
-    x = req.data.get(0, 1).x.to(_device(req.model))
+    x = req.data.get(0, 1).x.to(module_device(req.model))
     with torch.no_grad(), capture(req.model, req.layer) as box:
         req.model(x)
     return int(box["out"][0].numel())
-
-
-def _device(model: nn.Module) -> torch.device:
-    from .devices import module_device
-
-    return module_device(model)
 
 
 def defended_trial(model: nn.Module, data: Any, *, grad: bool, precision: str = "fp32") -> Callable[[int], Any]:
@@ -172,7 +167,7 @@ def defended_trial(model: nn.Module, data: Any, *, grad: bool, precision: str = 
     scoring, calibration), or with ``grad`` a forward and a backward to the input in fp32 (one attack step)."""
     def run(b: int) -> None:
         batch = data.get(0, min(int(b), len(data)))
-        device = _device(model)
+        device = module_device(model)
         x, y = batch.x.to(device), batch.y.to(device)
         if grad:
             x.requires_grad_(True)
@@ -192,7 +187,7 @@ def calibration_trial(defense: Any, data: Any, precision: str = "fp32") -> Calla
     masked tail, under ``precision``."""
     def run(b: int) -> None:
         batch = data.get(0, min(int(b), len(data)))
-        device = _device(defense.model)
+        device = module_device(defense.model)
         with torch.no_grad(), autocast(precision, device):
             feats = defense.features(memory_format(batch.x.to(device), precision), with_base=True)
             defense.masked_tail(feats)

@@ -44,6 +44,7 @@ import torch
 os.environ.setdefault("IGD_NO_PROGRESS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # _data, also when imported as a module (tests)
 
 from _data import add_data_dir, find_data_file  # noqa: E402
 from igd_cli.artifacts import save_artifact  # noqa: E402

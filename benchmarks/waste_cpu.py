@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _data, also when imported as a module
 
 from _data import add_data_dir, data_file  # noqa: E402
 from igd_cli.calibrate import calibrate_k  # noqa: E402

@@ -3,14 +3,15 @@ within ``tolerance`` percentage points of the base model's, on cached k-independ
 
 The smoothing pass (``ŷ``) and the clean layer output ``A(x)`` do not depend on k, so they are computed once per
 batch and each candidate k only runs the tail ``h(A(x) ⊙ m_k ŷ)``. Features are cached on the model's device up to
-``max_cache_bytes``; batches beyond that are recomputed for every candidate from the saved noise state, so the
-result is identical either way, only slower.
+``max_cache_bytes``; batches beyond that are recomputed for every candidate (each image's noise is keyed by the
+image and the query's ordinal, :mod:`igd_cli.noise`, so a recomputed batch draws the same noise), so the result
+is identical either way, only slower.
 
-Noise: calibration draws on a stream of its own, seed ``s XOR CALIBRATION_STREAM`` for a defence seeded ``s`` (each
-image's first draw after restarting there). ``defend-eval`` with seed ``s`` scores draws 0..2R-1 of stream ``s``
-and attacks query stream ``s XOR ATTACK_STREAM``, so k is never chosen on a draw the evaluation reports (choosing it
-on the evaluation's draw 0 would select for that draw's luck). The figures stay reproducible: ``defend-eval
---protocol single-draw --seed (s XOR CALIBRATION_STREAM)`` gives calibrate-k's clean accuracy exactly.
+Noise: calibration draws each image's first query on the scoring stream of seed ``s XOR CALIBRATION_STREAM`` for a
+defence seeded ``s``. ``defend-eval`` with seed ``s`` scores on the scoring stream of ``s`` and attacks query
+streams of their own, so k is never chosen on a draw the evaluation reports (choosing it on the evaluation's draw 0
+would select for that draw's luck). The figures stay reproducible: ``defend-eval --protocol single-draw --seed
+(s XOR CALIBRATION_STREAM)`` gives calibrate-k's clean accuracy exactly.
 
 Several layers (one importance matrix each): by default every layer keeps the same fraction of its neurons,
 ``k_l = ⌈k · N_l / N⌉`` with ``N`` the widest searched layer, and the binary search runs over that shared ``k``;
@@ -27,6 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from . import noise
 from .artifacts import Artifact, load_artifact
 from .console import progress
 from .data import ImageSet
@@ -38,13 +40,13 @@ from .common import DEFAULT_N_EXAMPLES  # noqa: F401  (importable from here as b
 from .precision import autocast, memory_format, precision_meta
 
 DEFAULT_CACHE_BYTES = 2 << 30
-#: calibrate-k's noise stream is ``seed XOR`` this: independent of the evaluation's draws (stream ``seed``) and of
-#: the attacks' (``seed XOR igd_cli.attacks.base.ATTACK_STREAM``), so k is not picked on a draw that is then reported
+#: calibrate-k scores on the scoring stream of ``seed XOR`` this: independent of the evaluation's draws (the scoring
+#: stream of ``seed``) and of the attacks' (streams of their own), so k is not picked on a draw that is then reported
 CALIBRATION_STREAM = 0x6C8E9CF5
 
 
 def calibration_stream(seed: int) -> int:
-    """The noise seed calibrate-k uses for a defence whose evaluations use ``seed``.
+    """The seed whose scoring stream calibrate-k draws on for a defence whose evaluations use ``seed``.
 
     >>> calibration_stream(0) == CALIBRATION_STREAM
     True
@@ -144,40 +146,42 @@ class Calibration:
 
 
 class _FeatureStore:
-    """k-independent features per batch: cached, or recomputable from the saved noise state."""
+    """k-independent features per batch: cached, or recomputed (the same noise: it is keyed by the images)."""
 
     def __init__(self, defense: IGDefense, data: ImageSet, batch_size: int, max_cache_bytes: int, noise_seed: int,
                  precision: str = "fp32"):
+        from .scoring import score_stream
+
         self.defense, self.data, self.batch_size, self.precision = defense, data, batch_size, precision
         self.device = module_device(defense.model)
-        self.entries: list[tuple[int, int, torch.Tensor, Features | None, torch.Tensor | None]] = []
+        self.stream = score_stream(noise_seed)
+        self.entries: list[tuple[int, int, torch.Tensor, torch.Tensor, Features | None]] = []
         base_correct = torch.zeros((), dtype=torch.int64, device=self.device)  # summed on the device
         self.cached_bytes = 0
         self.recomputed = 0
-        defense.reseed(noise_seed)
         with progress() as bar:
             task = bar.add_task("features (pass 1)", total=len(data))
             for batch in data.batches(batch_size):
                 start, stop = int(batch.index[0]), int(batch.index[-1]) + 1
                 x, y = memory_format(batch.x.to(self.device), precision), batch.y.to(self.device)
-                state = defense.noise_state(x) if defense.rs else None
-                feats = defense.features(x, with_base=True)
+                keys = noise.image_keys(batch.index, x)
+                with noise.images(keys, self.stream):
+                    feats = defense.features(x, with_base=True)
                 base_correct += (feats.base_logits.argmax(1) == y).sum()
                 feats.base_logits = None
                 keep = self.cached_bytes + feats.nbytes() <= max_cache_bytes
                 if keep:
                     self.cached_bytes += feats.nbytes()
-                self.entries.append((start, stop, y, feats if keep else None, state))
+                self.entries.append((start, stop, y, keys, feats if keep else None))
                 bar.advance(task, len(y))
         self.base_correct = int(base_correct)  # one transfer after the pass
 
     def __iter__(self):
-        for start, stop, y, feats, state in self.entries:
+        for start, stop, y, keys, feats in self.entries:
             if feats is None:
-                if state is not None:
-                    self.defense.set_noise_state(state)
-                feats = self.defense.features(memory_format(self.data.get(start, stop).x.to(self.device),
-                                                            self.precision))
+                with noise.images(keys, self.stream):
+                    feats = self.defense.features(memory_format(self.data.get(start, stop).x.to(self.device),
+                                                                self.precision))
                 self.recomputed += 1
             yield y, feats
 
@@ -197,8 +201,8 @@ def calibrate_k(defense: IGDefense, importance: torch.Tensor | Sequence[torch.Te
     and the search runs over the shared fraction (:class:`KSchedule`); with fixed layers the upper end need not
     pass, and then the result is the upper end (check ``passes``).
 
-    The smoothing noise is each image's first draw on stream ``calibration_stream(s)``, ``s`` the defence's seed
-    (none of the draws an evaluation with seed ``s`` reports); the defence's noise stream is left as it was.
+    The smoothing noise is each image's first draw on the scoring stream of ``calibration_stream(s)``, ``s`` the
+    defence's seed (none of the draws an evaluation with seed ``s`` reports).
     ``precision``: every forward under autocast (:mod:`igd_cli.precision`).
     """
     if tolerance < 0:
@@ -223,14 +227,10 @@ def calibrate_k(defense: IGDefense, importance: torch.Tensor | Sequence[torch.Te
     n_neurons = schedule.n
     device = module_device(defense.model)
     ranks = [importance_ranks(imp).to(device) for imp in imps]
-    saved = defense.noise_state()  # (seed, rows seen): restored at the end, so the caller's stream is untouched
-    noise_seed = calibration_stream(saved[0])
-    try:
-        with autocast(precision, device):
-            store = _FeatureStore(defense, data, batch_size, max_cache_bytes, noise_seed, precision)
-            result_k, correct, order = _search(defense, ranks, schedule, fixed, store, len(data), tolerance)
-    finally:
-        defense.set_noise_state(saved)
+    noise_seed = calibration_stream(defense.seed)
+    with autocast(precision, device):
+        store = _FeatureStore(defense, data, batch_size, max_cache_bytes, noise_seed, precision)
+        result_k, correct, order = _search(defense, ranks, schedule, fixed, store, len(data), tolerance)
     info = {"cached_bytes": store.cached_bytes, "recomputed_batches": store.recomputed,
             "batches": len(store.entries), "fast_tail": defense.split.fast, "noise_seed": noise_seed}
     return Calibration(result_k, n_neurons, len(data), float(tolerance), store.base_correct, correct, order,

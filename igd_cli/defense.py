@@ -6,16 +6,15 @@ prediction is ``h(A(x) ⊙ s)``. Nothing is detached: gradients flow through bot
 The network is split at the masked layer with :class:`igd_cli.layers.LayerSplit` (fx graph split; hook fallback
 when the model does not trace), so any model with a named layer works: RobustBench, torchvision, files, demo.
 
-Noise (:mod:`igd_cli.noise`): the ``n_s`` draws of a row are a pure function of ``(seed, the row's bytes, k)``,
-``k`` = the row's earlier occurrences since ``reseed``. An image's first evaluation after ``reseed`` therefore
-gets the same noise in any batch, shard or order (so ``defend-eval`` and IW-WC with and without skipping agree
-image by image, and ``calibrate-k`` on its own stream is reproducible), and repeated queries of one point (EoT)
-get fresh noise.
+Noise (:mod:`igd_cli.noise`): the ``n_s`` draws of a query are a pure function of (stream, the image's identity,
+the ordinal of the query for that image), declared by whoever queries (scoring, attacks, calibrate-k). An image's
+r-th query therefore gets the same noise in any batch, shard or order, on any device, whatever the last bits of
+the queried point (so ``defend-eval`` and IW-WC with and without skipping agree image by image), and repeated
+queries of one point (EoT) get fresh noise.
 """
 
 from __future__ import annotations
 
-import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from .artifacts import Artifact, file_sha256, load_artifact, save_artifact
 from .devices import module_device, module_dtype
 from .errors import IgdError
 from .layers import LayerSplit, capture, fit_weights, resolve_layer, scale_output, scaled_layers
-from .noise import ContentNoise
+from .noise import FreshNoise
 
 if TYPE_CHECKING:  # pragma: no cover
     from .common import Target
@@ -146,7 +145,7 @@ class IGDefense(nn.Module):
             self.register_buffer(_buffer(i), m.detach().to(device=device, dtype=dtype), persistent=False)
         self.split = LayerSplit(model, self.layers)
         self._checked = False
-        self._noise = ContentNoise(seed)
+        self._noise = FreshNoise(seed)
         #: BPDA through the pseudo-label (None: off, the defence as deployed); see :meth:`bpda`
         self.bpda_temperature: float | None = None
 
@@ -196,39 +195,33 @@ class IGDefense(nn.Module):
             self.bpda_temperature = before
 
     def pseudo_label(self, logits: torch.Tensor) -> torch.Tensor:
-        """``ŷ = softmax(logits / τ)`` (B, C); under :meth:`bpda` with the relaxed backward."""
+        """``ŷ = softmax(logits / τ)`` (B, C); under :meth:`bpda` with the relaxed backward. Computed in float32
+        at least and returned in the logits' dtype: in fp16, ``logits / τ`` overflows once a logit exceeds
+        65504·τ (655 at τ = 0.01)."""
+        z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
         if self.bpda_temperature is None:
-            return F.softmax(logits / self.tau, dim=1)
-        return _BPDASoftmax.apply(logits, self.tau, self.bpda_temperature)
+            return F.softmax(z / self.tau, dim=1).to(logits.dtype)
+        return _BPDASoftmax.apply(z, self.tau, self.bpda_temperature).to(logits.dtype)
+
+    @property
+    def seed(self) -> int:
+        """The seed given at construction (or by :meth:`reseed`): what calibrate-k derives its noise stream from."""
+        return self._noise.seed
 
     def reseed(self, seed: int | None = None) -> None:
-        """Restart the smoothing-noise stream (from ``seed``, or the seed given at construction): every row
-        counts as unseen again."""
+        """Restart the fallback noise stream (from ``seed``, or the seed given at construction): what a query
+        outside an :func:`igd_cli.noise.images` block draws (the model used as a plain module)."""
         self._noise.restart(seed)
 
-    def noise_state(self, x: torch.Tensor | None = None) -> tuple:
-        """The stream's state before the next draw, to replay the noise exactly (of the batch ``x`` only, if
-        given: much smaller)."""
-        return self._noise.state(x)
-
-    def set_noise_state(self, state: tuple) -> None:
-        self._noise.set_state(state)
-
     def skip_noise(self, x: torch.Tensor, queries: int) -> None:
-        """Advance the noise stream as ``queries`` forwards of the batch ``x`` would (each forward draws once per
-        row), without running them: what :func:`igd_cli.scoring.classify` uses to leave out draws it does not need
-        while every later draw stays the one the full sequence of queries gives."""
+        """Advance the rows of ``x`` as ``queries`` forwards would (each forward is one query per row), without
+        running them: what :func:`igd_cli.scoring.classify` uses to leave out draws it does not need while every
+        later draw stays the one the full sequence of queries gives."""
         if self.rs:
             self._noise.skip(x, queries)
 
-    def query_owners(self, owners: torch.Tensor):
-        """Context: the rows of the queries inside are made for the attacked images ``owners`` (their positions);
-        their noise is then keyed by (owner, content), see :meth:`igd_cli.noise.ContentNoise.owned`."""
-        owned = getattr(self._noise, "owned", None)
-        return owned(owners) if owned is not None else contextlib.nullcontext()
-
     def sample_noise(self, x: torch.Tensor) -> torch.Tensor:
-        """``v`` of shape (n_s, *x.shape), ``N(0, σ²)``, per row a function of (seed, its bytes, occurrence)."""
+        """``v`` of shape (n_s, *x.shape), ``N(0, σ²)``: one query of the rows of ``x`` (:mod:`igd_cli.noise`)."""
         return self._noise.sample(x, self.n_smooth).mul_(self.sigma)
 
     def _apply(self, fn, *args, **kwargs):  # .to()/.cuda(): the fx graphs hold their own buffer references

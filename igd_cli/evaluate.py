@@ -13,9 +13,10 @@ attack draws its randomness per image (:mod:`igd_cli.attacks`), so an image's po
 other images are attacked with it.
 
 Every attack's set is written to ``workdir`` as an ``adversarial`` artifact as soon as it is done and reused
-when its metadata match, so an interrupted run resumes from the attacks it finished. Scoring reseeds the
-defence's noise per candidate, so reruns agree; attacks query it on a separate noise stream
-(:data:`igd_cli.attacks.base.ATTACK_STREAM`), so the evaluation of a point never replays the attack's draw.
+when its metadata match, so an interrupted run resumes from the attacks it finished. Every draw of the defence's
+noise is keyed by the image, the stream and the query's ordinal (:mod:`igd_cli.noise`), so reruns agree; attacks
+query it on streams of their own (:func:`igd_cli.attacks.base.attack_stream`), so the evaluation of a point
+never replays the attack's draw.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .attacks.adaptive import DEFAULT_BPDA_TEMPERATURE, is_defense
 from .attacks.base import AttackResult, gather
 from .common import Target, check_classes
 from .data import ImageSet
+from . import noise
 from .errors import IgdError
 from .precision import precision_meta
 from .eval_result import (BEYOND_NOTE, BEYOND_PAPER, DIRECT, DIRECT_RUN_ORDER, LABELS, TRANSFER,  # noqa: F401
@@ -93,6 +95,8 @@ class Evaluator:
             if len(torch.unique(self.positions)) != len(self.positions):
                 raise IgdError("image positions must be distinct")
         self.x, self.y = gather(data, self.positions)
+        #: the images' identities, which key every noise draw their candidates are scored with
+        self.keys = noise.image_keys(self.positions, self.x)
         #: absolute position -> row of the columns (-1: not evaluated)
         self.row_of = torch.full((len(data),), -1, dtype=torch.int64)
         self.row_of[self.positions] = torch.arange(len(self.positions))
@@ -209,7 +213,7 @@ class Evaluator:
         precision = precision or self.precision
         key = kind if precision == self.precision else f"{kind}:{precision}"
         if key not in self._clean_bits:
-            kw = dict(seed=self.seed, batch_size=self.batch_size, precision=precision)
+            kw = dict(seed=self.seed, keys=self.keys, batch_size=self.batch_size, precision=precision)
             if key in self._clean_final and self.rows[kind] == 1:  # one row both selects and scores
                 self._clean_bits[key] = self._clean_final[key]
             elif key in self._clean_final:
@@ -229,8 +233,8 @@ class Evaluator:
             return final_rows(self._clean_bits[kind])
         if kind not in self._clean_final:
             self._clean_final[kind] = classify(self._model(kind), self.x, self.y, self.rows[kind], seed=self.seed,
-                                               part="final", batch_size=self.batch_size, precision=self.precision,
-                                               description=self._label(kind, "clean"))
+                                               keys=self.keys, part="final", batch_size=self.batch_size,
+                                               precision=self.precision, description=self._label(kind, "clean"))
         return self._clean_final[kind]
 
     def _label(self, kind: str, what: str) -> str | None:
@@ -243,11 +247,13 @@ class Evaluator:
     def column(self, res: AttackResult, kind: str) -> torch.Tensor:
         """The set's bits (D, n) over the evaluated positions on the ``kind`` model; an image outside the set
         counts as wrong in every draw (so a column measured on survivors is a lower bound)."""
-        bits = classify(self._model(kind), res.x_adv, res.y, self.rows[kind], seed=self.seed,
-                        batch_size=self.batch_size, description=self._label(kind, str(res.info.get("attack", "set"))))
-        out = torch.zeros(self.rows[kind], len(self.positions), dtype=torch.bool)
         rows = self.row_of[res.index]
-        out[:, rows[rows >= 0]] = bits[:, rows >= 0]
+        held = rows >= 0
+        bits = classify(self._model(kind), res.x_adv[held], res.y[held], self.rows[kind], seed=self.seed,
+                        keys=self.keys[rows[held]], batch_size=self.batch_size,
+                        description=self._label(kind, str(res.info.get("attack", "set"))))
+        out = torch.zeros(self.rows[kind], len(self.positions), dtype=torch.bool)
+        out[:, rows[held]] = bits
         return out
 
 

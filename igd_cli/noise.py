@@ -1,35 +1,63 @@
-"""Per-image smoothing noise: a counter-based Gaussian generator keyed by the image's content.
+"""Smoothing noise keyed by what an image is and what is asked of it, never by the bytes of a queried point.
 
-IG-Defense's first pass draws ``v ~ N(0, σ²I)``. With one ``torch.Generator`` for the whole batch, the noise an
-image gets depends on where it sits in the batch and on how many draws came before, so evaluating an image in
-another batch (another batch size, a shard, the survivors of IW-WC skipping) gives it other noise and possibly
-another prediction. Here the noise of a row is a pure function of ``(seed, the row's bytes, k)``, where ``k``
-counts the earlier rows with the same bytes since the stream was restarted: the first evaluation of an image
-always gets the same noise, and repeated queries of one point (EoT samples, one after another or tiled in one
-batch) get fresh noise, as an attacker of a randomized defence expects. Like Philox (JAX's ``random.fold_in``),
-the generator is a hash of a key and a counter, computed with vectorized integer ops on the input's device.
+IG-Defense's first pass draws ``v ~ N(0, σ²I)`` at every query. Every draw here is a pure function of
 
-Why not torch's generators: they cannot be seeded per row in one call; one generator per row costs a kernel
-launch per image and forward on a GPU. The integer ops keep every product below 2**63 (32-bit values times
-31-bit constants), so no signed overflow is involved.
+    (stream, the image's identity, the ordinal of the query for that image, the draw's number within the query)
+
+- the *image's identity* (:func:`image_keys`) is its position in the split mixed with a digest of its clean
+  content: fixed before any arithmetic runs, so a point an attack computes a last bit differently (another batch
+  size, TF32, another kernel) moves by that last bit and keeps its noise; two byte-identical images of a data set
+  have different positions and get their own draws;
+- the *stream* names who asks (:func:`stream`: the evaluation's scoring, an attack by name, calibrate-k, ...)
+  and the run's seed, so an attack's lucky draw is never replayed when its point is scored;
+- the *ordinal* counts the image's earlier queries inside the current :func:`images` block: the r-th
+  classification of an image in scoring, the t-th query an attack makes for it. An image's sequence of queries
+  does not depend on the other images of its batch (igd's attacks draw their randomness per image), so neither
+  do its draws.
+
+Whoever queries a randomized model declares which images the rows of each query belong to: :func:`images`
+opens a block for a batch of images (``Attack.__call__``, :func:`igd_cli.scoring.classify`, calibrate-k and the
+audit do), and :func:`rows` narrows it when an attack queries a subset (the images it still attacks). A query
+whose row count does not match the declared rows is an error, so an undeclared subset cannot pass silently.
+
+Outside any block (the defended model used as a plain ``nn.Module``) a defence falls back to a per-model stream:
+draw ``i`` of row ``r`` of the model's ``t``-th call since ``reseed(seed)`` — fresh at every call and repeatable
+for the same sequence of calls, but dependent on how the calls are batched. :data:`STRICT` turns that fallback
+into an error (the test suite sets it, so every igd code path must declare its images).
+
+The generator is counter-based (a hash of key and counter, like Philox or JAX's ``random.fold_in``) in vectorized
+int64 arithmetic on the input's device: torch's generators cannot be keyed per row in one call, and one
+generator per row costs a kernel launch per image and query on a GPU. No draw moves anything to the host, and no
+record grows with the number of queries (the ordinals are one int64 per image of the block).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
+import os
+from contextvars import ContextVar
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator
 
 import torch
 
 M32 = 0xFFFFFFFF
-_MUL = 0x45D9F3B  # a well-tested 32-bit avalanche multiplier (< 2**31)
+_MUL = 0x45D9F3B  # a well-tested 32-bit avalanche multiplier (< 2**31): products of 32-bit values stay < 2**63
 _CHUNK = 1 << 24  # elements per int64 temporary when hashing large inputs
-#: rows the stream remembers before it forgets them all (a long-lived defence serving distinct images must not
-#: grow without bound; an attack batch — RayS: 10,000 queries x 256 images — stays well below)
-MAX_SEEN = 1 << 22
 
+#: a randomized model queried outside an :func:`images` block raises instead of using its fallback stream
+#: (``IGD_NOISE_STRICT=1``; the test suite sets it so that every igd code path declares its images)
+STRICT = os.environ.get("IGD_NOISE_STRICT", "") not in ("", "0")
+
+
+class UndeclaredQuery(RuntimeError):
+    """A randomized model was queried in a way the noise cannot attribute to images (see the module doc)."""
+
+
+# --- integer hashing --------------------------------------------------------------------------------------
 
 def mix32(h: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer avalanche hash, elementwise on int64 tensors holding values in [0, 2**32)."""
@@ -42,8 +70,20 @@ def mix32(h: torch.Tensor) -> torch.Tensor:
 
 @lru_cache(maxsize=4096)
 def mix_int(v: int) -> int:
-    """:func:`mix32` of one Python int (the low 32 bits of ``v``); cached: every query hashes its seed with it."""
-    return int(mix32(torch.tensor([v & M32], dtype=torch.int64))[0])
+    """:func:`mix32` of one Python int (its low 32 bits), computed in Python: no tensor, no device."""
+    h = v & M32
+    h ^= h >> 16
+    h = (h * _MUL) & M32
+    h ^= h >> 16
+    h = (h * _MUL) & M32
+    return h ^ (h >> 16)
+
+
+def mix63(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """A 63-bit key (int64 >= 0) from two tensors of 32-bit values."""
+    a = mix32(hi ^ mix32(lo ^ 0x3243F6A8))
+    b = mix32(lo ^ mix32(a ^ 0x13198A2E))
+    return ((a & 0x7FFFFFFF) << 32) | b
 
 
 @lru_cache(maxsize=16)
@@ -54,10 +94,10 @@ def _table(n: int, salt: int, device: torch.device) -> torch.Tensor:
 
 
 def content_hash(x: torch.Tensor) -> torch.Tensor:
-    """A 63-bit hash of every row's bytes (as float32), shape (B,) int64; equal rows give equal hashes.
+    """A 63-bit digest of every row's values (as float32 bytes), shape (B,) int64; equal rows give equal digests.
 
-    Integer sums are exact and independent of reduction order, so the hash does not depend on the device's
-    kernels or on the other rows of the batch.
+    Integer sums are exact and independent of reduction order, so the digest does not depend on the device's
+    kernels or on the other rows of the batch. Used once per image, on its clean content (:func:`image_keys`).
     """
     b = x.shape[0]
     flat = x.detach().to(torch.float32).reshape(b, -1).contiguous()
@@ -76,19 +116,41 @@ def content_hash(x: torch.Tensor) -> torch.Tensor:
     return ((h1 & 0x7FFFFFFF) << 32) | h2
 
 
-def row_keys(hashes: torch.Tensor, counts: torch.Tensor, seed: int, draws: int) -> torch.Tensor:
-    """32-bit keys of shape (draws, B): one per noise draw ``i`` of every row, from its hash and count."""
-    s = mix_int(seed) ^ mix_int((seed >> 32) + 0x165667B1)
-    i = torch.arange(draws, dtype=torch.int64, device=hashes.device)[:, None]
-    c = (counts.to(hashes.device)[None, :] * draws + i) & M32
-    k = mix32(c ^ s)
-    k = mix32(k ^ (hashes >> 32)[None, :])
-    return mix32(k ^ (hashes & M32)[None, :])
+def image_keys(positions: torch.Tensor | None, x_clean: torch.Tensor) -> torch.Tensor:
+    """The identity of each image (B,) int64 on ``x_clean``'s device: its position in the split (default 0..B-1)
+    mixed with the digest of its clean content. Two images of one data set never share a key (positions
+    differ); the same position of another data set gets another key (content differs)."""
+    content = content_hash(x_clean)
+    if positions is None:
+        positions = torch.arange(len(x_clean))
+    p = torch.as_tensor(positions).to(device=content.device, dtype=torch.int64).flatten()
+    if len(p) != len(content):
+        raise ValueError(f"{len(p)} positions for {len(content)} images")
+    return mix63(content >> 32, content & M32) ^ mix63(p >> 32, (p & M32) ^ 0x6A09E667)
+
+
+def stream(seed: int, name: str) -> int:
+    """The 64-bit stream of ``name`` ("score", "attack:apgd-eot", "calibrate", ...) under the run's ``seed``: a
+    hash of both, the same in every process (unlike Python's ``hash`` of a string)."""
+    digest = hashlib.blake2b(f"{int(seed)}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+# --- draws ------------------------------------------------------------------------------------------------
+
+def draw_keys(stream_id: int, keys: torch.Tensor, ordinals: torch.Tensor, draws: int) -> torch.Tensor:
+    """32-bit keys (draws, R): draw ``i`` of the query with ordinal ``ordinals[r]`` of image ``keys[r]``."""
+    s_lo, s_hi = mix_int(stream_id), mix_int((stream_id >> 32) ^ 0x165667B1)
+    i = torch.arange(draws, dtype=torch.int64, device=keys.device)[:, None]
+    c = (ordinals.to(keys.device)[None, :] * draws + i) & M32
+    k = mix32(c ^ s_lo)
+    k = mix32(k ^ (keys >> 32)[None, :] ^ s_hi)
+    return mix32(k ^ (keys & M32)[None, :])
 
 
 def gaussian(keys: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Standard normal samples of shape (*keys.shape, *shape), a pure function of each key (Box–Muller on two
-    hashed uniforms per pair of outputs)."""
+    hashed uniforms per pair of outputs), computed in float32 and cast to ``dtype``."""
     d = int(math.prod(shape))
     half = (d + 1) // 2
     k = keys.reshape(-1, 1)
@@ -102,12 +164,95 @@ def gaussian(keys: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype = to
     return z.to(dtype).reshape(*keys.shape, *shape)
 
 
-class ContentNoise:
-    """The noise stream of one defence: ``sample(x, n)`` gives (n, *x.shape) standard normals per row of ``x``.
+@dataclass
+class _Block:
+    """An :func:`images` block: the images' keys and query ordinals (on their device) and the current rows."""
 
-    ``restart(seed)`` forgets the rows seen so far. Every row's ``k`` (its earlier occurrences since the
-    restart) is kept in a dict of hashes, so a long attack should restart per batch (``run_attack`` does); past
-    ``MAX_SEEN`` rows the dict is cleared.
+    stream: int
+    keys: torch.Tensor  # (B,) int64
+    counts: torch.Tensor  # (B,) int64: queries made for each image so far in this block
+    rows: torch.Tensor | None = None  # the block's images the rows of a query belong to (None: all, in order)
+
+    def n_rows(self) -> int:
+        return len(self.keys) if self.rows is None else len(self.rows)
+
+
+_BLOCK: ContextVar[_Block | None] = ContextVar("igd_noise_block", default=None)
+
+
+@contextlib.contextmanager
+def images(keys: torch.Tensor, stream_id: int) -> Iterator[None]:
+    """Inside, the rows of every query are the images with identities ``keys`` (:func:`image_keys`), in order,
+    and draws come from ``stream_id`` (:func:`stream`); every image's ordinal starts at 0. Blocks nest: an inner
+    block shadows the outer one until it ends.
+
+    Example::
+
+        with noise.images(noise.image_keys(index, x), noise.stream(seed, "score")):
+            first, second = defense(x), defense(x)   # every image's queries 0 and 1: fresh, batch-independent
+    """
+    keys = keys.to(torch.int64).flatten()
+    token = _BLOCK.set(_Block(int(stream_id), keys, torch.zeros_like(keys)))
+    try:
+        yield
+    finally:
+        _BLOCK.reset(token)
+
+
+@contextlib.contextmanager
+def rows(idx: torch.Tensor | list[int]) -> Iterator[None]:
+    """Inside, the rows of every query are the images ``idx`` (indices into the current rows: nested calls
+    compose) — an attack querying the subset of images it still attacks. A no-op outside an :func:`images`
+    block."""
+    block = _BLOCK.get()
+    if block is None:
+        yield
+        return
+    idx = torch.as_tensor(idx, dtype=torch.int64, device=block.keys.device).flatten()
+    before = block.rows
+    block.rows = idx if before is None else before[idx]
+    try:
+        yield
+    finally:
+        block.rows = before
+
+
+def current_keys() -> torch.Tensor | None:
+    """The identities of the current rows (None outside a block): what a nested block for the same images uses."""
+    block = _BLOCK.get()
+    if block is None:
+        return None
+    return block.keys if block.rows is None else block.keys[block.rows]
+
+
+def _ordinals(block: _Block, n: int, queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and ordinals of a query of ``n`` rows in ``block``, and advances the ordinals by ``queries``."""
+    if n != block.n_rows():
+        raise UndeclaredQuery(
+            f"a randomized model was queried with {n} rows where {block.n_rows()} images are declared: wrap a "
+            "query of a subset of the images in igd_cli.noise.rows(indices)")
+    if block.rows is None:
+        ordinals = block.counts.clone()
+        block.counts += queries
+        return block.keys, ordinals
+    r = block.rows
+    # a row listed twice in one query is two queries of its image: its k-th listing gets ordinal + k
+    order = torch.argsort(r, stable=True)
+    srt = r[order]
+    first = torch.searchsorted(srt, srt)
+    rank = torch.empty_like(r)
+    rank[order] = torch.arange(len(r), device=r.device) - first
+    ordinals = block.counts[r] + rank * queries
+    block.counts.index_add_(0, r, torch.full_like(r, queries))
+    return block.keys[r], ordinals
+
+
+class FreshNoise:
+    """The noise of a randomized model: fresh at every query, keyed as the module doc says.
+
+    ``sample(x, n)`` gives (n, *x.shape) standard normals for the rows of ``x`` (one query: every row's ordinal
+    advances by one); ``skip(x, q)`` advances as ``q`` queries would, drawing nothing; ``restart(seed)`` restarts
+    the fallback stream used outside a block.
     """
 
     #: every query gets a fresh draw (:class:`FixedNoise` is the frozen counterpart)
@@ -115,77 +260,43 @@ class ContentNoise:
 
     def __init__(self, seed: int = 0):
         self.seed = int(seed)
-        self.seen: dict[int, int] = {}
-        #: per-row keys of the attacked images the next queries are made for (see :meth:`owned`), or None
-        self.owners: torch.Tensor | None = None
-
-    @contextlib.contextmanager
-    def owned(self, owners: torch.Tensor) -> Iterator[None]:
-        """Inside, row i of every query is made for the attacked image ``owners[i]`` (an int64 key, e.g. its
-        position): its noise is a function of (seed, owner, bytes, occurrence), so identical queries made for
-        different images (RayS's box corners) draw each image's own noise, whatever batch they are in."""
-        before, self.owners = self.owners, owners.to(torch.int64).flatten()
-        try:
-            yield
-        finally:
-            self.owners = before
+        self.calls = 0  # fallback: calls since restart
 
     def restart(self, seed: int | None = None) -> None:
         if seed is not None:
             self.seed = int(seed)
-        self.seen = {}
-
-    def state(self, x: torch.Tensor | None = None) -> tuple[int, dict[int, int]]:
-        """What replays the next draws: the whole stream, or (cheaper) only what the rows of ``x`` need."""
-        if x is None:
-            return self.seed, dict(self.seen)
-        return self.seed, {h: self.seen[h] for h in content_hash(x).tolist() if h in self.seen}
-
-    def set_state(self, state: tuple[int, dict[int, int]]) -> None:
-        self.seed, self.seen = state[0], dict(state[1])
-
-    def counts(self, hashes: torch.Tensor) -> torch.Tensor:
-        """Each row's number of earlier occurrences (rows before it in this batch included); records the rows."""
-        out = []
-        if len(self.seen) > MAX_SEEN:
-            self.seen = {}  # forgetting only lets a point queried again much later repeat its first draw
-        seen = self.seen
-        for h in hashes.tolist():
-            c = seen.get(h, 0)
-            out.append(c)
-            seen[h] = c + 1
-        return torch.tensor(out, dtype=torch.int64)
-
-    def _hashes(self, x: torch.Tensor) -> torch.Tensor:
-        """The rows' keys: their content hashes, combined with their owners inside :meth:`owned`."""
-        hashes = content_hash(x)
-        if self.owners is not None:
-            if len(self.owners) != len(hashes):
-                raise ValueError(f"{len(self.owners)} query owners for {len(hashes)} rows")
-            o = self.owners.to(hashes.device)
-            own = mix32(mix32(o & M32) ^ mix32((o >> 32) ^ 0x3243F6A8))
-            hashes = hashes ^ (own << 31)  # both below 2**63
-        return hashes
+        self.calls = 0
 
     def sample(self, x: torch.Tensor, draws: int) -> torch.Tensor:
-        hashes = self._hashes(x)
-        keys = row_keys(hashes, self.counts(hashes), self.seed, draws)
-        return gaussian(keys, tuple(x.shape[1:]), dtype=x.dtype)
+        block = _BLOCK.get()
+        if block is None:
+            if STRICT:
+                raise UndeclaredQuery("a randomized model was queried outside an igd_cli.noise.images block")
+            keys = torch.arange(x.shape[0], dtype=torch.int64, device=x.device)
+            ordinals = torch.full_like(keys, self.calls)
+            self.calls += 1
+            k = draw_keys(stream(self.seed, "fallback"), keys, ordinals, draws)
+        else:
+            keys, ordinals = _ordinals(block, x.shape[0], 1)
+            k = draw_keys(block.stream, keys.to(x.device), ordinals.to(x.device), draws)
+        return gaussian(k, tuple(x.shape[1:]), dtype=x.dtype)
 
     def skip(self, x: torch.Tensor, queries: int) -> None:
-        """Advance the stream as ``queries`` queries of the batch ``x`` would, without drawing their noise: the
-        next query of any row then gets exactly the draw it would have got after them."""
-        hashes = self._hashes(x)
-        for _ in range(int(queries)):
-            self.counts(hashes)
+        if queries <= 0:
+            return
+        block = _BLOCK.get()
+        if block is None:
+            self.calls += int(queries)
+        else:
+            _ordinals(block, x.shape[0], int(queries))
 
 
 class FixedNoise:
     """Noise frozen to one draw: ``sample(x, n)`` gives the same n standard-normal tensors (of a row's shape) for
     every row and every query, a function of the seed given at construction alone. A defence with it is one
     deterministic, differentiable function — Croce et al.'s check that a gain exists without fresh randomness.
-    ``restart(seed)`` and ``set_state`` change nothing: the attack stream's reseed and the scorer's reseed must
-    see the same frozen model (else the frozen figure is a transfer between two draws).
+    ``restart(seed)`` changes nothing: the attack's and the scorer's model must be the same frozen model (else
+    the frozen figure is a transfer between two draws).
 
     Example::
 
@@ -203,17 +314,11 @@ class FixedNoise:
     def restart(self, seed: int | None = None) -> None:
         """Nothing to restart: the frozen draw depends on the construction seed only (``seed`` is ignored)."""
 
-    def state(self, x: torch.Tensor | None = None) -> tuple[int, dict[int, int]]:
-        return self.seed, {}
-
-    def set_state(self, state: tuple[int, dict[int, int]]) -> None:
-        """Nothing to replay: every query gets the frozen draw."""
-
     def skip(self, x: torch.Tensor, queries: int) -> None:
         """Nothing to advance: every query gets the frozen draw."""
 
     def sample(self, x: torch.Tensor, draws: int) -> torch.Tensor:
-        keys = row_keys(torch.zeros(1, dtype=torch.int64, device=x.device), torch.zeros(1, dtype=torch.int64),
-                        self.seed, draws)  # (draws, 1): one key per draw, the same for every row
+        zero = torch.zeros(1, dtype=torch.int64, device=x.device)
+        keys = draw_keys(stream(self.seed, "frozen"), zero, zero, draws)  # (draws, 1): the same for every row
         z = gaussian(keys, tuple(x.shape[1:]), dtype=x.dtype)  # (draws, 1, *row)
         return z.expand(draws, x.shape[0], *x.shape[1:]).clone()

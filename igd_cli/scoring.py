@@ -8,14 +8,18 @@ A candidate's classifications are the rows of a bool tensor ``bits`` of shape (D
 
 - D = 1: scored once, for a deterministic model or ``protocol="single-draw"``; that one draw both selects and
   scores, so the worst case is the AND over candidates (igd's scoring before repeated draws);
-- D = 2R: rows 0..R-1 are the final draws, the model's noise occurrences 0..R-1 of the point after
-  ``reseed(seed)`` (draw 0 is the draw the single-draw protocol uses; calibrate-k draws on a stream of its own),
-  rows R..2R-1 the selection
-  draws (occurrences R..2R-1), independent of them.
+- D = 2R: rows 0..R-1 are the final draws — each image's queries 0..R-1 on the scoring stream
+  (:func:`score_stream`; draw 0 is the draw the single-draw protocol uses) — and rows R..2R-1 the selection draws
+  (queries R..2R-1), independent of them.
+
+The draws are keyed by the image (its position and clean content), the stream and the query's ordinal
+(:mod:`igd_cli.noise`), not by the point: every candidate of an image is classified under the same R + R noise
+draws (common random numbers), whatever batch, shard or device it is scored in.
 
 Example::
 
-    bits = [classify(defense, x, y, rows_for(defense, "draws", 5), seed=0) for x in (x_clean, x_adv)]
+    keys = noise.image_keys(index, x_clean)
+    bits = [classify(defense, x, y, rows_for(defense, "draws", 5), keys=keys) for x in (x_clean, x_adv)]
     worst = Score.of(final_of_selected(bits))      # worst case over {clean, adversarial}
     print(worst.mean, worst.std, worst.majority, worst.all_draws)
 """
@@ -29,7 +33,8 @@ from typing import Literal, Sequence
 import torch
 import torch.nn as nn
 
-from .attacks.base import is_randomized, reseed
+from . import noise
+from .attacks.base import is_randomized
 from .console import progress
 from .devices import module_device
 from .errors import IgdError
@@ -59,49 +64,57 @@ def rows_for(model: nn.Module, protocol: str = "draws", draws: int = DEFAULT_DRA
 Part = Literal["all", "final", "selection"]
 
 
+def score_stream(seed: int) -> int:
+    """The noise stream evaluations score on under the run's ``seed`` (attacks query streams of their own)."""
+    return noise.stream(seed, "score")
+
+
 @torch.no_grad()
 def classify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: int, *, seed: int = 0,
-             batch_size: int = 256, description: str | None = None, precision: str = "fp32",
-             part: Part = "all") -> torch.Tensor:
-    """Correctness (rows, n) of ``model`` on ``x``: row r is each point's r-th query after ``reseed(seed)``.
+             keys: torch.Tensor | None = None, stream: int | None = None, batch_size: int = 256,
+             description: str | None = None, precision: str = "fp32", part: Part = "all") -> torch.Tensor:
+    """Correctness (rows, n) of ``model`` on the points ``x``: row r is each image's r-th query on the stream
+    (default :func:`score_stream` of ``seed``).
 
-    The defence's noise is keyed by image content (:mod:`igd_cli.noise`), so a point's draws are fresh per query
-    and the same in any batch, shard or order; a deterministic model needs one row. ``description``: show a
-    progress bar (images × draws) under that name. ``precision``: the forwards under autocast
-    (:mod:`igd_cli.precision`; clean scoring only, never an attack's set).
+    ``keys``: the identities of the images the points belong to (:func:`igd_cli.noise.image_keys` of their
+    positions and clean images; default: the points themselves, as images 0..n-1 — right for clean images only).
+    A point's draws are then fresh per query and the same in any batch, shard, order or device; a deterministic
+    model needs one row. ``description``: show a progress bar (images × draws) under that name. ``precision``:
+    the forwards under autocast (:mod:`igd_cli.precision`; clean scoring only, never an attack's set).
 
     ``part`` (for ``rows`` = 2R > 1): ``"final"`` gives only rows 0..R-1 and ``"selection"`` only rows R..2R-1,
-    each (R, n) and bit for bit those rows of ``"all"``: the other half's queries are not made, the model's
-    noise stream is advanced past them (``skip_noise``; a model without it is queried and the answers dropped).
-    A candidate with nothing to be selected against (a clean-only evaluation) needs only its final draws.
+    each (R, n) and bit for bit those rows of ``"all"``: the other half's queries are not made (before the
+    selection draws, the images' ordinals are advanced past the final ones with ``skip_noise``; a model without it
+    is queried and the answers dropped). A candidate with nothing to be selected against (a clean-only evaluation)
+    needs only its final draws.
     """
     from .precision import autocast, memory_format
 
     if part not in ("all", "final", "selection"):
         raise ValueError(f"part {part!r}: expected all, final or selection")
     half = rows // 2 if rows > 1 and part != "all" else 0
-    reseed(model, seed)
     device = module_device(model)
+    keys = (noise.image_keys(None, x) if keys is None else keys).to(device)
+    if len(keys) != len(x):
+        raise ValueError(f"{len(keys)} image keys for {len(x)} points")
+    stream_id = score_stream(seed) if stream is None else int(stream)
     # the bits stay on the model's device until the end: one transfer, not one per batch and draw
     out = torch.empty(rows - half, len(x), dtype=torch.bool, device=device)
-    with progress() as bar:
+    with progress() as bar, autocast(precision, device):
         task = bar.add_task(description or "scoring", total=(rows - half) * len(x), visible=description is not None)
         for i in range(0, len(x), batch_size):
             xb, yb = memory_format(x[i:i + batch_size].to(device), precision), y[i:i + batch_size].to(device)
-            if part == "selection":
-                _skip_queries(model, xb, half)
-            for r in range(rows - half):
-                with autocast(precision, device):
-                    logits = model(xb)
-                out[r, i:i + batch_size] = logits.argmax(1) == yb
-                bar.advance(task, len(xb))
-            if part == "final":
-                _skip_queries(model, xb, half)
+            with noise.images(keys[i:i + batch_size], stream_id):
+                if part == "selection":
+                    _skip_queries(model, xb, half)
+                for r in range(rows - half):
+                    out[r, i:i + batch_size] = model(xb).argmax(1) == yb
+                    bar.advance(task, len(xb))
     return out.cpu()
 
 
 def _skip_queries(model: nn.Module, xb: torch.Tensor, queries: int) -> None:
-    """Advance ``model``'s noise stream past ``queries`` queries of ``xb`` (made and dropped if it cannot skip)."""
+    """Advance the images of ``xb`` past ``queries`` queries of ``model`` (made and dropped if it cannot skip)."""
     if queries <= 0:
         return
     skip = getattr(model, "skip_noise", None)
@@ -214,11 +227,13 @@ class Score:
         return cls(tuple(int(c) for c in d["per_draw"]), int(d["n"]), int(d["majority_count"]), int(d["all_count"]))
 
 
-def score_set(model: nn.Module, x_clean: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, *,
-              protocol: str = "draws", draws: int = DEFAULT_DRAWS, seed: int = 0,
-              batch_size: int = 256) -> tuple[Score, Score]:
+def score_set(model: nn.Module, x_clean: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
+              index: torch.Tensor | None = None, *, protocol: str = "draws", draws: int = DEFAULT_DRAWS,
+              seed: int = 0, batch_size: int = 256) -> tuple[Score, Score]:
     """Clean accuracy and the robust accuracy of one attack's set under the protocol (per image the worse of
-    {clean, adversarial}), as ``igd attack`` reports them."""
+    {clean, adversarial}), as ``igd attack`` reports them; ``index``: the images' positions in the split."""
     rows = rows_for(model, protocol, draws)
-    clean, adv = (classify(model, x, y, rows, seed=seed, batch_size=batch_size) for x in (x_clean, x_adv))
+    keys = noise.image_keys(index, x_clean)
+    clean, adv = (classify(model, x, y, rows, seed=seed, keys=keys, batch_size=batch_size)
+                  for x in (x_clean, x_adv))
     return Score.of(final_rows(clean)), Score.of(final_of_selected([clean, adv]))

@@ -17,17 +17,17 @@ import torch
 import torch.nn as nn
 
 from .defense import IGDefense
-from .noise import ContentNoise, FixedNoise
+from .noise import FixedNoise, FreshNoise
 
 
 class SmoothedModel(nn.Module):
-    """``f(x + v)``, one forward pass, ``v ~ N(0, σ²I)`` from the defence's content-keyed noise stream (the same
-    noise IG-Defense's first pass uses): randomized smoothing alone, without the mask."""
+    """``f(x + v)``, one forward pass, ``v ~ N(0, σ²I)`` keyed as IG-Defense's first pass draws it
+    (:mod:`igd_cli.noise`): randomized smoothing alone, without the mask."""
 
     def __init__(self, model: nn.Module, sigma: float, seed: int = 0):
         super().__init__()
         self.model, self.sigma = model, float(sigma)
-        self._noise = ContentNoise(seed)
+        self._noise = FreshNoise(seed)
 
     @property
     def randomized(self) -> bool:
@@ -36,9 +36,8 @@ class SmoothedModel(nn.Module):
     def reseed(self, seed: int | None = None) -> None:
         self._noise.restart(seed)
 
-    def query_owners(self, owners: torch.Tensor):
-        """Context: noise of the queries inside keyed by (owner, content), as :meth:`IGDefense.query_owners`."""
-        return self._noise.owned(owners)
+    def skip_noise(self, x: torch.Tensor, queries: int) -> None:
+        self._noise.skip(x, queries)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x + self.sigma * self._noise.sample(x, 1)[0])

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 os.environ.setdefault("IGD_NO_PROGRESS", "1")
+# every igd code path must declare the images it queries a randomized model for (igd_cli.noise.STRICT)
+os.environ.setdefault("IGD_NOISE_STRICT", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from igd_cli import noise
 from igd_cli.attacks import make_attack, run_attack
 from igd_cli.attacks.adaptive import Adaptive, SmoothedFirstPass
 from igd_cli.data import ImageSet
@@ -62,21 +63,23 @@ def test_bpda_gradient_equals_true_gradient_at_tau(demo, rs):
         (fn() * w).sum().backward()
         return x.grad.clone()
 
-    state = defense.noise_state()
-    v = defense.sample_noise(x) if rs else None
+    keys = noise.image_keys(None, x)
+
+    def block():  # a fresh block: every query below draws the same noise (each image's query 0)
+        return noise.images(keys, 0)
+
+    with block():
+        v = defense.sample_noise(x) if rs else None
     true = grad(lambda: _literal(defense, demo.model, x, v, defense.tau))
-    defense.set_noise_state(state)
-    with defense.bpda(defense.tau):
+    with block(), defense.bpda(defense.tau):
         bpda = grad(lambda: defense(x))
     assert torch.allclose(bpda, true, rtol=1e-4, atol=1e-6)
-    defense.set_noise_state(state)
-    with defense.bpda(20.0):
+    with block(), defense.bpda(20.0):
         relaxed = grad(lambda: defense(x))
     assert not torch.allclose(relaxed, true, rtol=1e-2, atol=1e-4)
-    defense.set_noise_state(state)
-    off = defense(x)
-    defense.set_noise_state(state)
-    with defense.bpda(20.0):
+    with block():
+        off = defense(x)
+    with block(), defense.bpda(20.0):
         on = defense(x)
     assert torch.equal(off, on)
     assert defense.bpda_temperature is None  # the switch is off again after the block
@@ -97,12 +100,13 @@ def test_smoothed_first_pass_draws_the_defence_noise(demo):
     """Stage 1's model is mean_i f(x + v_i) with v from the defence's stream: the replayed draw reproduces it."""
     defense = _demo_defense(demo)
     x = _digits(4).all().x
-    state = defense.noise_state()
-    v = defense.sample_noise(x)
+    keys = noise.image_keys(None, x)
+    with noise.images(keys, 0):
+        v = defense.sample_noise(x)
     want = torch.stack([demo.model(x + vi) for vi in v]).mean(0)
-    defense.set_noise_state(state)
-    assert torch.allclose(SmoothedFirstPass(defense)(x), want, atol=1e-5)
-    assert not torch.allclose(SmoothedFirstPass(defense)(x), want, atol=1e-3)  # fresh noise on the next query
+    with noise.images(keys, 0):
+        assert torch.allclose(SmoothedFirstPass(defense)(x), want, atol=1e-5)
+        assert not torch.allclose(SmoothedFirstPass(defense)(x), want, atol=1e-3)  # fresh noise on the next query
 
 
 # --- the attack ---------------------------------------------------------------------------------------
@@ -206,13 +210,14 @@ def test_selection_keeps_the_point_with_lowest_mean_correctness(demo):
     atk = Adaptive(defense, eps=0.2, steps=2, eot_iter=1)
     far = x.clone()
     far[::2] = x.roll(1, 0)[::2]  # another digit on even rows (mostly wrong), the image itself on odd (a tie)
-    kept = atk.select(x, y, [x.clone(), far])
-    from igd_cli.attacks.adaptive import SELECTION_STREAM
     from igd_cli.attacks.base import attack_stream
     from igd_cli.scoring import classify
 
-    seed = attack_stream(0) ^ SELECTION_STREAM
-    wrong = [(~classify(defense, p, y, 10, seed=seed)[5:]).sum(0) for p in (x, far)]
+    keys = noise.image_keys(data.all().index, x)
+    with noise.images(keys, attack_stream(0, "adaptive")):  # as inside the attack
+        kept = atk.select(x, y, [x.clone(), far])
+    own = noise.stream(attack_stream(0, "adaptive"), "select")
+    wrong = [(~classify(defense, p, y, 10, keys=keys, stream=own)[5:]).sum(0) for p in (x, far)]
     want = torch.where(wrong[1] > wrong[0], 1, 0)
     assert torch.equal(kept, torch.stack([x, far])[want, torch.arange(len(x))])
     assert (want == 1).any() and (want == 0).any()  # both branches driven

@@ -210,10 +210,9 @@ def test_cli_bad_input_is_one_error_line(cli, tmp_path, args, needle):
 
 
 def test_apgd_eot_gates_its_dlr_stage_on_the_returned_point_under_repeated_draws(demo):
-    """Issue 21.2: DLR runs on every image whose CE point is not wrong in all GATE_DRAWS classifications
+    """DLR runs on every image whose CE point is not wrong in all GATE_DRAWS classifications
     (AutoAttack's rand version re-classifies the returned point), not only where no CE iterate happened to be
     misclassified under one noise draw; on a defence whose noise flips predictions the two rules differ."""
-    from igd_cli.attacks.base import attack_stream, reseed
     from igd_cli.defense import IGDefense, topk_mask
 
     mask = topk_mask(torch.rand(128, 10, generator=torch.Generator().manual_seed(0)), 40)
@@ -235,7 +234,6 @@ def test_apgd_eot_gates_its_dlr_stage_on_the_returned_point_under_repeated_draws
         return c
 
     atk._stage, atk._correct_draws = spy_stage, spy_correct
-    reseed(d, attack_stream(0))
     x_adv = atk(b.x, b.y, b.index)
     ce_index, ce_points, ce_fooled = stages["ce"]
     ce_correct = gates[0]

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from igd_cli import noise
 from igd_cli.attacks import make_attack, run_attack
 from igd_cli.attacks.base import reseed
 from igd_cli.audit import Audit, run_audit
@@ -32,6 +33,7 @@ from igd_cli.common import Target
 from igd_cli.defense import IGDefense
 from igd_cli.models import LoadedModel
 from igd_cli.noise import FixedNoise
+from igd_cli.scoring import score_stream
 from igd_cli.variants import SmoothedModel
 
 EPS = 0.2
@@ -412,7 +414,7 @@ def test_mask_change_share_against_the_literal(demo, data, defence):
 
     b = data.all()
     frozen = frozen_noise(defence)
-    got = mask_change_share(frozen, b.x, b.y, 2)
+    got = mask_change_share(frozen, b.x, b.y, 2, keys=noise.image_keys(b.index, b.x))
     v = 0.1 * FixedNoise(0).sample(b.x, 1)[0]
     with torch.no_grad():
         yhat = F.softmax(demo.model(b.x + v) / 0.01, dim=1)
@@ -427,8 +429,8 @@ def test_mask_change_share_against_the_literal(demo, data, defence):
 
 def test_iwwc_against_a_literal_repeated_draw_scoring(demo, data, defence):
     """Check 10's IW-WC: its candidates (clean, the six base-model sets transferred, the three direct sets) scored
-    here from scratch: R selection + R final draws per point (the point's queries R..2R-1 and 0..R-1 after a
-    reseed), per image the candidate with the fewest correct selection draws (the first on ties), its final draws
+    here from scratch: R selection + R final draws per point (its image's queries R..2R-1 and 0..R-1 on the scoring
+    stream), per image the candidate with the fewest correct selection draws (the first on ties), its final draws
     counted."""
     from igd_cli.evaluate import DIRECT_RUN_ORDER, TRANSFER
 
@@ -443,10 +445,11 @@ def test_iwwc_against_a_literal_repeated_draw_scoring(demo, data, defence):
     points += [a.adversarial(t) for t in DIRECT_RUN_ORDER]
     R = 3
     correct = []
+    keys = noise.image_keys(b.index, b.x)  # every candidate of an image draws that image's noise
     with torch.no_grad():
         for p in points:
-            defence.reseed(0)
-            rows = [defence(p).argmax(1) == b.y for _ in range(2 * R)]
+            with noise.images(keys, score_stream(0)):
+                rows = [defence(p).argmax(1) == b.y for _ in range(2 * R)]
             correct.append(torch.stack(rows))  # (2R, n)
     final = torch.zeros(R, 6, dtype=torch.bool)
     for i in range(6):

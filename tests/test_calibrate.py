@@ -14,7 +14,9 @@ from igd_cli.calibrate import CALIBRATION_STREAM, calibrate_k, passes
 from igd_cli.common import open_target
 from igd_cli.data import load_dataset
 from igd_cli.defense import IGDefense, topk_mask
-from igd_cli.noise import ContentNoise
+from igd_cli import noise
+from igd_cli.noise import FreshNoise
+from igd_cli.scoring import score_stream
 
 from .conftest import cifar_safetensors, digits_safetensors
 
@@ -66,15 +68,18 @@ def zeroing(model, layer, j):
 
 def literal_per_draw(model, mask, data, *, rs, sigma, tau, seed, draws=1):
     """Defended correct counts by the literal formula with plain forwards and this test's own forward hook
-    (independent of igd_cli.defense and igd_cli.layers), one per noise draw: draw r is each image's r-th draw of
-    the documented content-keyed stream ``seed`` (igd_cli.noise, tested on its own in test_noise.py; the digits
-    test images are distinct, so occurrences count per image)."""
+    (independent of igd_cli.defense and igd_cli.layers), one per noise draw: draw r is each image's r-th query
+    on the scoring stream of ``seed``, keyed by the image's position and content (the documented contract;
+    igd_cli.noise is tested on its own in test_noise.py)."""
     counts = [0] * draws
     with torch.no_grad():
         for b in data.batches(BS):
-            x, stream = b.x, ContentNoise(seed)
+            x, fresh = b.x, FreshNoise()
             for r in range(draws):
-                logits = model(x + sigma * stream.sample(x, 1)[0]) if rs else model(x)
+                with noise.images(noise.image_keys(b.index, x), score_stream(seed)):
+                    fresh.skip(x, r)
+                    v = fresh.sample(x, 1)[0]
+                logits = model(x + sigma * v) if rs else model(x)
                 s = F.softmax(logits / tau, dim=1) @ mask.float().t()
                 h = model.get_submodule("block3").register_forward_hook(
                     lambda _m, _i, out, s=s: torch.einsum("bjhw,bj->bjhw", out, s))
@@ -86,7 +91,7 @@ def literal_per_draw(model, mask, data, *, rs, sigma, tau, seed, draws=1):
 
 
 def literal_correct(model, mask, data, *, rs, sigma, tau, seed):
-    """The literal count under calibrate-k's noise: each image's first draw on the stream ``seed XOR
+    """The literal count under calibrate-k's noise: each image's first query on the scoring stream of ``seed XOR
     CALIBRATION_STREAM`` (docs/calibrate-k.md), for a defence seeded ``seed``."""
     return literal_per_draw(model, mask, data, rs=rs, sigma=sigma, tau=tau, seed=seed ^ CALIBRATION_STREAM)[0]
 
@@ -174,7 +179,7 @@ def test_cache_recompute_and_seed_give_identical_results(target, rand_imp):
 
 
 def test_calibration_draws_none_of_the_evaluations_draws(target, rand_imp):
-    """Issue 21: k must not be chosen on a draw the evaluation reports. Every noise tensor calibrate-k draws is
+    """k must not be chosen on a draw the evaluation reports. Every noise tensor calibrate-k draws is
     compared with every one the repeated-draw scoring (selection and final draws, defend-eval's ``classify``) and
     the attacks' stream draw for the same images and seed; today's code calibrated on the evaluation's draw 0."""
     from igd_cli.attacks.base import attack_stream
@@ -197,10 +202,11 @@ def test_calibration_draws_none_of_the_evaluations_draws(target, rand_imp):
         calibrate_k(d, imp, data, batch_size=BS)
         calibration, drawn[:] = list(drawn), []
         rows = rows_for(d, "draws", 5)
-        classify(d, b.x, b.y, rows, seed=5, batch_size=BS)  # defend-eval's scoring: rows 0..9 of stream 5
-        d.reseed(attack_stream(5))
-        for _ in range(3):  # the attacks' first queries of the clean images
-            d(b.x)
+        keys = noise.image_keys(b.index, b.x)
+        classify(d, b.x, b.y, rows, seed=5, keys=keys, batch_size=BS)  # defend-eval's scoring: its queries 0..9
+        with noise.images(keys, attack_stream(5, "apgd-eot")):
+            for _ in range(3):  # an attack's first queries of the clean images
+                d(b.x)
         evaluation = drawn
     assert len(calibration) == len(data) and len(evaluation) == (rows + 3) * len(data)
     key = {v.numpy().tobytes() for v in evaluation}
@@ -208,20 +214,22 @@ def test_calibration_draws_none_of_the_evaluations_draws(target, rand_imp):
     assert not any(v.numpy().tobytes() in key for v in calibration)
 
 
-def test_calibration_is_reproducible_and_leaves_the_defence_stream_alone(target, rand_imp):
+def test_calibration_is_reproducible_and_leaves_the_callers_block_alone(target, rand_imp):
     imp = load_artifact(rand_imp, kind="importance")["importance"]
     data = load_dataset("digits", "test", 40)
     x = data.all().x
+    keys = noise.image_keys(data.all().index, x)
     d = IGDefense(target.model, "block3", topk_mask(imp, 20), sigma=SIGMA, tau=0.5, seed=7)
-    ref = IGDefense(target.model, "block3", topk_mask(imp, 20), sigma=SIGMA, tau=0.5, seed=7)
     with torch.no_grad():
-        for _ in range(2):  # draws 0 and 1
-            assert torch.equal(d(x), ref(x))
-        first = calibrate_k(d, imp, data, batch_size=BS)
-        assert torch.equal(d(x), ref(x))  # draw 2: calibration neither restarted nor advanced the stream
-        assert not torch.equal(d(x), IGDefense(target.model, "block3", topk_mask(imp, 20), sigma=SIGMA, tau=0.5,
-                                               seed=7)(x))  # the check can fail: draws differ
+        with noise.images(keys, 0):
+            before = d(x)  # query 0
+            first = calibrate_k(d, imp, data, batch_size=BS)
+            after = d(x)  # query 1: calibration neither restarted nor advanced the caller's images
+        with noise.images(keys, 0):
+            q0, q1 = d(x), d(x)
         again = calibrate_k(d, imp, data, batch_size=BS)
+    assert torch.equal(before, q0) and torch.equal(after, q1)
+    assert not torch.equal(q0, q1)  # the check can fail: the draws differ
     assert first.correct == again.correct and first.k == again.k
 
 

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from igd_cli.artifacts import save_artifact
 from igd_cli.defense import IGDefense, importance_ranks, load_defense, save_mask, topk_mask
 from igd_cli.errors import IgdError
-from igd_cli.noise import ContentNoise
+from igd_cli import noise as noise_mod
 
+from .noise_blocks import block, first_draws
 from .varied_images import cifar_images, n_classes_predicted
 
 
@@ -49,9 +50,7 @@ def assert_weights_vary(model, mask, x, **kw):
 
 
 def seeded_noise(seed, n_smooth, x, sigma):
-    """The documented noise contract: σ times the (n_s, *x.shape) standard normals of a fresh content-keyed
-    stream with ``seed`` (the stream itself is tested in test_noise.py)."""
-    return ContentNoise(seed).sample(x, n_smooth) * sigma
+    return first_draws(seed, x, sigma, n_smooth)
 
 
 def random_mask(n, c, k, seed=0):
@@ -74,13 +73,14 @@ def test_demo_matches_literal_formula(demo, digits_x, n_smooth, tau):
         off = IGDefense(demo.model, "block3", mask, rs=False, tau=tau)
         assert off.split.fast
         assert torch.allclose(off(digits_x), literal(demo.model, "block3", mask, digits_x, tau=tau), atol=1e-5)
-        on = IGDefense(demo.model, "block3", mask, sigma=0.1, n_smooth=n_smooth, seed=7, tau=tau)
-        got = on(digits_x)
+        on = IGDefense(demo.model, "block3", mask, sigma=0.1, n_smooth=n_smooth, tau=tau)
+        with block(digits_x, 7):
+            got = on(digits_x)
         want = literal(demo.model, "block3", mask, digits_x, tau=tau,
                        noise=seeded_noise(7, n_smooth, digits_x, 0.1))
         assert torch.allclose(got, want, atol=1e-5)
-        on.reseed()  # the calibrate-k / clean-accuracy route: features() + masked_tail()
-        assert torch.allclose(on.masked_tail(on.features(digits_x)), want, atol=1e-5)
+        with block(digits_x, 7):  # the calibrate-k / clean-accuracy route: features() + masked_tail()
+            assert torch.allclose(on.masked_tail(on.features(digits_x)), want, atol=1e-5)
         # the masked output really differs from the base model: the test can fail
         assert not torch.allclose(got, demo.model(digits_x), atol=1e-3)
 
@@ -111,11 +111,12 @@ def test_resnet18_matches_literal_formula(resnet18, layer, tau):
         off = IGDefense(model, layer, mask, rs=False, tau=tau)
         assert off.split.fast
         assert torch.allclose(off(x), literal(model, layer, mask, x, tau=tau), atol=1e-4, rtol=1e-4)
-        on = IGDefense(model, layer, mask, sigma=4 / 255, seed=11, tau=tau)
+        on = IGDefense(model, layer, mask, sigma=4 / 255, tau=tau)
         want = literal(model, layer, mask, x, tau=tau, noise=seeded_noise(11, 1, x, 4 / 255))
-        assert torch.allclose(on(x), want, atol=1e-4, rtol=1e-4)
-        on.reseed()
-        assert torch.allclose(on.masked_tail(on.features(x)), want, atol=1e-4, rtol=1e-4)
+        with block(x, 11):
+            assert torch.allclose(on(x), want, atol=1e-4, rtol=1e-4)
+        with block(x, 11):
+            assert torch.allclose(on.masked_tail(on.features(x)), want, atol=1e-4, rtol=1e-4)
         # the test can fail: the defended logits are not the base model's
         assert not torch.allclose(want, model(x), atol=1e-2)
 
@@ -130,14 +131,17 @@ def test_hook_fallback_gives_the_same_logits(resnet18, rs):
     slow = IGDefense(model, "layer4", mask, sigma=4 / 255, rs=rs, seed=5)
     slow.split.fast = False
     with torch.no_grad():
-        a, b = fast(x), slow(x)
+        with block(x, 5):
+            a = fast(x)
+        with block(x, 5):
+            b = slow(x)
     assert not slow.split.fast and fast.split.fast
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
     noise = seeded_noise(5, 1, x, 4 / 255) if rs else None
     with torch.no_grad():
         assert torch.allclose(b, literal(model, "layer4", mask, x, noise=noise), atol=1e-4, rtol=1e-4)
-        slow.reseed()  # the features() + masked_tail() route (calibrate-k, clean accuracy) in the fallback
-        assert torch.allclose(slow.masked_tail(slow.features(x)), b, atol=1e-4, rtol=1e-4)
+        with block(x, 5):  # the features() + masked_tail() route (calibrate-k, clean accuracy) in the fallback
+            assert torch.allclose(slow.masked_tail(slow.features(x)), b, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("which, rs", [("demo", False), ("demo", True), ("resnet18", True)])
@@ -154,7 +158,8 @@ def test_gradients_flow_through_both_passes(request, digits_x, rs, which):
     d = IGDefense(model, layer, mask, tau=1.0, sigma=0.05, rs=rs, seed=4)
     w = torch.randn(x.shape[0], 10, generator=torch.Generator().manual_seed(9))
     x1 = x.clone().requires_grad_(True)
-    (d(x1) * w).sum().backward()
+    with block(x, 4):
+        (d(x1) * w).sum().backward()
     x2 = x.clone().requires_grad_(True)
     noise = seeded_noise(4, 1, x, 0.05) if rs else None
     (literal(model, layer, mask, x2, tau=1.0, noise=noise) * w).sum().backward()
@@ -172,12 +177,18 @@ def test_gradients_flow_through_both_passes(request, digits_x, rs, which):
     assert not torch.allclose(x1.grad, x3.grad, atol=1e-6)
 
 
-def test_seeding_same_seed_same_noise(demo, digits_x):
+def test_plain_module_fallback_stream(demo, digits_x, monkeypatch):
+    """Outside an image block (the defence used as a plain module) the draws follow the calls: fresh per call,
+    replayed by reseed, another seed another stream; under STRICT such a query is refused."""
     mask = random_mask(128, 10, 4)
     d = IGDefense(demo.model, "block3", mask, sigma=0.3, tau=0.5, seed=1)
     d = d.to("cpu")  # .to() rebuilds the fx split (its graphs hold their own buffer references)
     assert d.split.fast
     with torch.no_grad():
+        with pytest.raises(noise_mod.UndeclaredQuery, match="outside"):
+            d(digits_x)
+        monkeypatch.setattr(noise_mod, "STRICT", False)
+        d.reseed()
         a1, a2 = d(digits_x), d(digits_x)
         d.reseed()
         assert torch.equal(d(digits_x), a1)
@@ -257,9 +268,10 @@ def test_cuda_matches_cpu(demo, digits_x):
 
     mask = random_mask(128, 10, 8)
     gpu_model = copy.deepcopy(demo.model).cuda()
-    d = IGDefense(gpu_model, "block3", mask.cuda(), sigma=0.1, seed=3)
+    d = IGDefense(gpu_model, "block3", mask.cuda(), sigma=0.1)
     x = digits_x.cuda()
     with torch.no_grad():
-        got = d(x)
+        with block(x, 3):
+            got = d(x)
         want = literal(gpu_model, "block3", mask.cuda(), x, noise=seeded_noise(3, 1, x, 0.1))
     assert got.device.type == "cuda" and torch.allclose(got, want, atol=1e-4)

@@ -18,8 +18,8 @@ from igd_cli.common import open_target
 from igd_cli.data import load_dataset
 from igd_cli.defense import IGDefense, load_defense, save_mask, topk_mask
 from igd_cli.errors import IgdError
-from igd_cli.noise import ContentNoise
 
+from .noise_blocks import block, first_draws
 from .varied_images import cifar_images, n_classes_predicted
 
 
@@ -44,7 +44,7 @@ def literal(model, layers, masks, x, *, tau=0.01, noise=None):
 
 
 def content_noise(seed, x, sigma, n_smooth=1):
-    return ContentNoise(seed).sample(x, n_smooth) * sigma
+    return first_draws(seed, x, sigma, n_smooth)
 
 
 def rmask(n, c, k, seed):
@@ -105,15 +105,17 @@ def test_resnet18_several_layers_match_literal_formula(resnet18, which, rs):
     assert n_classes_predicted(model, x) >= 4
     noise = content_noise(11, x, 4 / 255) if rs else None
     with torch.no_grad():
-        d = IGDefense(model, layers, masks, sigma=4 / 255, rs=rs, seed=11)
+        d = IGDefense(model, layers, masks, sigma=4 / 255, rs=rs)
         assert d.split.fast and d.split.name == layers[0] and d.layer == "+".join(layers)
         want = literal(model, layers, masks, x, noise=noise)
-        assert close(d(x), want)
-        d.reseed()
-        assert close(d.masked_tail(d.features(x)), want)  # the calibrate-k / clean-accuracy route
+        with block(x, 11):
+            assert close(d(x), want)
+        with block(x, 11):
+            assert close(d.masked_tail(d.features(x)), want)  # the calibrate-k / clean-accuracy route
         # the given order does not matter: the split is at the layer that runs first
-        r = IGDefense(model, layers[::-1], masks[::-1], sigma=4 / 255, rs=rs, seed=11)
-        assert r.split.name == layers[0] and close(r(x), want)
+        r = IGDefense(model, layers[::-1], masks[::-1], sigma=4 / 255, rs=rs)
+        with block(x, 11):
+            assert r.split.name == layers[0] and close(r(x), want)
         # the test can fail: masking only one of the layers gives other logits
         one = literal(model, layers[1:], masks[1:], x, noise=noise)
         assert not torch.allclose(want, one, atol=1e-3)
@@ -133,7 +135,8 @@ def test_resnet18_hook_fallback_and_gradients(resnet18):
     grads = []
     for d in (fast, slow, None):
         xi = x.clone().requires_grad_(True)
-        out = d(xi) if d is not None else literal(model, layers, masks, xi, tau=1.0, noise=noise)
+        with block(x, 4):
+            out = d(xi) if d is not None else literal(model, layers, masks, xi, tau=1.0, noise=noise)
         (out * w).sum().backward()
         grads.append((out.detach(), xi.grad))
     assert not slow.split.fast and fast.split.fast
@@ -141,8 +144,7 @@ def test_resnet18_hook_fallback_and_gradients(resnet18):
     assert close(o_fast, o_lit) and close(o_slow, o_lit)
     assert g_lit.abs().sum() > 0
     assert torch.allclose(g_fast, g_lit, atol=1e-5, rtol=1e-3) and torch.allclose(g_slow, g_lit, atol=1e-5, rtol=1e-3)
-    with torch.no_grad():
-        slow.reseed()
+    with torch.no_grad(), block(x, 4):
         assert close(slow.masked_tail(slow.features(x)), o_lit)
 
 
@@ -154,13 +156,14 @@ def test_skip_across_masked_layers_and_untraceable_model(cls, rs):
     x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     noise = content_noise(7, x, 0.2, n_smooth=2) if rs else None
     with torch.no_grad():
-        d = IGDefense(model, ["a", "b"], masks, sigma=0.2, n_smooth=2, rs=rs, tau=0.5, seed=7)
-        got = d(x)
+        d = IGDefense(model, ["a", "b"], masks, sigma=0.2, n_smooth=2, rs=rs, tau=0.5)
+        with block(x, 7):
+            got = d(x)
         assert d.split.fast == (cls is SkipNet)
         want = literal(model, ["a", "b"], masks, x, tau=0.5, noise=noise)
         assert close(got, want)
-        d.reseed()
-        assert close(d.masked_tail(d.features(x)), want)
+        with block(x, 7):
+            assert close(d.masked_tail(d.features(x)), want)
         assert not torch.allclose(want, literal(model, ["b"], masks[1:], x, tau=0.5, noise=noise), atol=1e-4)
 
 
@@ -169,8 +172,10 @@ def test_one_layer_is_the_one_item_case(demo):
     m = rmask(128, 10, 9, seed=0)
     x = load_dataset("digits", "test", 12).all().x
     with torch.no_grad():
-        a = IGDefense(model, "block3", m, sigma=0.1, seed=2)(x)
-        b = IGDefense(model, ["block3"], [m], sigma=0.1, seed=2)(x)
+        with block(x, 2):
+            a = IGDefense(model, "block3", m, sigma=0.1)(x)
+        with block(x, 2):
+            b = IGDefense(model, ["block3"], [m], sigma=0.1)(x)
     assert torch.equal(a, b)
     assert IGDefense(model, ["block3"], [m], rs=False).k == 9
 
@@ -256,15 +261,19 @@ def literal_correct(model, layers, masks, data, *, sigma, seed):
 
 
 def literal_per_draw(model, layers, masks, data, *, sigma, seed, draws):
-    """Correct counts of the literal defence under each image's noise occurrences 0..draws-1 of the content-keyed
-    stream ``seed`` (the documented noise contract; the images here are distinct, so occurrences are per image)."""
+    """Correct counts of the literal defence under each image's queries 0..draws-1 on the scoring stream of
+    ``seed`` (the documented noise contract: draws keyed by the image's position and content and the ordinal)."""
+    from igd_cli import noise
+    from igd_cli.noise import FreshNoise
+    from igd_cli.scoring import score_stream
+
     counts = [0] * draws
     with torch.no_grad():
         for b in data.batches(64):
-            stream = ContentNoise(seed)
-            for r in range(draws):
-                noise = stream.sample(b.x, 1) * sigma
-                counts[r] += int((literal(model, layers, masks, b.x, noise=noise).argmax(1) == b.y).sum())
+            with noise.images(noise.image_keys(b.index, b.x), score_stream(seed)):
+                for r in range(draws):
+                    v = FreshNoise().sample(b.x, 1) * sigma
+                    counts[r] += int((literal(model, layers, masks, b.x, noise=v).argmax(1) == b.y).sum())
     return counts
 
 

@@ -82,8 +82,9 @@ def agreement(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
 def defended_predictions(defense, x, precision):
     from igd_cli.precision import autocast
 
-    defense.reseed(0)
-    with torch.no_grad(), autocast(precision, x.device):
+    from .noise_blocks import block
+
+    with torch.no_grad(), autocast(precision, x.device), block(x, 0):
         logits = defense(x)
     return logits.argmax(1), logits.dtype
 

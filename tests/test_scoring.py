@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from igd_cli.noise import ContentNoise
+from igd_cli.noise import FreshNoise, image_keys
 from igd_cli.scoring import (Score, alive, classify, final_of_selected, final_rows, rows_for, score_set, selected,
                              selection_rows)
 
@@ -18,7 +18,7 @@ SIGMA = 0.5
 
 
 class NoisyLinear(nn.Module):
-    """Two classes, logit margin ``w·(x + v)`` with ``v ~ N(0, σ²I)`` drawn from igd's content-keyed stream: an
+    """Two classes, logit margin ``w·(x + v)`` with ``v ~ N(0, σ²I)`` drawn as igd's noise draws it: an
     image with label 1 is classified correctly with probability ``Φ(w·x / (σ‖w‖))``."""
 
     randomized = True
@@ -26,7 +26,7 @@ class NoisyLinear(nn.Module):
     def __init__(self, w: torch.Tensor):
         super().__init__()
         self.w = w
-        self.noise = ContentNoise(0)
+        self.noise = FreshNoise(0)
 
     def reseed(self, seed: int) -> None:
         self.noise.restart(seed)
@@ -78,9 +78,10 @@ def test_figures_match_the_closed_form(linear):
 
 def test_draws_are_fresh_per_query_and_the_same_in_any_batch(linear):
     model, x, y, _ = linear
-    a = classify(model, x[:300], y[:300], 6, seed=3, batch_size=64)
-    b = classify(model, x[:300].flip(0), y[:300], 6, seed=3, batch_size=17).flip(1)
-    assert torch.equal(a, b)  # content-keyed: order and batch size do not matter
+    keys = image_keys(torch.arange(300), x[:300])
+    a = classify(model, x[:300], y[:300], 6, seed=3, keys=keys, batch_size=64)
+    b = classify(model, x[:300].flip(0), y[:300], 6, seed=3, keys=keys.flip(0), batch_size=17).flip(1)
+    assert torch.equal(a, b)  # keyed by the images: order and batch size do not matter
     assert not torch.equal(a[0], a[1]) and not torch.equal(final_rows(a), selection_rows(a))
 
 
@@ -139,7 +140,7 @@ def test_single_draw_protocol_is_the_and_over_one_draw(linear):
     x_adv = x + 0.2
     assert rows_for(model, "single-draw", 5) == 1
     _, robust = score_set(model, x, x_adv, y, protocol="single-draw", seed=2)
-    first = [classify(model, p, y, 1, seed=2)[0] for p in (x, x_adv)]
+    first = [classify(model, p, y, 1, seed=2, keys=image_keys(None, x))[0] for p in (x, x_adv)]
     assert robust.mean == int((first[0] & first[1]).sum()) / 400 and robust.std == 0
     # and it is draw 0 of the repeated-draw protocol's first candidate
     many = classify(model, x, y, 10, seed=2)

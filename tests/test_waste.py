@@ -1,7 +1,7 @@
-"""Work not worth doing (issue 23, item 4): a clean-only evaluation of a randomized defence classified every image
+"""Work not worth doing: a clean-only evaluation of a randomized defence classified every image
 2R times — R draws to "select" among one candidate, R to score it. It now makes the R final draws only, and every
 figure is the old code's, bit for bit: the reference here is the old protocol written out with plain forwards of
-the defence (2R queries per batch after ``reseed``, the first R scored), independent of ``igd_cli.scoring``."""
+the defence (2R queries per batch in an image block, the first R scored), independent of ``igd_cli.scoring``."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ import pytest
 import torch
 import torch.nn as nn
 
+from igd_cli import noise
 from igd_cli.artifacts import load_artifact
 from igd_cli.common import open_target
 from igd_cli.defense import IGDefense, topk_mask
 from igd_cli.eval_result import EvalResult
 from igd_cli.evaluate import Budgets, Evaluator, evaluate_defense
-from igd_cli.scoring import classify
+from igd_cli.scoring import classify, score_stream
+
+from .noise_blocks import block
 
 N, BS, R, SEED = 40, 16, 3, 5
 
@@ -53,12 +56,14 @@ class Counted:
 
 @torch.no_grad()
 def old_protocol_bits(defense, x, y, rows, seed, batch_size):
-    """The old clean scoring, written out: after reseed, every batch queried ``rows`` times in order; (rows, n)."""
-    defense.reseed(seed)
+    """The old clean scoring, written out: every batch (the images 0..n-1 of ``x``, in a block on the scoring
+    stream) queried ``rows`` times in order; (rows, n)."""
+    keys = noise.image_keys(None, x)
     bits = torch.zeros(rows, len(x), dtype=torch.bool)
     for i in range(0, len(x), batch_size):
-        for r in range(rows):
-            bits[r, i:i + batch_size] = defense(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]
+        with noise.images(keys[i:i + batch_size], score_stream(seed)):
+            for r in range(rows):
+                bits[r, i:i + batch_size] = defense(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]
     return bits
 
 
@@ -136,8 +141,8 @@ class NoSkip(nn.Module):
 
 @pytest.mark.parametrize("skips", [True, False])
 def test_classify_parts_are_the_rows_of_all(target, data, skips):
-    """``part="final"``/``"selection"`` are bit for bit the halves of ``part="all"``, also for an image repeated in a
-    later batch (its noise occurrences continue across batches) and for a model that cannot skip its stream."""
+    """``part="final"``/``"selection"`` are bit for bit the halves of ``part="all"``, also with duplicate images (in
+    later batches and within one) and for a model that cannot skip its noise."""
     d = make_defense(target)
     model = d if skips else NoSkip(d)
     b = data.all()
@@ -186,14 +191,13 @@ def test_fallback_features_with_base_run_one_clean_forward(target, data):
     stem = next(m for m in target.model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor))
     x = data.get(0, 16).x
     with Counted(stem) as counter:
-        with torch.no_grad():
+        with torch.no_grad(), block(x, 1):
             feats = d.features(x, with_base=True)
     assert counter.images == 2 * len(x)  # the noisy copy and the clean image, once each
     with torch.no_grad():
         assert torch.equal(feats.base_logits, target.model(x))
         assert torch.equal(feats.a, d.split.head(x)[0])
-        d.reseed(1)
-        want = d.smoothed_label(x)
-    d.reseed(1)
-    with torch.no_grad():
-        assert torch.equal(d.features(x, with_base=True).yhat, want)
+        with block(x, 1):
+            want = d.smoothed_label(x)
+        with block(x, 1):
+            assert torch.equal(d.features(x, with_base=True).yhat, want)

@@ -6,16 +6,15 @@ fixed mask. Following Carlini, Tramèr et al. ("On adaptive attacks to adversari
 et al. (ICML 2022):
 
 1. stage 1: APGD-CE then APGD-DLR with EoT on the first pass as deployed, ``x ↦ mean_i f(x + v_i)`` with fresh
-   noise ``v`` from the defence's own noise stream (:meth:`IGDefense.sample_noise`) — igd's ``apgd-eot`` run on
+   noise ``v`` drawn as the defence draws it (:meth:`IGDefense.sample_noise`) — igd's ``apgd-eot`` run on
    the smoothed base model (flip the first pass, and the mask selects the adversarial class's neurons);
 2. stage 2: APGD-CE with EoT on the full two-pass defence from stage 1's point, ``ŷ``'s forward unchanged and its
    backward that of ``softmax(z / T)``, T ≥ 1 (BPDA, Athalye et al. 2018; :meth:`IGDefense.bpda`);
 3. per image, of the two points, the one with the lowest mean correctness on the defence under the repeated-draw
-   rule igd scores with (:func:`igd_cli.scoring.selected`), on draws of the attack's own noise stream (ties:
-   stage 1's point).
+   rule igd scores with (:func:`igd_cli.scoring.selected`), on a noise stream of its own (ties: stage 1's point).
 
-Per-image seeds (``image_seed``) for the random starts and content-keyed noise: an image's point does not depend
-on its batch. Without smoothing the model is deterministic and no EoT is used; on a model that is not an
+Per-image seeds (``image_seed``) for the random starts and noise keyed by the image and the query's ordinal
+(:mod:`igd_cli.noise`): an image's point does not depend on its batch. Without smoothing the model is deterministic and no EoT is used; on a model that is not an
 IG-Defense (the base model) both stages attack the model itself.
 """
 
@@ -24,14 +23,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .. import noise
 from ..errors import IgdError
 from .apgd import APGD, APGDEoT, _keep
 from .base import attack_stream
 
 #: ``--bpda-temperature`` default: chosen by measurement on the smoothed demo defence (docs/adaptive.md)
 DEFAULT_BPDA_TEMPERATURE = 5.0
-#: the selection draws use their own stream (neither the attack's gradient draws nor the evaluation's)
-SELECTION_STREAM = 0x2545F4914F6CDD1D
 
 
 class SmoothedFirstPass(nn.Module):
@@ -50,9 +48,6 @@ class SmoothedFirstPass(nn.Module):
     @property
     def randomized(self) -> bool:
         return bool(self.defense.randomized)
-
-    def reseed(self, seed: int | None = None) -> None:
-        self.defense.reseed(seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.defense
@@ -116,19 +111,13 @@ class Adaptive(APGD):
 
     def select(self, x: torch.Tensor, y: torch.Tensor, points: list[torch.Tensor]) -> torch.Tensor:
         """Per image, the point with the fewest correct selection draws on the attacked model (ties: the
-        earliest), classified as :mod:`igd_cli.scoring` does, on the selection noise stream."""
+        earliest), classified as :mod:`igd_cli.scoring` does, on a noise stream of the selection's own."""
         from ..scoring import DEFAULT_DRAWS, classify, rows_for, selected  # scoring imports this package
 
         rows = rows_for(self.model, "draws", DEFAULT_DRAWS)
-        seed = attack_stream(self.seed) ^ SELECTION_STREAM
-        bits = [classify(self.model, p, y, rows, seed=seed, batch_size=max(1, len(x))) for p in points]
-        self.model_reseed()
+        own = noise.stream(attack_stream(self.seed, self.name), "select")
+        bits = [classify(self.model, p, y, rows, keys=noise.current_keys(), stream=own, batch_size=max(1, len(x)))
+                for p in points]
         idx = selected(bits).to(x.device)
         stacked = torch.stack(points)  # (K, B, ...)
         return stacked[idx, torch.arange(len(x), device=x.device)]
-
-    def model_reseed(self) -> None:
-        """Back to the attack's noise stream (``classify`` restarted the model's stream on the selection seed)."""
-        fn = getattr(self.model, "reseed", None)
-        if callable(fn):
-            fn(attack_stream(self.seed))

@@ -16,6 +16,7 @@ import torch
 
 from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 
+from .. import noise
 from .base import Attack, image_generators
 
 
@@ -93,7 +94,8 @@ class APGD(Attack):
 
     def _run(self, apgd: APGDAttack, x, y, todo, gens, out, fooled, best_loss) -> None:
         init = random_start(apgd, x[todo], [gens[i] for i in todo.tolist()])
-        x_best, acc, loss_best, x_best_adv = apgd.attack_single_run(x[todo], y[todo], x_init=init)
+        with noise.rows(todo):
+            x_best, acc, loss_best, x_best_adv = apgd.attack_single_run(x[todo], y[todo], x_init=init)
         _keep(out, fooled, best_loss, todo, x_best, acc, loss_best, x_best_adv)
 
 
@@ -142,11 +144,12 @@ class APGDEoT(APGD):
         todo = (ce_correct > 0).nonzero().flatten()  # DLR unless the CE point is wrong in every draw
         if todo.numel() == 0:
             return out
-        dlr_out, _ = self._stage(x[todo], y[todo], index[todo.cpu()], "dlr")
-        dlr_correct = self._correct_draws(dlr_out, y[todo])
-        dlr = self._make("dlr").dlr_loss  # pyautoattack's DLR loss
-        with torch.no_grad():
-            higher = dlr(self.model(dlr_out), y[todo]) > dlr(self.model(out[todo]), y[todo])
+        with noise.rows(todo):
+            dlr_out, _ = self._stage(x[todo], y[todo], index[todo.cpu()], "dlr")
+            dlr_correct = self._correct_draws(dlr_out, y[todo])
+            dlr = self._make("dlr").dlr_loss  # pyautoattack's DLR loss
+            with torch.no_grad():
+                higher = dlr(self.model(dlr_out), y[todo]) > dlr(self.model(out[todo]), y[todo])
         c_ce = ce_correct[todo]
         take = (dlr_correct < c_ce) | ((dlr_correct == c_ce) & (c_ce == self._draws()) & higher)
         out[todo[take]] = dlr_out[take]
@@ -161,10 +164,10 @@ class APGDEoT(APGD):
         return sum((self.model(x_adv).argmax(1) == y).long() for _ in range(self._draws()))
 
     def _classes(self, x: torch.Tensor) -> int:
-        if self.num_classes is not None:
-            return int(self.num_classes)
-        with torch.no_grad():
-            return int(self.model(x[:1]).shape[1])
+        if self.num_classes is None:  # one query of every image (never of one: its ordinals would move alone)
+            with torch.no_grad():
+                self.num_classes = int(self.model(x).shape[1])
+        return int(self.num_classes)
 
 
 class APGDTargetedDLR(APGD):
@@ -192,7 +195,7 @@ class APGDTargetedDLR(APGD):
                 todo = (~fooled).nonzero().flatten()
                 if todo.numel() == 0:
                     return out
-                with torch.no_grad():
+                with torch.no_grad(), noise.rows(todo):
                     logits = self.model(x[todo])
                 apgd.y_target = logits.sort(dim=1)[1][:, -target_class]
                 self._run(apgd, x, y, todo, gens, out, fooled, best_loss)

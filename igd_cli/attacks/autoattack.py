@@ -10,8 +10,9 @@ image), whatever batch, shard or order it is in.
 
 - APGD-CE / APGD-DLR / APGD-T: pyautoattack's ``attack_single_run`` with the start drawn from the image's generator
   (``x_init``), inside ``perturb``'s own loops (:mod:`igd_cli.attacks.apgd`);
-- FAB-T: pyautoattack's ``FABAttack_PT``; with one restart (AutoAttack's) it draws nothing and runs batched; with
-  more (the audit's stronger AutoAttack) every image runs alone under its own seed;
+- FAB-T: pyautoattack's ``FABAttack_PT.attack_single_run`` inside ``perturb``'s own loop over target classes and
+  restarts (:func:`fab_targeted`); with one restart (AutoAttack's) it draws nothing and runs batched; with more
+  (the audit's stronger AutoAttack) every image runs alone under its own seed;
 - Square: :class:`~igd_cli.attacks.square.PerImageSquare` (pyautoattack's with per-image windows).
 
 AutoAttack's rule between stages is kept: an image leaves after the first stage whose returned point the model
@@ -31,6 +32,7 @@ import torch
 from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 from pyautoattack.fab_pt import FABAttack_PT
 
+from .. import noise
 from .apgd import random_start
 from .base import Attack, image_generators, image_seed
 from .square import PerImageSquare
@@ -71,7 +73,8 @@ def _run_fooling(apgd: APGDAttack, x: torch.Tensor, y: torch.Tensor, todo: torch
     """One ``attack_single_run`` on the images ``todo`` from their own random starts; the ones it fools leave
     ``acc`` and keep their adversarial point in ``adv`` (``perturb``'s bookkeeping)."""
     init = random_start(apgd, x[todo], [gens[i] for i in todo.tolist()])
-    _, acc_curr, _, adv_curr = apgd.attack_single_run(x[todo], y[todo], x_init=init)
+    with noise.rows(todo):
+        _, acc_curr, _, adv_curr = apgd.attack_single_run(x[todo], y[todo], x_init=init)
     won = (acc_curr == 0).nonzero().flatten()
     acc[todo[won]] = False
     adv[todo[won]] = adv_curr[won].clone()
@@ -90,32 +93,101 @@ def apgd_targeted(apgd: APGDAttack_targeted, x: torch.Tensor, y: torch.Tensor, i
             todo = acc.nonzero().flatten()
             if todo.numel() == 0:
                 return adv
-            with torch.no_grad():
+            with torch.no_grad(), noise.rows(todo):
                 apgd.y_target = apgd.model(x[todo]).sort(dim=1)[1][:, -target_class]
             _run_fooling(apgd, x, y, todo, gens, acc, adv)
     return adv
 
 
-def fab_targeted(fab: FABAttack_PT, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, seed: int) -> torch.Tensor:
-    """``FABAttack_PT.perturb`` (targeted). Its random starts (restarts after the first) come from the global
-    generator, which it seeds per call: with one restart it draws nothing and runs on the batch; with more, every
-    image runs alone under its own seed."""
-    fab.targeted = True
+class _FAB(FABAttack_PT):
+    """pyautoattack's FAB whose queries declare their images (:func:`igd_cli.noise.rows`).
+
+    ``attack_single_run`` queries every row of its batch first (the predicted labels, then the target classes) and
+    from then on only the rows it found correctly classified in that first query; the queries of that subset are
+    declared as such, so a randomized model draws each image's own noise (pyautoattack's code is unchanged).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._model, self.predict = self.predict, self._query
+        self._n: int | None = None  # rows of the current attack_single_run's batch
+        self._y: torch.Tensor | None = None
+        self._kept: torch.Tensor | None = None  # the rows it attacks, known after its first query
+
+    def _query(self, z: torch.Tensor) -> torch.Tensor:
+        if self._kept is not None and len(z) != self._n:
+            with noise.rows(self._kept):
+                return self._model(z)
+        return self._model(z)
+
+    def _get_predicted_label(self, x: torch.Tensor) -> torch.Tensor:
+        out = super()._get_predicted_label(x)
+        if self._kept is None and self._n is not None and len(x) == self._n:  # attack_single_run's first query
+            self._kept = (out == self._y).nonzero().flatten()
+        return out
+
+    def attack_single_run(self, x, y=None, use_rand_start=False, is_targeted=False):
+        self._n, self._y, self._kept = len(x), y.to(x.device), None
+        try:
+            return super().attack_single_run(x, y, use_rand_start=use_rand_start, is_targeted=is_targeted)
+        finally:
+            self._n = self._y = self._kept = None
+
+
+def _fab_loop(fab: _FAB, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``FABAttack_PT.perturb``'s targeted loop (targets 2..n+1, restarts, an image leaves once fooled within ε),
+    with the subsets it attacks declared as the images they are."""
+    adv = x.clone()
+    with torch.no_grad():
+        acc = fab.predict(x).max(1)[1] == y
+        for target_class in range(2, fab.n_target_classes + 2):
+            fab.target_class = target_class
+            for counter in range(fab.n_restarts):
+                todo = acc.nonzero().flatten()
+                if todo.numel() == 0:
+                    return adv
+                x_to, y_to = x[todo].clone(), y[todo].clone()
+                with noise.rows(todo):
+                    adv_curr = fab.attack_single_run(x_to, y_to, use_rand_start=counter > 0, is_targeted=True)
+                    acc_curr = fab.predict(adv_curr).max(1)[1] == y_to
+                acc_curr = acc_curr | (_dist(x_to - adv_curr, fab.norm) > fab.eps)
+                won = (~acc_curr).nonzero().flatten()
+                acc[todo[won]] = False
+                adv[todo[won]] = adv_curr[won].clone()
+    return adv
+
+
+def _dist(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-row norm of ``delta``, as FAB's ``perturb`` measures it."""
+    flat = delta.reshape(len(delta), -1)
+    if norm == "Linf":
+        return flat.abs().max(1)[0]
+    if norm == "L2":
+        return (flat ** 2).sum(-1).sqrt()
+    return flat.abs().sum(-1)
+
+
+def fab_targeted(fab: _FAB, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, seed: int) -> torch.Tensor:
+    """``FABAttack_PT.perturb`` (targeted), as :func:`_fab_loop`. Its random starts (restarts after the first) come
+    from the global generator, which ``perturb`` seeds per call: with one restart it draws nothing and runs on the
+    batch; with more, every image runs alone with the global generator seeded by its own seed."""
     dtype = x.dtype
     if dtype != torch.float32:
         # pyautoattack's FAB works in float32 (``attack_single_run`` casts the images with ``.float()``): it runs
         # on float32 images, its queries are cast to the images' dtype (a float64 model) and their logits back to
         # float32, and its points are returned in the images' dtype
-        predict = fab.predict
-        fab.predict = lambda z: predict(z.to(dtype)).float()
+        model = fab._model
+        fab._model = lambda z: model(z.to(dtype)).float()
         x = x.float()
     if fab.n_restarts == 1:
-        return fab.perturb(x, y).to(dtype)
+        return _fab_loop(fab, x, y).to(dtype)
     out = []
     for i in range(len(x)):
-        fab.seed = image_seed(seed, int(index[i]))
-        out.append(fab.perturb(x[i:i + 1], y[i:i + 1]))
-    fab.seed = seed
+        s = image_seed(seed, int(index[i]))
+        torch.random.manual_seed(s)
+        torch.cuda.random.manual_seed(s)
+        with noise.rows([i]):
+            out.append(_fab_loop(fab, x[i:i + 1], y[i:i + 1]))
     return torch.cat(out).to(dtype)
 
 
@@ -147,8 +219,8 @@ class AutoAttackStandard(Attack):
             return apgd_targeted(a, x, y, index, seed)
 
         def fab_t(x, y, index):
-            f = FABAttack_PT(model, n_restarts=1, n_iter=steps, eps=eps, seed=seed, norm=norm, verbose=False,
-                             device=dev, targeted=True, n_target_classes=n_targets(self.num_classes))
+            f = _FAB(model, n_restarts=1, n_iter=steps, eps=eps, seed=seed, norm=norm, verbose=False,
+                     device=dev, targeted=True, n_target_classes=n_targets(self.num_classes))
             return fab_targeted(f, x, y, index, seed)
 
         def square(x, y, index):
@@ -168,9 +240,10 @@ class AutoAttackStandard(Attack):
                 todo = robust.nonzero().flatten()
                 if todo.numel() == 0:
                     break
-                adv = run(x[todo], y[todo], index[todo.cpu()])
-                with torch.no_grad():
-                    fooled = self.model(adv).max(1)[1] != y[todo]
+                with noise.rows(todo):
+                    adv = run(x[todo], y[todo], index[todo.cpu()])
+                    with torch.no_grad():
+                        fooled = self.model(adv).max(1)[1] != y[todo]
                 robust[todo[fooled]] = False
                 x_adv[todo[fooled]] = adv[fooled]
         return x_adv
@@ -209,8 +282,8 @@ class FABTargeted(Attack):
     revision = 2  # 1 seeded FAB's random restarts once per batch
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        fab = FABAttack_PT(self.model, n_restarts=self.budget["restarts"], n_iter=self.budget["steps"],
-                           eps=self.eps, seed=self.seed, norm=self.norm, verbose=False, device=self.device,
-                           targeted=True, n_target_classes=n_targets(self.num_classes))
+        fab = _FAB(self.model, n_restarts=self.budget["restarts"], n_iter=self.budget["steps"], eps=self.eps,
+                   seed=self.seed, norm=self.norm, verbose=False, device=self.device, targeted=True,
+                   n_target_classes=n_targets(self.num_classes))
         with _quiet():
             return fab_targeted(fab, x, y, index, self.seed)

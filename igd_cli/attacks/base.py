@@ -1,25 +1,25 @@
 """One small attack interface (like torchattacks): built with the model, ε, norm, budget, seed and device;
 ``attack(x, y, index) -> x_adv``, batched; plus :func:`run_attack`, which runs an attack over an ``ImageSet``.
 
-Randomness is drawn per image from a generator seeded with ``(seed, index)`` wherever igd controls it (APGD
-random starts, PGD, RayS is deterministic), and the IG-Defense's smoothing noise is keyed by image content
-(:mod:`igd_cli.noise`), so an image's adversarial point does not depend on which other images share its batch:
-batch size, ``--shard`` and the skipping of broken images in IW-WC give the same points, with or without
-randomized smoothing. AutoAttack, Square and FAB are composed from pyautoattack's pieces with per-image
-generators (:mod:`igd_cli.attacks.autoattack`), so the same holds for them. Where igd's own code makes identical
-queries for different images (RayS's box corners), it declares the attacked image of each row
-(:func:`query_owners`) so that a randomized defence draws that image's own noise.
+Randomness is drawn per image wherever igd controls it: random starts, Square's windows and FAB's restarts from a
+generator seeded with ``(seed, index)`` (RayS is deterministic), and a randomized defence's noise keyed by the
+image's identity, the attack and the query's ordinal for that image (:mod:`igd_cli.noise`: ``Attack.__call__``
+declares the images of its batch; an attack querying a subset of them declares it with
+:func:`igd_cli.noise.rows`). An image's adversarial point therefore does not depend on which other images share
+its batch: batch size, ``--shard`` and the skipping of broken images in IW-WC give the same points, with or
+without randomized smoothing. AutoAttack, Square and FAB are composed from pyautoattack's pieces with per-image
+generators (:mod:`igd_cli.attacks.autoattack`), so the same holds for them.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn as nn
 
+from .. import noise
 from ..console import progress
 from ..data import ImageSet
 from ..devices import module_device
@@ -52,28 +52,16 @@ def is_randomized(model: nn.Module) -> bool:
     return bool(getattr(model, "rs", False)) and hasattr(model, "reseed")
 
 
-#: attacks query a randomized model on their own noise stream (seed XOR this): evaluation uses ``seed`` itself, so
-#: a point an attack kept because one noise draw misclassified it is judged under an independent draw, as a
-#: deployed defence drawing fresh noise would judge it (with content-keyed noise, one shared stream would
-#: replay the attacker's lucky draw)
-ATTACK_STREAM = 0x5DEECE66D
-
-
-def attack_stream(seed: int) -> int:
-    """The noise seed attacks use against a randomized model whose evaluations use ``seed``."""
-    return int(seed) ^ ATTACK_STREAM
-
-
-def query_owners(model: nn.Module, owners: torch.Tensor):
-    """Context: the rows of the queries made inside are for the attacked images ``owners`` (positions in the
-    split). A randomized model that supports it (``IGDefense``) keys their noise by (owner, content), so two
-    images whose queries coincide (RayS's box corners) still draw their own noise; a no-op for other models."""
-    fn = getattr(model, "query_owners", None)
-    return fn(owners) if callable(fn) else contextlib.nullcontext()
+def attack_stream(seed: int, name: str) -> int:
+    """The noise stream attack ``name`` queries a randomized model on under the run's ``seed``: its own, never
+    the evaluation's (:func:`igd_cli.scoring.score_stream`), so a point an attack kept because one noise draw
+    misclassified it is judged under independent draws, as a deployed defence drawing fresh noise judges it."""
+    return noise.stream(seed, f"attack:{name}")
 
 
 def reseed(model: nn.Module, seed: int) -> None:
-    """Restart a randomized model's noise stream (no-op for deterministic models) so reruns agree."""
+    """Restart a randomized model's fallback noise stream (used outside an image block; a no-op for
+    deterministic models)."""
     fn = getattr(model, "reseed", None)
     if callable(fn):
         fn(seed)
@@ -132,7 +120,9 @@ class Attack:
             index = torch.arange(len(x), dtype=torch.int64)
         if len(x) == 0:
             return x.clone()
-        x_adv = self.perturb(x, y, index.cpu()).detach()
+        index = index.cpu()
+        with noise.images(noise.image_keys(index, x), attack_stream(self.seed, self.name)):
+            x_adv = self.perturb(x, y, index).detach()
         return project(x_adv, x, self.eps, self.norm)
 
     def describe(self) -> dict[str, Any]:
@@ -198,10 +188,6 @@ def run_attack(attack: Attack, data: ImageSet, *, batch_size: int = 128,
         for b in range(0, len(positions), batch_size):
             pos = positions[b:b + batch_size]
             x, y = gather(data, pos)
-            # a randomized model's noise stream (the attack's own, see ATTACK_STREAM) restarts per batch: its
-            # noise is keyed by image content, so this changes no image's noise, and the stream's record of
-            # seen rows stays one batch long
-            reseed(attack.model, attack_stream(attack.seed))
             xs.append(attack(x, y, pos).cpu())
             ys.append(y)
             bar.advance(task, len(pos))

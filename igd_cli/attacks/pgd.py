@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import noise
 from .base import Attack, image_generators
 
 
@@ -40,18 +41,19 @@ class PGD(Attack):
                 break
             x0, y0 = x[todo], y[todo]
             # CPU generators (the same draw on any device), moved to the images' device and dtype
-            noise = torch.stack([torch.rand(x.shape[1:], generator=gens[i]) for i in todo.tolist()]).to(x.device,
+            start = torch.stack([torch.rand(x.shape[1:], generator=gens[i]) for i in todo.tolist()]).to(x.device,
                                                                                                        x.dtype)
-            xa = (x0 + (2 * noise - 1) * self.eps).clamp(0, 1)
+            xa = (x0 + (2 * start - 1) * self.eps).clamp(0, 1)
             found = torch.zeros(len(todo), dtype=torch.bool, device=x.device)
             best = xa.clone()
-            for _ in range(steps):
-                g, logits = _grad(self.model, xa, y0)
-                wrong = (logits.argmax(1) != y0) & ~found
-                best[wrong], found[wrong] = xa[wrong], True
-                xa = torch.min(torch.max(xa + alpha * g.sign(), x0 - self.eps), x0 + self.eps).clamp(0, 1)
-            with torch.no_grad():
-                wrong = (self.model(xa).argmax(1) != y0) & ~found
+            with noise.rows(todo):
+                for _ in range(steps):
+                    g, logits = _grad(self.model, xa, y0)
+                    wrong = (logits.argmax(1) != y0) & ~found
+                    best[wrong], found[wrong] = xa[wrong], True
+                    xa = torch.min(torch.max(xa + alpha * g.sign(), x0 - self.eps), x0 + self.eps).clamp(0, 1)
+                with torch.no_grad():
+                    wrong = (self.model(xa).argmax(1) != y0) & ~found
             best[wrong], found[wrong] = xa[wrong], True
             best[~found] = xa[~found]
             out[todo] = best

@@ -12,10 +12,10 @@ or its queries reach the budget.
 Differences from the reference code, all on the output side: the queries are counted per image and an image
 stops being queried at success; a failed image returns the best direction's point projected onto the ε-ball
 (the reference returns it outside the ball), so every returned point lies in the ε-ball and [0, 1]. The
-search has no randomness: an image's result does not depend on its batch. Its first queries (the box corner
-``clip(x + ∞·s)``) are the same image for every image of a batch; every query is therefore made under
-:func:`~igd_cli.attacks.base.query_owners`, so a randomized defence draws each attacked image's own noise for it
-(its draws depend only on the attacked image, the query and the seed, not on the batch).
+search has no randomness: an image's result does not depend on its batch. Every query declares the images it is
+made for (:func:`igd_cli.noise.rows`), so a randomized defence draws each attacked image's own noise for it (its
+draws depend only on the attacked image, the query's ordinal and the seed, not on the batch — also for its first
+queries, the box corner ``clip(x + ∞·s)``, which is the same point for every image of a batch).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import math
 
 import torch
 
-from .base import Attack, query_owners
+from .. import noise
+from .base import Attack
 
 
 class RayS(Attack):
@@ -36,27 +37,24 @@ class RayS(Attack):
     tol = 1e-3
 
     @torch.no_grad()
-    def _succ(self, x_q: torch.Tensor, y: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
-        with query_owners(self.model, owners):
+    def _succ(self, x_q: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Which queries ``x_q`` (made for the images ``rows`` of the batch) are misclassified."""
+        with noise.rows(rows):
             return self.model(x_q).argmax(1) != y
 
     @torch.no_grad()
     def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        x_adv, _, _ = self.search(x, y, index)
+        x_adv, _, _ = self.search(x, y)
         return x_adv
 
     @torch.no_grad()
-    def search(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (points inside the ε-ball, ℓ∞ boundary distance found per image, queries used per image);
-        ``index``: the images' positions in the split (the owners of their queries; default 0..n-1)."""
+    def search(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (points inside the ε-ball, ℓ∞ boundary distance found per image, queries used per image)."""
         limit = self.budget["queries"]
         n = len(x)
         shape = x.shape
         dim = int(math.prod(shape[1:]))
         xf = x.reshape(n, dim)
-        # the owners live on the images' device: the queries' owners are picked by device indices, no transfer
-        owners = (torch.arange(n) if index is None else index).to(device=x.device, dtype=torch.int64)
         sgn = torch.ones(n, dim, dtype=x.dtype, device=x.device)
         d_t = torch.full((n,), float("inf"), dtype=x.dtype, device=x.device)
         x_final = _point(xf, sgn / math.sqrt(dim), d_t)
@@ -75,7 +73,7 @@ class RayS(Attack):
             idx = active.nonzero().flatten()
             attempt = sgn[idx].clone()
             attempt[:, start:end] *= -1.0
-            self._binary_search(xf[idx], y[idx], attempt, idx, d_t, sgn, x_final, queries, shape, owners)
+            self._binary_search(xf[idx], y[idx], attempt, idx, d_t, sgn, x_final, queries, shape)
 
             block_ind += 1
             if block_ind == 2 ** block_level or end == dim:
@@ -89,7 +87,7 @@ class RayS(Attack):
             out[failed] = (xf[failed] + (x_final[failed] - xf[failed]).clamp(-self.eps, self.eps)).clamp(0, 1)
         return out.reshape(shape), dist, queries
 
-    def _binary_search(self, x, y, attempt, idx, d_t, sgn, x_final, queries, shape, owners) -> None:
+    def _binary_search(self, x, y, attempt, idx, d_t, sgn, x_final, queries, shape) -> None:
         """Boundary radius along ``attempt``; updates the best direction/radius/point of improved images."""
         norm = attempt.norm(dim=1)
         unit = attempt / norm[:, None]
@@ -98,15 +96,14 @@ class RayS(Attack):
         d_end = d_cur.clone()
 
         queries[idx] += 1
-        own = owners[idx]
-        succ = self._succ(_point(x, unit, d_cur).reshape(-1, *shape[1:]), y, own)
+        succ = self._succ(_point(x, unit, d_cur).reshape(-1, *shape[1:]), y, idx)
         d_end[succ] = torch.minimum(d_cur, norm)[succ]
         search = succ.nonzero().flatten()
         while search.numel() > 0:
             d_mid = (d_start[search] + d_end[search]) / 2.0
             queries[idx[search]] += 1
             s = self._succ(_point(x[search], unit[search], d_mid).reshape(-1, *shape[1:]), y[search],
-                           own[search])
+                           idx[search])
             d_end[search[s]] = d_mid[s]
             d_start[search[~s]] = d_mid[~s]
             search = search[(d_end[search] - d_start[search]) > self.tol]

@@ -19,6 +19,7 @@ import math
 import torch
 from pyautoattack.square import SquareAttack
 
+from .. import noise
 from .base import image_generators
 
 
@@ -75,9 +76,10 @@ class PerImageSquare(SquareAttack):
             todo = acc.nonzero().flatten()
             if todo.numel() == 0:
                 break
-            adv_curr = self._single_run(x[todo].clone(), y[todo].clone(), [gens[i] for i in todo.tolist()])
-            with torch.no_grad():
-                acc_curr = self.predict(adv_curr).max(1)[1] == y[todo]
+            with noise.rows(todo):
+                adv_curr = self._single_run(x[todo].clone(), y[todo].clone(), [gens[i] for i in todo.tolist()])
+                with torch.no_grad():
+                    acc_curr = self.predict(adv_curr).max(1)[1] == y[todo]
             won = (~acc_curr).nonzero().flatten()
             acc[todo[won]] = False
             adv[todo[won]] = adv_curr[won].clone()
@@ -151,7 +153,8 @@ class PerImageSquare(SquareAttack):
                 _set_window(delta_curr, vh2, vw2, s, torch.zeros(len(idx), c, s, s, dtype=x.dtype, device=dev))
                 _set_window(delta_curr, vh, vw, s, new_deltas + 0)
                 x_new = torch.clamp(x_curr + self.normalize(delta_curr) * self.eps, 0., 1.)
-            margin, loss = self.margin_and_loss(x_new, y_curr)
+            with noise.rows(idx):
+                margin, loss = self.margin_and_loss(x_new, y_curr)
             margin_min_curr, loss_min_curr = margin_min[idx], loss_min[idx]
             improved = (loss < loss_min_curr).float()
             loss_min[idx] = improved * loss + (1. - improved) * loss_min_curr

@@ -260,3 +260,12 @@ class Audit:
     @property
     def y(self) -> torch.Tensor:
         return self._evaluator("base", self.eps, self.budgets())[0].y
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """The images' identities (:func:`igd_cli.noise.image_keys`), which key the noise of their queries."""
+        return self._evaluator("base", self.eps, self.budgets())[0].keys
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self._evaluator("base", self.eps, self.budgets())[0].positions

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attacks.base import reseed
+from .. import noise
 from ..evaluate import DIRECT, TRANSFER
 from ..scoring import rows_for
 from .context import Audit, paired, per_image_test
@@ -77,18 +77,22 @@ def frozen_noise_check(audit: Audit) -> CheckResult:
 
 
 @torch.no_grad()
-def mask_change_share(defense, x: torch.Tensor, y: torch.Tensor, rows: int, *, seed: int = 0,
-                      batch_size: int = 256) -> torch.Tensor:
+def mask_change_share(defense, x: torch.Tensor, y: torch.Tensor, rows: int, *, keys: torch.Tensor,
+                      seed: int = 0, batch_size: int = 256) -> torch.Tensor:
     """Per draw (rows, n): does the defended prediction differ from argmax ŷ (the soft pseudo-label of the same
-    query)? Draw r is each image's r-th query after ``reseed(seed)``, as :func:`igd_cli.scoring.classify`."""
-    reseed(defense, seed)
+    query)? Draw r is the r-th query of each image (identities ``keys``) on the scoring stream of ``seed``, as
+    :func:`igd_cli.scoring.classify` draws it."""
+    from ..scoring import score_stream
+
     device = next(defense.model.parameters()).device
     out = torch.empty(rows, len(x), dtype=torch.bool, device=device)  # on the device: one transfer at the end
+    keys = keys.to(device)
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(device)
-        for r in range(rows):
-            feats = defense.features(xb)
-            out[r, i:i + batch_size] = defense.masked_tail(feats).argmax(1) != feats.yhat.argmax(1)
+        with noise.images(keys[i:i + batch_size], score_stream(seed)):
+            for r in range(rows):
+                feats = defense.features(xb)
+                out[r, i:i + batch_size] = defense.masked_tail(feats).argmax(1) != feats.yhat.argmax(1)
     return out.cpu()
 
 
@@ -102,7 +106,8 @@ def mask_acts(audit: Audit) -> CheckResult:
     wb = audit.whitebox()
     shares, tests = {}, {}
     for name, x in (("clean", audit.x), (wb, audit.adversarial(wb))):
-        bits = mask_change_share(audit.defense, x, audit.y, rows, seed=audit.seed, batch_size=audit.batch_size)
+        bits = mask_change_share(audit.defense, x, audit.y, rows, keys=audit.keys, seed=audit.seed,
+                                 batch_size=audit.batch_size)
         per_draw = bits.float().mean(1)
         tests[name] = per_image_test(bits.double().mean(0), "mask_acts_share", "below")
         shares[name] = {"mean": float(per_draw.mean()), "std": float(per_draw.std()) if rows > 1 else 0.0,

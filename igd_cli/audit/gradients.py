@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pyautoattack import checks
 
-from ..attacks.base import image_generators, is_randomized, reseed
+from .. import noise
+from ..attacks.base import image_generators, is_randomized
 from .context import Audit
 from .result import CheckResult
 from .thresholds import THRESHOLDS
@@ -56,9 +57,9 @@ def autoattack_flags(audit: Audit) -> CheckResult:
     model = audit.audited
     x, y = audit.x[: audit.batch_size].to(audit.target.device), audit.y[: audit.batch_size].to(audit.target.device)
     logs = {k: _Log() for k in ("randomized", "probabilities", "zero_gradients", "dynamic", "n_classes")}
-    with warnings.catch_warnings():
+    keys = audit.keys[: audit.batch_size]
+    with warnings.catch_warnings(), noise.images(keys, noise.stream(audit.seed, "audit:flags")):
         warnings.simplefilter("ignore")
-        reseed(model, audit.seed)
         checks.check_randomized(model, x, y, n=5, logger=logs["randomized"])
         with torch.no_grad():
             out = torch.stack([model(x) for _ in range(2)])
@@ -168,10 +169,11 @@ def loss_surfaces(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
     draws = draws if is_randomized(model) else 1
     device = next((p.device for p in model.parameters()), x.device)
     x, y = x.to(device), y.to(device)
-    reseed(model, seed)
-    g = input_gradient(model, x, y, draws)
-    s = g.sign()
     idx = index if index is not None else torch.arange(len(x))
+    keys, stream = noise.image_keys(idx, x), noise.stream(seed, "audit:surface")
+    with noise.images(keys, stream):
+        g = input_gradient(model, x, y, draws)
+    s = g.sign()
     r = orthogonal_direction(g, image_generators(seed, idx))
     alphas = torch.linspace(-eps, eps, grid)
     a, b = torch.meshgrid(alphas, alphas, indexing="ij")
@@ -185,16 +187,25 @@ def loss_surfaces(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
     yy = y.repeat_interleave(grid * grid)
     loss = torch.zeros(len(pts_t), dtype=x.dtype, device=device)
     prob = None
-    reseed(model, seed)
-    for _ in range(draws):
-        logits = torch.cat([model(pts_t[j:j + batch_size]) for j in range(0, len(pts_t), batch_size)])
-        loss += F.cross_entropy(logits, yy, reduction="none")
-        p = F.softmax(logits, 1)
-        prob = p if prob is None else prob + p
+    owner = torch.arange(len(x), device=device).repeat_interleave(grid * grid)  # the image of every grid point
+    with noise.images(keys, noise.stream(stream, "grid")):
+        for _ in range(draws):
+            logits = torch.cat([_owned(model, pts_t[j:j + batch_size], owner[j:j + batch_size])
+                                for j in range(0, len(pts_t), batch_size)])
+            loss += F.cross_entropy(logits, yy, reduction="none")
+            p = F.softmax(logits, 1)
+            prob = p if prob is None else prob + p
     loss /= draws
     wrong = prob.argmax(1) != yy
     n = len(x)
     return Surface(alphas, loss.view(n, grid, grid).cpu(), wrong.view(n, grid, grid).cpu())
+
+
+def _owned(model: nn.Module, points: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """``model(points)``, each point a query of the image ``owner`` names (several points of one image: one query
+    each, in order)."""
+    with noise.rows(owner):
+        return model(points)
 
 
 def surface_check(audit: Audit) -> tuple[CheckResult, dict[str, Surface]]:
@@ -203,7 +214,7 @@ def surface_check(audit: Audit) -> tuple[CheckResult, dict[str, Surface]]:
     n = min(int(audit.preset["surface_images"]), len(audit.x))
     x, y = audit.x[:n], audit.y[:n]
     kw = {"eps": audit.eps, "grid": int(audit.preset["surface_grid"]), "draws": int(audit.preset["surface_draws"]),
-          "seed": audit.seed, "batch_size": audit.batch_size}
+          "seed": audit.seed, "batch_size": audit.batch_size, "index": audit.positions[:n]}
     surfaces = {"audited": loss_surfaces(audit.audited, x, y, **kw)}
     if audit.defense is not None:
         surfaces["base"] = loss_surfaces(audit.target.model, x, y, **kw)

@@ -91,8 +91,8 @@ def attack_cmd(
     start = time.perf_counter()
     res = run_attack(atk, data, batch_size=batch_size, positions=positions, description=f"{kind} {attack}")
     x_clean, _ = gather(data, positions)
-    clean, robust = score_set(attacked, x_clean, res.x_adv, res.y, protocol=protocol, draws=draws, seed=seed,
-                              batch_size=batch_size)
+    clean, robust = score_set(attacked, x_clean, res.x_adv, res.y, res.index, protocol=protocol, draws=draws,
+                              seed=seed, batch_size=batch_size)
     seconds = time.perf_counter() - start
     if sh is not None:
         extra["shard"] = [sh[0], sh[1]]

@@ -286,3 +286,19 @@ def test_record_round_trip_and_fixed_size():
     assert len(raw) == locks.RECORD_BYTES and Record.decode(raw) == rec
     assert json.loads(raw)["igd_lock"] == 1
     assert Record.decode(b"") is None and Record.decode(b"igd (pid 1 on x)") is None
+
+
+def test_a_cache_entry_on_a_file_system_without_flock(tmp_path, monkeypatch):
+    """igd fetch's cache entries (ENTRY.lock): the same one line, and IGD_LOCK_DIR / IGD_LOCK_DIR=none work."""
+    from igd_cli.download import fill
+
+    home, elsewhere = tmp_path / "lustre", tmp_path / "locks"
+    _refuse(monkeypatch, errno.ENOSYS, only_under=home)
+    with pytest.raises(IgdError, match=r"models/x.pt: the file system of .* refuses file locks \(flock: Function "
+                                       r"not implemented\): set IGD_LOCK_DIR"):
+        fill(home / "models" / "x.pt", lambda tmp: tmp.write_text("1"))
+    monkeypatch.setenv("IGD_LOCK_DIR", str(elsewhere))
+    assert fill(home / "models" / "x.pt", lambda tmp: tmp.write_text("1"))
+    assert [p.name.split("-", 1)[0] for p in elsewhere.iterdir()] == ["models"]
+    monkeypatch.setenv("IGD_LOCK_DIR", "none")
+    assert fill(home / "models" / "y.pt", lambda tmp: tmp.write_text("2"))

@@ -273,21 +273,19 @@ def _say(text: str) -> None:
     err_console.print(text, highlight=False, soft_wrap=True)
 
 
-def _refused(label: str, path: Path, why: str) -> IgdError:
-    return IgdError(f"{label}: the file system of {path.parent} refuses file locks (flock: {why}): pass --lock-dir "
-                    f"DIR (or IGD_LOCK_DIR) on a file system whose locks every node sees, or --lock-dir none to run "
-                    f"without a lock")
+def _refused(label: str, path: Path, why: str, elsewhere: str, none: str) -> IgdError:
+    return IgdError(f"{label}: the file system of {path.parent} refuses file locks (flock: {why}): {elsewhere} on a "
+                    f"file system whose locks every node sees, or {none} to run without a lock")
 
 
 def _me(what: str) -> Record:
     return Record(socket.gethostname(), os.getpid(), _pid_start(os.getpid()), time.time(), what)
 
 
-def _take(folder: Path, piece: str | None, opts: LockOptions, att: _Attempt, held: list[_Held]) \
+def _take(run: Path, mine: Path | None, piece: str | None, att: _Attempt, held: list[_Held]) \
         -> tuple[Record | None, Path] | None:
-    """One try at the locks of a plain run (``piece`` None) or of one piece; None when taken (appended to
-    ``held``), else the holder in the way (None: unknown) and its lock file."""
-    run = lock_file(folder, RUN_LOCK, opts.lock_dir)
+    """One try at the run lock ``run`` of a plain run (``piece`` None), or at it and the piece's lock ``mine``;
+    None when taken (appended to ``held``), else the holder in the way (None: unknown) and its lock file."""
     if piece is None:
         h = _try(run, exclusive=True)
         if h is None:  # held by a plain run (its record) or by pieces (shared: each names itself in its own file)
@@ -307,7 +305,6 @@ def _take(folder: Path, piece: str | None, opts: LockOptions, att: _Attempt, hel
             if rec is not None:
                 _clear(path, raw)
         return None
-    mine = lock_file(folder, f"{RUN_LOCK}-{piece}", opts.lock_dir)
     h = _try(run, exclusive=False)
     if h is None:
         return _read(run)[1], run
@@ -354,24 +351,23 @@ def run_lock(folder: Path, piece: str | None = None, options: LockOptions | None
     opts = options or LockOptions.from_env()
     folder = Path(folder)
     label = f"--out {folder}"
+    run = lock_file(folder, RUN_LOCK, opts.lock_dir)
+    if run is None:  # --lock-dir none: the user keeps writers apart
+        yield
+        return
+    mine = None if piece is None else lock_file(folder, f"{RUN_LOCK}-{piece}", opts.lock_dir)
+    att = _Attempt(label, opts.wait)
+    held: list[_Held] = []
     try:
-        if lock_file(folder, RUN_LOCK, opts.lock_dir) is None:  # --lock-dir none: the user keeps writers apart
-            yield
-            return
-        att = _Attempt(label, opts.wait)
-        while True:
-            held: list[_Held] = []
-            try:
-                got = _take(folder, piece, opts, att, held)
-            except BaseException:
-                _release(held)
-                raise
-            if got is None:
-                break
+        while (got := _take(run, mine, piece, att, held)) is not None:
             _release(held)
             att.pause(*got)
     except _Refused as exc:
-        raise _refused(label, lock_file(folder, RUN_LOCK, opts.lock_dir), str(exc)) from None
+        _release(held)
+        raise _refused(label, run, str(exc), "pass --lock-dir DIR (or IGD_LOCK_DIR)", "--lock-dir none") from None
+    except BaseException:
+        _release(held)
+        raise
     try:
         yield
     finally:
@@ -398,9 +394,8 @@ def entry_lock(path: Path, label: str) -> Iterator[None]:
             _flock(fd, fcntl.LOCK_EX)
         except OSError as exc:
             if exc.errno in REFUSED:
-                raise IgdError(f"{label}: the file system of {where.parent} refuses file locks (flock: "
-                               f"{exc.strerror}): set IGD_LOCK_DIR to a folder on a file system whose locks every "
-                               f"node sees, or IGD_LOCK_DIR=none") from None
+                raise _refused(label, where, exc.strerror, "set IGD_LOCK_DIR to a folder", "IGD_LOCK_DIR=none") \
+                    from None
             raise
         yield
     finally:

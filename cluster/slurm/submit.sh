@@ -78,7 +78,8 @@ export IGD_RUN=$run IGD_SHARDS=$shards IGD_RANK_SHARDS=$rank_shards IGD_N_NEURON
 # jobs.tsv keeps every submission's jobs (NAME, JOB ID, ARRAY, SUBMISSION): --wait also waits for the jobs of an
 # earlier submission that still run
 jobs_file=$run/cluster/jobs.tsv
-submission=$(( $(awk -F'\t' 'NF >= 4 { n = $4 } END { print n + 0 }' "$jobs_file" 2>/dev/null || echo 0) + 1 ))
+submission=1
+[ -f "$jobs_file" ] && submission=$(( $(awk -F'\t' 'NF >= 4 { n = $4 } END { print n + 0 }' "$jobs_file") + 1 ))
 submit() {  # submit NAME DEPENDENCY ARRAY SCRIPT [SCRIPT ARGS...] -> prints the job id
   local name=$1 dep=$2 array=$3 script=$4; shift 4
   local fit=()
@@ -115,5 +116,6 @@ n=$(awk -F'\t' -v s="$submission" '$4 == s' "$jobs_file" | wc -l)
 echo "submitted $n jobs for $run (submission $submission; ids in $jobs_file, logs in $run/logs)"
 [ "$wait" = 1 ] || exit 0
 
-# 4. --wait: until none of the run's jobs is pending or running, then every job's (and array task's) final state
+# 4. --wait: until this submission's jobs, and the earlier ones still running, have ended; then every job's (and
+# array task's) final state
 exec python3 "$here/wait.py" "$jobs_file"

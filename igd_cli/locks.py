@@ -287,17 +287,12 @@ def _take(run: Path, mine: Path | None, piece: str | None, att: _Attempt, held: 
     """One try at the run lock ``run`` of a plain run (``piece`` None), or at it and the piece's lock ``mine``;
     None when taken (appended to ``held``), else the holder in the way (None: unknown) and its lock file."""
     if piece is None:
-        h = _try(run, exclusive=True)
-        if h is None:  # held by a plain run (its record) or by pieces (shared: each names itself in its own file)
-            for path in [run, *_piece_files(run)]:
-                if (rec := _holder(path)) is not None:
-                    return rec, path
-            return None, run
-        held.append(h)
-        raw, rec = _read(run)
-        if att.live(run, raw, rec):
-            return rec, run
-        h.announce(_me("igd pipeline"))
+        got = _step(run, True, att, held)
+        if isinstance(got, tuple):
+            if got[0] is None:  # held shared by pieces: each names itself in its own file
+                return next(((rec, p) for p in _piece_files(run) if (rec := _holder(p)) is not None), got)
+            return got
+        got.announce(_me("igd pipeline"))
         for path in _piece_files(run):  # pieces on other nodes, where flock is local to each node
             raw, rec = _read(path)
             if att.live(path, raw, rec):
@@ -305,23 +300,23 @@ def _take(run: Path, mine: Path | None, piece: str | None, att: _Attempt, held: 
             if rec is not None:
                 _clear(path, raw)
         return None
-    h = _try(run, exclusive=False)
-    if h is None:
-        return _read(run)[1], run
-    held.append(h)
-    raw, rec = _read(run)
-    if att.live(run, raw, rec):
-        return rec, run
-    hp = _try(mine, exclusive=True)
-    if hp is None:
-        return _read(mine)[1], mine
-    held.append(hp)
-    raw, rec = _read(mine)
-    if att.live(mine, raw, rec):
-        return rec, mine
-    hp.announce(_me(f"igd pipeline --piece {piece}"))
+    for path, exclusive in ((run, False), (mine, True)):
+        got = _step(path, exclusive, att, held)
+        if isinstance(got, tuple):
+            return got
+    got.announce(_me(f"igd pipeline --piece {piece}"))
     raw, rec = _read(run)  # a plain run that announced itself meanwhile on another node: both back off and retry
     return (rec, run) if att.live(run, raw, rec) else None
+
+
+def _step(path: Path, exclusive: bool, att: _Attempt, held: list[_Held]) -> _Held | tuple[Record | None, Path]:
+    """``path`` locked and its record checked: the lock (appended to ``held``), or the holder in the way."""
+    h = _try(path, exclusive)
+    if h is None:
+        return _holder(path), path
+    held.append(h)
+    raw, rec = _read(path)
+    return (rec, path) if att.live(path, raw, rec) else h
 
 
 def _clear(path: Path, raw: bytes) -> None:

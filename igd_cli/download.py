@@ -2,8 +2,8 @@
 
 A cache entry (a file or a folder) is produced under a temporary name in its own folder, checked, and renamed
 into place, all while holding an exclusive ``flock`` on ``ENTRY.lock`` (``igd_cli.locks.entry_lock``): a process
-that loads the entry either finds it complete or waits for the one filling it, and a process killed midway leaves only a temporary
-name behind (removed by the next fill), never a partial entry under the real name. ``IGD_MIRROR`` (or
+that loads the entry either finds it complete or waits for the one filling it, and a process killed midway leaves
+only a temporary name behind (removed by the next fill), never a partial entry under the real name. ``IGD_MIRROR`` (or
 ``igd fetch --mirror``) points the downloads at a local mirror (``http(s)://`` or ``file://``) laid out as
 ``MIRROR/models/<dataset>/<threat model>/<name>.pt`` and ``MIRROR/data/<archive>``.
 

@@ -179,7 +179,8 @@ def test_a_job_that_cannot_start_names_the_option_that_fixes_it(fake, tmp_path, 
 def test_fit_lowers_defaults_the_partition_cannot_give_and_refuses_explicit_ones(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "sinfo").write_text("#!/usr/bin/env bash\necho 'local*|2|6000|04:00:00'\necho 'local*|2|4000|04:00:00'\n")
+    (bin_dir / "sinfo").write_text("#!/usr/bin/env bash\necho 'local*|2|6000|04:00:00'\n"
+                                   "echo 'local*|2|4000|04:00:00'\n")
     (bin_dir / "sinfo").chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 

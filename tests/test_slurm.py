@@ -80,7 +80,7 @@ def unavailable(reason: str) -> None:
 
 def test_a_scheduler_test_without_slurm_fails_under_ci(monkeypatch):
     monkeypatch.setenv("CI", "true")
-    with pytest.raises(pytest.fail.Exception, match=r"SLURM is not installed \(CI=true: the scheduler tests must run\)"):
+    with pytest.raises(pytest.fail.Exception, match=r"not installed \(CI=true: the scheduler tests must run\)"):
         unavailable("SLURM is not installed")
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="SLURM is not installed"):

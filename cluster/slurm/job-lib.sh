@@ -31,7 +31,9 @@ if [ -n "${IGD_ACTIVATE:-}" ]; then
   eval "$IGD_ACTIVATE" || { rc=$?; say "error: IGD_ACTIVATE failed (exit $rc): $IGD_ACTIVATE"; exit "$rc"; }
   set -u
 fi
-command -v igd >/dev/null || { say "error: igd not found${IGD_ACTIVATE:+ after IGD_ACTIVATE ($IGD_ACTIVATE)}: set IGD_ACTIVATE to the line that activates igd's environment"; exit 127; }
+command -v igd >/dev/null ||
+  { say "error: igd not found${IGD_ACTIVATE:+ after IGD_ACTIVATE ($IGD_ACTIVATE)}: set IGD_ACTIVATE to the line" \
+      "that activates igd's environment"; exit 127; }
 
 # step_args STEP: the igd options of STEP (RUN/cluster/STEP.args, written by plan.py) into the array ARGS
 step_args() {

@@ -1,9 +1,9 @@
 """Filling igd's caches (zoo checkpoints, data sets, weights) once and safely, from several processes at once.
 
 A cache entry (a file or a folder) is produced under a temporary name in its own folder, checked, and renamed
-into place, all while holding an exclusive ``fcntl`` lock on ``ENTRY.lock``: a process that loads the entry
-either finds it complete or waits for the one filling it, and a process killed midway leaves only a temporary
-name behind (removed by the next fill), never a partial entry under the real name. ``IGD_MIRROR`` (or
+into place, all while holding an exclusive ``flock`` on ``ENTRY.lock`` (``igd_cli.locks.entry_lock``): a process
+that loads the entry either finds it complete or waits for the one filling it, and a process killed midway leaves
+only a temporary name behind (removed by the next fill), never a partial entry under the real name. ``IGD_MIRROR`` (or
 ``igd fetch --mirror``) points the downloads at a local mirror (``http(s)://`` or ``file://``) laid out as
 ``MIRROR/models/<dataset>/<threat model>/<name>.pt`` and ``MIRROR/data/<archive>``.
 
@@ -14,7 +14,6 @@ True
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
@@ -24,6 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator
 
+from . import locks
 from .errors import IgdError
 
 CHUNK = 1 << 20
@@ -41,14 +41,11 @@ def mirror() -> str | None:
 
 @contextlib.contextmanager
 def entry_lock(dest: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``DEST.lock`` (next to the entry) while the entry is checked or filled."""
+    """Hold an exclusive lock on ``DEST.lock`` (next to the entry; in ``IGD_LOCK_DIR`` when set) while the entry
+    is checked or filled."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(dest.with_name(dest.name + ".lock"), "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    with locks.entry_lock(dest.with_name(dest.name + ".lock"), str(dest)):
+        yield
 
 
 def _remove(path: Path) -> None:

@@ -8,12 +8,11 @@ stages (and, inside the evaluation, the attacks) it finished. What each stage di
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -25,6 +24,7 @@ from .data import ImageSet, load_dataset, same_images
 from .console import err_console, progress_enabled
 from .defense import check_layers, load_defense
 from .errors import IgdError
+from .locks import LockOptions, run_lock
 from .precision import precision_meta
 from .evaluate import (PYAUTOATTACK_VERSION, Budgets, EvalResult, adaptive_temperature, attack_revisions,
                        defense_identity, evaluate_defense)
@@ -160,17 +160,18 @@ class PipelineResult:
 
 
 def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_dir: str | Path | None = None,
-                 force: bool = False, piece: Piece | None = None) -> PipelineResult | dict[str, Any]:
-    """Run (or re-read) every stage for ``target`` into the folder ``out``, holding the folder's lock (a second
-    process on the same folder fails at once with one line instead of mixing its results in). With ``piece``,
-    compute that piece only (holding that piece's lock: the pieces of one run go on in parallel) and return what
-    it wrote and its ``seconds``."""
+                 force: bool = False, piece: Piece | None = None,
+                 lock: LockOptions | None = None) -> PipelineResult | dict[str, Any]:
+    """Run (or re-read) every stage for ``target`` into the folder ``out``, holding the folder's lock
+    (``igd_cli.locks``: a second process on the same folder waits for it instead of mixing its results in). With
+    ``piece``, compute that piece only (the pieces of one run go on in parallel; a plain run and a piece exclude
+    each other) and return what it wrote and its ``seconds``."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise IgdError(f"--out {out}: is a file, expected a folder")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with run_lock(out, None if piece is None else piece.name):
+    with run_lock(out, None if piece is None else piece.name, lock):
         res = _run_pipeline(target, cfg, out, data_dir=data_dir, force=force, piece=piece)
     if isinstance(res, dict):  # a piece: its wall time, which cluster/slurm/size.py sizes jobs from
         res["seconds"] = round(time.perf_counter() - t0, 3)
@@ -462,34 +463,6 @@ def _calibration_identity(target: Target, importances: list[Path], cfg: Pipeline
         "data": data.identity(), "tolerance": cfg.tolerance, "k": cfg.k, "eps": eps, "rs": cfg.rs,
         "seed": cfg.seed, "noise_seed": calibration_stream(cfg.seed) if cfg.rs else None,
         **precision_meta(cfg.precision)}))
-
-
-@contextlib.contextmanager
-def run_lock(folder: Path, piece: str | None = None) -> Iterator[None]:
-    """Hold ``folder/.igd-lock`` (an exclusive ``flock``) while a process writes the run folder; a second process
-    fails at once with one line naming the holder, instead of mixing its stages with the first one's. A piece
-    holds a lock of its own (``.igd-lock-PIECE``), so the pieces of one run go on in parallel."""
-    import fcntl
-    import os
-    import socket
-
-    path = folder / (".igd-lock" if piece is None else f".igd-lock-{piece}")
-    fh = open(path, "a+")
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise IgdError(f"--out {folder}: in use by {holder}; wait for it to finish or choose another --out") \
-                from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"igd (pid {os.getpid()} on {socket.gethostname()})")
-        fh.flush()
-        yield
-    finally:
-        fh.close()  # closing releases the lock
 
 
 def _matching_meta(path: Path, kind: str, want: dict[str, Any]) -> dict[str, Any] | None:

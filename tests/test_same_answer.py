@@ -278,7 +278,7 @@ def _hold_lock(folder, ready, release):
         release.wait(60)
 
 
-def test_a_second_process_on_one_run_folder_fails_in_one_line(tmp_path, cli):
+def test_a_second_process_on_one_run_folder_fails_in_one_line_past_lock_wait(tmp_path, cli):
     out = tmp_path / "run"
     out.mkdir()
     ctx = mp.get_context("fork")
@@ -287,8 +287,9 @@ def test_a_second_process_on_one_run_folder_fails_in_one_line(tmp_path, cli):
     holder.start()
     try:
         assert ready.wait(60)
-        r = cli("pipeline", *TINY, "--out", out)
-        assert r.code == 2 and "in use by igd (pid" in r.err and len(r.err.strip().splitlines()) == 1
+        r = cli("pipeline", *TINY, "--out", out, "--lock-wait", "0")
+        assert r.code == 2 and f"in use by igd pipeline (pid {holder.pid} on" in r.err
+        assert len(r.err.strip().splitlines()) == 1
     finally:
         release.set()
         holder.join(60)

@@ -1,6 +1,7 @@
-"""The cluster route on a real SLURM (issue 20): a one-node cluster started in a temp folder by
-``cluster/slurm/local-cluster.sh``, the shipped job scripts submitted by ``cluster/slurm/submit.sh``, and the faults a
-scheduler brings (scancel, requeue, a failing task). Skipped, with the reason, where SLURM cannot be had.
+"""The cluster route on a real SLURM: a one-node cluster started in a temp folder by ``cluster/slurm/local-cluster.sh``,
+the shipped job scripts submitted by ``cluster/slurm/submit.sh``, and the faults a scheduler brings (scancel, requeue,
+a failing task, a re-submission while the first one runs, a failed activation). Skipped, with the reason, where
+SLURM cannot be had; under ``CI=true`` (``.ci/run``) that is a failure instead, so CI cannot go green without them.
 
 Jobs call igd through ``IGD_ACTIVATE`` (a shell line run at the top of every job): here it defines ``igd`` as this
 interpreter running this tree, and, for the fault tests, holds array task 1 of the ranking at a gate so that the
@@ -28,6 +29,8 @@ SLURM = REPO / "cluster" / "slurm"
 RANK = ["--n-probe", "120", "--batch-size", "64"]
 #: the whole method at tiny budgets (--attack aa: rank, calibrate-k, then the defended evaluation)
 CHAIN = [*RANK, "--n-examples", "9", "--attack", "aa", "--steps", "2", "--queries", "20", "--draws", "3"]
+#: the same with the default attack, IW-WC (the paper's nine attacks and the adaptive tenth column)
+CHAIN_IW_WC = [*RANK, "--n-examples", "6", "--steps", "2", "--queries", "20", "--eot-iter", "1", "--draws", "2"]
 #: the local node has 2 CPUs: ask for one per task so that two tasks run at once
 RESOURCES = ["--cpus-per-task", "1", "--mem", "1G", "--time", "00:10:00"]
 FIGURES = ("n_examples", "clean_accuracy", "clean_accuracy_std", "base_clean_accuracy", "robust_accuracy",
@@ -68,21 +71,37 @@ class Cluster:
         subprocess.run(["scancel", job], env=self.env(), check=True, capture_output=True, timeout=30)
 
 
+def unavailable(reason: str) -> None:
+    """Skip a scheduler test that cannot have SLURM, saying why; under CI=true fail it instead."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: the scheduler tests must run)", pytrace=False)
+    pytest.skip(reason)
+
+
+def test_a_scheduler_test_without_slurm_fails_under_ci(monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"not installed \(CI=true: the scheduler tests must run\)"):
+        unavailable("SLURM is not installed")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="SLURM is not installed"):
+        unavailable("SLURM is not installed")
+
+
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
     if os.name != "posix" or os.geteuid() != 0:
-        pytest.skip("the local SLURM cluster runs its daemons as root (run the tests as root, as CI does)")
+        unavailable("the local SLURM cluster runs its daemons as root (run the tests as root, as CI does)")
     missing = [b for b in ("munged", "slurmctld", "slurmd", "sbatch")
                if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
     if missing:
-        pytest.skip(f"SLURM is not installed ({', '.join(missing)} missing): apt-get install slurmctld slurmd "
+        unavailable(f"SLURM is not installed ({', '.join(missing)} missing): apt-get install slurmctld slurmd "
                     f"slurm-client munge (.ci/run does it)")
     folder = tmp_path_factory.mktemp("slurm")
     script = SLURM / "local-cluster.sh"
     up = subprocess.run([str(script), "up", str(folder)], capture_output=True, text=True, timeout=120)
     if up.returncode != 0:
         subprocess.run([str(script), "down", str(folder)], capture_output=True, timeout=60)
-        pytest.skip(f"the local SLURM cluster did not start: {(up.stderr or up.stdout).strip().splitlines()[-1:]}")
+        unavailable(f"the local SLURM cluster did not start: {(up.stderr or up.stdout).strip().splitlines()[-1:]}")
     assert up.stdout.strip() == f"export SLURM_CONF={folder / 'slurm.conf'}"
     try:
         yield Cluster(folder, tmp_path_factory.mktemp("igd-home"))
@@ -102,8 +121,8 @@ def reference(tmp_path_factory):
 def _jobs(run: Path) -> dict[str, str]:
     """job name prefix (rank, merge-importance, ...) -> job id of the latest submission"""
     tag = run.name
-    return {name.removeprefix("igd-").removesuffix(f"-{tag}"): jid
-            for name, jid in (line.split("\t") for line in (run / "cluster" / "jobs.tsv").read_text().splitlines())}
+    return {name.removeprefix("igd-").removesuffix(f"-{tag}"): jid for name, jid, *_ in
+            (line.split("\t") for line in (run / "cluster" / "jobs.tsv").read_text().splitlines())}
 
 
 def _records(run: Path, step: str) -> list[dict]:
@@ -225,6 +244,18 @@ def test_whole_route_equals_igd_pipeline_and_a_failing_task_stops_its_dependents
     (mask,) = run.glob("mask-*.safetensors")
     assert torch.equal(load_artifact(mask)["mask"], pipe["mask"]["mask"])
 
+    # every job and array task recorded its own exit: --wait needs no controller that still remembers them
+    jobs = _jobs(run)
+    want = {f"{jobs[a]}_{i}" for a in ("rank", "attack", "evaluate") for i in range(3)} | \
+        {jobs[j] for j in ("merge-importance", "calibrate", "merge-eval", "result")}
+    statuses = {p.name.removesuffix(".status"): json.loads(p.read_text()) for p in (run / ".jobs").iterdir()}
+    assert set(statuses) == want and all(v["exit"] == 0 for v in statuses.values()), statuses
+    forgot = _forgetful_controller(tmp_path)
+    w = subprocess.run([sys.executable, str(SLURM / "wait.py"), str(run / "cluster" / "jobs.tsv")],
+                       env={**cluster.env(), "PATH": f"{forgot}{os.pathsep}{os.environ['PATH']}"},
+                       capture_output=True, text=True, timeout=120)
+    assert w.returncode == 0 and w.stdout.strip() == "all 13 jobs and array tasks completed", w.stderr
+
     # the pilot's sizing: size.py reads the tasks' logged seconds (each piece's --json line) and scales them
     sized = subprocess.run([sys.executable, str(SLURM / "size.py"), str(run), "--images", "900", "--json"],
                            capture_output=True, text=True, timeout=60)
@@ -259,6 +290,87 @@ def test_whole_route_equals_igd_pipeline_and_a_failing_task_stops_its_dependents
     assert all(x["skipped"] for x in _records(run, "rank")[-3:])
 
 
+def _forgetful_controller(tmp_path: Path) -> Path:
+    """A folder with ``scontrol`` and ``sacct`` as a SLURM without accounting answers MinJobAge after the jobs ended."""
+    folder = tmp_path / "forgetful"
+    folder.mkdir(exist_ok=True)
+    for name, say in (("scontrol", "slurm_load_jobs error: Invalid job id specified"),
+                      ("sacct", "sacct: error: Slurm accounting storage is disabled")):
+        (folder / name).write_text(f"#!/usr/bin/env bash\necho '{say}' >&2\nexit 1\n")
+        (folder / name).chmod(0o755)
+    return folder
+
+
+def test_a_resubmission_keeps_the_earlier_jobs_and_waits_for_them(cluster, reference, tmp_path):
+    """Re-running the driver while its first submission still runs (task 1 of the ranking held at a gate): jobs.tsv
+    keeps both submissions, the second --wait waits for the first one's running jobs too, and quoted
+    --sbatch-args values reach sbatch whole."""
+    run, gate = tmp_path / "run", tmp_path / "gate"
+    r = cluster.submit(run, "--until", "rank", "--sbatch-args", "--comment='igd first'", "--", *RANK, gate=gate,
+                       wait=False, shards=2)
+    assert r.returncode == 0, r.stderr
+    _until(Path(f"{gate}.started.0"))
+    first = _jobs(run)
+    show = subprocess.run(["scontrol", "show", "job", first["rank"]], env=cluster.env(), capture_output=True,
+                          text=True).stdout
+    assert "Comment=igd first" in show, show
+    cmd = [str(SLURM / "submit.sh"), str(run), "--shards", "2", "--wait", *RESOURCES, "--until", "rank",
+           "--sbatch-args", "--comment='igd second'", "--sbatch-args", "--nice=0", "--", *RANK]
+    second = subprocess.Popen(cmd, env=cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _until(run / "importance-lo-ir-block3.safetensors")  # the second submission's merge (the first's waits)
+        time.sleep(6)  # three polls of --wait
+        assert second.poll() is None, second.communicate()  # the first submission's task 1 still runs
+    finally:
+        gate.with_name(gate.name + ".open").touch()
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err
+    assert out.strip().splitlines()[-1] == ("all 3 jobs and array tasks completed, and 2 jobs of an earlier "
+                                           "submission ended")
+    lines = [line.split("\t") for line in (run / "cluster" / "jobs.tsv").read_text().splitlines()]
+    assert [(name, sub) for name, _, _, sub in lines] == [("igd-rank-run", "1"), ("igd-merge-importance-run", "1"),
+                                                          ("igd-rank-run", "2"), ("igd-merge-importance-run", "2")]
+    assert lines[0][1] == first["rank"] and lines[0][2] == "0-1"
+    assert torch.equal(_importance(run), reference)
+    assert cluster.wait(run).returncode == 0
+
+
+def test_defaults_the_partition_cannot_give_and_a_failed_activation(cluster, tmp_path):
+    """The scripts ask 4 CPUs per task; a partition whose node has fewer gets the node's (a note says so) instead of
+    a job that pends forever; an explicit request no node offers fails before anything is submitted. A failed
+    IGD_ACTIVATE fails the job, saying so in its log, and never runs whatever igd is on PATH."""
+    node_cpus = int(subprocess.run(["sinfo", "-h", "-o", "%c"], env=cluster.env(), capture_output=True,
+                                   text=True).stdout.split()[0].rstrip("+"))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "igd").write_text("#!/usr/bin/env bash\necho 'not the igd of IGD_ACTIVATE'\n")
+    (bin_dir / "igd").chmod(0o755)
+    env = {**cluster.env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "IGD_ACTIVATE": 'if [ -n "${SLURM_JOB_ID:-}" ]; then source /nonexistent/venv/bin/activate; fi'}
+    run = tmp_path / "run"
+    base = [str(SLURM / "submit.sh"), str(run), "--shards", "2", "--mem", "1G", "--time", "00:05:00"]
+    r = subprocess.run([*base, "--cpus-per-task", str(node_cpus + 1), "--", *RANK], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == (f"error: --cpus-per-task {node_cpus + 1}: partition local "
+                                                      f"offers at most {node_cpus} (sinfo); a job asking more "
+                                                      f"never starts")
+    assert not (run / "cluster" / "jobs.tsv").exists()
+    r = subprocess.run([*base, "--wait", "--until", "rank", "--", *RANK], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1
+    jobs = _jobs(run)
+    if node_cpus < 4:
+        assert (f"note: partition local offers at most {node_cpus} for --cpus-per-task: the rank, calibrate, attack, "
+                f"evaluate jobs ask for {node_cpus} instead of their default") in r.stderr
+    show = subprocess.run(["scontrol", "show", "job", jobs["rank"]], env=env, capture_output=True, text=True).stdout
+    assert f"MinCPUsNode={min(4, node_cpus)}" in show
+    assert f"error: igd-rank-run (job {jobs['rank']}, array tasks 0-1) FAILED (exit 1:0)" in r.stderr, r.stderr
+    assert f"error: igd-merge-importance-run (job {jobs['merge-importance']}) never ran" in r.stderr, r.stderr
+    log = (run / "logs" / f"rank.{jobs['rank']}_0.log").read_text()
+    assert "error: IGD_ACTIVATE failed (exit 1): if [ -n" in log and "not the igd" not in log, log
+    assert json.loads((run / ".jobs" / f"{jobs['rank']}_0.status").read_text())["exit"] == 1
+
+
 def test_the_driver_refuses_bad_input_before_submitting_anything(cluster, tmp_path):
     run = tmp_path / "run"
     r = cluster.submit(run, "--", "--bogus", wait=False)
@@ -276,9 +388,10 @@ def test_the_driver_refuses_bad_input_before_submitting_anything(cluster, tmp_pa
     assert r.returncode == 2 and "holds a run with other options" in r.stderr
 
 
-def test_several_masked_layers_through_the_route(cluster, tmp_path):
-    """Two masked layers: the ranking is one job (plan.py), the rest sharded; result.json equals igd pipeline's."""
-    chain = [*CHAIN, "--layer", "block2", "--layer", "block3"]
+def test_several_masked_layers_and_iw_wc_through_the_route(cluster, tmp_path):
+    """Two masked layers and the default attack (IW-WC) at tiny budgets: the ranking is one job (plan.py), the rest
+    sharded; result.json equals igd pipeline's."""
+    chain = [*CHAIN_IW_WC, "--layer", "block2", "--layer", "block3"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "IGD_NO_PROGRESS": "1", "IGD_HOME": str(tmp_path / "home")}
     p = subprocess.run([sys.executable, "-m", "igd_cli", "pipeline", *chain, "--out", str(tmp_path / "plain"),
                         "--json"], env=env, capture_output=True, text=True, timeout=900)
@@ -290,7 +403,8 @@ def test_several_masked_layers_through_the_route(cluster, tmp_path):
     assert "rank" not in _jobs(run)  # no ranking array: merge-importance ranks both layers in one job
     got = json.loads((run / "result.json").read_text())
     assert set(got["k"]) == {"block2", "block3"}
-    for key in FIGURES:
+    assert len(got["robust_accuracy"]) == 10  # IW-WC: the nine transfer and adaptive attacks, and the tenth column
+    for key in (*FIGURES, "iw_wc_paper", "iw_wc_paper_std", "iw_wc_paper_majority", "iw_wc_paper_all_draws"):
         assert got[key] == expected[key], key
     (mask,) = run.glob("mask-*.safetensors")
     want = load_artifact(expected["paths"]["mask"])

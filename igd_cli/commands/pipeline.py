@@ -13,6 +13,7 @@ from ..common import open_target, parse_eps
 from ..console import out_console
 from ..errors import IgdError
 from ..evaluate import Budgets, render_table
+from ..locks import DEFAULT_WAIT, LockOptions
 from ..batching import parse_batch_size
 from ..options import (Arch, AutoBatchSize, BpdaTemperature, DataDir, Dataset, Device, Draws, EpsSigma, Json, Model,
                        Normalize, PipelineProbeDataset, Precision, PresetEotIter, PresetQueries, PresetRestarts,
@@ -63,6 +64,13 @@ def pipeline_cmd(
                                                  "rank:A:B (importance rows A..B-1), calibrate, transfer:I/N or "
                                                  "defend:I/N (shard I of N of the images); a run without --piece "
                                                  "merges the complete pieces it finds")] = None,
+    lock_dir: Annotated[Optional[str], typer.Option("--lock-dir", metavar="DIR|none", envvar="IGD_LOCK_DIR", help=
+                                                    "keep the run folder's locks in DIR (for a run folder on a file "
+                                                    "system without file locks, e.g. Lustre without -o flock: a "
+                                                    "folder whose locks every node sees), or none: no lock")] = None,
+    lock_wait: Annotated[float, typer.Option("--lock-wait", metavar="SECONDS", envvar="IGD_LOCK_WAIT", min=0, help=
+                                                     "how long to wait for a run folder (or piece) another process "
+                                                     "holds before failing")] = DEFAULT_WAIT,
     as_json: Json = False,
 ) -> None:
     """Run the whole method with cached artifacts and print base vs defended clean and worst-case accuracy.
@@ -71,6 +79,7 @@ def pipeline_cmd(
     Every artifact goes into --out and is reused when it matches (model fingerprint, settings, the file it was
     built from): a second run with the same arguments only re-reads results; an interrupted one resumes.
     """
+    lock = LockOptions(lock_dir, lock_wait)
     check_protocol(protocol, draws)
     check_precision(precision)
     batch = parse_batch_size(batch_size)
@@ -95,7 +104,7 @@ def pipeline_cmd(
                          protocol=protocol, draws=draws, bpda_temperature=bpda_temperature, precision=precision)
     if out is None:
         out = Path("runs") / Path(target.loaded.name).stem.replace(":", "-")
-    res = run_pipeline(target, cfg, out, data_dir=data_dir, force=force, piece=parse_piece(piece))
+    res = run_pipeline(target, cfg, out, data_dir=data_dir, force=force, piece=parse_piece(piece), lock=lock)
     if isinstance(res, dict):  # one piece: what it wrote
         emit(res, as_json, lambda r: out_console.print(f"piece {r['piece']} -> {r['out']}", highlight=False))
         return

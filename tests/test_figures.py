@@ -585,3 +585,29 @@ FIGURES += [
         ("calibrate_k/k", "calibrate_k/n_neurons", "calibrate_k/clean_accuracy", "calibrate_k/base_clean_accuracy"),
         ("d", "d", "%.1f", "%.1f")),
 ]
+FIGURES += [
+    Fig("README.md", "Then audit the defence it made ({} on the idle 2-core CPU", A, (r"machine/re:; (\d+ min \d+ s)",), "s"),
+    Fig("docs/audit.md", "5 + 5 draws; {} on an idle 2-core CPU", A, (r"machine/re:; (\d+ min \d+ s)",), "s"),
+    Fig("docs/results.md", "(same mask; first {} test images; {} on the idle machine)", A,
+        ("audit/n_examples", r"machine/re:; (\d+ min \d+ s)"), ("d", "s")),
+]
+
+
+def over_base(file: str, key: str) -> Callable:
+    """A defended figure of ``file``'s IW-WC run minus the base model's IW-WC, in points."""
+    return lambda j: 100 * (j(file)["iwwc"][key][0] - j(file)["iwwc"]["base_iw_wc"])
+
+
+FIGURES += [
+    Fig("docs/adaptive.md", "within 3 points of the base model's IW-WC (demo {}, MNIST {}, ResNet-18 {}), under IW-WC "
+        "within 2 (demo {}, MNIST {}, ResNet-18 {})", AU,
+        (lambda j: 100 * (j(AU)["iwwc"]["columns"]["adaptive"][0] - j(AU)["iwwc"]["base_iw_wc"]),
+         lambda j: 100 * (j(M)["iwwc"]["columns"]["adaptive"][0] - j(M)["iwwc"]["base_iw_wc"]),
+         lambda j: 100 * (j(R)["iwwc"]["columns"]["adaptive"][0] - j(R)["iwwc"]["base_iw_wc"]),
+         over_base(AU, "iw_wc_paper"), over_base(M, "iw_wc_paper"), over_base(R, "iw_wc_paper")),
+        ("+.1f", "+.1f", ".0f", "+.1f", "+.1f", ".0f")),
+    Fig("docs/adaptive.md", "every set made in one run with today's attacks: {} min at load 5–10, ablation {} min)", AU,
+        (lambda j: (sum(t["seconds"] for t in j(AU)["sweep"]["temperatures"].values())
+                    + j(AU)["iwwc"]["result"]["seconds"]["total"]) / 60,
+         lambda j: sum(v["seconds"] for v in j(AU)["ablation"]["variants"].values()) / 60), (".1f", ".0f")),
+]

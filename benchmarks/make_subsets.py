@@ -93,6 +93,7 @@ def make(subset: Subset, folder: Path, out: Path) -> str:
     x, y, classes = subset_tensors(folder, subset)
     data = tensor_file_bytes(x, y, {"classes": json.dumps(classes), "source": subset.source,
                                     "layout": "x: uint8 NCHW in [0,255]; y: int64 class index"})
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     tmp.replace(out)
@@ -106,7 +107,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     folder = data_dir(a.data_dir) / FOLDER
     out = a.out if a.out is not None else data_dir(a.data_dir)
-    out.mkdir(parents=True, exist_ok=True)
     same = True
     for name, subset in SUBSETS.items():
         digest = make(subset, folder, out / name)

@@ -108,6 +108,7 @@ def test_absent_cifar10_is_one_line_saying_how_to_get_it(tmp_path, capsys):
         make_subsets.main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "run `igd fetch --dataset cifar10`" in err
+    assert not (tmp_path / "out").exists()  # nothing written, no folder made
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "cifar10-test-846.safetensors").exists(), reason="needs the real data files")

@@ -611,3 +611,7 @@ FIGURES += [
                     + j(AU)["iwwc"]["result"]["seconds"]["total"]) / 60,
          lambda j: sum(v["seconds"] for v in j(AU)["ablation"]["variants"].values()) / 60), (".1f", ".0f")),
 ]
+FIGURES += [
+    Fig("docs/adaptive.md", "it scores {} % clean and {} % under PGD-20 on the 2000 held-out digits",
+        "mnist-example-train-cpu.json", ("clean_accuracy", "pgd_accuracy")),
+]

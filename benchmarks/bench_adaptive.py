@@ -1,4 +1,4 @@
-"""The adaptive attack (issue 22, docs/adaptive.md) against the paper's nine IW-WC columns.
+"""The adaptive attack (docs/adaptive.md) against the paper's nine IW-WC columns.
 
 Two measurements, written to ``--out`` (JSON, rewritten after each part):
 
@@ -11,7 +11,7 @@ Two measurements, written to ``--out`` (JSON, rewritten after each part):
 
     python benchmarks/bench_adaptive.py --mask runs/demo/mask-lo-ir-block3.safetensors --n 200 \\
         --steps 20 --eot-iter 5 --queries 1000 --restarts 1 --sweep 1,2,5,10 --sweep-n 200 \\
-        --workdir /tmp/adaptive-adv --out benchmarks/results/adaptive-demo-200-quick-cpu.json
+        --workdir runs/adaptive-demo --out benchmarks/results/adaptive-demo-200-quick-cpu.json
 
 A state-dict model takes igd's ``--arch``, ``--dataset`` (a tensor file) and ``--normalize``; docs/adaptive.md
 gives the commands for the MNIST example and the CIFAR-10 ResNet-18.
@@ -28,6 +28,10 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _data import write_results  # noqa: E402
 
 
 def main() -> None:
@@ -79,8 +83,7 @@ def main() -> None:
         out["earlier_commands"] = before.get("earlier_commands", []) + [before.get("command")]
 
     def save() -> None:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=1, default=str) + "\n")
+        write_results(args.out, out)
 
     if args.ablation:
         out = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else out

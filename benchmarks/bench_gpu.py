@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # _data, also when imported as a module (tests)
 
-from _data import add_data_dir, find_data_file  # noqa: E402
+from _data import add_data_dir, find_data_file, write_results  # noqa: E402
 from igd_cli.artifacts import save_artifact  # noqa: E402
 from igd_cli.calibrate import calibrate_k  # noqa: E402
 from igd_cli.data import load_dataset  # noqa: E402
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"bench_gpu: ratios that are not positive finite numbers: {bad}")
     tag = args.tag or (device.type + ("-tiny" if args.tiny else ""))
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"bench-gpu-{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
+    result = write_results(args.out_dir / f"bench-gpu-{tag}.json", result, args.data_dir)
     (args.out_dir / f"bench-gpu-{tag}.md").write_text(markdown(result))
     print(markdown(result))
     return result

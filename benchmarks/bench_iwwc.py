@@ -36,8 +36,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _data import write_results  # noqa: E402  (also puts the repository on the path)
 from igd_cli.artifacts import save_artifact  # noqa: E402
 from igd_cli.common import open_target, parse_eps  # noqa: E402
 from igd_cli.defense import load_defense  # noqa: E402
@@ -161,7 +162,7 @@ def main() -> None:
     }
     print(json.dumps({k: v for k, v in out.items() if k != "tables"}, indent=1))
     if a.json_out:
-        a.json_out.write_text(json.dumps(out, indent=1))
+        write_results(a.json_out, out)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

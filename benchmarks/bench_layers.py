@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _data import add_data_dir, data_file  # noqa: E402
+from _data import add_data_dir, data_file, write_results  # noqa: E402
 from igd_cli.cli import main as igd  # noqa: E402
 
 
@@ -137,8 +137,7 @@ def main() -> None:
     for res in results:
         print(markdown(res) + f"\n\n({res['seconds']} s, load average {res['load_avg'][0]:.2f})\n")
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1, default=str))
+        write_results(args.out, results, args.data_dir)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _data import write_results  # noqa: E402
 from igd_cli.archs import ARCHS  # noqa: E402
 from igd_cli.artifacts import save_artifact  # noqa: E402
 
@@ -191,8 +193,7 @@ def main() -> None:
                        "VmRSS right after, VmHWM of the rest (reset after loading via /proc/self/clear_refs); "
                        "stage_extra = the rest's peak minus the RSS after loading"}
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
+        write_results(args.out, {"setup": setup, "rows": rows})
     if args.json:
         print(json.dumps({"setup": setup, "rows": rows}))
         return

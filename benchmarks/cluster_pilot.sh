@@ -26,10 +26,12 @@ load1=$(cut -d' ' -f1-3 /proc/loadavg)
 python3 "$here/cluster/slurm/size.py" "$work/run" --images "$full" --time 04:00:00 --json >"$work/size-4h.json"
 python3 "$here/cluster/slurm/size.py" "$work/run" --images "$full" --time 1-00:00:00 --json >"$work/size-24h.json"
 python3 "$here/cluster/slurm/size.py" "$work/run" --images "$full" --time 04:00:00  # the table, for the log
-python3 - "$out" "$work" "$s" "$e" "$load0" "$load1" "$shards" "$full" "$@" <<'PY'
+python3 - "$here" "$out" "$work" "$s" "$e" "$load0" "$load1" "$shards" "$full" "$@" <<'PY'
 import json, os, platform, sys
 from pathlib import Path
-out, work, s, e, load0, load1, shards, full, *opts = sys.argv[1:]
+here, out, work, s, e, load0, load1, shards, full, *opts = sys.argv[1:]
+sys.path.insert(0, os.path.join(here, "benchmarks"))
+from _data import write_results  # paths of this machine made portable, the data files named by their recipe
 work = Path(work)
 tasks = []
 for log in sorted((work / "run" / "logs").glob("*.log")):
@@ -39,7 +41,7 @@ for log in sorted((work / "run" / "logs").glob("*.log")):
 result = json.loads((work / "run" / "result.json").read_text())
 keep = ("n_examples", "clean_accuracy", "base_clean_accuracy", "worst_case", "worst_case_std", "base_worst_case",
         "k", "n_neurons", "layer", "eps", "preset", "budgets", "draws", "seconds")
-Path(out).write_text(json.dumps({
+write_results(out, {
     "what": "a pilot through the SLURM route (one-node local cluster, 1 CPU per task), sized for a full run by "
             "cluster/slurm/size.py",
     "command": f"benchmarks/cluster_pilot.sh {out} {shards} {full} -- " + " ".join(opts),
@@ -47,6 +49,6 @@ Path(out).write_text(json.dumps({
     "route_seconds": round(float(e) - float(s), 1), "shards": int(shards),
     "result": {k: result.get(k) for k in keep}, "tasks": tasks,
     "size_for": int(full), "size_4h": json.loads((work / "size-4h.json").read_text()),
-    "size_24h": json.loads((work / "size-24h.json").read_text())}, indent=1) + "\n")
+    "size_24h": json.loads((work / "size-24h.json").read_text())})
 print(f"wrote {out}")
 PY

@@ -30,10 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from _data import add_data_dir, data_file  # noqa: E402
+from _data import add_data_dir, data_file, portable, write_results  # noqa: E402
 from igd_cli.artifacts import atomic_write_bytes  # noqa: E402
 from igd_cli.common import parse_eps  # noqa: E402
-from igd_cli.data import data_dir  # noqa: E402
 
 #: per mode: images for the analyses, attack budget flags, probe images, timing rounds
 MODES: dict[str, dict[str, Any]] = {
@@ -154,25 +153,13 @@ def claims(R: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
-def portable(obj: Any, prefixes: dict[str, str]) -> Any:
-    """``obj`` with every string's machine-specific prefix (the repository, the data folder) replaced, so that the
-    committed JSON names no path outside the repository."""
-    if isinstance(obj, dict):
-        return {k: portable(v, prefixes) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [portable(v, prefixes) for v in obj]
-    if isinstance(obj, str):
-        for old, new in prefixes.items():
-            obj = obj.replace(old, new)
-    return obj
-
-
-def portable_folder(folder: Path, prefixes: dict[str, str]) -> None:
-    """:func:`portable` for the run folders' text files (reports and JSON results; artifacts are left alone)."""
+def portable_folder(folder: Path, data_folder: Path | None) -> None:
+    """:func:`_data.portable` for the run folders' text files (reports and JSON results; artifacts are left
+    alone), so that the committed files name no path of the machine they were made on."""
     for f in sorted(folder.rglob("*")):
         if f.is_file() and f.suffix in (".md", ".json"):
             text = f.read_text()
-            new = portable(text, prefixes)
+            new = portable(text, data_folder)
             if new != text:
                 atomic_write_bytes(f, new.encode())
 
@@ -193,17 +180,16 @@ def main() -> int:
                     help="join the results files of per-model runs made in parallel (--models demo, --models "
                     "resnet18, same --tag and --out) into OUT/reproduce-TAG.json and its page")
     a = ap.parse_args()
-    prefixes = {str(ROOT) + "/": "", str(data_dir(a.data_dir)) + "/": "$IGD_DATA_DIR/"}
     if a.merge:
         parts = [json.loads(f.read_text()) for f in a.merge]
         R = merge(parts)
         out = a.out / f"reproduce-{R['tag']}.json"
-        atomic_write_bytes(out, json.dumps(R, indent=1, default=str).encode())
+        write_results(out, R, a.data_dir)
         a.from_json = out
     if a.from_json is not None:
         R = json.loads(a.from_json.read_text())
         md = a.from_json.with_suffix(".md")
-        portable_folder(a.from_json.parent / f"reproduce-{R['tag']}", prefixes)
+        portable_folder(a.from_json.parent / f"reproduce-{R['tag']}", a.data_dir)
         atomic_write_bytes(md, render(R).encode())
         log(f"wrote {md}")
         return 0
@@ -237,10 +223,8 @@ def main() -> int:
     R["overhead"] = run(str(HERE / "bench_defense.py"), "--json", "--rounds", str(cfg["rounds"]), "--device",
                         a.device)
     R["minutes"], R["load_end"] = (time.time() - t0) / 60, os.getloadavg()
-    R = portable(R, prefixes)
-    portable_folder(base, prefixes)
-    a.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(a.out / f"reproduce-{tag}.json", json.dumps(R, indent=1, default=str).encode())
+    portable_folder(base, a.data_dir)
+    R = write_results(a.out / f"reproduce-{tag}.json", R, a.data_dir)
     atomic_write_bytes(a.out / f"reproduce-{tag}.md", render(R).encode())
     log(f"wrote {a.out / f'reproduce-{tag}.md'}")
     return 0

@@ -1,4 +1,4 @@
-"""Work not worth doing on the hot paths (issue 23, item 4): forwards per image, counted exactly, and wall time.
+"""Work not worth doing on the hot paths: forwards per image, counted exactly, and wall time.
 
 The fix measured: a clean-only evaluation of a randomized defence (``igd defend-eval --attack none``) used to
 classify every image 2R times (R draws to "select" among one candidate, R to score it); it now makes the R final
@@ -19,7 +19,6 @@ is made before counting; LO-IR's counts include its one-time checks on the first
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -33,7 +32,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _data, also when imported as a module
 
-from _data import add_data_dir, data_file  # noqa: E402
+from _data import add_data_dir, data_file, write_results  # noqa: E402
 from igd_cli.calibrate import calibrate_k  # noqa: E402
 from igd_cli.common import open_target  # noqa: E402
 from igd_cli.data import load_dataset  # noqa: E402
@@ -195,8 +194,7 @@ def main() -> None:
     result = {"benchmark": "waste_cpu", "rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine(), "load_avg": list(os.getloadavg()),
               "command": " ".join(["python", "benchmarks/waste_cpu.py", *sys.argv[1:]])}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_results(args.out, result, args.data_dir)
     for r in rows:
         c = r["clean_only_eval"]
         print(f"{r['model']}: defended queries/image {c['counts']['before']['defended_queries_per_image']:g} -> "

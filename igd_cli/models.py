@@ -120,7 +120,7 @@ def _class_file(cls: type) -> str:
             return code.co_filename
     try:
         return inspect.getsourcefile(cls) or f"{cls.__module__}.{cls.__qualname__}"
-    except TypeError:  # defined where no source exists (an interactive session)
+    except TypeError:  # defined where no source exists (typed at an interactive prompt)
         return f"{cls.__module__}.{cls.__qualname__}"
 
 

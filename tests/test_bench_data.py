@@ -71,3 +71,34 @@ def test_reproduce_merges_per_model_parts_and_refuses_overlap():
         reproduce.merge([part, part])
     with pytest.raises(SystemExit):
         reproduce.merge([part, {**other, "mode": "default"}])
+
+
+def test_results_files_name_no_path_of_the_machine(tmp_path, monkeypatch):
+    """A results file names the repository's files relative to it, the benchmarks' data files by name (with their
+    sha256 and the recipe that makes them), pyautoattack's model inside its package, scratch folders under
+    $TMPDIR and the data folder as $IGD_DATA_DIR: nothing that exists only on the machine that ran it."""
+    import json
+    import tempfile
+
+    import pyautoattack
+
+    data = tmp_path / "somewhere" / "data"
+    model = Path(pyautoattack.__file__).resolve().parent / "examples" / "model_test.pt"
+    scratch = Path(tempfile.gettempdir()) / "bench-xyz"
+    obj = {"command": f"python benchmarks/bench_adaptive.py --model {model} --arch {ROOT}/examples/mnist_cnn.py:"
+                      f"small_cnn --dataset {data}/cifar10-test-846.safetensors --workdir {scratch}/wd --out x.json",
+           "sets": [f"{scratch}/wd/defended-aa-1.safetensors"], "data_dir": str(data),
+           "near": f"{tempfile.gettempdir()}x/not-the-temp-folder", "n": 3}
+    out = _data.write_results(tmp_path / "r.json", obj, data)
+    assert json.loads((tmp_path / "r.json").read_text()) == out
+    assert out["command"] == ("python benchmarks/bench_adaptive.py --model pyautoattack/examples/model_test.pt "
+                              "--arch examples/mnist_cnn.py:small_cnn --dataset cifar10-test-846.safetensors "
+                              "--workdir $TMPDIR/bench-xyz/wd --out x.json")
+    assert out["sets"] == ["$TMPDIR/bench-xyz/wd/defended-aa-1.safetensors"] and out["data_dir"] == "$IGD_DATA_DIR"
+    assert out["near"] == obj["near"] and out["n"] == 3  # only whole folder names are replaced
+    assert out["data_files"] == {"cifar10-test-846.safetensors": {
+        "sha256": _data.SUBSETS["cifar10-test-846.safetensors"].sha256,
+        "made_by": "igd fetch --dataset cifar10 && python benchmarks/make_subsets.py"}}
+    listed = _data.write_results(tmp_path / "l.json", [{"dataset": f"{data}/cifar10-train-4660.safetensors"}, {}], data)
+    assert listed[0]["dataset"] == "cifar10-train-4660.safetensors" and "data_files" in listed[0]
+    assert listed[1] == {}

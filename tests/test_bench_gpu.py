@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import tempfile
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
@@ -24,6 +25,9 @@ def test_bench_gpu_tiny_runs_and_writes_its_results(tmp_path, igd_home):
     bench.main(["--tiny", "--device", "cpu", "--out-dir", str(tmp_path)])
     res = json.loads((tmp_path / "bench-gpu-cpu-tiny.json").read_text())
     md = (tmp_path / "bench-gpu-cpu-tiny.md").read_text()
+    # the results file names no path of this machine: the --out-dir it was given is written under $TMPDIR
+    assert str(tmp_path) not in (tmp_path / "bench-gpu-cpu-tiny.json").read_text() + md
+    assert res["command"].endswith("--out-dir $TMPDIR/" + str(tmp_path.relative_to(tempfile.gettempdir())))
     assert res["mode"] == "tiny" and res["device_kind"] == "cpu" and res["uptime"] is not None
     assert set(res["models"]) == {"resnet18", "wrn-34-10", "resnet50"}
     for name, m in res["models"].items():

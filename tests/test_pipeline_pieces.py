@@ -120,3 +120,23 @@ def test_several_layers_pieces_equal_one_plain_run(tmp_path, cli, monkeypatch):
             a, b = load_artifact(pa), load_artifact(pb)
             assert set(a.tensors) == set(b.tensors), key
             assert all(torch.equal(a[t], b[t]) for t in a.tensors), key
+
+
+def test_the_piece_help_names_every_form_the_parser_takes():
+    """``igd pipeline --help`` lists every ``--piece`` form parse_piece accepts (its error line names them all)."""
+    import re
+
+    import typer
+
+    from igd_cli.cli import app
+    from igd_cli.commands import register_all
+
+    register_all()
+    with pytest.raises(IgdError) as e:
+        parse_piece("nonsense")
+    forms = re.split(r", | or ", str(e.value).split("expected ", 1)[1])
+    assert len(forms) == 6
+    option = next(p for p in typer.main.get_command(app).commands["pipeline"].params if p.name == "piece")
+    for form in forms:
+        assert re.search(rf"(?<![\w:]){re.escape(form)}(?![\w:])", option.help), form
+        parse_piece(form.replace("A:B", "0:4").replace("I/N", "0/2"))  # and each parses as shown

@@ -7,7 +7,7 @@
 #
 # Needs root and Debian's packages: apt-get install slurmctld slurmd slurm-client munge.
 # Everything (munge key and socket, slurm.conf, state, spool, logs, pid files) lives in DIR; free TCP ports are
-# picked at start, so several clusters (one per test session) can run side by side. The node has this machine's
+# picked at start, so several clusters (one per test run) can run side by side. The node has this machine's
 # CPUs and memory; proctrack/linuxproc and task/none need no cgroups, so it runs in containers.
 set -euo pipefail
 

@@ -1,4 +1,4 @@
-"""Audit check: the adaptive attack (issue 22, docs/adaptive.md) against the paper's nine IW-WC columns.
+"""Audit check: the adaptive attack (docs/adaptive.md) against the paper's nine IW-WC columns.
 
 The paper's image-wise worst case is an upper bound only if no attack designed against the defence lowers it.
 The check adds the adaptive column to the nine and flags when the worst case over ten is lower than over nine

@@ -61,9 +61,11 @@ def pipeline_cmd(
     preset: Annotated[str, typer.Option("--preset", metavar="auto|quick|paper", help="attack budgets and images when not given: paper (the paper's), quick (200 images, 20 steps, 1000 queries, 5 EoT samples, 1 restart) or auto (quick for demo, else paper)")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="recompute every stage even when its artifact matches")] = False,
     piece: Annotated[Optional[str], typer.Option("--piece", metavar="PIECE", help="compute one piece of the run, for job arrays: "
-                                                 "rank:A:B (importance rows A..B-1), calibrate, transfer:I/N or "
-                                                 "defend:I/N (shard I of N of the images); a run without --piece "
-                                                 "merges the complete pieces it finds")] = None,
+                                                 "rank:A:B (importance rows A..B-1), rank (the whole ranking from "
+                                                 "its pieces, then stop), calibrate, transfer:I/N or defend:I/N "
+                                                 "(shard I of N of the images), merge (the evaluation report from "
+                                                 "its defend pieces); a run without --piece merges the complete "
+                                                 "pieces it finds")] = None,
     lock_dir: Annotated[Optional[str], typer.Option("--lock-dir", metavar="DIR|none", envvar="IGD_LOCK_DIR", help=
                                                     "keep the run folder's locks in DIR (for a run folder on a file "
                                                     "system without file locks, e.g. Lustre without -o flock: a "

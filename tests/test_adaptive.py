@@ -1,4 +1,5 @@
-"""The adaptive attack on IG-Defense (issue 22): BPDA switch, stages, selection, batch independence, CLI."""
+"""The adaptive attack on IG-Defense: the BPDA switch, each stage pinned where it matters, selection by repeated
+draws near the boundary, batch independence, the CLI."""
 
 from __future__ import annotations
 
@@ -94,6 +95,98 @@ def test_bpda_switch_refuses_bad_temperature(demo):
         Adaptive(defense, eps=0.1, bpda_temperature=0.5)
     with pytest.raises(IgdError, match="only the adaptive"):
         make_attack("apgd-ce", defense, eps=0.1, bpda_temperature=2.0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 5.0])
+def test_bpda_backward_at_a_saturated_pseudo_label_is_softmax_at_t(demo, temperature):
+    """At τ = 0.01 the pseudo-label is one-hot and its true gradient is zero: the relaxed backward must be that of
+    softmax(z / T), computed here by autograd on the formula (not τ's Jacobian rescaled, which is zero too)."""
+    defense = _demo_defense(demo, rs=False)
+    z = torch.tensor([[3.0, 1.0, 0.5, 2.5] + [0.0] * 6, [0.2, 0.1, 4.0, 2.9] + [1.0] * 6])  # gaps ≥ 100 τ
+    w = torch.randn(2, 10, generator=torch.Generator().manual_seed(0))
+    zt = z.clone().requires_grad_(True)
+    (defense.pseudo_label(zt) * w).sum().backward()
+    assert zt.grad.abs().max() < 1e-12  # saturated: the deployed ŷ passes (almost) nothing back
+    zb = z.clone().requires_grad_(True)
+    with defense.bpda(temperature):
+        y_hat = defense.pseudo_label(zb)
+        (y_hat * w).sum().backward()
+    zr = z.clone().requires_grad_(True)
+    (F.softmax(zr / temperature, dim=1) * w).sum().backward()
+    assert torch.equal(y_hat, defense.pseudo_label(z))  # the forward is the deployed one
+    assert zr.grad.abs().max() > 1e-2 and torch.allclose(zb.grad, zr.grad, rtol=1e-5, atol=1e-7)
+
+
+def _trap(n: int = 12, d: int = 48):
+    """A defence that only BPDA breaks (every stage of the adaptive attack pinned on it).
+
+    Three hidden units feed the head: ``n0`` = 10 (constant), ``n1 = 16 mean_S1 x − 3``, ``n2 = 12 mean_S2 x − 2``
+    (positive in the ε-ball: no dead ReLU); the first pass's logits are ``z = (0.2 n0, n1 − 5, n2 − 4)`` = (2, 0, 0)
+    at the clean images (S1, S2 at ½), and at ε = ¼ up to 4 (class 1) and 3 (class 2). The mask of class 0 keeps
+    ``n0`` and ``n1``, that of class 1 only ``n0`` (the output is then class 0 whatever x), that of class 2 only
+    ``n2``. A direct attack on the defence raises n1 until the first pass says class 1. Attacks on the first pass
+    push n1 and n2 up and stop at class 1 (4 > 3): the defence stays right. Its output gradient through the fixed
+    mask of class 1 is zero, through the saturated ŷ (τ = 0.01) too; only BPDA shows that lowering n1 (making
+    the first pass say class 2) breaks it."""
+    fc1, head = nn.Linear(d, 3), nn.Linear(3, 3)
+    with torch.no_grad():
+        fc1.weight.zero_()
+        fc1.weight[1, :16] = 16 / 16
+        fc1.weight[2, 16:32] = 12 / 16
+        fc1.bias.copy_(torch.tensor([10.0, -3.0, -2.0]))
+        head.weight.copy_(torch.diag(torch.tensor([0.2, 1.0, 1.0])))
+        head.bias.copy_(torch.tensor([0.0, -5.0, -4.0]))
+    model = nn.Sequential(nn.Flatten(), fc1, nn.ReLU(), head).eval()
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.uint8)  # (neurons, classes)
+    x = torch.rand(n, 1, 4, d // 4, generator=torch.Generator().manual_seed(0))
+    x.view(n, -1)[:, :32] = 0.5
+    y = torch.zeros(n, dtype=torch.int64)
+    data = ImageSet("trap", "test", ["0", "1", "2"], n, lambda i, j: (x[i:j], y[i:j]))
+    return model, IGDefense(model, "2", mask, rs=False), data
+
+
+def _accuracy(defense, x_adv, y) -> float:
+    with torch.no_grad():
+        return (defense(x_adv).argmax(1) == y).float().mean().item()
+
+
+def test_only_bpda_breaks_the_trap_and_the_adaptive_attack_does():
+    model, defense, data = _trap()
+    b = data.all()
+    kw = dict(eps=0.25, steps=20, seed=0)
+    assert _accuracy(defense, b.x, b.y) == 1.0
+    direct = run_attack(make_attack("apgd-ce", defense, **kw), data, show_progress=False)
+    first_pass = run_attack(make_attack("apgd-eot", model, **kw), data, show_progress=False)  # stage 1 alone
+    with torch.no_grad():
+        assert (model(first_pass.x_adv).argmax(1) == 1).all()  # stage 1 flips the first pass ...
+    assert _accuracy(defense, direct.x_adv, b.y) == 1.0 and _accuracy(defense, first_pass.x_adv, b.y) == 1.0
+    adaptive = run_attack(Adaptive(defense, **kw), data, show_progress=False)
+    assert _accuracy(defense, adaptive.x_adv, b.y) == 0.0  # ... and BPDA takes it to the class that breaks it
+    # the same attack without the relaxed backward is stuck where stage 1 left it
+    plain = Adaptive(defense, **kw)
+    plain.temperature = None  # what bpda(None) would do: the deployed, saturated gradient
+    stuck = run_attack(plain, data, show_progress=False)
+    assert _accuracy(defense, stuck.x_adv, b.y) == 1.0
+
+
+def test_stage_two_runs_eot_on_a_randomized_defence(demo):
+    """Stage 2 queries the whole defence ``eot_iter`` times per gradient (APGD's first gradient and every step),
+    under BPDA; a stage 2 without EoT would make a fifth of these queries."""
+    defense = _demo_defense(demo)
+    data = _digits(4)
+    steps, eot = 3, 5
+    grads = []
+    real = defense.forward
+
+    def counting(x):
+        if torch.is_grad_enabled() and defense.bpda_temperature is not None:
+            grads.append(defense.bpda_temperature)
+        return real(x)
+
+    defense.forward = counting
+    run_attack(Adaptive(defense, eps=0.2, steps=steps, eot_iter=eot, bpda_temperature=7.0), data,
+               show_progress=False)
+    assert grads == [7.0] * (eot * (steps + 1))
 
 
 def test_smoothed_first_pass_draws_the_defence_noise(demo):
@@ -202,25 +295,31 @@ def test_batch_independence(demo):
     assert torch.allclose(whole.x_adv[order], shuffled.x_adv, atol=1e-5)
 
 
-def test_selection_keeps_the_point_with_lowest_mean_correctness(demo):
-    """Per image the kept point is the candidate wrong in the most selection draws (scoring's rule)."""
-    defense = _demo_defense(demo)
-    data = _digits(8)
-    x, y = data.all().x, data.all().y
-    atk = Adaptive(defense, eps=0.2, steps=2, eot_iter=1)
-    far = x.clone()
-    far[::2] = x.roll(1, 0)[::2]  # another digit on even rows (mostly wrong), the image itself on odd (a tie)
-    from igd_cli.attacks.base import attack_stream
-    from igd_cli.scoring import classify
+def test_selection_keeps_the_point_wrong_in_most_draws_near_the_boundary(demo):
+    """Per image the kept point is the candidate wrong in the most of GATE_DRAWS fresh classifications (ties: the
+    earliest), on candidates near the boundary (σ = 0.4: each is right in some draws and wrong in others), where
+    one draw would often choose the other point."""
+    from igd_cli.attacks.base import GATE_DRAWS, attack_stream
 
-    keys = noise.image_keys(data.all().index, x)
+    defense = IGDefense(demo.model, "block3", topk_mask(demo.model.linear.weight.detach().t(), 8), sigma=0.4)
+    data = _digits(40)
+    b = data.all()
+    x, y = b.x, b.y
+    near = (x + 0.15 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))).clamp(0, 1)
+    atk = Adaptive(defense, eps=0.2, steps=2, eot_iter=1)
+    keys = noise.image_keys(b.index, x)
     with noise.images(keys, attack_stream(0, "adaptive")):  # as inside the attack
-        kept = atk.select(x, y, [x.clone(), far])
-    own = noise.stream(attack_stream(0, "adaptive"), "select")
-    wrong = [(~classify(defense, p, y, 10, keys=keys, stream=own)[5:]).sum(0) for p in (x, far)]
-    want = torch.where(wrong[1] > wrong[0], 1, 0)
-    assert torch.equal(kept, torch.stack([x, far])[want, torch.arange(len(x))])
-    assert (want == 1).any() and (want == 0).any()  # both branches driven
+        kept = atk.select(x, y, [x.clone(), near])
+    with noise.images(keys, attack_stream(0, "adaptive")), torch.no_grad():  # the same draws, by hand
+        right = [torch.stack([defense(p).argmax(1) == y for _ in range(GATE_DRAWS)]) for p in (x, near)]
+    counts = [r.sum(0) for r in right]
+    want = torch.where(counts[1] < counts[0], 1, 0)
+    assert torch.equal(kept, torch.stack([x, near])[want, torch.arange(len(x))])
+    undecided = [((r.sum(0) > 0) & (r.sum(0) < GATE_DRAWS)) for r in right]
+    assert (undecided[0] & undecided[1]).sum() >= 5  # near the boundary: the draws disagree
+    one_draw = torch.where(right[1][0].long() < right[0][0].long(), 1, 0)
+    assert (one_draw != want).any()  # a single draw would keep another point: the test can fail
+    assert (want == 1).any() and (want == 0).any()
 
 
 # --- IW-WC's tenth column: iw_wc_paper beside worst_case, the marks in tables -------------------------------

@@ -158,6 +158,20 @@ def test_every_attack_gives_the_same_figures_and_decisions_at_any_batch_size(dem
     assert 0 < figures["robust_accuracy"][name] < 1  # the attack breaks some images, not all: the test can fail
 
 
+def test_rays_decisions_do_not_depend_on_the_batch_at_large_noise(demo):
+    """σ = 0.5 with a top-2 mask, where the noise decides often: RayS's figures and per-image decisions are the
+    same at batch 16, 5 and 1. Its first queries are one box corner for every image; they are declared as each
+    image's own (without that, noise keyed by the queried point moved 2-3 of 16 images with the batch)."""
+    d = IGDefense(demo.model, "block3", topk_mask(demo.model.linear.weight.detach().t(), 2), sigma=0.5)
+    data = load_dataset("digits", "test", 16)
+    runs = {bs: _decisions(_evaluate(d, data, "rays", bs, queries=60)) for bs in (16, 5, 1)}
+    for bs in (5, 1):
+        assert runs[bs][0] == runs[16][0]
+        assert all(torch.equal(runs[bs][1][k], runs[16][1][k]) for k in runs[16][1])
+    bits = runs[16][1]["def:rays"]
+    assert bool((bits.any(0) & ~bits.all(0)).any())  # some images right in some draws only: noise decides
+
+
 def test_duplicate_images_get_their_own_draws_in_any_batch(demo, tmp_path):
     """The first 30 test digits twice in one tensor file: each copy is its own image (its position), so the
     figures do not depend on whether its twin shares its batch (the old occurrence counter gave the second

@@ -10,12 +10,13 @@ et al. (ICML 2022):
    the smoothed base model (flip the first pass, and the mask selects the adversarial class's neurons);
 2. stage 2: APGD-CE with EoT on the full two-pass defence from stage 1's point, ``ŷ``'s forward unchanged and its
    backward that of ``softmax(z / T)``, T ≥ 1 (BPDA, Athalye et al. 2018; :meth:`IGDefense.bpda`);
-3. per image, of the two points, the one with the lowest mean correctness on the defence under the repeated-draw
-   rule igd scores with (:func:`igd_cli.scoring.selected`), on a noise stream of its own (ties: stage 1's point).
+3. per image, of the two points, the one wrong in the most of ``GATE_DRAWS`` fresh classifications of the
+   defence (the repeated-draw rule igd scores with; ties: stage 1's point).
 
 Per-image seeds (``image_seed``) for the random starts and noise keyed by the image and the query's ordinal
-(:mod:`igd_cli.noise`): an image's point does not depend on its batch. Without smoothing the model is deterministic and no EoT is used; on a model that is not an
-IG-Defense (the base model) both stages attack the model itself.
+(:mod:`igd_cli.noise`): an image's point does not depend on its batch. Without smoothing the model is
+deterministic and no EoT is used; on a model that is not an IG-Defense (the base model) both stages attack the
+model itself.
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .. import noise
 from ..errors import IgdError
 from .apgd import APGD, APGDEoT, _keep
-from .base import attack_stream
+from .base import DrawsPick
 
 #: ``--bpda-temperature`` default: chosen by measurement on the smoothed demo defence (docs/adaptive.md)
 DEFAULT_BPDA_TEMPERATURE = 5.0
@@ -75,6 +75,7 @@ class Adaptive(APGD):
 
     name = "adaptive"
     defaults = {"steps": 100, "restarts": 1, "eot_iter": 20}
+    revision = 2  # 1 chose between the stages on 5 of 10 selection draws, and its stage 1 was apgd-eot revision 3
 
     def __init__(self, model: nn.Module, *, bpda_temperature: float | None = None, **kwargs):
         t = DEFAULT_BPDA_TEMPERATURE if bpda_temperature is None else float(bpda_temperature)
@@ -110,14 +111,9 @@ class Adaptive(APGD):
         return self.select(x, y, [x1, out])  # ties: stage 1's point (the first pass's own attack)
 
     def select(self, x: torch.Tensor, y: torch.Tensor, points: list[torch.Tensor]) -> torch.Tensor:
-        """Per image, the point with the fewest correct selection draws on the attacked model (ties: the
-        earliest), classified as :mod:`igd_cli.scoring` does, on a noise stream of the selection's own."""
-        from ..scoring import DEFAULT_DRAWS, classify, rows_for, selected  # scoring imports this package
-
-        rows = rows_for(self.model, "draws", DEFAULT_DRAWS)
-        own = noise.stream(attack_stream(self.seed, self.name), "select")
-        bits = [classify(self.model, p, y, rows, keys=noise.current_keys(), stream=own, batch_size=max(1, len(x)))
-                for p in points]
-        idx = selected(bits).to(x.device)
-        stacked = torch.stack(points)  # (K, B, ...)
-        return stacked[idx, torch.arange(len(x), device=x.device)]
+        """Per image, the point wrong in the most of ``GATE_DRAWS`` fresh classifications of the attacked model
+        (ties: the earliest): the repeated-draw rule igd scores with, on the attack's own noise."""
+        pick = DrawsPick(self.model, y, self._draws())
+        for p in points:
+            pick.offer(p)
+        return pick.points

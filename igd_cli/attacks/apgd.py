@@ -12,12 +12,13 @@ pyautoattack's formula drawn from a per-image generator, so an image gives the s
 
 from __future__ import annotations
 
-import torch
+import math
 
+import torch
 from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 
 from .. import noise
-from .base import Attack, image_generators
+from .base import GATE_DRAWS, Attack, DrawsPick, correct_draws, image_generators
 
 
 class _APGDMargin(APGDAttack):
@@ -58,6 +59,9 @@ class APGD(Attack):
     defaults = {"steps": 100, "restarts": 1}
     norms = ("Linf", "L2")
     loss = "ce"
+    revision = 2  # 1: on a randomized model, restarts skipped images one noise draw had called fooled
+    #: classifications that decide between restarts and stages on a randomized model
+    GATE_DRAWS = GATE_DRAWS
 
     def _make(self, loss: str) -> APGDAttack:
         eot = self.budget.get("eot_iter", 1)
@@ -78,25 +82,50 @@ class APGD(Attack):
                 torch.zeros(len(x), dtype=torch.bool, device=x.device),
                 torch.full((len(x),), -float("inf"), dtype=x.dtype, device=x.device))
 
-    def _stage(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, loss: str
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``perturb``'s restart loop with ``loss``: the transfer-form points and which images they fool."""
+    def _draws(self) -> int:
+        """Classifications that decide between restarts (and stages): one for a deterministic model."""
+        return self.GATE_DRAWS if self.randomized else 1
+
+    def _stage(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, loss: str) -> torch.Tensor:
+        """``perturb``'s restart loop with ``loss``: the transfer-form points.
+
+        Deterministic model: a later restart runs only on the images no earlier one fooled (a misclassification
+        is final). Randomized model: "fooled" is one noise draw, so every restart runs on every image and each
+        image keeps the restart's point wrong in the most of ``GATE_DRAWS`` fresh classifications.
+        """
         apgd, gens, out, fooled, best_loss = self._start(x, index, loss)
+        if self.randomized:
+            pick = DrawsPick(self.model, y, self._draws())
+            for _ in range(self.budget["restarts"]):
+                pick.offer(transfer_run(apgd, x, y, gens))
+            return pick.points
         for _ in range(self.budget["restarts"]):
             todo = (~fooled).nonzero().flatten()
             if todo.numel() == 0:
                 break
             self._run(apgd, x, y, todo, gens, out, fooled, best_loss)
-        return out, fooled
+        return out
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return self._stage(x, y, index, self.loss)[0]
+        return self._stage(x, y, index, self.loss)
 
     def _run(self, apgd: APGDAttack, x, y, todo, gens, out, fooled, best_loss) -> None:
         init = random_start(apgd, x[todo], [gens[i] for i in todo.tolist()])
         with noise.rows(todo):
             x_best, acc, loss_best, x_best_adv = apgd.attack_single_run(x[todo], y[todo], x_init=init)
         _keep(out, fooled, best_loss, todo, x_best, acc, loss_best, x_best_adv)
+
+
+def transfer_run(apgd: APGDAttack, x: torch.Tensor, y: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+    """One ``attack_single_run`` on every image from its next random start: the transfer-form points (the
+    misclassifying iterate where the run found one, else the highest-loss iterate)."""
+    every = torch.arange(len(x), device=x.device)
+    out, fooled = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    best_loss = torch.full((len(x),), -math.inf, dtype=x.dtype, device=x.device)
+    init = random_start(apgd, x, gens)
+    x_best, acc, loss_best, x_best_adv = apgd.attack_single_run(x, y, x_init=init)
+    _keep(out, fooled, best_loss, every, x_best, acc, loss_best, x_best_adv)
+    return out
 
 
 def _keep(out, fooled, best_loss, todo, x_best, acc, loss_best, x_best_adv) -> None:
@@ -126,18 +155,18 @@ class APGDEoT(APGD):
     randomized model answers a point near the boundary differently per query, so the CE point is classified
     ``GATE_DRAWS`` times and DLR runs unless it is wrong in all of them (the rule igd's skipping uses). Where both
     stages ran, the point kept is the one wrong in more of ``GATE_DRAWS`` fresh classifications (the repeated-draw
-    rule), ties to the higher DLR loss where both are correct, else to CE. pyautoattack returns the clean image
-    where it fails; here an image always keeps a perturbed point.
+    rule), ties to the higher DLR loss where both are correct, else to CE. With several restarts, every restart
+    runs on every image and the same rule chooses between them (:meth:`APGD._stage`). pyautoattack returns the
+    clean image where it fails; here an image always keeps a perturbed point.
     """
 
     name = "apgd-eot"
     defaults = {"steps": 100, "restarts": 1, "eot_iter": 20}
-    revision = 3  # 1: APGD-CE with EoT only; 2: DLR gated on a CE iterate misclassified under one noise draw
-    #: classifications of a point that decide the gate and the choice between the stages (1 when deterministic)
-    GATE_DRAWS = 5
+    revision = 4  # 1: APGD-CE with EoT only; 2: DLR gated on a CE iterate misclassified under one noise draw;
+    # 3: restarts skipped images one noise draw had called fooled
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        out, _ = self._stage(x, y, index, "ce")
+        out = self._stage(x, y, index, "ce")
         if self._classes(x) < 3:  # DLR needs three classes (AutoAttack's check)
             return out
         ce_correct = self._correct_draws(out, y)
@@ -145,7 +174,7 @@ class APGDEoT(APGD):
         if todo.numel() == 0:
             return out
         with noise.rows(todo):
-            dlr_out, _ = self._stage(x[todo], y[todo], index[todo.cpu()], "dlr")
+            dlr_out = self._stage(x[todo], y[todo], index[todo.cpu()], "dlr")
             dlr_correct = self._correct_draws(dlr_out, y[todo])
             dlr = self._make("dlr").dlr_loss  # pyautoattack's DLR loss
             with torch.no_grad():
@@ -155,13 +184,9 @@ class APGDEoT(APGD):
         out[todo[take]] = dlr_out[take]
         return out
 
-    def _draws(self) -> int:
-        return self.GATE_DRAWS if self.randomized else 1
-
-    @torch.no_grad()
     def _correct_draws(self, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """In how many of ``_draws()`` classifications each point is classified correctly (fresh noise each)."""
-        return sum((self.model(x_adv).argmax(1) == y).long() for _ in range(self._draws()))
+        return correct_draws(self.model, x_adv, y, self._draws())
 
     def _classes(self, x: torch.Tensor) -> int:
         if self.num_classes is None:  # one query of every image (never of one: its ordinals would move alone)
@@ -171,26 +196,34 @@ class APGDEoT(APGD):
 
 
 class APGDTargetedDLR(APGD):
-    """Targeted APGD-DLR (transfer form): 100 steps, 3 restarts, the 9 most likely other classes as targets.
+    """Targeted APGD-DLR (transfer form): 100 steps, 3 restarts, the 9 most likely other classes as targets; on a
+    randomized model with EoT (20 gradient samples per step).
 
-    Where every target fails, the point kept is the one with the highest targeted-DLR loss over all targets.
+    Deterministic model: an image leaves once fooled; where every target fails, the point kept is the one with the
+    highest targeted-DLR loss over all targets. Randomized model: every target and restart runs on every image,
+    and each image keeps the point wrong in the most of ``GATE_DRAWS`` fresh classifications.
     """
 
     name = "apgd-t-dlr"
-    defaults = {"steps": 100, "restarts": 3}
+    defaults = {"steps": 100, "restarts": 3, "eot_iter": 20}
+    revision = 2  # 1: no EoT on a randomized model; targets and restarts skipped images one draw called fooled
     n_target_classes = 9
 
     def _make(self, loss: str = "dlr-targeted") -> APGDAttack:
         n_classes = self.num_classes or 10
+        eot = self.budget["eot_iter"] if self.randomized else 1
         return APGDAttack_targeted(self.model, n_iter=self.budget["steps"], norm=self.norm,
-                                   n_restarts=self.budget["restarts"], eps=self.eps, seed=self.seed, eot_iter=1,
+                                   n_restarts=self.budget["restarts"], eps=self.eps, seed=self.seed, eot_iter=eot,
                                    rho=0.75, n_target_classes=max(1, min(self.n_target_classes, n_classes - 1)),
                                    device=self.device)
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         apgd, gens, out, fooled, best_loss = self._start(x, index, "dlr-targeted")
+        targets = range(2, apgd.n_target_classes + 2)
+        if self.randomized:
+            return every_target(apgd, x, y, gens, DrawsPick(self.model, y, self._draws()))
         # pyautoattack's APGDAttack_targeted.perturb loop: targets = 2nd..(n+1)th most likely clean class.
-        for target_class in range(2, apgd.n_target_classes + 2):
+        for target_class in targets:
             for _ in range(self.budget["restarts"]):
                 todo = (~fooled).nonzero().flatten()
                 if todo.numel() == 0:
@@ -200,3 +233,16 @@ class APGDTargetedDLR(APGD):
                 apgd.y_target = logits.sort(dim=1)[1][:, -target_class]
                 self._run(apgd, x, y, todo, gens, out, fooled, best_loss)
         return out
+
+
+def every_target(apgd: APGDAttack_targeted, x: torch.Tensor, y: torch.Tensor, gens: list[torch.Generator],
+                 pick: DrawsPick) -> torch.Tensor:
+    """A randomized model's targeted APGD: every target (the 2nd..(n+1)th most likely class of the clean image)
+    and every restart on every image, each image keeping the point ``pick`` chooses (the repeated-draw rule)."""
+    with torch.no_grad():
+        order = apgd.model(x).sort(dim=1)[1]  # the clean image's classes, least to most likely
+    for target_class in range(2, apgd.n_target_classes + 2):
+        apgd.y_target = order[:, -target_class]
+        for _ in range(apgd.n_restarts):
+            pick.offer(transfer_run(apgd, x, y, gens))
+    return pick.points

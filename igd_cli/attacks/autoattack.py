@@ -15,9 +15,12 @@ image), whatever batch, shard or order it is in.
   (the audit's stronger AutoAttack) every image runs alone under its own seed;
 - Square: :class:`~igd_cli.attacks.square.PerImageSquare` (pyautoattack's with per-image windows).
 
-AutoAttack's rule between stages is kept: an image leaves after the first stage whose returned point the model
-misclassifies in one query (``run_standard_evaluation``'s check), and it keeps the clean image where every stage
-fails. Budget overrides exist for small machines: ``steps`` sets every APGD/FAB's iterations (with the
+AutoAttack's rule between stages is kept on a deterministic model: an image leaves after the first stage whose
+returned point the model misclassifies in one query (``run_standard_evaluation``'s check), and it keeps the clean
+image where every stage fails. On a randomized model one query is a coin toss near the boundary, so no decision
+rests on one draw: an image leaves once a stage's point is wrong in every one of ``GATE_DRAWS`` fresh
+classifications, every restart and target of a stage runs on every image, and each image keeps the point wrong
+in the most draws (the repeated-draw rule igd scores with). Budget overrides exist for small machines: ``steps`` sets every APGD/FAB's iterations (with the
 checkpoints APGD derives from ``n_iter``), ``queries`` Square's budget, ``eot_iter`` the rand version's EoT
 samples.
 """
@@ -33,8 +36,8 @@ from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 from pyautoattack.fab_pt import FABAttack_PT
 
 from .. import noise
-from .apgd import random_start
-from .base import Attack, image_generators, image_seed
+from .apgd import every_target, random_start, transfer_run
+from .base import GATE_DRAWS, Attack, DrawsPick, correct_draws, image_generators, image_seed, project
 from .square import PerImageSquare
 
 #: the stages of each version, in AutoAttack's order (pyautoattack's ``_set_version``)
@@ -53,9 +56,17 @@ def _quiet():
     return contextlib.redirect_stdout(sys.stderr)  # stdout belongs to --json
 
 
-def apgd_untargeted(apgd: APGDAttack, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, seed: int) -> torch.Tensor:
-    """``APGDAttack.perturb(x, y)`` (``best_loss=False``: the clean image where it fails) with per-image starts."""
+def apgd_untargeted(apgd: APGDAttack, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, seed: int,
+                    draws: int = 1) -> torch.Tensor:
+    """``APGDAttack.perturb(x, y)`` (``best_loss=False``: the clean image where it fails) with per-image starts.
+    ``draws`` > 1 (a randomized model): every restart on every image, each keeping the restart's point wrong in
+    the most of ``draws`` fresh classifications (:class:`~igd_cli.attacks.base.DrawsPick`)."""
     apgd.init_hyperparam(x)
+    if draws > 1:
+        gens, pick = image_generators(seed, index), DrawsPick(apgd.model, y, draws)
+        for _ in range(apgd.n_restarts):
+            pick.offer(transfer_run(apgd, x, y, gens))
+        return pick.points
     with torch.no_grad():
         acc = apgd.model(x).max(1)[1] == y
     adv = x.clone()
@@ -81,9 +92,12 @@ def _run_fooling(apgd: APGDAttack, x: torch.Tensor, y: torch.Tensor, todo: torch
 
 
 def apgd_targeted(apgd: APGDAttack_targeted, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
-                  seed: int) -> torch.Tensor:
-    """``APGDAttack_targeted.perturb(x, y)`` with per-image starts: targets the 2nd .. (n+1)th most likely classes."""
+                  seed: int, draws: int = 1) -> torch.Tensor:
+    """``APGDAttack_targeted.perturb(x, y)`` with per-image starts: targets the 2nd .. (n+1)th most likely classes.
+    ``draws`` > 1: every target and restart on every image, chosen as in :func:`apgd_untargeted`."""
     apgd.init_hyperparam(x)
+    if draws > 1:
+        return every_target(apgd, x, y, image_generators(seed, index), DrawsPick(apgd.model, y, draws))
     with torch.no_grad():
         acc = apgd.model(x).max(1)[1] == y
     adv = x.clone()
@@ -134,12 +148,15 @@ class _FAB(FABAttack_PT):
             self._n = self._y = self._kept = None
 
 
-def _fab_loop(fab: _FAB, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _fab_loop(fab: _FAB, x: torch.Tensor, y: torch.Tensor, draws: int = 1) -> torch.Tensor:
     """``FABAttack_PT.perturb``'s targeted loop (targets 2..n+1, restarts, an image leaves once fooled within ε),
-    with the subsets it attacks declared as the images they are."""
+    with the subsets it attacks declared as the images they are. ``draws`` > 1 (a randomized model): every target
+    and restart on every image, each keeping the point (projected onto the ε-ball) wrong in the most of ``draws``
+    fresh classifications."""
     adv = x.clone()
+    pick = DrawsPick(fab.predict, y, draws) if draws > 1 else None
     with torch.no_grad():
-        acc = fab.predict(x).max(1)[1] == y
+        acc = fab.predict(x).max(1)[1] == y if pick is None else torch.ones_like(y, dtype=torch.bool)
         for target_class in range(2, fab.n_target_classes + 2):
             fab.target_class = target_class
             for counter in range(fab.n_restarts):
@@ -149,12 +166,15 @@ def _fab_loop(fab: _FAB, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                 x_to, y_to = x[todo].clone(), y[todo].clone()
                 with noise.rows(todo):
                     adv_curr = fab.attack_single_run(x_to, y_to, use_rand_start=counter > 0, is_targeted=True)
+                    if pick is not None:
+                        pick.offer(project(adv_curr, x_to, fab.eps, fab.norm))
+                        continue
                     acc_curr = fab.predict(adv_curr).max(1)[1] == y_to
                 acc_curr = acc_curr | (_dist(x_to - adv_curr, fab.norm) > fab.eps)
                 won = (~acc_curr).nonzero().flatten()
                 acc[todo[won]] = False
                 adv[todo[won]] = adv_curr[won].clone()
-    return adv
+    return adv if pick is None else pick.points
 
 
 def _dist(delta: torch.Tensor, norm: str) -> torch.Tensor:
@@ -167,10 +187,12 @@ def _dist(delta: torch.Tensor, norm: str) -> torch.Tensor:
     return flat.abs().sum(-1)
 
 
-def fab_targeted(fab: _FAB, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, seed: int) -> torch.Tensor:
-    """``FABAttack_PT.perturb`` (targeted), as :func:`_fab_loop`. Its random starts (restarts after the first) come
-    from the global generator, which ``perturb`` seeds per call: with one restart it draws nothing and runs on the
-    batch; with more, every image runs alone with the global generator seeded by its own seed."""
+def fab_targeted(fab: _FAB, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, seed: int,
+                 draws: int = 1) -> torch.Tensor:
+    """``FABAttack_PT.perturb`` (targeted), as :func:`_fab_loop` (``draws``: see there). Its random starts (restarts
+    after the first) come from the global generator, which ``perturb`` seeds per call: with one restart it draws
+    nothing and runs on the batch; with more, every image runs alone with the global generator seeded by its own
+    seed."""
     dtype = x.dtype
     if dtype != torch.float32:
         # pyautoattack's FAB works in float32 (``attack_single_run`` casts the images with ``.float()``): it runs
@@ -180,14 +202,14 @@ def fab_targeted(fab: _FAB, x: torch.Tensor, y: torch.Tensor, index: torch.Tenso
         fab._model = lambda z: model(z.to(dtype)).float()
         x = x.float()
     if fab.n_restarts == 1:
-        return _fab_loop(fab, x, y).to(dtype)
+        return _fab_loop(fab, x, y, draws).to(dtype)
     out = []
     for i in range(len(x)):
         s = image_seed(seed, int(index[i]))
         torch.random.manual_seed(s)
         torch.cuda.random.manual_seed(s)
         with noise.rows([i]):
-            out.append(_fab_loop(fab, x[i:i + 1], y[i:i + 1]))
+            out.append(_fab_loop(fab, x[i:i + 1], y[i:i + 1], draws))
     return torch.cat(out).to(dtype)
 
 
@@ -198,54 +220,67 @@ class AutoAttackStandard(Attack):
     version = "standard"
     defaults = {"steps": 100, "queries": 5000}
     norms = ("Linf", "L2")
-    revision = 2  # 1 was pyautoattack's run_standard_evaluation on each batch (seeded per batch)
+    # 1 was pyautoattack's run_standard_evaluation on each batch (seeded per batch); 2 decided on a randomized
+    # model by one noise draw which images a stage broke and which restarts and targets to skip
+    revision = 3
+
+    def _draws(self) -> int:
+        """Classifications that decide whether a stage broke an image and between stages, restarts and targets:
+        one for a deterministic model (AutoAttack's own rule), ``GATE_DRAWS`` for a randomized one."""
+        return GATE_DRAWS if self.randomized else 1
 
     def stages(self) -> dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
-        """Stage name -> ``fn(x, y, index) -> points`` (clean where the stage fails), AutoAttack's settings."""
+        """Stage name -> ``fn(x, y, index) -> points`` (clean where the stage fails on a deterministic model),
+        AutoAttack's settings."""
         steps = self.budget.get("steps", 100)
         eot = self.budget.get("eot_iter", 1) if self.randomized else 1
-        model, dev, eps, norm, seed = self.model, self.device, self.eps, self.norm, self.seed
+        model, dev, eps, norm, seed, draws = self.model, self.device, self.eps, self.norm, self.seed, self._draws()
 
         def apgd(loss: str) -> Callable:
             def run(x, y, index):
                 a = APGDAttack(model, n_restarts=1, n_iter=steps, verbose=False,
                                eps=eps, norm=norm, eot_iter=eot, rho=.75, seed=seed, device=dev, loss=loss)
-                return apgd_untargeted(a, x, y, index, seed)
+                return apgd_untargeted(a, x, y, index, seed, draws)
             return run
 
         def apgd_t(x, y, index):
             a = APGDAttack_targeted(model, n_restarts=1, n_iter=steps, verbose=False, eps=eps, norm=norm,
-                                    eot_iter=1, rho=.75, seed=seed, device=dev, n_target_classes=n_targets(self.num_classes))
-            return apgd_targeted(a, x, y, index, seed)
+                                    eot_iter=eot, rho=.75, seed=seed, device=dev,
+                                    n_target_classes=n_targets(self.num_classes))
+            return apgd_targeted(a, x, y, index, seed, draws)
 
         def fab_t(x, y, index):
             f = _FAB(model, n_restarts=1, n_iter=steps, eps=eps, seed=seed, norm=norm, verbose=False,
                      device=dev, targeted=True, n_target_classes=n_targets(self.num_classes))
-            return fab_targeted(f, x, y, index, seed)
+            return fab_targeted(f, x, y, index, seed, draws)
 
         def square(x, y, index):
             sq = PerImageSquare(model, p_init=.8, n_queries=self.budget.get("queries", 5000), eps=eps, norm=norm,
                                 n_restarts=1, seed=seed, verbose=False, device=dev, resc_schedule=False)
-            return sq.perturb_images(x, y, index)
+            return sq.perturb_images(x, y, index, draws)
 
         table = {"apgd-ce": apgd("ce"), "apgd-dlr": apgd("dlr"), "apgd-t": apgd_t, "fab-t": fab_t, "square": square}
         return {name: table[name] for name in VERSIONS[self.version]}
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            robust = self.model(x).max(1)[1] == y
+        """AutoAttack's loop over its stages: an image leaves once a stage's point is misclassified — in one query
+        of a deterministic model (``run_standard_evaluation``'s rule), in every one of ``GATE_DRAWS`` fresh
+        classifications of a randomized one — and keeps the point misclassified in the most draws so far (the
+        clean image where no stage does better)."""
+        draws = self._draws()
+        correct = correct_draws(self.model, x, y, draws)
         x_adv = x.clone()
         with _quiet():
             for run in self.stages().values():
-                todo = robust.nonzero().flatten()
+                todo = (correct > 0).nonzero().flatten()
                 if todo.numel() == 0:
                     break
                 with noise.rows(todo):
                     adv = run(x[todo], y[todo], index[todo.cpu()])
-                    with torch.no_grad():
-                        fooled = self.model(adv).max(1)[1] != y[todo]
-                robust[todo[fooled]] = False
-                x_adv[todo[fooled]] = adv[fooled]
+                    c = correct_draws(self.model, adv, y[todo], draws)
+                better = c < correct[todo]
+                x_adv[todo[better]] = adv[better]
+                correct[todo[better]] = c[better]
         return x_adv
 
 
@@ -263,13 +298,15 @@ class Square(Attack):
     name = "square"
     defaults = {"queries": 5000, "restarts": 1}
     norms = ("Linf", "L2")
-    revision = 2  # 1 was pyautoattack's SquareAttack on each batch (one window per batch and iteration)
+    # 1 was pyautoattack's SquareAttack on each batch (one window per batch and iteration); 2 skipped, on a
+    # randomized model, images and restarts by one noise draw
+    revision = 3
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         sq = PerImageSquare(self.model, p_init=0.8, n_queries=self.budget["queries"], eps=self.eps, norm=self.norm,
                             n_restarts=self.budget["restarts"], seed=self.seed, verbose=False, device=self.device,
                             resc_schedule=False)
-        return sq.perturb_images(x, y, index)
+        return sq.perturb_images(x, y, index, GATE_DRAWS if self.randomized else 1)
 
 
 class FABTargeted(Attack):
@@ -279,11 +316,13 @@ class FABTargeted(Attack):
     name = "fab-t"
     defaults = {"steps": 100, "restarts": 1}
     norms = ("Linf", "L2")
-    revision = 2  # 1 seeded FAB's random restarts once per batch
+    # 1 seeded FAB's random restarts once per batch; 2 skipped, on a randomized model, targets and restarts by
+    # one noise draw
+    revision = 3
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         fab = _FAB(self.model, n_restarts=self.budget["restarts"], n_iter=self.budget["steps"], eps=self.eps,
                    seed=self.seed, norm=self.norm, verbose=False, device=self.device, targeted=True,
                    n_target_classes=n_targets(self.num_classes))
         with _quiet():
-            return fab_targeted(fab, x, y, index, self.seed)
+            return fab_targeted(fab, x, y, index, self.seed, GATE_DRAWS if self.randomized else 1)

@@ -67,6 +67,47 @@ def reseed(model: nn.Module, seed: int) -> None:
         fn(seed)
 
 
+#: classifications of a point that decide, on a randomized model, between an attack's restarts, stages and
+#: targets (one draw never decides: near the boundary it is a coin toss); a deterministic model needs one
+GATE_DRAWS = 5
+
+
+@torch.no_grad()
+def correct_draws(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int) -> torch.Tensor:
+    """In how many of ``draws`` classifications of the rows of ``x`` the model is right (each a fresh query)."""
+    return sum((model(x).argmax(1) == y).long() for _ in range(draws))
+
+
+class DrawsPick:
+    """Per image, the point wrong in the most of ``draws`` fresh classifications among the points offered (ties:
+    the first offered): the repeated-draw rule igd scores with, applied inside an attack to choose between its
+    restarts, targets or stages. A single offer is returned without a query.
+
+    Example::
+
+        pick = DrawsPick(model, y, draws=5)
+        for restart in range(3):
+            pick.offer(run_once(x, y))
+        x_adv = pick.points
+    """
+
+    def __init__(self, model: nn.Module, y: torch.Tensor, draws: int):
+        self.model, self.y, self.draws = model, y, int(draws)
+        self.points: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None  # None until a second point is offered
+
+    def offer(self, points: torch.Tensor) -> None:
+        if self.points is None:
+            self.points = points.clone()
+            return
+        if self.counts is None:
+            self.counts = correct_draws(self.model, self.points, self.y, self.draws)
+        counts = correct_draws(self.model, points, self.y, self.draws)
+        better = counts < self.counts
+        self.points[better] = points[better]
+        self.counts = torch.where(better, counts, self.counts)
+
+
 class Attack:
     """Base class: subclasses set ``name``, ``defaults`` (the paper's budget) and implement ``perturb``.
 

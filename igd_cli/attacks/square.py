@@ -20,7 +20,7 @@ import torch
 from pyautoattack.square import SquareAttack
 
 from .. import noise
-from .base import image_generators
+from .base import DrawsPick, image_generators
 
 
 class PerImageSquare(SquareAttack):
@@ -64,14 +64,21 @@ class PerImageSquare(SquareAttack):
         return delta
 
     # -- the attack ----------------------------------------------------------------------------------------
-    def perturb_images(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """``SquareAttack.perturb(x, y)`` (untargeted), each image with its own generator."""
+    def perturb_images(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, draws: int = 1) -> torch.Tensor:
+        """``SquareAttack.perturb(x, y)`` (untargeted), each image with its own generator. ``draws`` > 1 (a
+        randomized model, where "fooled" in one query is a coin toss): every restart on every image, each image
+        keeping the restart's point wrong in the most of ``draws`` fresh classifications."""
         self.init_hyperparam(x)
         adv = x.clone()
         y = y.detach().clone().long().to(self.device)
+        gens = image_generators(self.seed, index)
+        if draws > 1:
+            pick = DrawsPick(self.predict, y, draws)
+            for _ in range(self.n_restarts):
+                pick.offer(self._single_run(x.clone(), y.clone(), gens))
+            return pick.points
         with torch.no_grad():
             acc = self.predict(x).max(1)[1] == y
-        gens = image_generators(self.seed, index)
         for _ in range(self.n_restarts):
             todo = acc.nonzero().flatten()
             if todo.numel() == 0:

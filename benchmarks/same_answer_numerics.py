@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import sys
 import time
@@ -24,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _data import write_results  # noqa: E402  (puts the repository on the path)
 
 from igd_cli import noise  # noqa: E402
 from igd_cli.common import open_target  # noqa: E402
@@ -126,7 +127,7 @@ def main() -> None:
     out = run(args.n, args.draws, args.seed)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
+        write_results(args.out, out)
 
 
 if __name__ == "__main__":

@@ -116,6 +116,11 @@ class _ImageSetView(ImageSet):
     def describe(self) -> dict:
         return {**self.parent.describe(), "positions": [self.start, self.stop]}
 
+    def identity(self) -> dict:
+        """The parent's images by content, and which of them: images start..stop-1 (a view from 0 is the first n,
+        as the parent set of n would be)."""
+        return {**super().identity(), **({"start": self.start} if self.start else {})}
+
 
 def data_dir(arg: str | os.PathLike | None = None) -> Path:
     """``--data-dir``, else ``$IGD_DATA_DIR``, else ``$IGD_HOME/data``."""

@@ -55,3 +55,7 @@ PresetSteps = Annotated[Optional[int], typer.Option("--steps", metavar="N", min=
 PresetRestarts = Annotated[Optional[int], typer.Option("--restarts", metavar="N", min=1, help="random restarts (default: the --preset's: quick 1, paper APGD 1 / APGD-T-DLR 3)")]
 PresetQueries = Annotated[Optional[int], typer.Option("--queries", metavar="N", min=1, help="RayS/Square queries (default: the --preset's: quick 1000, paper 10000/5000)")]
 PresetEotIter = Annotated[Optional[int], typer.Option("--eot-iter", metavar="N", min=1, help="EoT samples per step (default: the --preset's: quick 5, paper 20)")]
+#: the method's settings (METHOD.md steps 2-3), for the commands that make or evaluate a mask
+Sigma = Annotated[Optional[float], typer.Option("--sigma", metavar="S", min=0, help="smoothing noise std of the pseudo-label's pass (default ε/2)")]
+NSmooth = Annotated[int, typer.Option("--n-smooth", metavar="N", min=1, help="noise samples for the soft pseudo-label")]
+Tau = Annotated[float, typer.Option("--tau", metavar="T", help="softmax temperature of the soft pseudo-label")]

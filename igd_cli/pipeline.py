@@ -18,11 +18,11 @@ import torch
 
 from .artifacts import file_sha256, intact, read_metadata
 from .batching import defended_trial, rank_trial, resolve_batch_size
-from .calibrate import DEFAULT_N_EXAMPLES, calibration_stream, run_calibration
+from .calibrate import calibration_stream, image_range, run_calibration
 from .common import Target, check_classes, resolve_model_layer
 from .data import ImageSet, load_dataset, same_images
 from .console import err_console, progress_enabled
-from .defense import check_layers, load_defense
+from .defense import DEFAULT_N_SMOOTH, DEFAULT_TAU, check_layers, load_defense
 from .errors import IgdError
 from .locks import LockOptions, run_lock
 from .precision import precision_meta
@@ -33,6 +33,8 @@ from .shards import matching_artifact, shard_path
 from .scoring import DEFAULT_DRAWS
 
 Stage = Literal["computed", "reused"]
+CalibrationImages = Literal["after", "train", "evaluated"]
+CALIBRATION_IMAGES: tuple[str, ...] = ("after", "train", "evaluated")
 
 #: Budget presets: ``paper`` keeps every attack's paper budget; ``quick`` is sized so that the embedded demo
 #: pipeline (IW-WC, nine attacks) finishes in minutes on 2 CPU cores. ``auto``: quick for ``demo``, else paper.
@@ -105,11 +107,18 @@ class PipelineConfig:
     n_probe: int | None = None  # probe images for ranking (first N of the training split; None = all)
     probe_dataset: str | None = None  # ranking images from this data set instead of the target's training split
     allow_overlap: bool = False  # accept probe images that are the evaluation images (a split-less file)
-    n_examples: int | None = None  # test images for calibration and evaluation (None = all, at most 1000)
+    n_examples: int | None = None  # test images evaluated (None = all, at most 1000)
+    #: where k is chosen (never on the evaluated images by default): "after" the test images right after the
+    #: evaluated ones, "train" the training images right after the probe images, "evaluated" the evaluated ones
+    calibration_images: CalibrationImages = "after"
+    n_calibration: int | None = None  # images k is chosen on (None: as many as are evaluated, or what remains)
     tolerance: float = 0.5
     k: int | dict[str, int] | None = None  # skip the search (several layers: the layers whose k is fixed)
     eps: float | None = None
     rs: bool = True
+    sigma: float | None = None  # the smoothing noise std (None: ε/2)
+    tau: float = DEFAULT_TAU
+    n_smooth: int = DEFAULT_N_SMOOTH
     budgets: Budgets = field(default_factory=Budgets)
     clip_model: str = "ViT-B-16"
     clip_pretrained: str = "openai"
@@ -148,7 +157,7 @@ class PipelineResult:
             **{k: ev.get(k) for k in keys},
             "k": self.k, "n_neurons": self.n_neurons, "layer": self.layer,
             "calibration": {k: self.calibration.get(k) for k in ("k", "base_clean_accuracy", "clean_accuracy",
-                                                                  "n_examples", "tolerance", "curve")},
+                                                                  "n_examples", "tolerance", "curve", "images")},
             "probe": dict(self.probe),
             "stages": dict(self.stages),
             "paths": {"out": str(self.out), "mask": str(self.mask),
@@ -190,9 +199,7 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
     eps = float(cfg.eps) if cfg.eps is not None else float(target.default_eps())
     norm = target.threat_model
     if piece is not None and piece.stage == "transfer":  # the base model's sets need neither ranking nor mask
-        data = target.data("test", cfg.n_examples, data_dir)
-        if cfg.n_examples is None:
-            data.n = min(DEFAULT_N_EXAMPLES, len(data))
+        data = target.eval_data("test", cfg.n_examples, data_dir)
         check_classes(target, data)
         return _run_eval_piece(piece, target, cfg, data, None, {}, {}, out / "report", out / "adv", eps, norm,
                                progress_enabled(), _eval_batch(cfg, target, target.model, data))
@@ -248,17 +255,18 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
     one = len(layers) == 1
     slug = "+".join(layer.replace(".", "-") for layer in layers)
 
-    # 2. calibrate-k (mask), reused when made from these very importance files with the same settings
+    # 2. calibrate-k (mask) on images held out from the evaluation, reused when made from these very importance
+    # files with the same settings
     mask = out / f"mask-{method.name}-{slug}.safetensors"
-    cal_data = target.data("test", cfg.n_examples, data_dir)
-    if cfg.n_examples is None:
-        cal_data.n = min(DEFAULT_N_EXAMPLES, len(cal_data))
+    data = target.eval_data("test", cfg.n_examples, data_dir)
+    cal_data = calibration_data(target, cfg, data, probe, data_dir)
     want = _calibration_identity(target, importances, cfg, eps, cal_data)
     cal = None if force else _reusable_mask(mask, want)
     _say(f"[2/4] calibrate-k: tolerance {cfg.tolerance} points" + (" (reused)" if cal else ""))
     if cal is None:
-        cal = run_calibration(target, importances[0] if one else importances, mask, split="test", n_examples=cfg.n_examples,
-                              tolerance=cfg.tolerance, eps=eps, n_smooth=1, rs=cfg.rs, k=cfg.k,
+        cal = run_calibration(target, importances[0] if one else importances, mask, split=cal_data.split,
+                              data=cal_data, tolerance=cfg.tolerance, eps=eps, sigma=cfg.sigma, tau=cfg.tau,
+                              n_smooth=cfg.n_smooth, rs=cfg.rs, k=cfg.k,
                               batch_size=cfg.batch_size, seed=cfg.seed, data_dir=data_dir,
                               precision=cfg.precision, auto_default=PIPELINE_BATCH,
                               plot=out / f"calibration-{method.name}-{slug}.png",
@@ -269,8 +277,9 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
     if piece is not None and piece.stage == "calibrate":
         return {"piece": piece.name, "out": str(mask), "k": cal["k"], "stages": stages}
 
+    cal["images"] = {**image_range(cal_data), "held_out": cfg.calibration_images != "evaluated"}
+
     # 3 + 4. attacks: transfer sets on the base model, then the defended evaluation (sets cached in adv/)
-    data = target.data("test", cal["n_examples"], data_dir)
     adv_dir = out / "adv"
     defense = load_defense(target, mask, seed=cfg.seed)
     ident = defense_identity(mask, defense)
@@ -453,14 +462,52 @@ def _say(text: str) -> None:
     err_console.print(text, highlight=False, soft_wrap=True)  # paths stay whole
 
 
+def calibration_data(target: Target, cfg: PipelineConfig, evaluated: ImageSet, probe: ImageSet,
+                     data_dir: str | Path | None) -> ImageSet:
+    """The images k is chosen on (``cfg.calibration_images``): never the evaluated ones unless asked, so that no
+    reported figure comes from images the defence was tuned on."""
+    if cfg.calibration_images not in CALIBRATION_IMAGES:
+        raise IgdError(f"--calibration-images {cfg.calibration_images}: expected {', '.join(CALIBRATION_IMAGES)}")
+    n = cfg.n_calibration
+    if cfg.calibration_images == "evaluated":
+        return evaluated if n is None else target.eval_data("test", min(n, len(evaluated)), data_dir)
+    if cfg.calibration_images == "after":
+        whole, start, hint = target.data("test", None, data_dir), len(evaluated), "fewer --n-examples"
+        split = "test"
+    else:
+        if cfg.n_probe is None:
+            raise IgdError("--calibration-images train: give --n-probe (k is chosen on the training images after "
+                           "the probe images)")
+        whole, start, hint = load_dataset(probe.name if probe.file is None else str(probe.file), "train", None,
+                                          data_dir), len(probe), "fewer --n-probe"
+        split = "train"
+    left = len(whole) - start
+    if left < 1:
+        raise IgdError(f"--calibration-images {cfg.calibration_images}: the {split} split has no images after the "
+                       f"first {start} ({len(whole)} in all): use {hint}, or --calibration-images evaluated")
+    n = min(len(evaluated) if n is None else n, left)
+    return whole.view(start, start + n)
+
+
+def calibration_caption(images: dict[str, Any], n_evaluated: int) -> str:
+    """One line saying which images k was chosen on, and whether they are held out from the evaluated ones."""
+    a, n = int(images.get("start", 0)), int(images["n"])
+    where = f"{images.get('split')} images {a}..{a + n - 1}"
+    if not images.get("held_out", True):
+        return f"k chosen on {where}: the evaluated images themselves (the figures are not held out from tuning)"
+    return f"k chosen on {where}, held out from the {n_evaluated} evaluated test images"
+
+
 def _calibration_identity(target: Target, importances: list[Path], cfg: PipelineConfig, eps: float,
                           data: ImageSet) -> dict[str, Any]:
-    """What decides the mask: the model, the importance files' contents, the images calibrated on (by content),
-    tolerance, fixed k, ε (σ = ε/2), smoothing and seed; not the batch size (it changes no figure)."""
+    """What decides the mask: the model, the importance files' contents, the images calibrated on (by content and
+    position), tolerance, fixed k, ε and the defence settings, smoothing and seed; not the batch size (it changes
+    no figure)."""
     shas = [file_sha256(p) for p in importances]
     return json.loads(json.dumps({
         "model_fingerprint": target.loaded.fingerprint, "importance_sha256": shas[0] if len(shas) == 1 else shas,
         "data": data.identity(), "tolerance": cfg.tolerance, "k": cfg.k, "eps": eps, "rs": cfg.rs,
+        "sigma": cfg.sigma, "tau": cfg.tau, "n_smooth": cfg.n_smooth,
         "seed": cfg.seed, "noise_seed": calibration_stream(cfg.seed) if cfg.rs else None,
         **precision_meta(cfg.precision)}))
 

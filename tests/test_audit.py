@@ -511,6 +511,9 @@ def test_check_11_runs_the_adaptive_attack_through_the_audit(demo, data, defence
     c = _check(rep, 11)
     assert c["verdict"] in ("ok", "flag") and c["name"] == "adaptive attack (beyond the paper)"
     f = c["figures"]
-    assert len(f["per_column"]) == 9 and f["iw_wc_ten"]["mean"] <= f["iw_wc_paper"]["mean"] + 1e-12
+    # (the ten-column worst case need not be at most the nine-column one: with repeated draws each image's candidate
+    # is selected on its selection draws and scored on fresh ones, and a tenth candidate can win the selection and
+    # score higher on the final draws; docs/adaptive.md)
+    assert len(f["per_column"]) == 9 and f["iw_wc_ten"]["n"] == f["iw_wc_paper"]["n"] == len(data)
     assert f["adaptive"]["n"] == len(data)
     assert _verdicts(run_audit(_audit(_target(demo.model), data, workdir=workdir), [11])) == {11: "n/a"}

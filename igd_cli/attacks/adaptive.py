@@ -75,6 +75,7 @@ class Adaptive(APGD):
 
     name = "adaptive"
     defaults = {"steps": 100, "restarts": 1, "eot_iter": 20}
+    built_from = (APGDEoT,)  # stage 1: its revision is part of this attack's
 
     def __init__(self, model: nn.Module, *, bpda_temperature: float | None = None, **kwargs):
         t = DEFAULT_BPDA_TEMPERATURE if bpda_temperature is None else float(bpda_temperature)

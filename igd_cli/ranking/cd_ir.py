@@ -292,8 +292,11 @@ def clip_embeddings(data: ImageSet, *, clip_model: str = DEFAULT_CLIP_MODEL,
                     cache: Path | None = None, device: torch.device | str = "cpu", batch_size: int = 128,
                     show_progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, Path, bool]:
     """L2-normalised image (M, D) and text (C, D) embeddings; from the cache when it matches, else computed with
-    CLIP and written to it. Returns (images, texts, cache path, reused)."""
-    want = cache_meta(clip_model, clip_pretrained, data, template)
+    CLIP and written to it (the cache's identity also holds igd's code and the numerics on ``device``). Returns
+    (images, texts, cache path, reused)."""
+    from ..provenance import identity
+
+    want = {**cache_meta(clip_model, clip_pretrained, data, template), **identity(device)}
     path = Path(cache) if cache is not None else default_cache_path(want)
     hit = _cache_hit(path, want)
     if hit is not None:

@@ -1,0 +1,266 @@
+"""Identities without holes: a data file rewritten with its old size and mtime, igd's own code, the numerics, an
+attack's parts and the evaluation's budgets are each in the identity that decides reuse and merging, and a piece,
+shard or artifact made otherwise is refused in one line naming both values."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import igd_cli.attacks.base as attacks_base
+import igd_cli.evaluate as evaluate
+from igd_cli import numerics, provenance
+from igd_cli.artifacts import cached_file_sha256, file_sha256, load_artifact, read_metadata
+
+from .conftest import digits_safetensors
+
+#: a pipeline run small enough to repeat: random ranking, AutoAttack at 2 steps on 8 images, 2 draws
+OPTS = ["--method", "random", "--n-probe", "40", "--n-examples", "8", "--attack", "aa", "--steps", "2",
+        "--queries", "10", "--batch-size", "8", "--draws", "2", "--json"]
+COMPUTED = {"rank": "computed", "calibrate": "computed", "transfer": "computed", "defend-eval": "computed"}
+
+
+def _rewrite_keeping_size_and_mtime(path: Path, data: bytes) -> None:
+    """Write ``data`` over ``path`` in place (same inode, as ``cp -p`` onto it leaves it) and put its old mtime back
+    (``cp -p``, ``rsync -t`` and ``tar x`` all do): only the ctime, which the kernel sets, tells it changed."""
+    before = path.stat()
+    assert len(data) == before.st_size and data != path.read_bytes()
+    while True:
+        path.write_bytes(data)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = path.stat()
+        if after.st_ctime_ns != before.st_ctime_ns:  # a coarse clock can leave it equal within one tick
+            break
+        time.sleep(0.01)
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+
+
+def _reversed_images(path: Path) -> bytes:
+    """The tensor file's bytes with its images in reverse order: another data set of the very same size."""
+    t = load_file(str(path))
+    out = path.with_suffix(".tmp")
+    save_file({"x": t["x"].flip(0).contiguous(), "y": t["y"].flip(0).contiguous()}, str(out),
+              metadata=read_metadata_raw(path))
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def read_metadata_raw(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
+def _error(r) -> str:
+    """The one error line (after any progress lines on stderr)."""
+    errors = [ln for ln in r.err.splitlines() if ln.startswith("error:")]
+    assert r.code == 2 and len(errors) == 1 and r.err.strip().splitlines()[-1] == errors[0], r.err
+    return errors[0]
+
+
+# --- item: a rewritten data file with its old size and mtime ---------------------------------------------
+
+def test_the_digest_cache_sees_a_rewrite_that_keeps_size_and_mtime(tmp_path, igd_home, monkeypatch):
+    import igd_cli.artifacts as artifacts
+
+    path = digits_safetensors(tmp_path, "test", 50)
+    first = cached_file_sha256(path)
+    _rewrite_keeping_size_and_mtime(path, _reversed_images(path))
+    assert cached_file_sha256(path) == file_sha256(path) != first  # this process's memo
+    monkeypatch.setattr(artifacts, "_SHA_MEMO", {})
+    assert cached_file_sha256(path) == file_sha256(path)  # the store under $IGD_HOME/cache
+
+
+def test_pipeline_on_a_file_rewritten_with_its_old_size_and_mtime_recomputes(tmp_path, cli, igd_home):
+    test = digits_safetensors(tmp_path, "test", 60)
+    train = digits_safetensors(tmp_path, "train", 40)
+    args = ["--dataset", test, "--probe-dataset", train, *OPTS]
+    first = cli("pipeline", *args, "--out", tmp_path / "run")
+    assert first.code == 0, first.err
+    _rewrite_keeping_size_and_mtime(test, _reversed_images(test))
+    again = cli("pipeline", *args, "--out", tmp_path / "run")
+    assert again.code == 0, again.err
+    got = again.json()
+    # the ranking's images did not change; the calibration's and the evaluation's did
+    assert got["stages"] == {**COMPUTED, "rank": "reused"}
+    fresh = cli("pipeline", *args, "--out", tmp_path / "fresh").json()
+    for key in ("k", "clean_accuracy", "base_clean_accuracy", "worst_case", "worst_case_std", "base_worst_case"):
+        assert got[key] == fresh[key], key
+    a, b = (load_artifact(j["paths"]["report"], kind="eval-report") for j in (got, fresh))
+    assert torch.equal(a["defended_draws"], b["defended_draws"]) and torch.equal(a["base_draws"], b["base_draws"])
+
+
+# --- item: igd's own code in every identity ---------------------------------------------------------------
+
+def test_the_code_digest_covers_figure_making_modules_only(tmp_path):
+    copy = tmp_path / "igd_cli"
+    shutil.copytree(provenance.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    here = provenance.code_digest()
+    assert provenance.code_digest(copy) == here  # the bytes, not where the package is installed
+    for entry in provenance.PRESENTATION:  # the list names what exists
+        assert (copy / entry).exists(), entry
+    listed = {p.relative_to(copy).as_posix() for p in provenance.figure_modules(copy)}
+    assert {"noise.py", "defense.py", "attacks/apgd.py", "scoring.py", "evaluate.py"} <= listed
+    assert not listed & {"cli.py", "commands/rank.py", "report.py", "run_report.py", "console.py"}
+    for presentation in ("commands/rank.py", "report.py", "run_report.py", "audit/plots.py"):
+        f = copy / presentation
+        f.write_text(f.read_text().replace('"""', '"""Reworded. ', 1))
+        provenance._digest.cache_clear()
+        assert provenance.code_digest(copy) == here, presentation
+    noise = copy / "noise.py"
+    noise.write_text(noise.read_text() + "\nSOME_CONSTANT = 2\n")
+    provenance._digest.cache_clear()
+    assert provenance.code_digest(copy) != here
+
+
+def test_a_run_folder_made_by_other_igd_code_is_not_reused(tmp_path, cli, igd_home, monkeypatch):
+    """The folder of another igd (an editable install whose noise.py changed, same version) is recomputed stage by
+    stage, each with one note naming both codes; it was reused whole."""
+    first = cli("pipeline", *OPTS, "--out", tmp_path / "run")
+    assert first.code == 0, first.err
+    old = first.json()["igd_code"]
+    new = old.split("+")[0] + "+" + "0" * 16
+    monkeypatch.setattr(provenance, "code_digest", lambda root=None: new)
+    again = cli("pipeline", *OPTS, "--out", tmp_path / "run")
+    assert again.code == 0, again.err
+    assert again.json()["stages"] == COMPUTED and again.json()["igd_code"] == new
+    notes = [ln for ln in again.err.splitlines() if ln.startswith("note:")]
+    assert len(notes) >= 2 and all(f"made with igd code {old}, not this run's {new}" in ln for ln in notes), notes
+
+
+def test_the_adaptive_attacks_sets_change_with_its_stage_one(tmp_path, demo, monkeypatch):
+    """The adaptive attack runs apgd-eot as its stage 1: a new apgd-eot revision is a new adaptive attack, whose
+    cached set is not reused (its set key missed stage 1's revision)."""
+    from igd_cli.attacks import ATTACKS
+    from igd_cli.attacks.apgd import APGDEoT
+    from igd_cli.common import Target
+    from igd_cli.data import load_dataset
+
+    assert ATTACKS["adaptive"].revisions() == {"apgd-eot": APGDEoT.revision}
+    target = Target(demo, torch.device("cpu"), "digits")
+    data = load_dataset("digits", "test", 4)
+    ran: list[str] = []
+    real = evaluate.run_attack
+
+    def spy(atk, *a, **k):
+        ran.append(atk.name)
+        return real(atk, *a, **k)
+
+    monkeypatch.setattr(evaluate, "run_attack", spy)
+
+    def obtain():
+        ev = evaluate.Evaluator(target, None, data, eps=0.1, workdir=tmp_path, show_progress=False,
+                                budgets=evaluate.Budgets(steps=1, eot_iter=1))
+        return ev.obtain("adaptive", "base", torch.arange(4))[0]
+
+    first = obtain()
+    obtain()
+    assert ran == ["adaptive"]  # reused
+    monkeypatch.setattr(APGDEoT, "revision", APGDEoT.revision + 1)
+    obtain()
+    assert ran == ["adaptive", "adaptive"]
+    assert first.info["revision"] == {"apgd-eot": APGDEoT.revision - 1}
+
+
+# --- item: merges of evaluations compare the pieces' identities --------------------------------------------
+
+def _fake_cuda(monkeypatch) -> dict:
+    """From here on igd believes it computes on a GPU with TF32 on (the refusal paths, without a GPU)."""
+    real = numerics.record
+
+    def fake(device):
+        return {**real(device), "mode": "fast", "device": "a GPU", "device_type": "cuda", "tf32": True,
+                "deterministic": False}
+
+    monkeypatch.setattr(numerics, "record", fake)
+    return fake("cpu")
+
+
+def test_shards_made_with_other_numerics_or_code_are_not_merged(tmp_path, cli, igd_home, monkeypatch):
+    imp = tmp_path / "imp.safetensors"
+    assert cli("rank", "--method", "random", "--n-probe", 20, "--out", imp).code == 0
+    mask = tmp_path / "mask.safetensors"
+    assert cli("calibrate-k", "--importance", imp, "--k", 8, "--no-rs", "--n-examples", 8, "--out", mask).code == 0
+    jobs = {"report": ["defend-eval", "--mask", mask, "--n-examples", 8, "--report"],
+            "set": ["attack", "--attack", "fgsm", "--n-examples", 8, "--out"],
+            "importance": ["rank", "--method", "random", "--n-probe", 20, "--out"]}
+    cut = {"report": ("--shard", "{i}/2"), "set": ("--shard", "{i}/2"), "importance": ("--neurons", "{a}:{b}")}
+
+    def piece(name: str, i: int) -> Path:
+        path = tmp_path / f"{name}-{i}.safetensors"
+        opt, value = cut[name]
+        r = cli(*jobs[name], path, opt, value.format(i=i, a=64 * i, b=64 * (i + 1)))
+        assert r.code == 0, r.err
+        return path
+
+    here = {name: piece(name, 0) for name in jobs}
+    pinned = numerics.describe(numerics.identity("cpu"))
+    with monkeypatch.context() as m:
+        fake = _fake_cuda(m)
+        for name in jobs:
+            r = cli("merge", here[name], piece(name, 1), "--out", tmp_path / f"{name}-merged.safetensors")
+            line = _error(r)
+            assert f"different numerics ({numerics.describe(numerics.identity_of(fake))} vs {pinned})" in line, line
+    code = provenance.code_digest()
+    monkeypatch.setattr(provenance, "code_digest", lambda root=None: "0.0.1+" + "f" * 16)
+    for name in jobs:
+        r = cli("merge", here[name], piece(name, 1), "--out", tmp_path / f"{name}-merged.safetensors")
+        assert f"different igd code (0.0.1+{'f' * 16} vs {code})" in _error(r)
+    assert not list(tmp_path.glob("*-merged.safetensors"))
+
+
+def test_pipeline_pieces_of_another_evaluation_are_never_merged(tmp_path, cli, igd_home, monkeypatch):
+    """Pieces of a run at --steps 2 are neither merged by `--piece merge` nor reused by a plain run at --steps 3
+    (both took them); `--piece merge` of pieces made with other numerics names both in one line."""
+    run = tmp_path / "run"
+    steps2 = [*OPTS, "--out", run]
+    steps3 = [*OPTS, "--steps", "3", "--out", run]
+    for p in ("calibrate", "defend:0/2", "defend:1/2"):
+        assert cli("pipeline", *steps2, "--piece", p).code == 0
+    assert "incomplete (none found" in _error(cli("pipeline", *steps3, "--piece", "merge"))
+    got = cli("pipeline", *steps3)
+    assert got.code == 0, got.err
+    assert got.json()["stages"]["defend-eval"] == "computed"
+    report = load_artifact(got.json()["paths"]["report"], kind="eval-report")
+    assert report.meta["pipeline_identity"]["budgets"]["steps"] == 3
+    assert cli("pipeline", *steps2, "--piece", "merge").code == 0  # the pieces themselves are sound
+
+    fake = _fake_cuda(monkeypatch)
+    line = _error(cli("pipeline", *steps2, "--piece", "merge"))
+    pinned = numerics.describe({"device_type": "cpu", "tf32": False, "deterministic": True})
+    assert ".shard-" in line and (f"made with numerics {pinned}, not this run's "
+                                  f"{numerics.describe(numerics.identity_of(fake))}") in line, line
+
+
+def test_pipeline_changed_steps_recompute_the_evaluation(tmp_path, cli, igd_home):
+    """--steps is in the evaluation's identity: a changed budget reruns the attacks (it reused the old report)."""
+    first = cli("pipeline", *OPTS, "--out", tmp_path / "run")
+    assert first.code == 0, first.err
+    again = cli("pipeline", *OPTS, "--steps", "3", "--out", tmp_path / "run")
+    assert again.code == 0, again.err
+    assert again.json()["stages"] == {**COMPUTED, "rank": "reused", "calibrate": "reused"}
+    report = load_artifact(again.json()["paths"]["report"], kind="eval-report")
+    assert report.meta["pipeline_identity"]["budgets"]["steps"] == 3
+    assert sorted(report.meta["attacks_run"]) == ["base:aa", "defended:aa"]
+
+
+def test_a_reused_stage_needs_the_same_numerics(tmp_path, cli, igd_home, monkeypatch):
+    first = cli("pipeline", *OPTS, "--out", tmp_path / "run")
+    assert first.code == 0, first.err
+    assert first.json()["numerics"]["mode"] == "pinned"
+    fake = _fake_cuda(monkeypatch)
+    again = cli("pipeline", *OPTS, "--out", tmp_path / "run")
+    assert again.code == 0, again.err
+    assert again.json()["stages"] == COMPUTED and again.json()["numerics"]["tf32"] is True
+    notes = [ln for ln in again.err.splitlines() if ln.startswith("note:")]
+    want = f"numerics cpu with deterministic algorithms, not this run's {numerics.describe(numerics.identity_of(fake))}"
+    assert notes and all(want in ln for ln in notes), notes
+    assert read_metadata(again.json()["paths"]["mask"])["numerics"]["device"] == "a GPU"
+

@@ -430,8 +430,8 @@ def merge_eval_pieces(folder: Path, report: Path, eval_id: dict[str, Any], stric
                 continue  # the plain run computes the evaluation itself
             return True
     if strict and other is not None:
-        raise IgdError(f"{other[0]}: {refusal(other[1])}: rerun the defend:I/N pieces with this install and "
-                       f"--numerics")
+        raise IgdError(f"{other[0]}: {refusal(other[1])}: merge with the install, --device and --numerics that "
+                       f"made the pieces, or rerun them with these")
     if strict:
         have = ", ".join(f"{len(p)} of {c}" for c, p in groups.items()) or "none"
         raise IgdError(f"{folder}: the defended-evaluation pieces of this run are incomplete ({have} found, as "

@@ -100,6 +100,15 @@ def test_results_json_record_the_numerics_and_the_default_is_applied(cli, tmp_pa
         assert meta["kind"] == kind and set(numerics.IDENTITY_KEYS) <= set(meta["numerics"]), kind
         assert meta["igd_code"] == code
 
+    # igd report and igd audit name the setting
+    assert cli("report", tmp_path).code == 0
+    page = (tmp_path / "report.md").read_text()
+    assert "Numerics of `imp.safetensors`: pinned (cpu with deterministic algorithms) on cpu" in page
+    assert ("Numerics of `adv.safetensors`, `mask.safetensors`: fast (cpu with deterministic algorithms) (the opt-in "
+            "for speed") in page
+    r = cli("audit", *outs["audit"], "--numerics", "fast")
+    assert "numerics: fast (cpu with deterministic algorithms)" in " ".join(r.out.split())
+
 
 def test_the_cluster_route_passes_numerics_to_every_job(tmp_path, igd_home, capsys):
     spec = importlib.util.spec_from_file_location("plan", REPO / "cluster" / "slurm" / "plan.py")

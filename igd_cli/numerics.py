@@ -2,11 +2,12 @@
 
 ``pinned`` (the default) turns TF32 off (torch runs "fp32" cuDNN convolutions in TF32 unless told otherwise, with
 a 10-bit mantissa), turns on deterministic algorithms where torch has them
-(``torch.use_deterministic_algorithms(True, warn_only=True)``: an operation without one warns instead of failing),
-makes cuDNN pick deterministic algorithms without autotuning (``cudnn.benchmark`` off: autotuning times candidate
-algorithms per shape and keeps the fastest, which can differ from run to run), and sets
-``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (cuBLAS's reproducible workspace) when CUDA has not started and it is not set.
-A rerun on the same GPU model, torch and batch size then gives the same bits.
+(``torch.use_deterministic_algorithms(True, warn_only=True)``: an operation without one warns instead of failing;
+torch's filling of uninitialized memory, a debugging aid that costs time on every allocation and changes nothing
+in code that reads only what it wrote, stays off), makes cuDNN pick deterministic algorithms without autotuning
+(``cudnn.benchmark`` off: autotuning times candidate algorithms per shape and keeps the fastest, which can differ
+from run to run), and sets ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (cuBLAS's reproducible workspace) when CUDA has not
+started and it is not set. A rerun on the same GPU model, torch and batch size then gives the same bits.
 
 ``fast`` is the opt-in for speed: TF32 on and cuDNN autotuning, no deterministic algorithms. Figures can move
 (a few images near the decision boundary), so every result records which was used and caches and merges keep the
@@ -67,6 +68,7 @@ def apply(mode: str = DEFAULT, device: torch.device | str | None = None) -> None
     if not fast and not torch.cuda.is_initialized():
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)  # read by cuBLAS when CUDA starts
     deterministic_algorithms(not fast)
+    torch.utils.deterministic.fill_uninitialized_memory = False
     _applied = mode
 
 
@@ -166,7 +168,7 @@ def snapshot() -> tuple[Any, ...]:
     return (_applied, b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision,
             b.mkldnn.matmul.fp32_precision, b.mkldnn.conv.fp32_precision, b.cudnn.benchmark, b.cudnn.deterministic,
             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-            os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+            torch.utils.deterministic.fill_uninitialized_memory, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
 
 
 def restore(state: tuple[Any, ...]) -> None:
@@ -175,7 +177,7 @@ def restore(state: tuple[Any, ...]) -> None:
     b = torch.backends
     (_applied, b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision,
      b.mkldnn.matmul.fp32_precision, b.mkldnn.conv.fp32_precision, b.cudnn.benchmark, b.cudnn.deterministic,
-     det, warn_only, cublas) = state
+     det, warn_only, torch.utils.deterministic.fill_uninitialized_memory, cublas) = state
     deterministic_algorithms(det, warn_only)
     if cublas is None:
         os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
@@ -184,5 +186,5 @@ def restore(state: tuple[Any, ...]) -> None:
 
 
 __all__ = ["CUBLAS_WORKSPACE", "DEFAULT", "IDENTITY_KEYS", "MODES", "Mode", "apply", "check_mode", "describe",
-           "deterministic", "deterministic_algorithms", "device_name", "ensure", "identity", "identity_of", "record", "restore", "snapshot",
-           "tf32"]
+           "deterministic", "deterministic_algorithms", "device_name", "ensure", "identity", "identity_of", "record",
+           "restore", "snapshot", "tf32"]

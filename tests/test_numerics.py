@@ -26,6 +26,7 @@ def test_pinned_sets_tf32_off_and_deterministic_algorithms(monkeypatch):
     assert b.cudnn.conv.fp32_precision == b.cudnn.rnn.fp32_precision == b.cuda.matmul.fp32_precision == "ieee"
     assert b.cudnn.deterministic and not b.cudnn.benchmark
     assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert not torch.utils.deterministic.fill_uninitialized_memory
     if not torch.cuda.is_initialized():  # cuBLAS reads it when CUDA starts
         import os
 

@@ -159,6 +159,35 @@ def test_a_run_folder_made_with_other_numerics_or_igd_code_is_not_reused(tmp_pat
     assert len(notes) >= 3 and all(f"made with igd code {code}, not this run's {other}" in ln for ln in notes), notes
 
 
+def test_the_analyses_caches_are_not_reused_by_other_igd_code(tmp_path, cli, igd_home, monkeypatch):
+    """A sweep point and the shift analysis's δ* set are recomputed by another igd (they were reused)."""
+    import igd_cli.analysis.shift as shift
+
+    imp = tmp_path / "imp.safetensors"
+    assert cli("rank", "--method", "random", "--n-probe", 20, "--out", imp).code == 0
+    sweep = ["analyze", "sweep", "--importance", imp, "--over", "k", "--values", "8", "--attack", "none",
+             "--n-examples", 10, "--out", tmp_path / "run", "--json"]
+    shift_args = ["analyze", "shift", "--importance", imp, "--k", 8, "--steps", 2, "--n-examples", 10,
+                  "--out", tmp_path / "run", "--json"]
+    attacked: list[str] = []
+    real = shift.run_attack
+
+    def spy(atk, *a, **k):
+        attacked.append(atk.name)
+        return real(atk, *a, **k)
+
+    monkeypatch.setattr(shift, "run_attack", spy)
+    for again in (False, True):
+        r = cli(*sweep)
+        assert r.code == 0, r.err
+        assert (r.json()["computed"], r.json()["reused"]) == ((0, 1) if again else (1, 0))
+        assert cli(*shift_args).code == 0
+    assert len(attacked) == 1
+    monkeypatch.setattr(provenance, "code_digest", lambda root=None: "0.0.1+" + "e" * 16)
+    assert cli(*sweep).json()["computed"] == 1
+    assert cli(*shift_args).code == 0 and len(attacked) == 2
+
+
 def test_the_adaptive_attacks_sets_change_with_its_stage_one(tmp_path, demo, monkeypatch):
     """The adaptive attack runs apgd-eot as its stage 1: a new apgd-eot revision is a new adaptive attack, whose
     cached set is not reused (its set key missed stage 1's revision)."""
@@ -235,7 +264,9 @@ def test_pipeline_pieces_of_another_evaluation_are_never_merged(tmp_path, cli, i
     steps2 = [*OPTS, "--out", run]
     steps3 = [*OPTS, "--steps", "3", "--out", run]
     for p in ("calibrate", "defend:0/2", "defend:1/2"):
-        assert cli("pipeline", *steps2, "--piece", p).code == 0
+        r = cli("pipeline", *steps2, "--piece", p)
+        assert r.code == 0, r.err
+        assert r.json()["numerics"]["mode"] == "pinned" and "+" in r.json()["igd_code"]  # what the job log shows
     assert "incomplete (none found" in _error(cli("pipeline", *steps3, "--piece", "merge"))
     got = cli("pipeline", *steps3)
     assert got.code == 0, got.err

@@ -203,7 +203,7 @@ def _maxloss_set(setup: EvalSetup, steps: int) -> tuple[AttackResult, str | None
     info = atk.describe()
     key = {"model_fingerprint": setup.target.loaded.fingerprint, "attack": info["attack"], "target": "base",
            "eps": round(setup.eps, 10), "norm": "Linf", "budget": info["budget"], "seed": setup.seed,
-           "dataset": setup.data.name, "split": setup.data.split}
+           "images": setup.data.source_digest(), **setup.target.identity()}  # images by content, as Evaluator's
     key = json.loads(json.dumps(key, sort_keys=True))
     path = None
     positions = torch.arange(len(setup.data), dtype=torch.int64)

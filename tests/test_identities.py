@@ -9,10 +9,10 @@ import shutil
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import igd_cli.attacks.base as attacks_base
 import igd_cli.evaluate as evaluate
 from igd_cli import numerics, provenance
 from igd_cli.artifacts import cached_file_sha256, file_sha256, load_artifact, read_metadata
@@ -186,6 +186,26 @@ def test_the_analyses_caches_are_not_reused_by_other_igd_code(tmp_path, cli, igd
     monkeypatch.setattr(provenance, "code_digest", lambda root=None: "0.0.1+" + "e" * 16)
     assert cli(*sweep).json()["computed"] == 1
     assert cli(*shift_args).code == 0 and len(attacked) == 2
+
+
+def test_the_clip_cache_is_not_reused_by_other_igd_code(demo, tmp_path, monkeypatch):
+    import igd_cli.ranking.cd_ir as cd
+    from igd_cli.artifacts import save_artifact
+    from igd_cli.data import load_dataset
+    from igd_cli.errors import IgdError
+
+    data = load_dataset("digits", "train", 10)
+    g = torch.Generator().manual_seed(0)
+    emb = {name: torch.nn.functional.normalize(torch.randn(10, 16, generator=g), dim=1)
+           for name in ("image_embeddings", "text_embeddings")}
+    path = tmp_path / "cache.safetensors"
+    save_artifact(path, "clip-cache", emb, cd.cache_meta("fake", "none", data, "{}"))
+    kw = dict(clip_model="fake", clip_pretrained="none", cache=path, show_progress=False)
+    assert cd.cd_ir(demo.model, "block3", data, **kw).cache_reused
+    monkeypatch.setattr(provenance, "code_digest", lambda root=None: "0.0.1+" + "d" * 16)
+    monkeypatch.setattr(cd, "load_clip", lambda *a, **k: (_ for _ in ()).throw(IgdError("CLIP ran")))
+    with pytest.raises(IgdError, match="CLIP ran"):  # the cache of another igd is not reused
+        cd.cd_ir(demo.model, "block3", data, **kw)
 
 
 def test_the_adaptive_attacks_sets_change_with_its_stage_one(tmp_path, demo, monkeypatch):

@@ -384,7 +384,7 @@ def run_calibration(target: Any, importance_path: str | Path | Sequence[str | Pa
               "images": calibration["data"],
               "layer": defense.layer, "layers": layers, "searched": cal.searched, "order": cal.order,
               "defense": settings, **search, **cal.info, "noise_seed": calibration["noise_seed"],
-              "batch_size": batch_size, "precision": precision}
+              "batch_size": batch_size, "precision": precision, **target.record()}
     if plot is not None:
         methods = "+".join(dict.fromkeys(str(a.meta.get("method", "?")) for a in arts))
         xlabel = None if one else (f"k at {cal.schedule.reference} (of N = {cal.n_neurons}; every searched layer "

@@ -26,6 +26,11 @@ AutoBatchSize = Annotated[str, typer.Option("--batch-size", metavar="N|auto", he
 Precision = Annotated[str, typer.Option("--precision", metavar="fp32|bf16|fp16", help="fp32 | bf16 | fp16: ranking and the defended "
                                         "forward (clean scoring, calibration) under torch.autocast; attacks "
                                         "always run in fp32 (low precision can mask gradients)")]
+Numerics = Annotated[str, typer.Option("--numerics", metavar="pinned|fast", help="floating point on a GPU: pinned (TF32 off, "
+                                      "deterministic algorithms, no cuDNN autotuning: a rerun on the same GPU gives "
+                                      "the same bits) or fast (TF32 and cuDNN autotuning: faster on Ampere and later "
+                                      "GPUs, figures can move). Recorded in every result; caches and merges keep the "
+                                      "two apart. A CPU computes the same with either")]
 Seed = Annotated[int, typer.Option("--seed", metavar="INT", help="random seed: the same seed gives the same result")]
 Json = Annotated[bool, typer.Option("--json", help="print exactly one JSON object, the result, on stdout")]
 Layer = Annotated[Optional[str], typer.Option("--layer", metavar="LAYER", help="dotted module name of the masked layer (default: the model's penultimate layer; for your own --arch the module feeding the classifier, when one does: igd layers names it)")]

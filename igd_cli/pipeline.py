@@ -26,6 +26,7 @@ from .defense import DEFAULT_N_SMOOTH, DEFAULT_TAU, check_layers, load_defense
 from .errors import IgdError
 from .locks import LockOptions, run_lock
 from .precision import precision_meta
+from .provenance import difference, refusal
 from .evaluate import (PYAUTOATTACK_VERSION, Budgets, EvalResult, adaptive_temperature, attack_revisions,
                        defense_identity, evaluate_defense)
 from .ranking import RankRequest, get_method, rank, rank_meta
@@ -145,6 +146,7 @@ class PipelineResult:
     evaluation: dict[str, Any]
     seconds: float
     probe: dict[str, Any] = field(default_factory=dict)  # the ranking images: dataset, split, n
+    record: dict[str, Any] = field(default_factory=dict)  # igd_code and numerics (igd_cli.provenance.record)
 
     def to_json(self) -> dict[str, Any]:
         ev = self.evaluation
@@ -165,6 +167,7 @@ class PipelineResult:
                       else str(self.importance),
                       "report": str(self.report), "adversarial_sets": str(self.adv_dir)},
             "seconds": round(self.seconds, 3),
+            **self.record,
         }
 
 
@@ -184,6 +187,7 @@ def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_d
         res = _run_pipeline(target, cfg, out, data_dir=data_dir, force=force, piece=piece)
     if isinstance(res, dict):  # a piece: its wall time, which cluster/slurm/size.py sizes jobs from
         res["seconds"] = round(time.perf_counter() - t0, 3)
+        res.update(target.record())
     return res
 
 
@@ -288,7 +292,7 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
                "data": data.identity(), "eps": eps, "norm": norm, "budgets": asdict(cfg.budgets), "seed": cfg.seed,
                "revisions": attack_revisions(cfg.attack), "pyautoattack": PYAUTOATTACK_VERSION,
                "model_fingerprint": target.loaded.fingerprint, "protocol": cfg.protocol, "draws": cfg.draws,
-               **precision_meta(cfg.precision)}
+               **precision_meta(cfg.precision), **target.identity()}
     if cfg.attack == "iw-wc":  # its tenth column, the adaptive attack (beyond the paper)
         eval_id["bpda_temperature"] = adaptive_temperature(cfg.bpda_temperature)
     if piece is not None and piece.stage == "merge":
@@ -329,7 +333,7 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
     return PipelineResult(out, stages, importances[0] if one else importances, mask, report, adv_dir, k,
                           sizes[layers[0]] if one else sizes, "+".join(layers), cal, evaluation,
                           time.perf_counter() - t0,
-                          probe={**ranked.meta["data"], "file": probe.file is not None})
+                          probe={**ranked.meta["data"], "file": probe.file is not None}, record=target.record())
 
 
 def _run_eval_piece(piece: Piece, target: Target, cfg: PipelineConfig, data: ImageSet, defense, ident: dict[str, Any],
@@ -367,21 +371,24 @@ def _run_eval_piece(piece: Piece, target: Target, cfg: PipelineConfig, data: Ima
 def merge_rank_pieces(folder: Path, importance: Path, meta: dict[str, Any]) -> bool:
     """Merge the rank pieces in ``folder`` into ``importance`` when they are of this ranking (its identity) and
     cover every neuron; nothing when the importance already matches or the pieces are incomplete."""
-    from .shards import IMPORTANCE_IDENTITY, merge
+    from .shards import IMPORTANCE_IDENTITY, identity_of, merge
 
     if not folder.is_dir() or matching_artifact(importance, "importance", meta,
                                                 (meta["n_neurons"], meta["num_classes"])) is not None:
         return False
-    want = json.loads(json.dumps({k: meta.get(k) for k in IMPORTANCE_IDENTITY}))
+    want = json.loads(json.dumps(identity_of(meta, IMPORTANCE_IDENTITY)))
     found = []
     for path in sorted(folder.glob(f"{importance.stem}.*-*{importance.suffix}")):
         try:
             have = read_metadata(path)
         except IgdError:
             continue
-        if have.get("kind") == "importance-shard" and {k: have.get(k) for k in IMPORTANCE_IDENTITY} == want \
-                and intact(path):
+        if have.get("kind") != "importance-shard":
+            continue
+        if identity_of(have, IMPORTANCE_IDENTITY) == want and intact(path):
             found.append(path)
+        else:
+            _note_other_make(path, have, meta, "not merged")
     spans = sorted(tuple(read_metadata(p)["neurons"]) for p in found)
     if not spans or spans[0][0] != 0 or spans[-1][1] != meta["n_neurons"] or \
             any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
@@ -397,12 +404,13 @@ def merge_eval_pieces(folder: Path, report: Path, eval_id: dict[str, Any], stric
     from .artifacts import load_artifact
     from .eval_shards import merge_reports
 
-    if not strict and (not folder.is_dir() or _matching_meta(report, "eval-report", eval_id) is not None):
+    if not strict and (not folder.is_dir() or _matching_meta(report, "eval-report", eval_id, note=False) is not None):
         return False
-    if strict and _matching_meta(report, "eval-report", eval_id) is not None:
+    if strict and _matching_meta(report, "eval-report", eval_id, note=False) is not None:
         return False  # already merged
     want = json.loads(json.dumps(eval_id))
     groups: dict[int, list[Path]] = {}
+    other: tuple[Path, tuple[str, str, str]] | None = None  # a piece of this evaluation made otherwise
     pattern = f"{report.stem}.shard-*-of-*{report.suffix}"
     for path in sorted(folder.glob(pattern)) if folder.is_dir() else []:
         try:
@@ -419,6 +427,9 @@ def merge_eval_pieces(folder: Path, report: Path, eval_id: dict[str, Any], stric
                                    f"rerun its piece")
                 continue
             groups.setdefault(int(have["shard"][1]), []).append(path)
+        elif have.get("kind") == "eval-report" and other is None:
+            made = difference(have.get("pipeline_identity") or {}, want)
+            other = (path, made) if made is not None else None
     for count, paths in groups.items():
         if len(paths) == count:
             try:
@@ -428,10 +439,15 @@ def merge_eval_pieces(folder: Path, report: Path, eval_id: dict[str, Any], stric
                     raise
                 continue  # the plain run computes the evaluation itself
             return True
+    if strict and other is not None:
+        raise IgdError(f"{other[0]}: {refusal(other[1])}: merge with the install, --device and --numerics that "
+                       f"made the pieces, or rerun them with these")
     if strict:
         have = ", ".join(f"{len(p)} of {c}" for c, p in groups.items()) or "none"
         raise IgdError(f"{folder}: the defended-evaluation pieces of this run are incomplete ({have} found, as "
                        f"{pattern}): run the missing defend:I/N pieces")
+    if other is not None:
+        _say(f"note: {other[0]}: {refusal(other[1])}: not merged")
     return False
 
 
@@ -501,19 +517,20 @@ def calibration_caption(images: dict[str, Any], n_evaluated: int) -> str:
 def _calibration_identity(target: Target, importances: list[Path], cfg: PipelineConfig, eps: float,
                           data: ImageSet) -> dict[str, Any]:
     """What decides the mask: the model, the importance files' contents, the images calibrated on (by content and
-    position), tolerance, fixed k, ε and the defence settings, smoothing and seed; not the batch size (it changes
-    no figure)."""
+    position), tolerance, fixed k, ε, the defence settings, smoothing, seed, igd's code and the numerics; not the
+    batch size (it changes no figure)."""
     shas = [file_sha256(p) for p in importances]
     return json.loads(json.dumps({
         "model_fingerprint": target.loaded.fingerprint, "importance_sha256": shas[0] if len(shas) == 1 else shas,
         "data": data.identity(), "tolerance": cfg.tolerance, "k": cfg.k, "eps": eps, "rs": cfg.rs,
         "sigma": cfg.sigma, "tau": cfg.tau, "n_smooth": cfg.n_smooth,
         "seed": cfg.seed, "noise_seed": calibration_stream(cfg.seed) if cfg.rs else None,
-        **precision_meta(cfg.precision)}))
+        **precision_meta(cfg.precision), **target.identity()}))
 
 
-def _matching_meta(path: Path, kind: str, want: dict[str, Any]) -> dict[str, Any] | None:
-    """The metadata of ``path`` when it is a readable ``kind`` artifact made with pipeline identity ``want``."""
+def _matching_meta(path: Path, kind: str, want: dict[str, Any], note: bool = True) -> dict[str, Any] | None:
+    """The metadata of ``path`` when it is a readable ``kind`` artifact made with pipeline identity ``want``; one
+    note line (``note``) when it is this stage made by other igd code or with other numerics."""
     if not path.is_file():
         return None
     try:
@@ -521,10 +538,20 @@ def _matching_meta(path: Path, kind: str, want: dict[str, Any]) -> dict[str, Any
     except IgdError:
         return None  # unreadable: recompute and overwrite
     if meta.get("kind") != kind or meta.get("pipeline_identity") != json.loads(json.dumps(want)):
+        if note and meta.get("kind") == kind:
+            _note_other_make(path, meta.get("pipeline_identity") or {}, want, "recomputing it")
         return None
     if not intact(path):
         return None  # corrupted: recompute and overwrite
     return meta
+
+
+def _note_other_make(path: Path, have: dict[str, Any], want: dict[str, Any], what: str) -> None:
+    """One note line when ``path`` (metadata or identity ``have``) was made by other igd code or with other numerics
+    than ``want``: it is not reused, and this says why."""
+    made = difference(have, want)
+    if made is not None:
+        _say(f"note: {path}: {refusal(made)}: {what}")
 
 
 def _reusable_mask(path: Path, want: dict[str, Any]) -> dict[str, Any] | None:

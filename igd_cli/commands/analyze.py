@@ -22,7 +22,7 @@ from ..console import out_console, progress_enabled
 from ..defense import DEFAULT_N_SMOOTH, DEFAULT_TAU
 from ..errors import IgdError
 from ..evaluate import Budgets
-from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Draws, Eps, EpsSigma, Json, Model, Normalize,
+from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Draws, Eps, EpsSigma, Json, Model, Normalize, Numerics,
                        PresetEotIter, PresetQueries, PresetRestarts, PresetSteps, ProtocolOpt, Seed, ThreatModel,
                        ZooDataset)
 from ..pipeline import preset_values
@@ -49,8 +49,9 @@ Preset = Annotated[str, typer.Option("--preset", metavar="auto|quick|paper", hel
 def _setup(model: str, arch: str | None, dataset: str | None, data_dir: Path | None, threat_model: str,
            device: str, out: Path | None, preset: str, n_examples: int | None, eps: str | None,
            budgets: dict[str, int | None], seed: int, batch_size: int, protocol: str, draws: int,
-           zoo_dataset: str | None, normalize: str | None):
-    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize)
+           zoo_dataset: str | None, normalize: str | None, numerics: str):
+    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize,
+                         numerics=numerics)
     p = preset_values(preset, target.loaded.name)
     pick = {k: (v if v is not None else p[k]) for k, v in budgets.items()}
     out = out if out is not None else Path("runs") / Path(target.loaded.name).stem.replace(":", "-")
@@ -70,7 +71,8 @@ def shift_cmd(
     out: Out = None, preset: Preset = "auto", n_examples: NExamples = None,
     eps: Eps = None,
     steps: Annotated[int, typer.Option("--steps", metavar="N", min=1, help="PGD steps (the paper's 50)")] = PGD_STEPS,
-    batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto", as_json: Json = False,
+    batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto", numerics: Numerics = "pinned",
+    as_json: Json = False,
 ) -> None:
     """How a PGD attack on the base model shifts the masked layer's activations (Sec. 3, Eqs. 1-2, Table 7): the
     relative change of the top-k neurons of the ground-truth class, of the post-attack class, of the other
@@ -80,7 +82,7 @@ def shift_cmd(
         raise IgdError("--importance: shift takes one ranking")
     setup, out, _ = _setup(model, arch, dataset, data_dir, threat_model, device, out, preset, n_examples, eps,
                            {"steps": None, "restarts": None, "queries": None, "eot_iter": None}, seed, batch_size,
-                           "draws", DEFAULT_DRAWS, zoo_dataset, normalize)
+                           "draws", DEFAULT_DRAWS, zoo_dataset, normalize, numerics)
     (name, (path, layer, imp)), = load_rankings(setup.target, importance, setup.data).items()
     emit(analyze_shift(setup, name, path, layer, imp, k, out, steps=steps), as_json, _render_shift)
 
@@ -113,7 +115,8 @@ def ablation_cmd(
     steps: PresetSteps = None, restarts: PresetRestarts = None, queries: PresetQueries = None,
     eot_iter: PresetEotIter = None,
     draws: Draws = DEFAULT_DRAWS, protocol: ProtocolOpt = "draws",
-    batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto", as_json: Json = False,
+    batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto", numerics: Numerics = "pinned",
+    as_json: Json = False,
 ) -> None:
     """The rows of Table 6 — one pass; one pass with smoothing; two passes without a mask; random-k without and
     with smoothing; each --importance ranking's top-k without and with smoothing — with clean, AutoAttack and
@@ -121,7 +124,7 @@ def ablation_cmd(
     scored by repeated draws (mean ± std)."""
     setup, out, _ = _setup(model, arch, dataset, data_dir, threat_model, device, out, preset, n_examples, eps,
                            {"steps": steps, "restarts": restarts, "queries": queries, "eot_iter": eot_iter}, seed,
-                           batch_size, protocol, draws, zoo_dataset, normalize)
+                           batch_size, protocol, draws, zoo_dataset, normalize, numerics)
     rankings = load_rankings(setup.target, importance, setup.data)
     emit(analyze_ablation(setup, rankings, k, out, sigma=sigma, tau=tau, n_smooth=n_smooth,
                           random_seed=random_seed, iw_wc=iw_wc), as_json, _render_ablation)
@@ -159,7 +162,8 @@ def sweep_cmd(
     steps: PresetSteps = None, restarts: PresetRestarts = None, queries: PresetQueries = None,
     eot_iter: PresetEotIter = None,
     draws: Draws = DEFAULT_DRAWS, protocol: ProtocolOpt = "draws",
-    batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto", as_json: Json = False,
+    batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto", numerics: Numerics = "pinned",
+    as_json: Json = False,
 ) -> None:
     """Clean and robust accuracy of the defended model (and the base model) as one setting varies (Figs. 5A-D,
     6A-C, 7C; Table 10); curves as PNG. Every point is cached in OUT/sweep-cache and reused when the sweep is
@@ -182,7 +186,7 @@ def sweep_cmd(
                      attack=attack)
     setup, out, _ = _setup(model, arch, dataset, data_dir, threat_model, device, out, preset, n_examples, eps,
                            {"steps": steps, "restarts": restarts, "queries": queries, "eot_iter": eot_iter}, seed,
-                           batch_size, protocol, draws, zoo_dataset, normalize)
+                           batch_size, protocol, draws, zoo_dataset, normalize, numerics)
     rankings = load_rankings(setup.target, importance, setup.data)
     emit(analyze_sweep(setup, rankings, spec, out), as_json, _render_sweep)
 

@@ -17,7 +17,7 @@ from ..console import out_console
 from ..errors import IgdError
 from ..attacks.base import gather
 from ..evaluate import defense_identity, save_adversarial, score_meta, set_meta
-from ..options import (Arch, BatchSize, BpdaTemperature, DataDir, Dataset, Device, Draws, EotIter, Eps, Json, Model, ProtocolOpt,
+from ..options import (Arch, BatchSize, BpdaTemperature, DataDir, Dataset, Device, Draws, EotIter, Eps, Json, Model, Numerics, ProtocolOpt,
                        Queries, Restarts, Seed, Normalize, Shard, Steps, ThreatModel, ZooDataset)
 from ..scoring import DEFAULT_DRAWS, check_protocol, score_set
 from ..shards import parse_shard  # noqa: F401  (shared with defend-eval; importable from here as before)
@@ -46,6 +46,7 @@ def attack_cmd(
     threat_model: ThreatModel = "Linf",
     zoo_dataset: ZooDataset = None,
     device: Device = "auto",
+    numerics: Numerics = "pinned",
     batch_size: BatchSize = 128,
     seed: Seed = 0,
     draws: Draws = DEFAULT_DRAWS,
@@ -67,7 +68,8 @@ def attack_cmd(
         raise IgdError(f"--threat-model {threat_model}: expected Linf or L2")
     if out.exists() and out.is_dir():
         raise IgdError(f"--out {out}: is a directory")
-    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize)
+    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize,
+                         numerics=numerics)
     data = target.eval_data("test", n_examples, data_dir)
     check_classes(target, data)
     if eps_v is None:
@@ -104,7 +106,7 @@ def attack_cmd(
     result = {"out": str(out), "attack": attack, "target": kind, "robust_accuracy": robust.mean,
               "robust_accuracy_std": robust.std, "n_examples": len(positions), "seconds": round(seconds, 3),
               "clean_accuracy": clean.mean, "clean_accuracy_std": clean.std, "draws": robust.draws,
-              "protocol": protocol, "eps": eps_v, "budget": atk.budget, "seed": seed}
+              "protocol": protocol, "eps": eps_v, "budget": atk.budget, "seed": seed, **target.record()}
     if sh is not None:
         result["shard"] = [sh[0], sh[1]]
     emit(result, as_json, _render)

@@ -14,7 +14,7 @@ from ..common import check_classes, open_target, parse_eps
 from ..defense import load_defense
 from ..errors import IgdError
 from ..evaluate import default_workdir
-from ..options import (Arch, AuditEps, BatchSize, DataDir, Dataset, Device, Draws, Json, Model, Normalize, ProtocolOpt,
+from ..options import (Arch, AuditEps, BatchSize, DataDir, Dataset, Device, Draws, Json, Model, Normalize, Numerics, ProtocolOpt,
                        Seed, ZooDataset)
 from ..scoring import DEFAULT_DRAWS, check_protocol
 
@@ -42,7 +42,7 @@ def audit_cmd(
     workdir: Annotated[Optional[Path], typer.Option("--workdir", metavar="DIR", help="where attack sets are kept and reused, e.g. "
                                                     "a pipeline's RUN/adv (default: $IGD_HOME/adv/<fingerprint>)")] = None,
     draws: Draws = DEFAULT_DRAWS, protocol: ProtocolOpt = "draws",
-    batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto",
+    batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto", numerics: Numerics = "pinned",
     as_json: Json = False,
 ) -> None:
     """Is this robustness real? Runs the gradient-masking and randomness checklist (AutoAttack's flags, black
@@ -62,7 +62,8 @@ def audit_cmd(
     if plot_dir is not None and plot_dir.exists() and not plot_dir.is_dir():
         raise IgdError(f"--plot-dir {plot_dir}: exists and is not a directory")
     eps_v = parse_eps(eps)
-    target = open_target(model, arch, dataset, "Linf", device, zoo_dataset, normalize=normalize)
+    target = open_target(model, arch, dataset, "Linf", device, zoo_dataset, normalize=normalize,
+                         numerics=numerics)
     defense = load_defense(target, mask, seed=seed) if mask is not None else None
     n = n_examples if n_examples is not None else PRESETS[preset]["n_examples"]
     data = target.data(split, n, data_dir) if n_examples is not None else _first(target, split, n, data_dir)

@@ -14,7 +14,7 @@ from ..console import out_console
 from ..defense import DEFAULT_N_SMOOTH, DEFAULT_TAU
 from ..batching import parse_batch_size
 from ..options import (Arch, AutoBatchSize, CalibrationEps, DataDir, Dataset, Device, Json, Layer, Model, NSmooth,
-                       Normalize, Precision, Seed, Sigma, Tau, ThreatModel, ZooDataset)
+                       Normalize, Numerics, Precision, Seed, Sigma, Tau, ThreatModel, ZooDataset)
 from ..precision import check_precision
 from ..report import calibration_table
 
@@ -46,6 +46,7 @@ def calibrate_cmd(
         "--k", metavar="K|LAYER=K", help="skip the search: write the mask for this k; several layers: LAYER=K fixes that layer's k "
                     "(repeatable; the others keep searching the same fraction k/N)")] = None,
     batch_size: AutoBatchSize = "128", precision: Precision = "fp32", seed: Seed = 0, device: Device = "auto",
+    numerics: Numerics = "pinned",
     cache_mb: Annotated[int, typer.Option(
         "--cache-mb", metavar="MB", help="memory for cached k-independent features; batches beyond are recomputed per k")
     ] = DEFAULT_CACHE_BYTES >> 20,
@@ -63,7 +64,8 @@ def calibrate_cmd(
     """
     check_precision(precision)
     parse_batch_size(batch_size)
-    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize)
+    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize,
+                         numerics=numerics)
     check_precision(precision, target.device)
     result = run_calibration(target, list(importance), out, layer=layer, split=split, n_examples=n_examples, start=start,
                              tolerance=tolerance, eps=parse_eps(eps), sigma=sigma, n_smooth=n_smooth, tau=tau,

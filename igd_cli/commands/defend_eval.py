@@ -19,7 +19,7 @@ from ..defense import check_settings, load_defense
 from ..errors import IgdError
 from ..evaluate import Budgets, defend_eval, render_per_class, render_table
 from ..batching import defended_trial, parse_batch_size, resolve_batch_size
-from ..options import (Arch, AutoBatchSize, BpdaTemperature, DataDir, Dataset, Device, Draws, EotIter, Eps, Json, Model, Precision, ProtocolOpt,
+from ..options import (Arch, AutoBatchSize, BpdaTemperature, DataDir, Dataset, Device, Draws, EotIter, Eps, Json, Model, Numerics, Precision, ProtocolOpt,
                        Queries, Restarts, Seed, Normalize, Shard, Steps, ThreatModel, ZooDataset)
 from ..precision import check_precision
 from ..report import summary_table
@@ -63,6 +63,7 @@ def defend_eval_cmd(
                                        "where it can still change the worst case (same worst case, faster)")] = True,
     shard: Shard = None,
     batch_size: AutoBatchSize = "128", seed: Seed = 0, device: Device = "auto",
+    numerics: Numerics = "pinned",
     precision: Precision = "fp32",
     report: Annotated[Optional[Path], typer.Option("--report", metavar="FILE", help="write an eval-report artifact: per-image, "
                                                    "per-draw correctness and per-class accuracy")] = None,
@@ -94,7 +95,8 @@ def defend_eval_cmd(
     if report is not None and report.is_dir():
         raise IgdError(f"--report {report}: is a directory")
     adv_files = expand_adv(adv or [])  # a folder: every adversarial set in it
-    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize)
+    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize,
+                         numerics=numerics)
     check_precision(precision, target.device)
     eps_value = parse_eps(eps)
     defense = load_defense(target, mask, sigma=sigma, n_smooth=n_smooth, tau=tau, rs=rs, seed=seed)

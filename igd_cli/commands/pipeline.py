@@ -17,8 +17,9 @@ from ..evaluate import Budgets, render_table
 from ..locks import DEFAULT_WAIT, LockOptions
 from ..batching import parse_batch_size
 from ..options import (Arch, AutoBatchSize, BpdaTemperature, DataDir, Dataset, Device, Draws, EpsSigma, Json, Model,
-                       NSmooth, Normalize, PipelineProbeDataset, Precision, PresetEotIter, PresetQueries,
+                       NSmooth, Normalize, Numerics, PipelineProbeDataset, Precision, PresetEotIter, PresetQueries,
                        PresetRestarts, PresetSteps, ProtocolOpt, Seed, Sigma, Tau, ThreatModel, ZooDataset)
+from ..numerics import describe
 from ..precision import check_precision
 from ..scoring import DEFAULT_DRAWS, check_protocol
 from ..pipeline import PipelineConfig, calibration_caption, parse_piece, preset_values, run_pipeline
@@ -63,6 +64,7 @@ def pipeline_cmd(
     clip_model: Annotated[str, typer.Option("--clip-model", metavar="NAME", help="cd-ir: open_clip model")] = "ViT-B-16",
     clip_pretrained: Annotated[str, typer.Option("--clip-pretrained", metavar="TAG|PATH", help="cd-ir: weights tag, PATH or none")] = "openai",
     batch_size: AutoBatchSize = "128", seed: Seed = 0, device: Device = "auto",
+    numerics: Numerics = "pinned",
     precision: Precision = "fp32",
     draws: Draws = DEFAULT_DRAWS,
     protocol: ProtocolOpt = "draws",
@@ -95,7 +97,8 @@ def pipeline_cmd(
     batch = parse_batch_size(batch_size)
     if bpda_temperature is not None and not bpda_temperature >= 1:
         raise IgdError(f"--bpda-temperature {bpda_temperature}: must be at least 1")
-    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize)
+    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize,
+                         numerics=numerics)
     check_precision(precision, target.device)
     p = preset_values(preset, target.loaded.name)
 
@@ -140,4 +143,5 @@ def _render(r: dict) -> None:
     images = (r.get("calibration") or {}).get("images")
     if images:
         out_console.print(calibration_caption(images, r["n_examples"]), highlight=False)
+    out_console.print(f"numerics: {describe(r.get('numerics'))}", highlight=False)
     out_console.print(f"stages: {stages}; {r['seconds']:.1f} s; artifacts in {r['paths']['out']}")

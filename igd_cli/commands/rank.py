@@ -15,7 +15,7 @@ from ..data import load_dataset
 from ..errors import IgdError
 from ..console import out_console, progress_enabled
 from ..batching import parse_batch_size, rank_trial, resolve_batch_size
-from ..options import (Arch, AutoBatchSize, DataDir, Dataset, Device, Json, Layer, Model, Normalize, Precision, ProbeDataset, Seed,
+from ..options import (Arch, AutoBatchSize, DataDir, Dataset, Device, Json, Layer, Model, Normalize, Numerics, Precision, ProbeDataset, Seed,
                        ThreatModel, ZooDataset)
 from ..precision import check_precision
 from ..ranking import METHODS, RankRequest, get_method, rank
@@ -54,6 +54,7 @@ def rank_cmd(
     precision: Precision = "fp32",
     seed: Seed = 0,
     device: Device = "auto",
+    numerics: Numerics = "pinned",
     exact_naive: Annotated[bool, typer.Option("--exact-naive", help="lo-ir: the literal algorithm (one pass per neuron), the reference")] = False,
     force: Annotated[bool, typer.Option("--force", help="recompute even when --out already holds this result")] = False,
     as_json: Json = False,
@@ -66,7 +67,7 @@ def rank_cmd(
     check_precision(precision)
     parse_batch_size(batch_size)
     target = open_target(model, arch, dataset or probe_dataset, threat_model, device, zoo_dataset,
-                         normalize=normalize)
+                         normalize=normalize, numerics=numerics)
     data = load_dataset(probe_dataset or target.dataset, split, n_probe, data_dir)
     check_classes(target, data)
     chosen: dict[str, str] = {}
@@ -86,7 +87,7 @@ def rank_cmd(
     result = {"out": str(out), "method": m.name, "layer": full_layer, "shape": list(res.shape), "n_probe": len(data),
               "seconds": round(time.perf_counter() - t0, 3), "kind": res.kind, "neurons": [a, b], "n_neurons": n,
               "skipped": res.skipped, "compute_seconds": res.meta.get("seconds"), "path": details.get("path"),
-              "batch_size": req.batch_size, "precision": precision, **chosen}
+              "batch_size": req.batch_size, "precision": precision, **chosen, **target.record()}
     for key in ("fallback_reason", "clip_cache", "clip_cache_reused", "classes_without_probes"):
         if key in details:
             result[key] = details[key]

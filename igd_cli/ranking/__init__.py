@@ -16,11 +16,12 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..artifacts import save_artifact
+from ..artifacts import read_metadata, save_artifact
 from ..console import err_console
 from ..data import ImageSet
 from ..errors import IgdError
 from ..precision import precision_meta
+from ..provenance import difference, refusal
 
 
 @dataclass
@@ -146,6 +147,14 @@ def rank_meta(provenance: dict[str, Any], req: RankRequest, method: Method) -> d
             "data_id": req.data.identity(), "params": method.params(req)}
 
 
+def _made_otherwise(path: Path, meta: dict[str, Any]) -> tuple[str, str, str] | None:
+    """Whether ``path`` was made by other igd code or with other numerics than ``meta`` (:func:`difference`)."""
+    try:
+        return difference(read_metadata(path), meta)
+    except IgdError:
+        return None
+
+
 def rank(req: RankRequest, method_name: str, provenance: dict[str, Any], out: Path, *,
          force: bool = False, shard: bool | None = None, note: dict[str, Any] | None = None) -> RankResult:
     """Compute rows ``req.neurons`` with the method and write the artifact atomically; a complete file at ``out``
@@ -171,7 +180,10 @@ def rank(req: RankRequest, method_name: str, provenance: dict[str, Any], out: Pa
         if found is not None:
             return RankResult(out, kind, shape, 0.0, True, found)
         if out.exists():
-            err_console.print(f"note: {out} exists but was made with other settings: recomputing it")
+            made = _made_otherwise(out, meta)
+            err_console.print(f"note: {out}: {refusal(made)}: recomputing it" if made else
+                              f"note: {out} exists but was made with other settings: recomputing it",
+                              highlight=False, soft_wrap=True)
     t0 = time.perf_counter()
     res = method.run(req)
     seconds = time.perf_counter() - t0

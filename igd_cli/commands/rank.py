@@ -18,6 +18,7 @@ from ..batching import choose_batch_size, parse_batch_size, rank_trial
 from ..options import (Arch, AutoBatchSize, DataDir, Dataset, Device, Json, Layer, Model, Normalize, Precision, ProbeDataset, Seed,
                        ThreatModel, ZooDataset)
 from ..precision import check_precision
+from ..ranking.lo_ir import check_naive_precision
 from ..ranking import METHODS, RankRequest, get_method, rank
 from ..ranking.cd_ir import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, DEFAULT_TEMPLATE
 from ..shards import parse_neurons
@@ -64,6 +65,8 @@ def rank_cmd(
         raise IgdError(f"--out {out}: is a directory, expected the importance file to write")
     m = get_method(method)
     check_precision(precision)
+    if exact_naive and m.name == "lo-ir":
+        check_naive_precision(precision)
     parse_batch_size(batch_size)
     target = open_target(model, arch, dataset or probe_dataset, threat_model, device, zoo_dataset,
                          normalize=normalize)

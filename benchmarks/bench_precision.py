@@ -115,7 +115,8 @@ def compare(model: torch.nn.Module, layer: str, data: Any, num_classes: int, pre
     return out
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parser() -> argparse.ArgumentParser:
+    """The command line (the docs' examples are parsed with it: tests)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", nargs="+", default=["layer4", "layer3"])
     ap.add_argument("--n-probe", type=int, default=40, help="probe images (the first of the training file)")
@@ -127,7 +128,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--out", type=Path, default=None, help="results JSON to write")
     add_data_dir(ap)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parser().parse_args(argv)
     import pyautoattack
 
     from igd_cli.data import load_dataset

@@ -40,3 +40,19 @@ def data_file(name: str, folder: str | Path | None = None) -> Path:
               file=sys.stderr)
         raise SystemExit(2)
     return path
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """``python benchmarks/SCRIPT ARGS`` as a results file records it (``argv`` None: this process's): a path inside
+    the repository relative to it, any other absolute path (a temporary folder) as ``TMP/<its name>``."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    out = []
+    for a in map(str, args):
+        p = Path(a)
+        if p.is_absolute():
+            try:
+                a = str(p.resolve().relative_to(ROOT))
+            except ValueError:
+                a = f"TMP/{p.name}"
+        out.append(a)
+    return " ".join([f"python benchmarks/{script}", *out])

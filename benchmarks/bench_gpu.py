@@ -66,7 +66,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # _data, bench_precision, also when imported as a module (tests)
 
-from _data import add_data_dir, find_data_file  # noqa: E402
+from _data import add_data_dir, command_line, find_data_file  # noqa: E402
 from bench_precision import topk_agreement  # noqa: E402
 from igd_cli.artifacts import read_metadata, save_artifact  # noqa: E402
 from igd_cli.batching import (attack_trial, calibration_trial, choose_batch_size, defended_trial,  # noqa: E402
@@ -595,8 +595,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         uptime = ""
     result: dict[str, Any] = {
         "device": f"{device.type}: {device_name(device)}", "device_kind": device.type,
-        "mode": "tiny" if args.tiny else "full", "command": " ".join(["python benchmarks/bench_gpu.py",
-                                                                       *(argv if argv is not None else sys.argv[1:])]),
+        "mode": "tiny" if args.tiny else "full", "command": command_line("bench_gpu.py", argv),
         "numerics": numerics(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "uptime": uptime, "models": {}, "iwwc_vs_autoattack": None}
     with tempfile.TemporaryDirectory(prefix="igd-bench-gpu-") as tmp:

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _data import add_data_dir, data_file  # noqa: E402
+from _data import add_data_dir, command_line, data_file  # noqa: E402
 from igd_cli.layers import LayerSplit  # noqa: E402
 from igd_cli.precision import autocast  # noqa: E402
 from igd_cli.ranking.lo_ir import lo_ir  # noqa: E402
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append(compare(model, layer, probe, 10, args.precision, neurons=neurons, batch_size=args.batch_size,
                             logit_rounding=args.logit_rounding))
         print(json.dumps(rows[-1]), flush=True)
-    result = {"command": " ".join(["python benchmarks/bench_precision.py", *(argv if argv is not None else sys.argv[1:])]),
+    result = {"command": command_line("bench_precision.py", argv),
               "model": "pyautoattack examples/model_test.pt (CIFAR-10 ResNet-18, standard training)",
               "probe": f"the first {len(probe)} images of cifar10-train-4660.safetensors", "device": args.device,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "reference": "igd's fp32 LO-IR",

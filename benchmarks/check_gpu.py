@@ -55,7 +55,7 @@ import torch  # noqa: E402
 import bench_gpu  # noqa: E402
 import bench_precision  # noqa: E402
 import check_same_answer  # noqa: E402
-from _data import add_data_dir, find_data_file  # noqa: E402
+from _data import add_data_dir, command_line, find_data_file  # noqa: E402
 from check_same_answer import run_igd  # noqa: E402
 
 #: CUDA vs CPU: clean and robust accuracies may differ by this much (fractions: float rounding moves attack
@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = [v.name for v in verdicts if not v.ok]
     print(f"{'FAIL' if failed else 'PASS'} check_gpu: {len(verdicts) - len(failed)} of {len(verdicts)} checks pass "
           f"on {device} in {total / 60:.1f} min" + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
-    record = {"device": device, "dry_run": args.cpu_dry_run, "numerics": bench_gpu.numerics(torch.device(device)),
+    record = {"command": command_line("check_gpu.sh", argv).replace("python benchmarks/", "benchmarks/"),
+              "device": device, "dry_run": args.cpu_dry_run, "numerics": bench_gpu.numerics(torch.device(device)),
               "seconds": round(total, 1), "checks": [{"name": v.name, "ok": v.ok, "figures": v.figures,
                                                        "seconds": round(v.seconds, 1), **v.details}
                                                       for v in verdicts]}

@@ -35,9 +35,11 @@ from typing import Any
 os.environ.setdefault("IGD_NO_PROGRESS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # _data, also when imported as a module
 
 import torch  # noqa: E402
 
+from _data import command_line  # noqa: E402
 from igd_cli.attacks import ATTACKS  # noqa: E402
 from igd_cli.cli import main as igd  # noqa: E402
 
@@ -242,8 +244,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(batch {SMALL_BATCH} = batch {BIG_BATCH} = 2 shards, figures and per-image decisions)"
           + (f"; differ: {', '.join(differ)}" if differ else ""), flush=True)
     if args.out is not None:
-        result = {"command": " ".join(["python benchmarks/check_same_answer.py",
-                                       *(argv if argv is not None else sys.argv[1:])]),
+        result = {"command": command_line("check_same_answer.py", argv),
                   "mode": mode, "device": args.device, "n_examples": n, "draws": draws, "budgets": budgets,
                   "defences": {k: {"k": v[0], "sigma": v[1]} for k, v in defences.items()},
                   "torch": torch.__version__, "attacks": rows, "differ": differ}

@@ -369,7 +369,6 @@ def lo_ir(model: nn.Module, layer: str, data: ImageSet, num_classes: int, *,
         raise IgdError(f"unknown LO-IR path {path!r} (choose from {', '.join(PATHS)})")
     split = LayerSplit(model, layer)
     if path == "naive":
-        check_naive_precision(precision)
         n = _layer_width(split, data)
         return lo_ir_naive(model, split.name, data, num_classes, neurons=neurons, n_neurons=n,
                            batch_size=batch_size, show_progress=show_progress, precision=precision)

@@ -122,3 +122,19 @@ def write_results(path: str | Path, obj: Any, data_folder: str | Path | None = N
                for e in obj]
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=1, default=str) + "\n").encode())
     return obj
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """``python benchmarks/SCRIPT ARGS`` as a results file records it (``argv`` None: this process's): a path inside
+    the repository relative to it, any other absolute path (a temporary folder) as ``TMP/<its name>``."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    out = []
+    for a in map(str, args):
+        p = Path(a)
+        if p.is_absolute():
+            try:
+                a = str(p.resolve().relative_to(ROOT))
+            except ValueError:
+                a = f"TMP/{p.name}"
+        out.append(a)
+    return " ".join([f"python benchmarks/{script}", *out])

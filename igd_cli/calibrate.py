@@ -327,7 +327,7 @@ def run_calibration(target: Any, importance_path: str | Path | Sequence[str | Pa
     ``batch_size`` may be ``"auto"`` (:mod:`igd_cli.batching`); ``precision``: the defended forwards under
     autocast, recorded in the mask's calibration (it can change k). ``auto_default``: what ``auto`` is on a CPU.
     """
-    from .batching import calibration_trial, resolve_batch_size
+    from .batching import calibration_trial, choose_batch_size
     from .common import FOR_SMOOTHING, check_classes
     from .defense import check_settings, save_mask, topk_mask
     from .report import plot_calibration
@@ -356,8 +356,9 @@ def run_calibration(target: Any, importance_path: str | Path | Sequence[str | Pa
     one = len(layers) == 1
     full = [torch.ones(imp.shape[0], target.loaded.num_classes, device=target.device) for imp in imps]
     defense = IGDefense(target.model, layers, full, tau=tau, sigma=sigma, n_smooth=n_smooth, rs=rs, seed=seed)
-    batch_size = resolve_batch_size(batch_size, default=auto_default, device=target.device, cap=len(data),
-                                    try_batch=calibration_trial(defense, data, precision), what="calibrate-k")
+    choice = choose_batch_size(batch_size, default=auto_default, device=target.device, cap=len(data),
+                               try_batch=calibration_trial(defense, data, precision), what="calibrate-k")
+    batch_size = choice.size
     cal = calibrate_k(defense, list(imps), data, tolerance=tolerance, batch_size=batch_size, k=k,
                       max_cache_bytes=cache_bytes, precision=precision)
     ks = cal.ks
@@ -384,7 +385,7 @@ def run_calibration(target: Any, importance_path: str | Path | Sequence[str | Pa
               "images": calibration["data"],
               "layer": defense.layer, "layers": layers, "searched": cal.searched, "order": cal.order,
               "defense": settings, **search, **cal.info, "noise_seed": calibration["noise_seed"],
-              "batch_size": batch_size, "precision": precision, **target.record()}
+              "batch_size": batch_size, "auto_batch": choice.to_json(), "precision": precision, **target.record()}
     if plot is not None:
         methods = "+".join(dict.fromkeys(str(a.meta.get("method", "?")) for a in arts))
         xlabel = None if one else (f"k at {cal.schedule.reference} (of N = {cal.n_neurons}; every searched layer "

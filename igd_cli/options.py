@@ -19,10 +19,10 @@ ProbeDataset = Annotated[Optional[str], typer.Option("--probe-dataset", metavar=
 PipelineProbeDataset = Annotated[Optional[str], typer.Option("--probe-dataset", metavar="DATASET", help=_PROBE.format(split="its training split"))]
 ThreatModel = Annotated[str, typer.Option("--threat-model", metavar="Linf|L2", help="Linf or L2")]
 Device = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:N")]
-BatchSize = Annotated[int, typer.Option("--batch-size", metavar="N", min=1, help="images per forward pass")]
 AutoBatchSize = Annotated[str, typer.Option("--batch-size", metavar="N|auto", help="images per forward pass, or auto: on a CUDA "
-                                            "device the largest batch of this stage's workload that fits (binary "
-                                            "search on out-of-memory); on a CPU the default")]
+                                            "device the largest batch of this stage's real workload (an attack's "
+                                            "state included) that fits with 15% of the memory left free (binary "
+                                            "search on allocation failures); on a CPU the default")]
 Precision = Annotated[str, typer.Option("--precision", metavar="fp32|bf16|fp16", help="fp32 | bf16 | fp16: ranking and the defended "
                                         "forward (clean scoring, calibration) under torch.autocast; attacks "
                                         "always run in fp32 (low precision can mask gradients)")]

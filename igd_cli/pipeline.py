@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from .artifacts import file_sha256, intact, read_metadata
-from .batching import defended_trial, rank_trial, resolve_batch_size
+from .batching import BatchChoice, attack_trial, choose_batch_size, rank_trial
 from .calibrate import calibration_stream, image_range, run_calibration
 from .common import Target, check_classes, resolve_model_layer
 from .data import ImageSet, load_dataset, same_images
@@ -147,6 +147,7 @@ class PipelineResult:
     seconds: float
     probe: dict[str, Any] = field(default_factory=dict)  # the ranking images: dataset, split, n
     record: dict[str, Any] = field(default_factory=dict)  # igd_code and numerics (igd_cli.provenance.record)
+    auto_batch: dict[str, Any] = field(default_factory=dict)  # stage -> how --batch-size auto chose (igd_cli.batching)
 
     def to_json(self) -> dict[str, Any]:
         ev = self.evaluation
@@ -168,6 +169,7 @@ class PipelineResult:
                       "report": str(self.report), "adversarial_sets": str(self.adv_dir)},
             "seconds": round(self.seconds, 3),
             **self.record,
+            **({"auto_batch": dict(self.auto_batch)} if self.auto_batch else {}),
         }
 
 
@@ -197,6 +199,7 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
     if cfg.attack not in ("iw-wc", "aa"):
         raise IgdError(f"--attack {cfg.attack}: the pipeline evaluates iw-wc or aa")
     stages: dict[str, Stage] = {}
+    auto: dict[str, Any] = {}  # stage -> how --batch-size auto chose, for the result
     show = progress_enabled()
     # ε as every stage uses it (σ = ε/2 of the smoothing, the attacks' budget): failing now, not after the ranking,
     # when it is unknown; identities store this value, not the option as given
@@ -206,7 +209,7 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
         data = target.eval_data("test", cfg.n_examples, data_dir)
         check_classes(target, data)
         return _run_eval_piece(piece, target, cfg, data, None, {}, {}, out / "report", out / "adv", eps, norm,
-                               progress_enabled(), _eval_batch(cfg, target, target.model, data))
+                               progress_enabled(), _eval_batch(cfg, target, target.model, data, eps).size)
 
     # 1. rank (the probe set: the first n_probe training images, or of --probe-dataset), one importance file per
     # masked layer
@@ -228,9 +231,10 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
                           clip_pretrained=cfg.clip_pretrained, clip_cache=out / "clip-cache.safetensors",
                           show_progress=show, precision=cfg.precision)
         if cfg.batch_size == "auto":
-            req.batch_size = resolve_batch_size("auto", default=PIPELINE_BATCH, device=target.device,
-                                                cap=len(probe), try_batch=rank_trial(req, method.name),
-                                                what=f"{method.name} ranking")
+            choice = choose_batch_size("auto", default=PIPELINE_BATCH, device=target.device, cap=len(probe),
+                                       try_batch=rank_trial(req, method.name), what=f"{method.name} ranking")
+            req.batch_size = choice.size
+            auto[f"rank {layer}"] = choice.to_json()
             req.clip_batch_size = PIPELINE_BATCH
         if piece is not None and piece.stage == "rank" and piece.stop:
             if len(wanted) > 1:
@@ -276,6 +280,8 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
                               plot=out / f"calibration-{method.name}-{slug}.png",
                               extra_meta={"pipeline_identity": want})
         stages["calibrate"] = "computed"
+        if cal.get("auto_batch"):
+            auto["calibrate"] = cal["auto_batch"]
     else:
         stages["calibrate"] = "reused"
     if piece is not None and piece.stage == "calibrate":
@@ -300,7 +306,7 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
         return {"piece": piece.name, "out": str(report)}
     if piece is not None:  # defend:I/N
         return _run_eval_piece(piece, target, cfg, data, defense, ident, eval_id, report, adv_dir, eps, norm, show,
-                               _eval_batch(cfg, target, defense, data))
+                               _eval_batch(cfg, target, defense, data, eps).size)
     if not force:
         merge_eval_pieces(out / "pieces", report, eval_id)
     evaluation = None if force else _reusable_report(report, eval_id)
@@ -312,7 +318,10 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
         def on_set(attack: str, kind: str, _res) -> None:
             ran.append(f"{kind}:{attack}")
 
-        eval_bs = _eval_batch(cfg, target, defense, data)  # searched only when attacks will run
+        choice = _eval_batch(cfg, target, defense, data, eps)  # searched only when attacks will run
+        eval_bs = choice.size
+        if choice.auto:
+            auto["attacks"] = choice.to_json()
         _say(f"[3/4] attacks on the base model ({cfg.attack}) for transfer, cached in {adv_dir}")
         evaluate_defense(target, None, data, attack=cfg.attack, workdir=adv_dir, budgets=cfg.budgets,
                          eps=eps, norm=norm, seed=cfg.seed, batch_size=eval_bs, show_progress=show,
@@ -333,7 +342,8 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
     return PipelineResult(out, stages, importances[0] if one else importances, mask, report, adv_dir, k,
                           sizes[layers[0]] if one else sizes, "+".join(layers), cal, evaluation,
                           time.perf_counter() - t0,
-                          probe={**ranked.meta["data"], "file": probe.file is not None}, record=target.record())
+                          probe={**ranked.meta["data"], "file": probe.file is not None}, record=target.record(),
+                          auto_batch=auto)
 
 
 def _run_eval_piece(piece: Piece, target: Target, cfg: PipelineConfig, data: ImageSet, defense, ident: dict[str, Any],
@@ -467,11 +477,14 @@ def check_probe_overlap(probe: ImageSet, evaluation: ImageSet, cfg: PipelineConf
 PIPELINE_BATCH = 128
 
 
-def _eval_batch(cfg: PipelineConfig, target: Target, model: Any, data: ImageSet) -> int:
-    """The attack stages' batch: ``cfg.batch_size``, or with ``auto`` the largest batch of attack steps (forward
-    and backward of ``model``, fp32) that fits."""
-    return resolve_batch_size(cfg.batch_size, default=PIPELINE_BATCH, device=target.device, cap=len(data),
-                              try_batch=defended_trial(model, data, grad=True), what="the attack steps")
+def _eval_batch(cfg: PipelineConfig, target: Target, model: Any, data: ImageSet, eps: float) -> BatchChoice:
+    """The attack stages' batch: ``cfg.batch_size``, or with ``auto`` the largest batch of the attacks themselves
+    (``cfg.attack``'s, state included, on ``model`` and the base model; igd_cli.batching) that fits."""
+    models = [model] if model is target.model else [model, target.model]
+    trial = attack_trial(models, data, cfg.attack, eps=eps, norm=target.threat_model,
+                         num_classes=target.loaded.num_classes, seed=cfg.seed)
+    return choose_batch_size(cfg.batch_size, default=PIPELINE_BATCH, device=target.device, cap=len(data),
+                             try_batch=trial, what=f"the {cfg.attack} attacks")
 
 
 def _say(text: str) -> None:

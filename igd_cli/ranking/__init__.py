@@ -64,8 +64,11 @@ class Method:
 # --- the methods ---------------------------------------------------------------------------------------
 
 def _lo_ir_params(req: RankRequest) -> dict[str, Any]:
+    # a reduced precision runs up to the layer only, the logit changes are fp32 (ranking.lo_ir): rankings made when
+    # both logits were rounded (no such key) are not this computation and are not reused
+    reduced = {"logit_changes": "fp32"} if precision_meta(req.precision) else {}
     return {"ablation": "zero the neuron (whole channel)", "statistic": "mean |change of ground-truth logit|",
-            "empty_class": 0.0, **precision_meta(req.precision)}
+            "empty_class": 0.0, **precision_meta(req.precision), **reduced}
 
 
 def _lo_ir_run(req: RankRequest) -> RankOutput:

@@ -125,16 +125,7 @@ def write_results(path: str | Path, obj: Any, data_folder: str | Path | None = N
 
 
 def command_line(script: str, argv: list[str] | None) -> str:
-    """``python benchmarks/SCRIPT ARGS`` as a results file records it (``argv`` None: this process's): a path inside
-    the repository relative to it, any other absolute path (a temporary folder) as ``TMP/<its name>``."""
+    """``python benchmarks/SCRIPT ARGS`` as given (``argv`` None: this process's); :func:`write_results` makes its
+    paths portable."""
     args = sys.argv[1:] if argv is None else list(argv)
-    out = []
-    for a in map(str, args):
-        p = Path(a)
-        if p.is_absolute():
-            try:
-                a = str(p.resolve().relative_to(ROOT))
-            except ValueError:
-                a = f"TMP/{p.name}"
-        out.append(a)
-    return " ".join([f"python benchmarks/{script}", *out])
+    return " ".join([f"python benchmarks/{script}", *map(str, args)])

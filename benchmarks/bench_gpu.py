@@ -68,6 +68,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # _data, bench_precision, also whe
 
 from _data import add_data_dir, command_line, find_data_file, write_results  # noqa: E402
 from bench_precision import topk_agreement  # noqa: E402
+from igd_cli import noise  # noqa: E402
 from igd_cli.artifacts import read_metadata, save_artifact  # noqa: E402
 from igd_cli.batching import (attack_trial, calibration_trial, choose_batch_size, defended_trial,  # noqa: E402
                               parse_batch_size, rank_trial)
@@ -77,6 +78,7 @@ from igd_cli.defense import IGDefense, topk_mask  # noqa: E402
 from igd_cli.devices import resolve_device  # noqa: E402
 from igd_cli.errors import IgdError  # noqa: E402
 from igd_cli.evaluate import Budgets, evaluate_defense  # noqa: E402
+from igd_cli.numerics import record as numerics_record  # noqa: E402
 from igd_cli.precision import autocast, check_precision, memory_format  # noqa: E402
 from igd_cli.ranking import RankRequest  # noqa: E402
 from igd_cli.ranking.lo_ir import lo_ir, lo_ir_naive  # noqa: E402
@@ -112,20 +114,10 @@ def attack_budgets(name: str) -> Budgets:
 
 
 def numerics(device: torch.device) -> dict[str, Any]:
-    """How floating point runs here, read from torch: device, torch, CUDA and cuDNN versions, TF32, cuDNN's
-    autotuning and determinism (the keys igd_cli.numerics.record gives, where igd has it, plus torch's raw flags)."""
-    b = torch.backends
+    """How floating point runs here (igd_cli.numerics.record: mode, device, versions, TF32, determinism), with
+    the GPU's compute capability."""
     cuda = device.type == "cuda"
-    flags = {"matmul_allow_tf32": bool(b.cuda.matmul.allow_tf32), "cudnn_allow_tf32": bool(b.cudnn.allow_tf32),
-             "float32_matmul_precision": torch.get_float32_matmul_precision(),
-             "cudnn_benchmark": bool(b.cudnn.benchmark), "cudnn_deterministic": bool(b.cudnn.deterministic),
-             "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
-    deterministic = flags["deterministic_algorithms"] and (not cuda or (flags["cudnn_deterministic"]
-                                                                       and not flags["cudnn_benchmark"]))
-    return {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
-            "cuda": torch.version.cuda, "cudnn": b.cudnn.version() if b.cudnn.is_available() else None,
-            "tf32": cuda and (flags["matmul_allow_tf32"] or flags["cudnn_allow_tf32"]),
-            "deterministic": deterministic, "flags": flags,
+    return {**numerics_record(device),
             "capability": list(torch.cuda.get_device_capability(device)) if cuda else None}
 
 
@@ -244,7 +236,8 @@ def forward_pass(model: torch.nn.Module, data: Any, batch: int, precision: str, 
                 x = memory_format(x, precision)
             elif x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            model(x)
+            with noise.images(noise.image_keys(None, x), noise.stream(0, "bench")):  # as igd's scoring queries
+                model(x)
 
 
 def precisions(device: torch.device) -> list[str]:

@@ -296,14 +296,22 @@ def _activation_elems(req: Any) -> int:
     return int(box["out"][0].numel())
 
 
+def _trial_block(x: torch.Tensor) -> Any:
+    """The noise block of a trial's query of a randomized model (its draws are thrown away with the trial)."""
+    from . import noise
+
+    return noise.images(noise.image_keys(None, x), noise.stream(0, "batch-size trial"))
+
+
 def defended_trial(model: nn.Module, data: Any, precision: str = "fp32") -> Callable[[int], Any]:
     """One batch of a defended (or base) model's scoring workload on ``b`` images: the forward under ``precision``
     (clean scoring; attack stages use :func:`attack_trial`)."""
     def run(b: int) -> None:
         batch = data.get(0, min(int(b), len(data)))
         device = module_device(model)
-        with torch.no_grad(), autocast(precision, device):
-            model(memory_format(batch.x.to(device), precision))
+        x = batch.x.to(device)
+        with torch.no_grad(), autocast(precision, device), _trial_block(x):
+            model(memory_format(x, precision))
     return run
 
 
@@ -313,8 +321,9 @@ def calibration_trial(defense: Any, data: Any, precision: str = "fp32") -> Calla
     def run(b: int) -> None:
         batch = data.get(0, min(int(b), len(data)))
         device = module_device(defense.model)
-        with torch.no_grad(), autocast(precision, device):
-            feats = defense.features(memory_format(batch.x.to(device), precision), with_base=True)
+        x = batch.x.to(device)
+        with torch.no_grad(), autocast(precision, device), _trial_block(x):
+            feats = defense.features(memory_format(x, precision), with_base=True)
             defense.masked_tail(feats)
     return run
 
@@ -343,7 +352,7 @@ def attack_trial(models: Sequence[nn.Module], data: Any, attack: str, *, eps: fl
     at :data:`TRIAL_BUDGET`, on each of ``models`` (the defended and the base model IW-WC attacks). Every image is
     labelled with the model's own prediction, so that every attack attacks every image of the batch (they skip
     images already misclassified): the trial holds the attack state of a whole batch of robust images."""
-    from .attacks import attack_class, make_attack, reseed
+    from .attacks import attack_class, make_attack
 
     parts = [name for name in attack_parts(attack) if norm in attack_class(name).norms]
 
@@ -353,7 +362,7 @@ def attack_trial(models: Sequence[nn.Module], data: Any, attack: str, *, eps: fl
         for model in models:
             device = module_device(model)
             x = batch.x.to(device)
-            with torch.no_grad():
+            with torch.no_grad(), _trial_block(x):
                 y = model(x).argmax(1)
             for name in parts:
                 if name == "adaptive" and not callable(getattr(model, "bpda", None)):
@@ -361,8 +370,7 @@ def attack_trial(models: Sequence[nn.Module], data: Any, attack: str, *, eps: fl
                 atk = make_attack(name, model, eps=eps, norm=norm, seed=seed, num_classes=num_classes,
                                   strict=False, **TRIAL_BUDGET)
                 atk(x, y, index)
-            reseed(model, seed)  # leave a randomized model's noise stream where a fresh one starts
-            for p in model.parameters():  # and no gradients behind (they would hold memory)
+            for p in model.parameters():  # no gradients left behind (they would hold memory)
                 p.grad = None
     return run
 

@@ -37,7 +37,7 @@ def test_bench_gpu_tiny_runs_and_writes_its_results(tmp_path, igd_home):
     assert res["mode"] == "tiny" and res["device_kind"] == "cpu" and res["uptime"] is not None
     nm = res["numerics"]
     assert nm["device_type"] == "cpu" and nm["torch"] == torch.__version__ and nm["tf32"] is False
-    assert {"cuda", "cudnn", "deterministic", "flags"} <= set(nm)
+    assert {"cuda", "cudnn", "deterministic", "tf32", "mode"} <= set(nm)
     assert set(res["models"]) == {"resnet18", "wrn-34-10", "resnet50"}
     for name, m in res["models"].items():
         assert {r["stage"] for r in m["stages"]} == STAGES, name

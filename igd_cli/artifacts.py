@@ -24,6 +24,7 @@ from safetensors.torch import save as _st_save
 
 from . import __version__
 from .errors import IgdError
+from .home import digest_store
 
 FORMAT_VERSION = 1
 
@@ -236,14 +237,12 @@ def file_sha256(path: str | os.PathLike) -> str:
 def cached_file_sha256(path: str | os.PathLike) -> str:
     """:func:`file_sha256`, remembered by (resolved path, size, mtime) in ``$IGD_HOME/cache/sha256.json`` so that a
     large file is read once, not by every command that names it; a changed file (size or mtime) is hashed anew."""
-    from .models import igd_home
-
     p = Path(path).resolve()
     st = p.stat()
     key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
     if key in _SHA_MEMO:
         return _SHA_MEMO[key]
-    store = igd_home() / "cache" / "sha256.json"
+    store = digest_store()
     try:
         known = json.loads(store.read_text())
     except (OSError, ValueError):

@@ -18,6 +18,7 @@ import torch
 
 from ._compat import reachable
 from .errors import IgdError
+from .home import data_home
 
 Split = Literal["train", "test"]
 
@@ -123,9 +124,7 @@ def data_dir(arg: str | os.PathLike | None = None) -> Path:
         return Path(arg).expanduser()
     if os.environ.get("IGD_DATA_DIR"):
         return Path(os.environ["IGD_DATA_DIR"]).expanduser()
-    from .models import igd_home
-
-    return igd_home() / "data"
+    return data_home()
 
 
 def load_dataset(name: str, split: Split = "test", n: int | None = None,

@@ -39,7 +39,14 @@ DEFAULT_N_EXAMPLES = 1000
 
 @dataclass
 class Target:
-    """A model, its device and the data set it is used with."""
+    """A model, its device and the data set it is used with.
+
+    Example::
+
+        target = open_target("demo")
+        images = target.data("test", 100)          # the first 100 test images of its data set
+        target.model, target.device, target.default_eps()
+    """
 
     loaded: LoadedModel
     device: torch.device
@@ -77,13 +84,13 @@ class Target:
                 "num_classes": self.loaded.num_classes, "dataset": self.dataset}
 
 
-def open_target(model: str, arch: str | None, dataset: str | None, threat_model: str = "Linf",
+def open_target(model: str = "demo", arch: str | None = None, dataset: str | None = None, threat_model: str = "Linf",
                 device: str = "auto", zoo_dataset: str | None = None, normalize: str | None = None) -> Target:
     """The model named by ``--model``/``--arch`` (a zoo entry by ``--zoo-dataset``) on ``device``, with the
     images of ``--dataset`` (default: the data set the model was trained on); ``normalize`` (``--normalize``) wraps
     a state-dict model whose normalisation is not inside it.
 
-    >>> open_target("demo", None, None).dataset
+    >>> open_target("demo").dataset
     'digits'
     """
     dev = resolve_device(device)

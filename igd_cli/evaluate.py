@@ -50,7 +50,12 @@ from .scoring import DEFAULT_DRAWS, Score, classify, final_of_selected, final_ro
 
 @dataclass
 class Budgets:
-    """Budget overrides (None keeps each attack's paper default)."""
+    """Budget overrides (None keeps each attack's paper default).
+
+    Example::
+
+        evaluate_defense(target, defense, images, attack="iw-wc", budgets=Budgets(steps=20, queries=1000))
+    """
 
     steps: int | None = None
     restarts: int | None = None

@@ -40,7 +40,13 @@ DEFAULT_EPS_L2 = {"cifar10": 0.5, "cifar100": 0.5, "imagenet": 3.0}
 
 @dataclass
 class LoadedModel:
-    """A model ready to use, with what the rest of igd needs to know about it."""
+    """A model ready to use, with what the rest of igd needs to know about it.
+
+    Example::
+
+        loaded = load_model("demo")
+        loaded.model, loaded.fingerprint, loaded.num_classes, loaded.eps   # nn.Module on images in [0, 1], ...
+    """
 
     model: nn.Module
     name: str
@@ -124,6 +130,11 @@ def load_model(spec: str = "demo", arch: str | None = None, dataset: str | None 
 
     ``dataset`` (``--dataset``) names the images only; for a zoo name listed under several data sets it picks
     among them when it is one of them. ``zoo_dataset`` (``--zoo-dataset``) picks the zoo entry explicitly.
+
+    Example::
+
+        load_model("Addepalli2022Efficient_RN18", dataset="cifar10")          # RobustBench zoo
+        load_model("weights.pt", arch="resnet18", normalize="cifar10")        # a state-dict file
     """
     spec = (spec or "demo").strip()
     is_file = Path(spec).suffix in (".pt", ".pth", ".safetensors") or os.sep in spec

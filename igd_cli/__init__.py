@@ -1,13 +1,17 @@
 """igd: interpretability-guided test-time adversarial defence (Kulkarni & Weng, ECCV 2024) as a toolkit.
 
-The ``igd`` command is :mod:`igd_cli.cli`; the names below are the library (docs/library.md)::
+The ``igd`` command is :mod:`igd_cli.cli`; the names below are the library (docs/library.md).
+
+Example::
 
     import igd_cli as igd
 
     target = igd.open_target("demo")                          # model + the data set it was trained for
-    importance = igd.rank_neurons(target, target.data("train", 256))
+    importance = igd.rank_neurons(target, target.data("train", 128))
     defense = igd.calibrate_defense(target, importance, target.data("test", 200))
-    res = igd.evaluate_defense(target, defense, target.data("test", 100), "iw-wc")
+    quick = igd.Budgets(steps=2, restarts=1, queries=20, eot_iter=1)     # a smoke run: the defaults are the paper's
+    res = igd.evaluate_defense(target, defense, target.data("test", 8), "iw-wc", budgets=quick, draws=2)
+    res.to_json()["worst_case"]
 
 Importing ``igd_cli`` loads none of them (nor torch): each is imported from its module on first use.
 """
@@ -15,7 +19,7 @@ Importing ``igd_cli`` loads none of them (nor torch): each is imported from its 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -26,7 +30,7 @@ _EXPORTS: dict[str, str] = {
     "load_model": ".models", "LoadedModel": ".models",
     "load_dataset": ".data", "ImageSet": ".data",
     # the defence
-    "IGDefense": ".defense", "load_defense": ".defense",
+    "IGDefense": ".defense", "load_defense": ".defense", "topk_mask": ".defense",
     "defense_from_ranking": ".api", "calibrate_defense": ".api",
     # ranking and choosing k
     "rank_neurons": ".api", "calibrate_k": ".calibrate", "Calibration": ".calibrate",
@@ -59,18 +63,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
 
-
-if TYPE_CHECKING:  # pragma: no cover  (for type checkers and editors: the same names, imported eagerly)
-    from .api import calibrate_defense, defense_from_ranking, defense_meta, evaluate_defense, rank_neurons
-    from .attacks import ATTACKS, make_attack, run_attack
-    from .audit import Audit, run_audit
-    from .calibrate import Calibration, calibrate_k, run_calibration
-    from .common import Target, open_target
-    from .data import ImageSet, load_dataset
-    from .defense import IGDefense, load_defense
-    from .errors import IgdError
-    from .eval_result import EvalResult
-    from .evaluate import Budgets
-    from .leaderboard import model_info, write_model_info
-    from .models import LoadedModel, load_model
-    from .scoring import Score, classify

@@ -43,7 +43,7 @@ def rank_neurons(target: Target, data: ImageSet, method: str = "lo-ir", *, layer
     Example::
 
         target = igd_cli.open_target("demo")
-        importance = igd_cli.rank_neurons(target, target.data("train", 256), "lo-ir")   # (128, 10)
+        importance = igd_cli.rank_neurons(target, target.data("train", 128), "lo-ir")   # (128, 10)
     """
     m = get_method(method)
     check_classes(target, data)
@@ -152,7 +152,8 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
 
     Example::
 
-        res = igd_cli.evaluate_defense(target, defense, target.data("test", 100), "iw-wc")
+        quick = igd_cli.Budgets(steps=2, restarts=1, queries=20, eot_iter=1)   # a smoke run; default: the paper's
+        res = igd_cli.evaluate_defense(target, defense, target.data("test", 8), "iw-wc", budgets=quick, draws=2)
         r = res.to_json()
         r["clean_accuracy"], r["worst_case"], r["worst_case_std"]
     """

@@ -139,7 +139,7 @@ def load_dataset(name: str, split: Split = "test", n: int | None = None,
 
     Example::
 
-        images = load_dataset("cifar10", "test", 1000)      # or a tensor file: load_dataset("PATH.safetensors")
+        images = load_dataset("digits", "test", 256)        # "cifar10", ...; or a tensor file "PATH.safetensors"
         for batch in images.batches(256):
             batch.x, batch.y, batch.index                    # float32 in [0, 1], labels, positions in the split
     """

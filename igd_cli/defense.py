@@ -67,7 +67,13 @@ def importance_ranks(importance: torch.Tensor) -> torch.Tensor:
 
 
 def topk_mask(importance: torch.Tensor, k: int) -> torch.Tensor:
-    """The IG-Defense mask: column c keeps the k neurons with the largest ``importance[:, c]`` (uint8 0/1)."""
+    """The IG-Defense mask: column c keeps the k neurons with the largest ``importance[:, c]`` (uint8 0/1).
+
+    Example::
+
+        mask = topk_mask(importance, 16)                  # (N, C): 16 ones per column
+        IGDefense(model, "block3", mask, sigma=0.1)
+    """
     n = importance.shape[0]
     check_k(k, n)
     return (importance_ranks(importance) < k).to(torch.uint8)

@@ -54,7 +54,7 @@ class Budgets:
 
     Example::
 
-        evaluate_defense(target, defense, images, attack="iw-wc", budgets=Budgets(steps=20, queries=1000))
+        evaluate_defense(target, defense, images, attack="apgd-ce", budgets=Budgets(steps=10, eot_iter=2))
     """
 
     steps: int | None = None

@@ -7,7 +7,8 @@ RobustBench's fields, as its files spell them: accuracies in percent as strings 
 of a stronger evaluation (its leaderboard ranks by ``external`` when present). Here ``autoattack_acc`` is filled
 only when AutoAttack ran on the defended model over every evaluated image with its full budget, and
 ``external`` holds IW-WC's image-wise worst case; what igd cannot know (``link``, ``name``, ``authors``,
-``venue``, ``additional_data``, ``architecture``, ``reported``) is null, for the submitter to fill.
+``venue``, ``additional_data``, ``architecture``, ``reported``, ``unreliable``) is null, for the submitter
+(or RobustBench's maintainers) to fill.
 
 Example::
 
@@ -29,7 +30,7 @@ from .attacks.base import BUDGET_KEYS
 from .eval_result import column_label
 
 #: RobustBench's own fields igd leaves for the submitter (null in the file)
-SUBMITTER_FIELDS = ("link", "name", "authors", "venue", "additional_data", "architecture", "reported")
+SUBMITTER_FIELDS = ("link", "name", "authors", "venue", "additional_data", "architecture", "reported", "unreliable")
 
 
 def eval_report_path(source: str | Path) -> Path:

@@ -133,8 +133,10 @@ def load_model(spec: str = "demo", arch: str | None = None, dataset: str | None 
 
     Example::
 
-        load_model("Addepalli2022Efficient_RN18", dataset="cifar10")          # RobustBench zoo
-        load_model("weights.pt", arch="resnet18", normalize="cifar10")        # a state-dict file
+        loaded = load_model("demo")                                 # the bundled digits model
+        loaded = load_model("weights.pt", arch="resnet18")          # a state-dict file (normalize="cifar10" when
+                                                                    # its normalisation is not inside it)
+        # a RobustBench zoo entry, downloaded once: load_model("Addepalli2022Efficient_RN18", dataset="cifar10")
     """
     spec = (spec or "demo").strip()
     is_file = Path(spec).suffix in (".pt", ".pth", ".safetensors") or os.sep in spec

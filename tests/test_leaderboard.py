@@ -49,7 +49,7 @@ def test_autoattack_on_every_image_with_its_budget_fills_autoattack_acc(tmp_path
     assert (info["eps"], info["threat_model"], info["dataset"]) == ("8/255", "Linf", "digits")
     assert info["number_forward_passes"] == 2  # no smoothing: the first pass and the masked pass
     assert all(info[k] is None for k in ("link", "name", "authors", "venue", "additional_data", "architecture",
-                                         "reported"))
+                                         "reported", "unreliable"))
     igd = info["igd"]
     assert igd["autoattack_accuracy"] == {"mean": 0.5, "std": 0.0}
     assert igd["robust_accuracy"]["mean"] == 0.5 and igd["robust_accuracy"]["what"].endswith("AA")
@@ -92,6 +92,22 @@ def test_reduced_budgets_keep_autoattack_out_of_autoattack_acc(tmp_path):
                    budget={"steps": 2, "restarts": None, "queries": None, "eot_iter": None})
     info = model_info(path)
     assert info["autoattack_acc"] is None and "reduced budgets (steps 2)" in info["igd"]["autoattack_note"]
+
+
+#: RobustBench's model-info fields for an Lp threat model: its ``ModelInfo`` dataclass (robustbench/utils.py)
+#: without the corruption leaderboards' fields, plus ``external`` and ``unreliable``, which its
+#: ``model_info/<dataset>/<Linf|L2>/*.json`` files carry (its leaderboard ranks by ``external`` when present)
+ROBUSTBENCH_FIELDS = {"link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
+                      "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "footnote", "external",
+                      "unreliable"}
+
+
+def test_the_file_has_robustbenchs_fields_and_igds_record_under_igd(tmp_path):
+    clean = torch.ones(1, 4, dtype=torch.bool)
+    info = model_info(_report(tmp_path / "e.safetensors", "fgsm", clean, {"fgsm": clean.clone()}, randomized=False))
+    assert set(info) - {"threat_model", "igd"} == ROBUSTBENCH_FIELDS
+    # RobustBench's accuracies are percent strings that float() reads; eps a string
+    assert float(info["clean_acc"]) == 100.0 and isinstance(info["eps"], str)
 
 
 @pytest.mark.parametrize("eps,norm,text", [(8 / 255, "Linf", "8/255"), (4 / 255, "Linf", "4/255"),

@@ -68,7 +68,7 @@ def run_audit(audit: Audit, checks: Sequence[int] | None = None, plot_dir: str |
 
     Example::
 
-        report = run_audit(Audit(target, images, eps=8 / 255, defense=defense), checks=[7, 9])
+        report = run_audit(Audit(target, images, eps=8 / 255, defense=defense), checks=[6, 9])
         report["flags"], [(c["id"], c["verdict"]) for c in report["checks"]]
     """
     t0 = time.perf_counter()

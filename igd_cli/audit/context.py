@@ -126,8 +126,8 @@ class Audit:
 
     Example::
 
-        audit = Audit(target, target.data("test", 100), eps=8 / 255, preset="quick", defense=defense)
-        run_audit(audit)["flags"]
+        audit = Audit(target, target.data("test", 16), eps=8 / 255, preset="quick", defense=defense)
+        run_audit(audit, checks=[1, 6, 9])["flags"]          # checks=None (the default): every check
     """
 
     def __init__(self, target: Target, data: ImageSet, *, eps: float, preset: str = "quick",

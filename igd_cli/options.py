@@ -44,7 +44,7 @@ Steps = Annotated[Optional[int], typer.Option("--steps", metavar="N", min=1, hel
 Restarts = Annotated[Optional[int], typer.Option("--restarts", metavar="N", min=1, help="random restarts (default: the paper's: APGD 1, APGD-T-DLR 3)")]
 Queries = Annotated[Optional[int], typer.Option("--queries", metavar="N", min=1, help="query budget (default: the paper's: RayS 10000, Square 5000)")]
 EotIter = Annotated[Optional[int], typer.Option("--eot-iter", metavar="N", min=1, help="EoT gradient samples per step (default: the paper's 20)")]
-BpdaTemperature = Annotated[Optional[float], typer.Option("--bpda-temperature", metavar="T", help="the adaptive attack (beyond the paper, docs/adaptive.md): temperature T >= 1 of the pseudo-label's relaxed backward softmax(f(x+v)/T) (default 5, chosen by measurement)")]
+BpdaTemperature = Annotated[Optional[float], typer.Option("--bpda-temperature", metavar="T", help="the adaptive attack (beyond the paper, docs/adaptive.md): temperature T >= 1 of the pseudo-label's relaxed backward softmax(f(x+v)/T) (default 1, chosen on held-out images)")]
 Shard = Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="work only on block I of N of the images (I/N, 0-based), for igd merge")]
 Draws = Annotated[int, typer.Option("--draws", metavar="R", min=1, help="randomized defence: classifications per point for the "
                                     "selection, and as many fresh ones for the score (Croce et al.); a "

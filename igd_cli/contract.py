@@ -130,6 +130,26 @@ def check_exclusive(mask: Any, defense: Any) -> None:
         raise IgdError("--mask and --defense both name the defended model: give one of them")
 
 
+def open_defense(target: Any, mask: Any, spec: str | None, *, seed: int = 0, required: bool = True,
+                 **settings: Any) -> nn.Module | None:
+    """The defended model a command names: IG-Defense from ``--mask`` (with its ``settings`` overrides:
+    ``sigma``, ``n_smooth``, ``tau``, ``rs``) or a user's ``--defense`` on ``target``'s model; None when neither is
+    given and ``required`` is False."""
+    check_exclusive(mask, spec)
+    if spec is not None:
+        given = [f"--{k.replace('_', '-')}" for k, v in settings.items() if v is not None]
+        if given:
+            raise IgdError(f"{', '.join(given)}: IG-Defense's settings (from --mask), not a --defense's")
+        return build_defense(spec, target.model)
+    if mask is None:
+        if required:
+            raise IgdError("no defended model: give --mask FILE (IG-Defense) or --defense FILE.py:NAME (your own)")
+        return None
+    from .defense import load_defense
+
+    return load_defense(target, mask, seed=seed, **settings)
+
+
 # --- the capabilities igd uses ----------------------------------------------------------------------------
 
 def declared_randomized(model: nn.Module) -> bool:
@@ -277,9 +297,13 @@ def has_gradient(model: nn.Module, x: torch.Tensor) -> bool:
     keys = noise.image_keys(None, xr.detach())
     with torch.enable_grad(), noise.images(keys, noise.stream(0, "gradient-probe")):
         out = model(xr)
-    return isinstance(out, torch.Tensor) and out.requires_grad
+        if not (isinstance(out, torch.Tensor) and out.requires_grad):
+            return False
+        # requires_grad through the model's own parameters alone is no gradient to the input
+        (g,) = torch.autograd.grad(out.float().sum(), xr, allow_unused=True)
+    return g is not None
 
 
 __all__ = ["Capability", "NoGradient", "OPTION", "UserDefense", "baseline", "build_defense", "changes_prediction",
            "adaptive_column", "check_exclusive", "declared_randomized", "first_pass", "frozen", "has_gradient",
-           "identity", "label", "randomized", "settings", "surrogate", "takes_temperature"]
+           "identity", "label", "open_defense", "randomized", "settings", "surrogate", "takes_temperature"]

@@ -14,7 +14,8 @@ def scoring_note(r: dict[str, Any]) -> str:
     if not r.get("defended"):
         return "base model: deterministic, every point scored once (exact)"
     if not r.get("randomized"):
-        return "defence deterministic (no smoothing): every point scored once, all figures exact"
+        why = "no smoothing" if (r.get("defense_label") or "IG-Defense") == "IG-Defense" else "no fresh randomness"
+        return f"defence deterministic ({why}): every point scored once, all figures exact"
     if r.get("protocol") == "single-draw":
         return ("single-draw protocol: one noise draw per set and the AND over sets — a near-boundary point is a "
                 "coin toss per draw, so this mixes attack strength with noise (not comparable with the literature)")

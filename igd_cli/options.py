@@ -26,6 +26,7 @@ AutoBatchSize = Annotated[str, typer.Option("--batch-size", metavar="N|auto", he
 Precision = Annotated[str, typer.Option("--precision", metavar="fp32|bf16|fp16", help="fp32 | bf16 | fp16: ranking and the defended "
                                         "forward (clean scoring, calibration) under torch.autocast; attacks "
                                         "always run in fp32 (low precision can mask gradients)")]
+DefenseOpt = Annotated[Optional[str], typer.Option("--defense", metavar="FILE.py:NAME", help="your own test-time defence: NAME(base_model) returns the defended model (path/to/file.py:NAME or MODULE:NAME; docs/own-defense.md); instead of --mask")]
 Seed = Annotated[int, typer.Option("--seed", metavar="INT", help="random seed: the same seed gives the same result")]
 Json = Annotated[bool, typer.Option("--json", help="print exactly one JSON object, the result, on stdout")]
 Layer = Annotated[Optional[str], typer.Option("--layer", metavar="LAYER", help="dotted module name of the masked layer (default: the model's penultimate layer; for your own --arch the module feeding the classifier, when one does: igd layers names it)")]

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import noise
 from .console import err_console
 from .devices import module_device
 from .errors import IgdError
@@ -169,16 +170,20 @@ def defended_trial(model: nn.Module, data: Any, *, grad: bool, precision: str = 
         batch = data.get(0, min(int(b), len(data)))
         device = module_device(model)
         x, y = batch.x.to(device), batch.y.to(device)
-        if grad:
-            x.requires_grad_(True)
-            try:
-                F.cross_entropy(model(x), y).backward()
-            finally:  # the trial leaves no gradients behind (they would hold memory and leak into the next use)
-                for p in model.parameters():
-                    p.grad = None
-            return
-        with torch.no_grad(), autocast(precision, device):
-            model(memory_format(x, precision))
+        # a randomized model is queried for declared images (igd_cli.noise), on a stream of the trial's own
+        with noise.images(noise.image_keys(batch.index, x), noise.stream(0, "batch-size-trial")):
+            if grad:
+                x.requires_grad_(True)
+                try:
+                    loss = F.cross_entropy(model(x), y)
+                    if loss.requires_grad:  # a defence without a gradient: its attacks run no backward either
+                        loss.backward()
+                finally:  # the trial leaves no gradients behind (they would hold memory and leak into the next use)
+                    for p in model.parameters():
+                        p.grad = None
+                return
+            with torch.no_grad(), autocast(precision, device):
+                model(memory_format(x, precision))
     return run
 
 
@@ -188,8 +193,10 @@ def calibration_trial(defense: Any, data: Any, precision: str = "fp32") -> Calla
     def run(b: int) -> None:
         batch = data.get(0, min(int(b), len(data)))
         device = module_device(defense.model)
-        with torch.no_grad(), autocast(precision, device):
-            feats = defense.features(memory_format(batch.x.to(device), precision), with_base=True)
+        x = batch.x.to(device)
+        with torch.no_grad(), autocast(precision, device), \
+                noise.images(noise.image_keys(batch.index, x), noise.stream(0, "batch-size-trial")):
+            feats = defense.features(memory_format(x, precision), with_base=True)
             defense.masked_tail(feats)
     return run
 

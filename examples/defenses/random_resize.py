@@ -1,5 +1,6 @@
 """Randomized input transformation (Xie et al., ICLR 2018, "Mitigating adversarial effects through
-randomization"): each image resized to a random size ``r`` in [S, S + extra], zero-padded at a random place to
+randomization"): each image resized to a random size ``r`` in [S, S + extra] (extra: about 10.7 % of S, as
+299 -> 331 in the paper), zero-padded at a random place to
 S + extra, and resized back to the model's S. Fresh randomness at every forward (``randomized = True``): igd
 scores it by repeated draws and attacks it with EoT (Athalye et al., ICML 2018). The draws come from
 ``igd_cli.noise.uniform_like``: inside igd's evaluation a function of the image and the query, so every result
@@ -28,7 +29,7 @@ class RandomResizePad(nn.Module):
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         s = x.shape[-1]
-        extra = self.extra if self.extra is not None else max(2, round(0.1 * s))
+        extra = self.extra if self.extra is not None else max(1, round(0.107 * s))  # Xie: 299 -> 331
         u = noise.uniform_like(x.new_empty(len(x), 3))  # per image: size, left, top
         out = []
         for i in range(len(x)):

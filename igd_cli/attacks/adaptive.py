@@ -30,6 +30,7 @@ from .. import contract
 from ..errors import IgdError
 from .apgd import APGD, APGDEoT, _keep
 from .base import DrawsPick
+from .pgd import PGD
 
 #: ``--bpda-temperature`` default: chosen by measurement on the smoothed demo defence (docs/adaptive.md)
 DEFAULT_BPDA_TEMPERATURE = 5.0
@@ -88,7 +89,17 @@ class Adaptive(APGD):
         todo = torch.arange(len(x), device=x.device)
         x_best, acc, loss_best, x_best_adv = apgd.attack_single_run(x, y, x_init=x1)
         _keep(out, fooled, best_loss, todo, x_best, acc, loss_best, x_best_adv)
-        return self.select(x, y, [x1, out])  # ties: stage 1's point (the first pass's own attack)
+        points = [x1, out]
+        if isinstance(self.model, contract.UserDefense) and self.norm == "Linf":
+            # stage 3, a user's defence only: igd's PGD with EoT on the surrogate (fixed steps of 2.5·ε/steps).
+            # At few steps on a randomized transform APGD's step-size rule, driven by a noisy loss, falls short of
+            # plain PGD + EoT (docs/own-defense.md); IG-Defense's column is the two stages above
+            b = self.budget
+            pgd = PGD(attacked, eps=self.eps, norm=self.norm, seed=self.seed, device=self.device,
+                      num_classes=self.num_classes, randomized=self.randomized, strict=False, steps=b["steps"],
+                      restarts=1, eot_iter=b.get("eot_iter", 1))
+            points.append(pgd.perturb(x, y, index))
+        return self.select(x, y, points)  # ties: stage 1's point (the first pass's own attack)
 
     def select(self, x: torch.Tensor, y: torch.Tensor, points: list[torch.Tensor]) -> torch.Tensor:
         """Per image, the point wrong in the most of ``GATE_DRAWS`` fresh classifications of the attacked model

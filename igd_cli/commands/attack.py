@@ -26,8 +26,7 @@ from ..shards import parse_shard  # noqa: F401  (shared with defend-eval; import
 
 @app.command("attack", short_help="adversarial examples against the base or defended model", epilog=examples(
     "igd attack --model demo --attack apgd-ce --steps 20 --n-examples 100 --out adv.safetensors",
-    "igd attack --model demo --mask mask.safetensors --attack apgd-eot --steps 10 --eot-iter 5 --n-examples 100 --out adv-defended.safetensors",
-    "igd attack --model demo --defense examples/defenses/jpeg.py:jpeg --attack adaptive --steps 10 --n-examples 100 --out adv-jpeg.safetensors"))
+    "igd attack --model demo --mask mask.safetensors --attack apgd-eot --steps 10 --eot-iter 5 --n-examples 100 --out adv-defended.safetensors"))
 def attack_cmd(
     model: Model = "demo",
     attack: Annotated[str, typer.Option("--attack", metavar="NAME", help=f"one of {', '.join(ATTACKS)}")] = ...,

@@ -21,13 +21,12 @@ from ..scoring import DEFAULT_DRAWS, check_protocol
 
 @app.command("audit", short_help="the gradient-masking and randomness checklist, judged", epilog=examples(
     "igd audit --model demo --mask mask.safetensors --n-examples 20 --checks 9",
-    "igd audit --model demo --mask mask.safetensors --n-examples 20 --checks 6 --plot-dir plots",
-    "igd audit --model demo --defense examples/defenses/bit_depth.py:bit_depth --n-examples 20 --checks 2,7"))
+    "igd audit --model demo --mask mask.safetensors --n-examples 20 --checks 6 --plot-dir plots"))
 def audit_cmd(
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
     zoo_dataset: ZooDataset = None, normalize: Normalize = None,
     mask: Annotated[Optional[Path], typer.Option("--mask", metavar="FILE", help="mask artifact from igd calibrate-k: audit the "
-                                                 "defended model (without it the base model; checks 7-11 n/a)")] = None,
+                                                 "defended model (without it or --defense: the base model; checks 7-11 n/a)")] = None,
     defense_spec: DefenseOpt = None,
     n_examples: Annotated[Optional[int], typer.Option("--n-examples", metavar="N", help="the first N test images (default: "
                                                       "the preset's: quick 100, fewer than the pipeline's 200 because "

@@ -34,8 +34,7 @@ EVAL_BATCH = 128
 
 @app.command("defend-eval", short_help="clean and robust accuracy, base vs defended model", epilog=examples(
     "igd defend-eval --model demo --mask mask.safetensors --n-examples 100",
-    "igd defend-eval --model demo --mask mask.safetensors --n-examples 100 --adv adv.safetensors",
-    "igd defend-eval --model demo --defense examples/defenses/bit_depth.py:bit_depth --n-examples 100"))
+    "igd defend-eval --model demo --mask mask.safetensors --n-examples 100 --adv adv.safetensors"))
 def defend_eval_cmd(
     mask: Annotated[Optional[Path], typer.Option("--mask", metavar="FILE", help="mask artifact from igd calibrate-k "
                                                  "(IG-Defense; or give --defense)")] = None,

@@ -111,7 +111,8 @@ def test_audit_flags_the_masking(target, data, name, flags):
 @pytest.mark.parametrize("name", ["random_resize", "smoothing"])
 def test_igd_worst_case_reaches_eot_pgd(target, data, name):
     """PGD with EoT (the gradient summed over 4 forwards, 10 steps, as igd's budget here), scored by the mean
-    over 16 draws at its points: igd's strongest column is at most that plus 5 points. The worst case selects
+    over 16 draws at its points: igd's adaptive column (APGD + EoT stages and PGD + EoT) is at most that plus 5
+    points (APGD + EoT alone falls short at this budget, docs/own-defense.md). The worst case selects
     per image among 11 candidates on 20 noisy draws and is scored on 20 fresh ones, so it sits a little above
     its best column near the boundary (the selection's optimism removed): at most the reference plus 8 points."""
     d = contract.build_defense(spec(name), target.model)
@@ -126,8 +127,27 @@ def test_igd_worst_case_reaches_eot_pgd(target, data, name):
                            draws=20)
     j = res.to_json()
     assert j["randomized"] and j["draws"] == 20 and j["no_gradient"] == []
-    assert min(j["robust_accuracy"].values()) <= ref.item() + 0.05
+    assert j["robust_accuracy"]["adaptive"] <= ref.item() + 0.05
     assert j["worst_case"] <= ref.item() + 0.08
+
+
+def test_adaptive_column_reaches_pgd_eot_on_the_smoothing_example(target):
+    """The adaptive attack alone on 32 images at igd's budget here, scored by 16 draws: within 2 points of the
+    PGD + EoT reference at the same budget (its APGD + EoT stages alone stay 3 points above it)."""
+    from igd_cli.attacks import make_attack, run_attack
+    from igd_cli.scoring import score_set
+
+    data = target.data("test", 32, None)
+    b = data.all()
+    d = contract.build_defense(spec("smoothing"), target.model)
+    torch.manual_seed(0)
+    xa = pgd(d.defense, b.x, b.y, steps=10, eot=4)
+    with torch.no_grad():
+        ref = torch.stack([d.defense(xa).argmax(1) == b.y for _ in range(16)]).float().mean().item()
+    atk = make_attack("adaptive", d, eps=EPS, seed=0, num_classes=10, strict=False, steps=10, eot_iter=4, restarts=1)
+    res = run_attack(atk, data, show_progress=False)
+    _, robust = score_set(d, b.x, res.x_adv, res.y, res.index, protocol="draws", draws=16, seed=0)
+    assert robust.mean <= ref + 0.02
 
 
 # --- a defence without any gradient and without a surrogate -----------------------------------------------

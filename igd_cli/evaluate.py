@@ -326,6 +326,8 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
         raise IgdError(f"--attack {attack}: unknown (choose from none, iw-wc, {', '.join(ATTACKS)})")
     check_classes(target, data)
     eps = used_eps(target, eps, attack, adv_files)
+    if defense is not None and defense_meta is None and workdir is not None:
+        defense_meta = identity_of(defense)  # sets of another defence in the same workdir are not this one's
     ev = Evaluator(target, defense, data, eps=eps, norm=norm, budgets=budgets, seed=seed, batch_size=batch_size,
                    workdir=workdir, defense_meta=defense_meta, adv_files=adv_files, show_progress=show_progress,
                    on_set=on_set, positions=positions, protocol=protocol, draws=draws,
@@ -441,7 +443,12 @@ def identity_of(defense: nn.Module, mask_path: str | Path | None = None) -> dict
     ``--mask``, else what the defence says of itself (a ``--defense``: its source and fingerprint)."""
     if mask_path is not None:
         return defense_identity(mask_path, defense)
-    return contract.identity(defense) or {"module": type(defense).__name__, "settings": contract.settings(defense)}
+    if contract.identity(defense) is not None:
+        return contract.identity(defense)
+    from .models import fingerprint  # a plain module: by its weights and code, as a model is
+
+    return {"module": type(defense).__name__, "settings": contract.settings(defense),
+            "defense_fingerprint": fingerprint(defense)}
 
 
 def adaptive_temperature(value: float | None) -> float:

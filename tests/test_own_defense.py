@@ -256,6 +256,21 @@ def test_identity_is_the_source_not_the_path(target, tmp_path):
     assert c["source_sha256"] != a["source_sha256"] and c["settings"] == {"bits": 2}
 
 
+def test_two_defences_in_one_workdir_keep_their_own_sets(target, tmp_path):
+    """evaluate_defense without defense_meta in one workdir: a second defence's sets are its own (before, the
+    first defence's were reused as the second's: its figures were those of the first defence's points)."""
+    data = target.data("test", 8, None)
+    budgets = Budgets(queries=40)
+    shared = tmp_path / "adv"
+    evaluate_defense(target, contract.build_defense(spec("bit_depth"), target.model), data, attack="rays",
+                     workdir=shared, budgets=budgets, show_progress=False)
+    sm = contract.build_defense(spec("smoothing"), target.model)
+    a = evaluate_defense(target, sm, data, attack="rays", workdir=shared, budgets=budgets, show_progress=False)
+    b = evaluate_defense(target, sm, data, attack="rays", workdir=None, budgets=budgets, show_progress=False)
+    assert torch.equal(a.defended["rays"], b.defended["rays"])
+    assert len(list(shared.rglob("*.safetensors"))) == 3  # the base set, and one set per defence
+
+
 # --- the CLI ---------------------------------------------------------------------------------------------
 
 def test_cli_shards_merge_to_the_whole_run(cli, tmp_path, igd_home):

@@ -32,8 +32,8 @@ BEYOND_NOTE = ("‡ beyond the paper: the adaptive attack designed against IG-De
                "first pass, then on the defence with BPDA through the pseudo-label; docs/adaptive.md)")
 #: the same mark for a defence other than IG-Defense (a ``--defense``): the adaptive attack through its capabilities
 BEYOND_NOTE_GENERIC = ("‡ beyond the paper: the adaptive attack through the defence's contract (APGD + EoT on its "
-                       "first_pass when it has one, then APGD + EoT on its surrogate, BPDA, or on the defence itself; "
-                       "docs/own-defense.md)")
+                       "first_pass when it has one, then APGD + EoT and PGD + EoT on its surrogate, BPDA, or on the "
+                       "defence itself; docs/own-defense.md)")
 
 
 def column_key(attack: str, transfer: bool) -> str:

@@ -13,7 +13,10 @@ et al. (ICML 2022), for a defence with capabilities ``first_pass`` and ``surroga
 2. stage 2: APGD-CE with EoT on the defence's ``surrogate`` (BPDA, Athalye et al. 2018; IG-Defense: the whole
    two-pass defence, ``ŷ``'s forward unchanged and its backward that of ``softmax(z / T)``, T ≥ 1,
    :meth:`IGDefense.bpda`) from stage 1's point; without ``surrogate``, on the defence itself;
-3. per image, of the two points, the one wrong in the most of ``GATE_DRAWS`` fresh classifications of the
+3. for a user's defence (``--defense``, :class:`igd_cli.contract.UserDefense`) and ℓ∞, igd's PGD with EoT on the
+   model of stage 2 as a third candidate: at few steps on a randomized transform, APGD's step-size rule falls
+   short of plain PGD + EoT (docs/own-defense.md); IG-Defense's column is the two stages;
+4. per image, of the points, the one wrong in the most of ``GATE_DRAWS`` fresh classifications of the
    defence (the repeated-draw rule igd scores with; ties: stage 1's point).
 
 Per-image seeds (``image_seed``) for the random starts and noise keyed by the image and the query's ordinal

@@ -122,3 +122,10 @@ def write_results(path: str | Path, obj: Any, data_folder: str | Path | None = N
                for e in obj]
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=1, default=str) + "\n").encode())
     return obj
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """``python benchmarks/SCRIPT ARGS`` as given (``argv`` None: this process's); :func:`write_results` makes its
+    paths portable."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join([f"python benchmarks/{script}", *map(str, args)])

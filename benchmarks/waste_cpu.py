@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _data, also when imported as a module
 
 from _data import add_data_dir, data_file, write_results  # noqa: E402
+from igd_cli import noise  # noqa: E402
 from igd_cli.calibrate import calibrate_k  # noqa: E402
 from igd_cli.common import open_target  # noqa: E402
 from igd_cli.data import load_dataset  # noqa: E402
@@ -147,9 +148,10 @@ def measure(name: str, n: int, draws: int, rounds: int, batch_size: int, data_di
     x, y = data.all().x, data.all().y
     other = {}
     with torch.no_grad(), Passes(stem) as s, Passes(head) as c:
-        defense.reseed(0)
         for i in range(0, n, batch_size):
-            defense(x[i:i + batch_size])
+            xb = x[i:i + batch_size]
+            with noise.images(noise.image_keys(torch.arange(i, i + len(xb)), xb), noise.stream(0, "waste")):
+                defense(xb)
     other["defended_forward"] = {"stem_passes_per_image": per_image(s.images, n),
                                  "classifier_passes_per_image": per_image(c.images, n)}
     base_only = IGDefense(target.model, layer, torch.ones_like(defense.mask), sigma=defense.sigma, seed=0)

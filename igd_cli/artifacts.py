@@ -234,13 +234,12 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def cached_file_sha256(path: str | os.PathLike) -> str:
-    """:func:`file_sha256`, remembered by (resolved path, size, mtime) in ``$IGD_HOME/cache/sha256.json`` so that a
-    large file is read once, not by every command that names it; a changed file (size or mtime) is hashed anew."""
+    """:func:`file_sha256`, remembered under :func:`stat_key` in ``$IGD_HOME/cache/sha256.json`` so that a large
+    file is read once, not by every command that names it; a changed file is hashed anew."""
     from .models import igd_home
 
     p = Path(path).resolve()
-    st = p.stat()
-    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    key = stat_key(p)
     if key in _SHA_MEMO:
         return _SHA_MEMO[key]
     store = igd_home() / "cache" / "sha256.json"
@@ -263,6 +262,15 @@ def cached_file_sha256(path: str | os.PathLike) -> str:
 
 
 _SHA_MEMO: dict[str, str] = {}
+
+
+def stat_key(path: Path) -> str:
+    """What tells a file's versions apart without reading it: resolved path, size, mtime, ctime (ns) and inode.
+    Size and mtime alone are not enough: ``cp -p``, ``rsync -t`` and ``tar x`` rewrite a file and put its old mtime
+    back; none of them can put back the ctime (set by the kernel on every write), and those that write a new file
+    give it another inode."""
+    st = path.stat()
+    return f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:

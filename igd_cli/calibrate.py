@@ -315,16 +315,19 @@ def run_calibration(target: Any, importance_path: str | Path | Sequence[str | Pa
                     batch_size: int | str = 256, seed: int = 0, cache_bytes: int = DEFAULT_CACHE_BYTES,
                     data_dir: str | Path | None = None, plot: str | Path | None = None,
                     extra_meta: dict[str, Any] | None = None, precision: str = "fp32",
-                    auto_default: int = CALIBRATION_BATCH) -> dict[str, Any]:
-    """``igd calibrate-k`` as a library call: choose k on the first ``n_examples`` images (default 1000, or the
-    whole split when smaller), write the mask artifact (and the plot) and return the result dictionary.
+                    auto_default: int = CALIBRATION_BATCH, start: int = 0,
+                    data: ImageSet | None = None) -> dict[str, Any]:
+    """``igd calibrate-k`` as a library call: choose k on ``n_examples`` images of the split from position ``start``
+    (default: the first 1000, or the whole split when smaller; ``start`` > 0 holds the first ones out, e.g. the
+    images an evaluation reports on), write the mask artifact (and the plot) and return the result dictionary.
+    ``data``: calibrate on these images instead (a held-out part of another split).
 
     Several importance files (a list, one per layer) give one mask artifact masking all their layers; ``k`` is
     then a mapping of the layers whose k is fixed, and the result's ``k`` and ``n_neurons`` are keyed by layer.
     ``batch_size`` may be ``"auto"`` (:mod:`igd_cli.batching`); ``precision``: the defended forwards under
     autocast, recorded in the mask's calibration (it can change k). ``auto_default``: what ``auto`` is on a CPU.
     """
-    from .batching import calibration_trial, resolve_batch_size
+    from .batching import calibration_trial, choose_batch_size
     from .common import FOR_SMOOTHING, check_classes
     from .defense import check_settings, save_mask, topk_mask
     from .report import plot_calibration
@@ -341,9 +344,8 @@ def run_calibration(target: Any, importance_path: str | Path | Sequence[str | Pa
         eps_value = eps_value if eps_value is not None else target.default_eps(FOR_SMOOTHING)
         sigma = eps_value / 2
     check_settings(tau=tau, sigma=sigma, n_smooth=n_smooth, rs=rs)
-    data = target.data(split, n_examples, data_dir)  # checks 1 <= n_examples <= the split's size
-    if n_examples is None:
-        data.n = min(DEFAULT_N_EXAMPLES, len(data))
+    if data is None:
+        data = calibration_images(target, split, start, n_examples, data_dir)
     check_classes(target, data)
     input_shape = tuple(data.get(0, 1).x.shape[1:])
     arts, layers, imps = zip(*[load_importance(p, target, layer, input_shape) for p in paths])
@@ -354,8 +356,9 @@ def run_calibration(target: Any, importance_path: str | Path | Sequence[str | Pa
     one = len(layers) == 1
     full = [torch.ones(imp.shape[0], target.loaded.num_classes, device=target.device) for imp in imps]
     defense = IGDefense(target.model, layers, full, tau=tau, sigma=sigma, n_smooth=n_smooth, rs=rs, seed=seed)
-    batch_size = resolve_batch_size(batch_size, default=auto_default, device=target.device, cap=len(data),
-                                    try_batch=calibration_trial(defense, data, precision), what="calibrate-k")
+    choice = choose_batch_size(batch_size, default=auto_default, device=target.device, cap=len(data),
+                               try_batch=calibration_trial(defense, data, precision), what="calibrate-k")
+    batch_size = choice.size
     cal = calibrate_k(defense, list(imps), data, tolerance=tolerance, batch_size=batch_size, k=k,
                       max_cache_bytes=cache_bytes, precision=precision)
     ks = cal.ks
@@ -366,7 +369,7 @@ def run_calibration(target: Any, importance_path: str | Path | Sequence[str | Pa
                    "noise_seed": cal.info["noise_seed"] if rs else None,
                    "batch_size": batch_size, "base_clean_accuracy": cal.base_accuracy,
                    "clean_accuracy": cal.accuracy, "curve": cal.curve, "searched": cal.searched,
-                   "data": {"dataset": data.name, "split": split, "n": cal.n_examples}, "data_id": data.identity(),
+                   "data": image_range(data), "data_id": data.identity(),
                    **precision_meta(precision)}
     search = {} if one else {"k_search": cal.k, "search_layer": cal.schedule.reference, "n_search": cal.n_neurons,
                              "fraction": cal.k / cal.n_neurons, "fixed_k": dict(cal.schedule.fixed),
@@ -379,9 +382,10 @@ def run_calibration(target: Any, importance_path: str | Path | Sequence[str | Pa
     result = {"k": cal.k if one else ks, "base_clean_accuracy": cal.base_accuracy, "clean_accuracy": cal.accuracy,
               "curve": cal.curve, "out": str(out), "seconds": cal.seconds,
               "n_neurons": cal.n_neurons if one else sizes, "n_examples": cal.n_examples, "tolerance": tolerance,
+              "images": calibration["data"],
               "layer": defense.layer, "layers": layers, "searched": cal.searched, "order": cal.order,
               "defense": settings, **search, **cal.info, "noise_seed": calibration["noise_seed"],
-              "batch_size": batch_size, "precision": precision}
+              "batch_size": batch_size, "auto_batch": choice.to_json(), "precision": precision, **target.record()}
     if plot is not None:
         methods = "+".join(dict.fromkeys(str(a.meta.get("method", "?")) for a in arts))
         xlabel = None if one else (f"k at {cal.schedule.reference} (of N = {cal.n_neurons}; every searched layer "
@@ -391,6 +395,27 @@ def run_calibration(target: Any, importance_path: str | Path | Sequence[str | Pa
                                f"· {cal.n_examples} images", xlabel=xlabel)
         result["plot"] = str(plot)
     return result
+
+
+def calibration_images(target: Any, split: str, start: int, n: int | None,
+                       data_dir: str | Path | None = None) -> ImageSet:
+    """Images ``start`` .. ``start + n - 1`` of the split (``n`` None: up to the first 1000 from ``start``), or a
+    one-line error naming the split's size."""
+    if start < 0:
+        raise IgdError(f"--start {start}: must be >= 0")
+    whole = target.data(split, None, data_dir)
+    if start >= len(whole):
+        raise IgdError(f"--start {start}: the {split} split has {len(whole)} images")
+    n = min(DEFAULT_N_EXAMPLES, len(whole) - start) if n is None else int(n)
+    if n < 1 or start + n > len(whole):
+        raise IgdError(f"images {start}..{start + n - 1}: the {split} split has {len(whole)} images")
+    data = target.data(split, start + n, data_dir)
+    return data.view(start, start + n) if start else data
+
+
+def image_range(data: ImageSet) -> dict[str, Any]:
+    """Which images a set is: data set, split, first position and count (what results files and tables say)."""
+    return {"dataset": data.name, "split": data.split, "start": int(getattr(data, "start", 0)), "n": len(data)}
 
 
 def _resolve_k_layer(model: Any, name: str, layers: list[str]) -> str:

@@ -14,6 +14,9 @@ from .devices import resolve_device
 from .errors import IgdError
 from .layers import layer_output_shape, resolve_layer
 from .models import DEFAULT_EPS, DEFAULT_EPS_L2, LoadedModel, load_model
+from .numerics import DEFAULT as DEFAULT_NUMERICS
+from .numerics import apply as apply_numerics
+from .numerics import check_mode as check_numerics
 
 
 def parse_eps(text: str | float | None) -> float | None:
@@ -73,20 +76,39 @@ class Target:
                        f"(needed for {needed_for})")
 
     def provenance(self) -> dict[str, Any]:
+        """What every artifact made with this target records: the model, the data set, and igd's code and the
+        numerics (:func:`igd_cli.provenance.record`)."""
         return {"model": self.loaded.name, "model_fingerprint": self.loaded.fingerprint,
-                "num_classes": self.loaded.num_classes, "dataset": self.dataset}
+                "num_classes": self.loaded.num_classes, "dataset": self.dataset, **self.record()}
+
+    def record(self) -> dict[str, Any]:
+        """``igd_code`` and ``numerics`` as every results JSON and artifact records them
+        (:func:`igd_cli.provenance.record`)."""
+        from .provenance import record
+
+        return record(self.device)
+
+    def identity(self) -> dict[str, Any]:
+        """``igd_code`` and ``numerics`` as every identity compares them (:func:`igd_cli.provenance.identity`)."""
+        from .provenance import identity
+
+        return identity(self.device)
 
 
 def open_target(model: str, arch: str | None, dataset: str | None, threat_model: str = "Linf",
-                device: str = "auto", zoo_dataset: str | None = None, normalize: str | None = None) -> Target:
+                device: str = "auto", zoo_dataset: str | None = None, normalize: str | None = None,
+                numerics: str = DEFAULT_NUMERICS) -> Target:
     """The model named by ``--model``/``--arch`` (a zoo entry by ``--zoo-dataset``) on ``device``, with the
     images of ``--dataset`` (default: the data set the model was trained on); ``normalize`` (``--normalize``) wraps
-    a state-dict model whose normalisation is not inside it.
+    a state-dict model whose normalisation is not inside it. ``numerics`` (``--numerics``) is applied before the
+    model reaches the device (:mod:`igd_cli.numerics`).
 
     >>> open_target("demo", None, None).dataset
     'digits'
     """
+    check_numerics(numerics)
     dev = resolve_device(device)
+    apply_numerics(numerics, dev)
     loaded = load_model(model, arch, dataset, threat_model, dev, zoo_dataset=zoo_dataset, normalize=normalize)
     ds = dataset or loaded.dataset
     if ds is None:

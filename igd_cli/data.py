@@ -48,9 +48,9 @@ class ImageSet:
 
     def source_digest(self) -> str:
         """sha256 of the contents of the split this set is the first n images of (a tensor file: the file's bytes,
-        cached by path, size and mtime; a named data set: its files or arrays), computed once. What identifies the
-        images in every cache and merge: a file rewritten in place gets another digest, a copied or moved one the
-        same."""
+        cached by path, size, mtime, ctime and inode; a named data set: its files or arrays), computed once. What
+        identifies the images in every cache and merge: a file rewritten in place gets another digest (also when
+        its old mtime is put back), a copied or moved one the same."""
         if self._digest_value is None:
             self._digest_value = self._digest() if self._digest is not None else _array_digest(self, 0, self.n)
         return self._digest_value
@@ -115,6 +115,11 @@ class _ImageSetView(ImageSet):
 
     def describe(self) -> dict:
         return {**self.parent.describe(), "positions": [self.start, self.stop]}
+
+    def identity(self) -> dict:
+        """The parent's images by content, and which of them: images start..stop-1 (a view from 0 is the first n,
+        as the parent set of n would be)."""
+        return {**super().identity(), **({"start": self.start} if self.start else {})}
 
 
 def data_dir(arg: str | os.PathLike | None = None) -> Path:

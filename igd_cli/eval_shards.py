@@ -16,12 +16,13 @@ import torch
 
 from .artifacts import Artifact, file_sha256, save_artifact
 from .errors import IgdError
+from .provenance import difference
 from .scoring import Score
 from .shards import MergeResult, check_together, register_merger
 
 #: metadata an adversarial set's shards must share (``defense`` is compared without the mask's path)
 ADV_IDENTITY = ("model_fingerprint", "num_classes", "attack", "target", "eps", "norm", "budget", "seed", "data_id",
-                "mask_sha256", "revision", "pyautoattack")
+                "mask_sha256", "revision", "pyautoattack", "igd_code", "numerics")
 #: per-shard bookkeeping dropped from the merged metadata
 _SHARD_ONLY = ("kind", "format_version", "igd_version", "created", "shard", "positions", "seconds", "n_attacked",
                "robust_accuracy", "clean_accuracy", "robust_accuracy_std", "clean_accuracy_std", "score",
@@ -129,7 +130,8 @@ def merge_adversarial(shards: list[Artifact], out) -> MergeResult:
 
 def _check_identity(shards: Sequence[Artifact]) -> None:
     """Reports belong together when their ``eval_identity`` (model, defence, data, attack, budgets, ε, seed,
-    protocol, skipping, given sets) and candidates agree; names the first item that differs."""
+    protocol, skipping, given sets, igd's code, numerics) and candidates agree; names the first item that differs
+    (igd's code and the numerics first, with both values)."""
     ref = shards[0]
     for s in shards:
         if not isinstance(s.meta.get("eval_identity"), dict):
@@ -137,6 +139,10 @@ def _check_identity(shards: Sequence[Artifact]) -> None:
                            f"igd defend-eval --shard I/N --report to merge it")
     for s in shards[1:]:
         a, b = s.meta["eval_identity"], ref.meta["eval_identity"]
+        made = difference(a, b)
+        if made is not None:
+            raise IgdError(f"{s.path.name} does not belong with {ref.path.name}: different {made[0]} "
+                           f"({made[1]} vs {made[2]})")
         for k in sorted(set(a) | set(b)):
             if a.get(k) != b.get(k):
                 raise IgdError(f"{s.path.name} does not belong with {ref.path.name}: different {k} "

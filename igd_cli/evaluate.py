@@ -150,7 +150,8 @@ class Evaluator:
     def _key_meta(self, attack_info: dict[str, Any], kind: str) -> dict[str, Any]:
         key = {"model_fingerprint": self.target.loaded.fingerprint, "attack": attack_info["attack"],
                "target": kind, "eps": round(self.eps, 10), "norm": self.norm, "budget": attack_info["budget"],
-               "seed": self.seed, "images": self.data.source_digest(), "pyautoattack": PYAUTOATTACK_VERSION}
+               "seed": self.seed, "images": self.data.source_digest(), "pyautoattack": PYAUTOATTACK_VERSION,
+               **self.target.identity()}
         if "revision" in attack_info:  # an attack whose algorithm changed: sets of the old one are not reused
             key["revision"] = attack_info["revision"]
         if kind == "defended":  # the mask or the defence's source by content and the settings, not a file's path
@@ -462,8 +463,8 @@ def eval_identity(target: Target, ident: dict[str, Any], data: ImageSet, *, atta
                   norm: str, budgets: Budgets, seed: int, skip: bool, adv: Sequence[str | Path],
                   protocol: str, draws: int, precision: str = "fp32") -> dict[str, Any]:
     """What makes two reports parts of one evaluation (``igd merge`` compares it): model, defence (mask sha256
-    and settings), data, attack, ε, budgets, seed, scoring protocol, skipping and the given sets (by their attack
-    identity, so shards may be given the matching shards of a set)."""
+    and settings), data, attack, ε, budgets, seed, scoring protocol, skipping, the given sets (by their attack
+    identity, so shards may be given the matching shards of a set), igd's code and the numerics."""
     sets = []
     for f in adv:
         m = read_metadata(f)
@@ -476,7 +477,7 @@ def eval_identity(target: Target, ident: dict[str, Any], data: ImageSet, *, atta
            "classes": list(data.classes), "attack": attack, "eps": eps, "norm": norm, "budget": budgets.kwargs(),
            "revisions": attack_revisions(attack), "pyautoattack": PYAUTOATTACK_VERSION,
            "seed": int(seed), "skip": bool(skip), "adv": sets, "protocol": protocol, "draws": int(draws),
-           **precision_meta(precision)}
+           **precision_meta(precision), **target.identity()}
     out.update(user_defense_identity(ident))
     return json.loads(json.dumps(out, sort_keys=True, default=str))  # as it reads back from metadata
 
@@ -489,12 +490,12 @@ def user_defense_identity(ident: dict[str, Any]) -> dict[str, Any]:
     return {"user_defense": {k: ident.get(k) for k in ("callable", "source_sha256", "defense_fingerprint")}}
 
 
-def attack_revisions(attack: str) -> dict[str, int | None]:
-    """The algorithm revision of every attack an evaluation runs (part of its identity: a changed algorithm is
-    another evaluation)."""
+def attack_revisions(attack: str) -> dict[str, dict[str, int]]:
+    """The algorithm revisions of every attack an evaluation runs, with those of the attacks each is built from
+    (:meth:`Attack.revisions`; part of its identity: a changed algorithm is another evaluation)."""
     names = set(DIRECT) | set(TRANSFER) | set(BEYOND_PAPER) if attack == "iw-wc" else \
         ({attack} if attack in ATTACKS else set())
-    return {name: ATTACKS[name].revision for name in sorted(names)}
+    return {name: ATTACKS[name].revisions() for name in sorted(names)}
 
 
 def needs_eps(attack: str, adv: Sequence[str | Path]) -> bool:
@@ -553,7 +554,7 @@ def defend_eval(target: Target, defense: nn.Module, mask_path: str | Path | None
                    "precision": precision,
                    **({"bpda_temperature": identity["bpda_temperature"]} if "bpda_temperature" in identity else {}),
                    "workdir": str(default_workdir(target) if wd == "auto" else wd), **where,
-                   "seconds_total": time.perf_counter() - t0})
+                   "seconds_total": time.perf_counter() - t0, **target.record()})
     if report is not None:
         res.save(report, {**target.provenance(), **ident, "eval_identity": identity, "classes": list(data.classes),
                           "attack": attack, "eps": res.eps, "norm": norm, "budget": budgets.kwargs(), "seed": seed,

@@ -19,14 +19,19 @@ ProbeDataset = Annotated[Optional[str], typer.Option("--probe-dataset", metavar=
 PipelineProbeDataset = Annotated[Optional[str], typer.Option("--probe-dataset", metavar="DATASET", help=_PROBE.format(split="its training split"))]
 ThreatModel = Annotated[str, typer.Option("--threat-model", metavar="Linf|L2", help="Linf or L2")]
 Device = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:N")]
-BatchSize = Annotated[int, typer.Option("--batch-size", metavar="N", min=1, help="images per forward pass")]
 AutoBatchSize = Annotated[str, typer.Option("--batch-size", metavar="N|auto", help="images per forward pass, or auto: on a CUDA "
-                                            "device the largest batch of this stage's workload that fits (binary "
-                                            "search on out-of-memory); on a CPU the default")]
+                                            "device the largest batch of this stage's real workload (an attack's "
+                                            "state included) that fits with 15% of the memory left free (binary "
+                                            "search on allocation failures); on a CPU the default")]
 Precision = Annotated[str, typer.Option("--precision", metavar="fp32|bf16|fp16", help="fp32 | bf16 | fp16: ranking and the defended "
                                         "forward (clean scoring, calibration) under torch.autocast; attacks "
                                         "always run in fp32 (low precision can mask gradients)")]
 DefenseOpt = Annotated[Optional[str], typer.Option("--defense", metavar="FILE.py:NAME", help="your own test-time defence: NAME(base_model) returns the defended model (path/to/file.py:NAME or MODULE:NAME; docs/own-defense.md); instead of --mask")]
+Numerics = Annotated[str, typer.Option("--numerics", metavar="pinned|fast", help="floating point on a GPU: pinned (TF32 off, "
+                                      "deterministic algorithms, no cuDNN autotuning: a rerun on the same GPU gives "
+                                      "the same bits) or fast (TF32 and cuDNN autotuning: faster on Ampere and later "
+                                      "GPUs, figures can move). Recorded in every result; caches and merges keep the "
+                                      "two apart. A CPU computes the same with either")]
 Seed = Annotated[int, typer.Option("--seed", metavar="INT", help="random seed: the same seed gives the same result")]
 Json = Annotated[bool, typer.Option("--json", help="print exactly one JSON object, the result, on stdout")]
 Layer = Annotated[Optional[str], typer.Option("--layer", metavar="LAYER", help="dotted module name of the masked layer (default: the model's penultimate layer; for your own --arch the module feeding the classifier, when one does: igd layers names it)")]
@@ -56,3 +61,7 @@ PresetSteps = Annotated[Optional[int], typer.Option("--steps", metavar="N", min=
 PresetRestarts = Annotated[Optional[int], typer.Option("--restarts", metavar="N", min=1, help="random restarts (default: the --preset's: quick 1, paper APGD 1 / APGD-T-DLR 3)")]
 PresetQueries = Annotated[Optional[int], typer.Option("--queries", metavar="N", min=1, help="RayS/Square queries (default: the --preset's: quick 1000, paper 10000/5000)")]
 PresetEotIter = Annotated[Optional[int], typer.Option("--eot-iter", metavar="N", min=1, help="EoT samples per step (default: the --preset's: quick 5, paper 20)")]
+#: the method's settings (METHOD.md steps 2-3), for the commands that make or evaluate a mask
+Sigma = Annotated[Optional[float], typer.Option("--sigma", metavar="S", min=0, help="smoothing noise std of the pseudo-label's pass (default ε/2)")]
+NSmooth = Annotated[int, typer.Option("--n-smooth", metavar="N", min=1, help="noise samples for the soft pseudo-label")]
+Tau = Annotated[float, typer.Option("--tau", metavar="T", help="softmax temperature of the soft pseudo-label")]

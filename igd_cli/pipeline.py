@@ -17,15 +17,16 @@ from typing import Any, Literal
 import torch
 
 from .artifacts import file_sha256, intact, read_metadata
-from .batching import defended_trial, rank_trial, resolve_batch_size
-from .calibrate import DEFAULT_N_EXAMPLES, calibration_stream, run_calibration
+from .batching import BatchChoice, attack_trial, choose_batch_size, rank_trial
+from .calibrate import calibration_stream, image_range, run_calibration
 from .common import Target, check_classes, resolve_model_layer
 from .data import ImageSet, load_dataset, same_images
 from .console import err_console, progress_enabled
-from .defense import check_layers, load_defense
+from .defense import DEFAULT_N_SMOOTH, DEFAULT_TAU, check_layers, load_defense
 from .errors import IgdError
 from .locks import LockOptions, run_lock
 from .precision import precision_meta
+from .provenance import difference, refusal
 from .evaluate import (PYAUTOATTACK_VERSION, Budgets, EvalResult, adaptive_temperature, attack_revisions,
                        defense_identity, evaluate_defense)
 from .ranking import RankRequest, get_method, rank, rank_meta
@@ -33,6 +34,8 @@ from .shards import matching_artifact, shard_path
 from .scoring import DEFAULT_DRAWS
 
 Stage = Literal["computed", "reused"]
+CalibrationImages = Literal["after", "train", "evaluated"]
+CALIBRATION_IMAGES: tuple[str, ...] = ("after", "train", "evaluated")
 
 #: Budget presets: ``paper`` keeps every attack's paper budget; ``quick`` is sized so that the embedded demo
 #: pipeline (IW-WC, nine attacks) finishes in minutes on 2 CPU cores. ``auto``: quick for ``demo``, else paper.
@@ -105,11 +108,18 @@ class PipelineConfig:
     n_probe: int | None = None  # probe images for ranking (first N of the training split; None = all)
     probe_dataset: str | None = None  # ranking images from this data set instead of the target's training split
     allow_overlap: bool = False  # accept probe images that are the evaluation images (a split-less file)
-    n_examples: int | None = None  # test images for calibration and evaluation (None = all, at most 1000)
+    n_examples: int | None = None  # test images evaluated (None = all, at most 1000)
+    #: where k is chosen (never on the evaluated images by default): "after" the test images right after the
+    #: evaluated ones, "train" the training images right after the probe images, "evaluated" the evaluated ones
+    calibration_images: CalibrationImages = "after"
+    n_calibration: int | None = None  # images k is chosen on (None: as many as are evaluated, or what remains)
     tolerance: float = 0.5
     k: int | dict[str, int] | None = None  # skip the search (several layers: the layers whose k is fixed)
     eps: float | None = None
     rs: bool = True
+    sigma: float | None = None  # the smoothing noise std (None: ε/2)
+    tau: float = DEFAULT_TAU
+    n_smooth: int = DEFAULT_N_SMOOTH
     budgets: Budgets = field(default_factory=Budgets)
     clip_model: str = "ViT-B-16"
     clip_pretrained: str = "openai"
@@ -136,6 +146,8 @@ class PipelineResult:
     evaluation: dict[str, Any]
     seconds: float
     probe: dict[str, Any] = field(default_factory=dict)  # the ranking images: dataset, split, n
+    record: dict[str, Any] = field(default_factory=dict)  # igd_code and numerics (igd_cli.provenance.record)
+    auto_batch: dict[str, Any] = field(default_factory=dict)  # stage -> how --batch-size auto chose (igd_cli.batching)
 
     def to_json(self) -> dict[str, Any]:
         ev = self.evaluation
@@ -148,7 +160,7 @@ class PipelineResult:
             **{k: ev.get(k) for k in keys},
             "k": self.k, "n_neurons": self.n_neurons, "layer": self.layer,
             "calibration": {k: self.calibration.get(k) for k in ("k", "base_clean_accuracy", "clean_accuracy",
-                                                                  "n_examples", "tolerance", "curve")},
+                                                                  "n_examples", "tolerance", "curve", "images")},
             "probe": dict(self.probe),
             "stages": dict(self.stages),
             "paths": {"out": str(self.out), "mask": str(self.mask),
@@ -156,6 +168,8 @@ class PipelineResult:
                       else str(self.importance),
                       "report": str(self.report), "adversarial_sets": str(self.adv_dir)},
             "seconds": round(self.seconds, 3),
+            **self.record,
+            **({"auto_batch": dict(self.auto_batch)} if self.auto_batch else {}),
         }
 
 
@@ -175,6 +189,7 @@ def run_pipeline(target: Target, cfg: PipelineConfig, out: str | Path, *, data_d
         res = _run_pipeline(target, cfg, out, data_dir=data_dir, force=force, piece=piece)
     if isinstance(res, dict):  # a piece: its wall time, which cluster/slurm/size.py sizes jobs from
         res["seconds"] = round(time.perf_counter() - t0, 3)
+        res.update(target.record())
     return res
 
 
@@ -184,18 +199,17 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
     if cfg.attack not in ("iw-wc", "aa"):
         raise IgdError(f"--attack {cfg.attack}: the pipeline evaluates iw-wc or aa")
     stages: dict[str, Stage] = {}
+    auto: dict[str, Any] = {}  # stage -> how --batch-size auto chose, for the result
     show = progress_enabled()
     # ε as every stage uses it (σ = ε/2 of the smoothing, the attacks' budget): failing now, not after the ranking,
     # when it is unknown; identities store this value, not the option as given
     eps = float(cfg.eps) if cfg.eps is not None else float(target.default_eps())
     norm = target.threat_model
     if piece is not None and piece.stage == "transfer":  # the base model's sets need neither ranking nor mask
-        data = target.data("test", cfg.n_examples, data_dir)
-        if cfg.n_examples is None:
-            data.n = min(DEFAULT_N_EXAMPLES, len(data))
+        data = target.eval_data("test", cfg.n_examples, data_dir)
         check_classes(target, data)
         return _run_eval_piece(piece, target, cfg, data, None, {}, {}, out / "report", out / "adv", eps, norm,
-                               progress_enabled(), _eval_batch(cfg, target, target.model, data))
+                               progress_enabled(), _eval_batch(cfg, target, target.model, data, eps).size)
 
     # 1. rank (the probe set: the first n_probe training images, or of --probe-dataset), one importance file per
     # masked layer
@@ -217,9 +231,10 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
                           clip_pretrained=cfg.clip_pretrained, clip_cache=out / "clip-cache.safetensors",
                           show_progress=show, precision=cfg.precision)
         if cfg.batch_size == "auto":
-            req.batch_size = resolve_batch_size("auto", default=PIPELINE_BATCH, device=target.device,
-                                                cap=len(probe), try_batch=rank_trial(req, method.name),
-                                                what=f"{method.name} ranking")
+            choice = choose_batch_size("auto", default=PIPELINE_BATCH, device=target.device, cap=len(probe),
+                                       try_batch=rank_trial(req, method.name), what=f"{method.name} ranking")
+            req.batch_size = choice.size
+            auto[f"rank {layer}"] = choice.to_json()
             req.clip_batch_size = PIPELINE_BATCH
         if piece is not None and piece.stage == "rank" and piece.stop:
             if len(wanted) > 1:
@@ -248,29 +263,33 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
     one = len(layers) == 1
     slug = "+".join(layer.replace(".", "-") for layer in layers)
 
-    # 2. calibrate-k (mask), reused when made from these very importance files with the same settings
+    # 2. calibrate-k (mask) on images held out from the evaluation, reused when made from these very importance
+    # files with the same settings
     mask = out / f"mask-{method.name}-{slug}.safetensors"
-    cal_data = target.data("test", cfg.n_examples, data_dir)
-    if cfg.n_examples is None:
-        cal_data.n = min(DEFAULT_N_EXAMPLES, len(cal_data))
+    data = target.eval_data("test", cfg.n_examples, data_dir)
+    cal_data = calibration_data(target, cfg, data, probe, data_dir)
     want = _calibration_identity(target, importances, cfg, eps, cal_data)
     cal = None if force else _reusable_mask(mask, want)
     _say(f"[2/4] calibrate-k: tolerance {cfg.tolerance} points" + (" (reused)" if cal else ""))
     if cal is None:
-        cal = run_calibration(target, importances[0] if one else importances, mask, split="test", n_examples=cfg.n_examples,
-                              tolerance=cfg.tolerance, eps=eps, n_smooth=1, rs=cfg.rs, k=cfg.k,
+        cal = run_calibration(target, importances[0] if one else importances, mask, split=cal_data.split,
+                              data=cal_data, tolerance=cfg.tolerance, eps=eps, sigma=cfg.sigma, tau=cfg.tau,
+                              n_smooth=cfg.n_smooth, rs=cfg.rs, k=cfg.k,
                               batch_size=cfg.batch_size, seed=cfg.seed, data_dir=data_dir,
                               precision=cfg.precision, auto_default=PIPELINE_BATCH,
                               plot=out / f"calibration-{method.name}-{slug}.png",
                               extra_meta={"pipeline_identity": want})
         stages["calibrate"] = "computed"
+        if cal.get("auto_batch"):
+            auto["calibrate"] = cal["auto_batch"]
     else:
         stages["calibrate"] = "reused"
     if piece is not None and piece.stage == "calibrate":
         return {"piece": piece.name, "out": str(mask), "k": cal["k"], "stages": stages}
 
+    cal["images"] = {**image_range(cal_data), "held_out": cfg.calibration_images != "evaluated"}
+
     # 3 + 4. attacks: transfer sets on the base model, then the defended evaluation (sets cached in adv/)
-    data = target.data("test", cal["n_examples"], data_dir)
     adv_dir = out / "adv"
     defense = load_defense(target, mask, seed=cfg.seed)
     ident = defense_identity(mask, defense)
@@ -279,7 +298,7 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
                "data": data.identity(), "eps": eps, "norm": norm, "budgets": asdict(cfg.budgets), "seed": cfg.seed,
                "revisions": attack_revisions(cfg.attack), "pyautoattack": PYAUTOATTACK_VERSION,
                "model_fingerprint": target.loaded.fingerprint, "protocol": cfg.protocol, "draws": cfg.draws,
-               **precision_meta(cfg.precision)}
+               **precision_meta(cfg.precision), **target.identity()}
     if cfg.attack == "iw-wc":  # its tenth column, the adaptive attack (beyond the paper)
         eval_id["bpda_temperature"] = adaptive_temperature(cfg.bpda_temperature)
     if piece is not None and piece.stage == "merge":
@@ -287,7 +306,7 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
         return {"piece": piece.name, "out": str(report)}
     if piece is not None:  # defend:I/N
         return _run_eval_piece(piece, target, cfg, data, defense, ident, eval_id, report, adv_dir, eps, norm, show,
-                               _eval_batch(cfg, target, defense, data))
+                               _eval_batch(cfg, target, defense, data, eps).size)
     if not force:
         merge_eval_pieces(out / "pieces", report, eval_id)
     evaluation = None if force else _reusable_report(report, eval_id)
@@ -299,7 +318,10 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
         def on_set(attack: str, kind: str, _res) -> None:
             ran.append(f"{kind}:{attack}")
 
-        eval_bs = _eval_batch(cfg, target, defense, data)  # searched only when attacks will run
+        choice = _eval_batch(cfg, target, defense, data, eps)  # searched only when attacks will run
+        eval_bs = choice.size
+        if choice.auto:
+            auto["attacks"] = choice.to_json()
         _say(f"[3/4] attacks on the base model ({cfg.attack}) for transfer, cached in {adv_dir}")
         evaluate_defense(target, None, data, attack=cfg.attack, workdir=adv_dir, budgets=cfg.budgets,
                          eps=eps, norm=norm, seed=cfg.seed, batch_size=eval_bs, show_progress=show,
@@ -320,7 +342,8 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
     return PipelineResult(out, stages, importances[0] if one else importances, mask, report, adv_dir, k,
                           sizes[layers[0]] if one else sizes, "+".join(layers), cal, evaluation,
                           time.perf_counter() - t0,
-                          probe={**ranked.meta["data"], "file": probe.file is not None})
+                          probe={**ranked.meta["data"], "file": probe.file is not None}, record=target.record(),
+                          auto_batch=auto)
 
 
 def _run_eval_piece(piece: Piece, target: Target, cfg: PipelineConfig, data: ImageSet, defense, ident: dict[str, Any],
@@ -358,21 +381,24 @@ def _run_eval_piece(piece: Piece, target: Target, cfg: PipelineConfig, data: Ima
 def merge_rank_pieces(folder: Path, importance: Path, meta: dict[str, Any]) -> bool:
     """Merge the rank pieces in ``folder`` into ``importance`` when they are of this ranking (its identity) and
     cover every neuron; nothing when the importance already matches or the pieces are incomplete."""
-    from .shards import IMPORTANCE_IDENTITY, merge
+    from .shards import IMPORTANCE_IDENTITY, identity_of, merge
 
     if not folder.is_dir() or matching_artifact(importance, "importance", meta,
                                                 (meta["n_neurons"], meta["num_classes"])) is not None:
         return False
-    want = json.loads(json.dumps({k: meta.get(k) for k in IMPORTANCE_IDENTITY}))
+    want = json.loads(json.dumps(identity_of(meta, IMPORTANCE_IDENTITY)))
     found = []
     for path in sorted(folder.glob(f"{importance.stem}.*-*{importance.suffix}")):
         try:
             have = read_metadata(path)
         except IgdError:
             continue
-        if have.get("kind") == "importance-shard" and {k: have.get(k) for k in IMPORTANCE_IDENTITY} == want \
-                and intact(path):
+        if have.get("kind") != "importance-shard":
+            continue
+        if identity_of(have, IMPORTANCE_IDENTITY) == want and intact(path):
             found.append(path)
+        else:
+            _note_other_make(path, have, meta, "not merged")
     spans = sorted(tuple(read_metadata(p)["neurons"]) for p in found)
     if not spans or spans[0][0] != 0 or spans[-1][1] != meta["n_neurons"] or \
             any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
@@ -388,12 +414,13 @@ def merge_eval_pieces(folder: Path, report: Path, eval_id: dict[str, Any], stric
     from .artifacts import load_artifact
     from .eval_shards import merge_reports
 
-    if not strict and (not folder.is_dir() or _matching_meta(report, "eval-report", eval_id) is not None):
+    if not strict and (not folder.is_dir() or _matching_meta(report, "eval-report", eval_id, note=False) is not None):
         return False
-    if strict and _matching_meta(report, "eval-report", eval_id) is not None:
+    if strict and _matching_meta(report, "eval-report", eval_id, note=False) is not None:
         return False  # already merged
     want = json.loads(json.dumps(eval_id))
     groups: dict[int, list[Path]] = {}
+    other: tuple[Path, tuple[str, str, str]] | None = None  # a piece of this evaluation made otherwise
     pattern = f"{report.stem}.shard-*-of-*{report.suffix}"
     for path in sorted(folder.glob(pattern)) if folder.is_dir() else []:
         try:
@@ -410,6 +437,9 @@ def merge_eval_pieces(folder: Path, report: Path, eval_id: dict[str, Any], stric
                                    f"rerun its piece")
                 continue
             groups.setdefault(int(have["shard"][1]), []).append(path)
+        elif have.get("kind") == "eval-report" and other is None:
+            made = difference(have.get("pipeline_identity") or {}, want)
+            other = (path, made) if made is not None else None
     for count, paths in groups.items():
         if len(paths) == count:
             try:
@@ -419,10 +449,15 @@ def merge_eval_pieces(folder: Path, report: Path, eval_id: dict[str, Any], stric
                     raise
                 continue  # the plain run computes the evaluation itself
             return True
+    if strict and other is not None:
+        raise IgdError(f"{other[0]}: {refusal(other[1])}: merge with the install, --device and --numerics that "
+                       f"made the pieces, or rerun them with these")
     if strict:
         have = ", ".join(f"{len(p)} of {c}" for c, p in groups.items()) or "none"
         raise IgdError(f"{folder}: the defended-evaluation pieces of this run are incomplete ({have} found, as "
                        f"{pattern}): run the missing defend:I/N pieces")
+    if other is not None:
+        _say(f"note: {other[0]}: {refusal(other[1])}: not merged")
     return False
 
 
@@ -442,31 +477,73 @@ def check_probe_overlap(probe: ImageSet, evaluation: ImageSet, cfg: PipelineConf
 PIPELINE_BATCH = 128
 
 
-def _eval_batch(cfg: PipelineConfig, target: Target, model: Any, data: ImageSet) -> int:
-    """The attack stages' batch: ``cfg.batch_size``, or with ``auto`` the largest batch of attack steps (forward
-    and backward of ``model``, fp32) that fits."""
-    return resolve_batch_size(cfg.batch_size, default=PIPELINE_BATCH, device=target.device, cap=len(data),
-                              try_batch=defended_trial(model, data, grad=True), what="the attack steps")
+def _eval_batch(cfg: PipelineConfig, target: Target, model: Any, data: ImageSet, eps: float) -> BatchChoice:
+    """The attack stages' batch: ``cfg.batch_size``, or with ``auto`` the largest batch of the attacks themselves
+    (``cfg.attack``'s, state included, on ``model`` and the base model; igd_cli.batching) that fits."""
+    models = [model] if model is target.model else [model, target.model]
+    trial = attack_trial(models, data, cfg.attack, eps=eps, norm=target.threat_model,
+                         num_classes=target.loaded.num_classes, seed=cfg.seed)
+    return choose_batch_size(cfg.batch_size, default=PIPELINE_BATCH, device=target.device, cap=len(data),
+                             try_batch=trial, what=f"the {cfg.attack} attacks")
 
 
 def _say(text: str) -> None:
     err_console.print(text, highlight=False, soft_wrap=True)  # paths stay whole
 
 
+def calibration_data(target: Target, cfg: PipelineConfig, evaluated: ImageSet, probe: ImageSet,
+                     data_dir: str | Path | None) -> ImageSet:
+    """The images k is chosen on (``cfg.calibration_images``): never the evaluated ones unless asked, so that no
+    reported figure comes from images the defence was tuned on."""
+    if cfg.calibration_images not in CALIBRATION_IMAGES:
+        raise IgdError(f"--calibration-images {cfg.calibration_images}: expected {', '.join(CALIBRATION_IMAGES)}")
+    n = cfg.n_calibration
+    if cfg.calibration_images == "evaluated":
+        return evaluated if n is None else target.eval_data("test", min(n, len(evaluated)), data_dir)
+    if cfg.calibration_images == "after":
+        whole, start, hint = target.data("test", None, data_dir), len(evaluated), "fewer --n-examples"
+        split = "test"
+    else:
+        if cfg.n_probe is None:
+            raise IgdError("--calibration-images train: give --n-probe (k is chosen on the training images after "
+                           "the probe images)")
+        whole, start, hint = load_dataset(probe.name if probe.file is None else str(probe.file), "train", None,
+                                          data_dir), len(probe), "fewer --n-probe"
+        split = "train"
+    left = len(whole) - start
+    if left < 1:
+        raise IgdError(f"--calibration-images {cfg.calibration_images}: the {split} split has no images after the "
+                       f"first {start} ({len(whole)} in all): use {hint}, or --calibration-images evaluated")
+    n = min(len(evaluated) if n is None else n, left)
+    return whole.view(start, start + n)
+
+
+def calibration_caption(images: dict[str, Any], n_evaluated: int) -> str:
+    """One line saying which images k was chosen on, and whether they are held out from the evaluated ones."""
+    a, n = int(images.get("start", 0)), int(images["n"])
+    where = f"{images.get('split')} images {a}..{a + n - 1}"
+    if not images.get("held_out", True):
+        return f"k chosen on {where}: the evaluated images themselves (the figures are not held out from tuning)"
+    return f"k chosen on {where}, held out from the {n_evaluated} evaluated test images"
+
+
 def _calibration_identity(target: Target, importances: list[Path], cfg: PipelineConfig, eps: float,
                           data: ImageSet) -> dict[str, Any]:
-    """What decides the mask: the model, the importance files' contents, the images calibrated on (by content),
-    tolerance, fixed k, ε (σ = ε/2), smoothing and seed; not the batch size (it changes no figure)."""
+    """What decides the mask: the model, the importance files' contents, the images calibrated on (by content and
+    position), tolerance, fixed k, ε, the defence settings, smoothing, seed, igd's code and the numerics; not the
+    batch size (it changes no figure)."""
     shas = [file_sha256(p) for p in importances]
     return json.loads(json.dumps({
         "model_fingerprint": target.loaded.fingerprint, "importance_sha256": shas[0] if len(shas) == 1 else shas,
         "data": data.identity(), "tolerance": cfg.tolerance, "k": cfg.k, "eps": eps, "rs": cfg.rs,
+        "sigma": cfg.sigma, "tau": cfg.tau, "n_smooth": cfg.n_smooth,
         "seed": cfg.seed, "noise_seed": calibration_stream(cfg.seed) if cfg.rs else None,
-        **precision_meta(cfg.precision)}))
+        **precision_meta(cfg.precision), **target.identity()}))
 
 
-def _matching_meta(path: Path, kind: str, want: dict[str, Any]) -> dict[str, Any] | None:
-    """The metadata of ``path`` when it is a readable ``kind`` artifact made with pipeline identity ``want``."""
+def _matching_meta(path: Path, kind: str, want: dict[str, Any], note: bool = True) -> dict[str, Any] | None:
+    """The metadata of ``path`` when it is a readable ``kind`` artifact made with pipeline identity ``want``; one
+    note line (``note``) when it is this stage made by other igd code or with other numerics."""
     if not path.is_file():
         return None
     try:
@@ -474,10 +551,20 @@ def _matching_meta(path: Path, kind: str, want: dict[str, Any]) -> dict[str, Any
     except IgdError:
         return None  # unreadable: recompute and overwrite
     if meta.get("kind") != kind or meta.get("pipeline_identity") != json.loads(json.dumps(want)):
+        if note and meta.get("kind") == kind:
+            _note_other_make(path, meta.get("pipeline_identity") or {}, want, "recomputing it")
         return None
     if not intact(path):
         return None  # corrupted: recompute and overwrite
     return meta
+
+
+def _note_other_make(path: Path, have: dict[str, Any], want: dict[str, Any], what: str) -> None:
+    """One note line when ``path`` (metadata or identity ``have``) was made by other igd code or with other numerics
+    than ``want``: it is not reused, and this says why."""
+    made = difference(have, want)
+    if made is not None:
+        _say(f"note: {path}: {refusal(made)}: {what}")
 
 
 def _reusable_mask(path: Path, want: dict[str, Any]) -> dict[str, Any] | None:

@@ -21,6 +21,7 @@ from typing import Any
 from . import __version__
 from .artifacts import atomic_write_bytes, read_metadata
 from .errors import IgdError
+from .numerics import describe
 from .evaluate import column_label, table_cells
 from .report import ablation_cells, markdown_table, shift_cells, sweep_cells
 
@@ -121,9 +122,24 @@ def _provenance(page: _Page, arts: dict[Path, dict[str, Any]]) -> None:
         rows.append([f"`{p.name}`", str(m.get("kind")), f"{m.get('model')} (`{m.get('model_fingerprint')}`)",
                      str(m.get("layer") or "—"), what or "—",
                      f"{data.get('dataset', m.get('dataset'))} {data.get('split', '')} {data.get('n', '')}".strip(),
-                     str(m.get("created", "—")), str(m.get("igd_version", "—"))])
-    page.table("artifacts", (["file", "kind", "model (fingerprint)", "layer", "method", "data", "created", "igd"],
-                             rows))
+                     str(m.get("created", "—")), str(m.get("igd_code", m.get("igd_version", "—"))),
+                     describe(m.get("numerics"))])
+    page.table("artifacts", (["file", "kind", "model (fingerprint)", "layer", "method", "data", "created", "igd",
+                              "numerics"], rows))
+    seen: dict[str, list[str]] = {}
+    for p, m in arts.items():
+        seen.setdefault(_numerics_line(m.get("numerics")), []).append(p.name)
+    for line, files in seen.items():
+        page.add(f"Numerics{'' if len(seen) == 1 else ' of ' + ', '.join(f'`{f}`' for f in files)}: {line}.", "")
+
+
+def _numerics_line(rec: Any) -> str:
+    """The numerics an artifact was computed with, for people: the mode, the device and the versions."""
+    if not isinstance(rec, dict):
+        return "not recorded (made by an igd that did not record them)"
+    note = "" if rec.get("mode") != "fast" else " (the opt-in for speed: figures can differ from pinned numerics)"
+    return (f"{describe(rec)}{note} on {rec.get('device')}, torch {rec.get('torch')}, CUDA {rec.get('cuda') or '—'}, "
+            f"cuDNN {rec.get('cudnn') or '—'}")
 
 
 def _calibration(page: _Page, arts: dict[Path, dict[str, Any]]) -> None:

@@ -17,9 +17,12 @@ import torch
 
 from .artifacts import Artifact, file_sha256, intact, load_artifact, read_metadata, save_artifact, tensor_info
 from .errors import IgdError
+from .provenance import comparable, difference
 
-#: metadata that must agree for two importance shards (or a shard and a re-run) to be the same computation
-IMPORTANCE_IDENTITY = ("model_fingerprint", "num_classes", "layer", "method", "n_neurons", "data_id", "params")
+#: metadata that must agree for two importance shards (or a shard and a re-run) to be the same computation (igd's
+#: code and the numerics as :func:`igd_cli.provenance.comparable` reads them)
+IMPORTANCE_IDENTITY = ("model_fingerprint", "num_classes", "layer", "method", "n_neurons", "data_id", "params",
+                       "igd_code", "numerics")
 
 
 def parse_neurons(text: str | None, n: int) -> tuple[int, int]:
@@ -67,8 +70,9 @@ def shard_path(out: str | Path, a: int, b: int) -> Path:
     return out.with_name(f"{out.stem}.{a:05d}-{b:05d}{out.suffix or '.safetensors'}")
 
 
-def _identity(meta: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
-    return {k: meta.get(k) for k in keys}
+def identity_of(meta: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """The values of ``keys`` that identities compare (a numerics record reduced to what changes a figure)."""
+    return {k: comparable(meta, k) for k in keys}
 
 
 def matching_artifact(path: str | Path, kind: str, meta: dict[str, Any], shape: tuple[int, ...],
@@ -83,7 +87,7 @@ def matching_artifact(path: str | Path, kind: str, meta: dict[str, Any], shape: 
         info = tensor_info(path)
     except IgdError:
         return None  # unreadable: recompute and overwrite
-    if have.get("kind") != kind or _identity(have, keys) != _identity(meta, keys):
+    if have.get("kind") != kind or identity_of(have, keys) != identity_of(meta, keys):
         return None
     if kind.endswith("-shard") and have.get("neurons") != meta.get("neurons"):
         return None
@@ -137,11 +141,16 @@ def merge(paths: Sequence[str | Path], out: str | Path) -> MergeResult:
 
 
 def check_together(shards: list[Artifact], keys: Sequence[str]) -> None:
-    """All shards must agree on ``keys``; names the first key and files that differ."""
+    """All shards must agree on ``keys``; names the first key and files that differ (igd's code and the numerics
+    first, with both values)."""
     ref = shards[0]
     for s in shards[1:]:
+        made = difference(s.meta, ref.meta) if {"igd_code", "numerics"} & set(keys) else None
+        if made is not None:
+            raise IgdError(f"{s.path.name} does not belong with {ref.path.name}: different {made[0]} "
+                           f"({made[1]} vs {made[2]})")
         for k in keys:
-            if s.meta.get(k) != ref.meta.get(k):
+            if comparable(s.meta, k) != comparable(ref.meta, k):
                 raise IgdError(f"{s.path.name} does not belong with {ref.path.name}: different {k} "
                                f"({_short(s.meta.get(k))} vs {_short(ref.meta.get(k))})")
 

@@ -23,6 +23,16 @@ def real_resnet18_path() -> Path:
     return Path(pyautoattack.__file__).parent / "examples" / "model_test.pt"
 
 
+@pytest.fixture(autouse=True)
+def _numerics_restored():
+    """torch's numerics flags are process-wide: a test that applies ``--numerics fast`` must not leave it on."""
+    from igd_cli import numerics
+
+    state = numerics.snapshot()
+    yield
+    numerics.restore(state)
+
+
 @pytest.fixture(scope="session")
 def demo():
     from igd_cli.models import load_model

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -242,6 +244,7 @@ def test_check3_flags_a_randomized_model_that_standard_autoattack_overestimates(
     APGD is strengthened, APGD-T included."""
     smooth = SmoothedModel(demo.model, sigma=0.3, seed=1)
     r = _check(run_audit(_audit(_target(demo.model), data, defense=smooth), [3]), 3)
+    print("PROBE3", json.dumps(r["figures"]), r["summary"])
     assert r["verdict"] == "flag" and r["figures"]["test"]["lower"] > r["figures"]["test"]["threshold"]
     assert set(r["figures"]["parts"]) == {"apgd-eot", "apgd-t-dlr", "fab-t", "square"}
     assert "apgd-eot and apgd-t-dlr 10 steps × 2 restarts" in r["summary"]
@@ -345,6 +348,7 @@ def test_checks_7_to_10_pass_on_a_defence_that_is_the_base_model(base_like):
 
 
 def test_checks_8_and_9_flag_a_defence_that_is_its_noisy_pseudo_label(echo):
+    print("PROBE8", json.dumps(_check(echo, 8)["figures"]), "PROBE9", json.dumps(_check(echo, 9)["figures"]))
     assert _verdicts(echo) == {8: "flag", 9: "flag"}
     c8 = _check(echo, 8)["figures"]
     assert c8["test"]["lower"] > c8["test"]["threshold"] and c8["frozen"]["draws"] == 1
@@ -511,6 +515,9 @@ def test_check_11_runs_the_adaptive_attack_through_the_audit(demo, data, defence
     c = _check(rep, 11)
     assert c["verdict"] in ("ok", "flag") and c["name"] == "adaptive attack (beyond the paper)"
     f = c["figures"]
-    assert len(f["per_column"]) == 9 and f["iw_wc_ten"]["mean"] <= f["iw_wc_paper"]["mean"] + 1e-12
+    # (the ten-column worst case need not be at most the nine-column one: with repeated draws each image's candidate
+    # is selected on its selection draws and scored on fresh ones, and a tenth candidate can win the selection and
+    # score higher on the final draws; docs/adaptive.md)
+    assert len(f["per_column"]) == 9 and f["iw_wc_ten"]["n"] == f["iw_wc_paper"]["n"] == len(data)
     assert f["adaptive"]["n"] == len(data)
     assert _verdicts(run_audit(_audit(_target(demo.model), data, workdir=workdir), [11])) == {11: "n/a"}

@@ -28,6 +28,8 @@ from igd_cli.defense import IGDefense, topk_mask
 from igd_cli.ranking.lo_ir import lo_ir
 from igd_cli.scoring import classify
 
+from .noise_blocks import block
+
 ROOT = os.path.dirname(os.path.abspath(igd_cli.__file__))
 BS = 8
 NAMES = ("cpu", "item", "tolist", "numpy", "__int__", "__float__", "__index__")
@@ -40,10 +42,6 @@ ALLOWED = {
     ("attacks/base.py", "image_generators", "tolist"): "positions seeding the per-image CPU generators",
     ("calibrate.py", "__init__", "int"): "the batch's first/last position: host bookkeeping",
     ("ranking/lo_ir.py", "_check_labels", "int"): "checks the data set's labels on the CPU, before they move",
-    # the noise stream keeps its record of seen rows (content hash -> occurrences) in a host dict: one transfer
-    # of 8 bytes per row and query of a randomized defence (igd_cli.noise; a device-side record is future work)
-    ("noise.py", "counts", "tolist"): "the noise stream's host-side record of seen rows (one per query)",
-    ("noise.py", "state", "tolist"): "the noise state saved per batch to recompute uncached features",
     # per-image CPU generators (the same draws on any device): the images still attacked pick their generators
     ("attacks/pgd.py", "perturb", "tolist"): "images still attacked pick their per-image CPU generators",
     ("attacks/apgd.py", "_run", "tolist"): "images still attacked pick their per-image CPU generators",
@@ -135,12 +133,16 @@ def test_the_counter_sees_a_planted_transfer(defended, monkeypatch):
               "    out = []\n"
               "    for i in range(0, len(x), batch_size):\n"
               "        for r in range(rows):\n"
-              "            out.append((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).cpu())\n"
+              "            with noise.rows(torch.arange(i, min(i + batch_size, len(x)))):\n"
+              "                out.append((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).cpu())\n"
               "    return out\n")
-    namespace: dict = {}
+    namespace: dict = {"noise": igd_cli.noise, "torch": torch}
     exec(compile(source, scoring.__file__, "exec"), namespace)  # its frames are scoring.py's
-    monkeypatch.setitem(STAGES, "planted", lambda d, data: namespace["planted_classify"](
-        d, data.all().x, data.all().y, 4, BS))
+    def planted(d, data):
+        with block(data.all().x):
+            return namespace["planted_classify"](d, data.all().x, data.all().y, 4, BS)
+
+    monkeypatch.setitem(STAGES, "planted", planted)
     grown = growth("planted", defended)
     assert {site: n for site, n in grown.items() if site not in ALLOWED} == \
         {("scoring.py", "planted_classify", "cpu"): 2 * 4}

@@ -153,6 +153,85 @@ def test_bf16_agrees_with_fp32_on_the_real_resnet18(resnet18_path):
     _check_model(model, layer, probe, 10, ref, evaluation.all().x)
 
 
+#: probe images and ranked neurons of the batched-tail check (the literal reference costs one tail per image and
+#: neuron). With both logits of every difference rounded to bf16 (igd before it took them in fp32) layer3 gave
+#: mean 0.79-0.81, worst 0.62 on 40 probe images (benchmarks/results/precision-layer3-cpu.json)
+LAYER3_PROBE, LAYER3_ROWS = 40, 128
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "cifar10-train-4660.safetensors").exists(), reason="needs ../shared/data")
+def test_bf16_ranks_like_the_literal_fp32_ablation_at_a_batched_tail_layer(resnet18_path):
+    """ResNet-18's layer3 (a residual block follows it: LO-IR takes the batched tail). The reference is the literal
+    ablation of the rest of the network, written out here in fp32: per neuron, the layer's output with that channel
+    zeroed, through layer4, the 4×4 average pool and the linear layer."""
+    if not resnet18_path.exists():
+        pytest.skip("pyautoattack's examples/model_test.pt is absent")
+    from igd_cli.data import load_dataset
+    from igd_cli.models import load_model
+    from igd_cli.ranking.lo_ir import lo_ir
+
+    model = load_model(str(resnet18_path), arch="resnet18").model
+    probe = load_dataset(str(SHARED_DATA / "cifar10-train-4660.safetensors"), "train", LAYER3_PROBE)
+    batch = probe.all()
+    ref = literal_layer3_lo_ir(model, batch.x, batch.y, LAYER3_ROWS)
+    got16 = lo_ir(model, "layer3", probe, 10, neurons=(0, LAYER3_ROWS), show_progress=False, precision="bf16")
+    got32 = lo_ir(model, "layer3", probe, 10, neurons=(0, 8), show_progress=False)
+    assert got16.path == got32.path == "batched-tail"
+    # the reference is right: igd's fp32 rows equal it (to float rounding) ...
+    assert torch.allclose(got32.importance, ref[:8], rtol=1e-3, atol=1e-5 * float(ref.abs().max()))
+    # ... and bf16 really ran (the layer output is rounded to bf16)
+    assert not torch.equal(got16.importance[:8], got32.importance)
+    mean_j, min_j = agreement(ref, got16.importance)
+    print(f"\nlayer3 (batched tail), {LAYER3_PROBE} probe images, neurons 0..{LAYER3_ROWS - 1}: bf16 vs the literal "
+          f"fp32 ablation, top-k Jaccard mean {mean_j:.3f}, min {min_j:.3f}")
+    assert mean_j >= MEAN_JACCARD and min_j >= MIN_JACCARD, (mean_j, min_j)
+
+
+def literal_layer3_lo_ir(model, x, y, rows, num_classes=10):
+    """Rows 0..rows-1 of the literal LO-IR at the RobustBench ResNet-18's layer3, fp32: the layer's output captured
+    with a hook, then per neuron its channel zeroed and the rest of the network (layer4, ``avg_pool2d(·, 4)``,
+    ``linear``, as the architecture's forward writes it) run on it."""
+    box = {}
+    h = model.layer3.register_forward_hook(lambda _m, _i, out: box.setdefault("a", out))
+    with torch.no_grad():
+        try:
+            full = model(x)
+        finally:
+            h.remove()
+        a = box["a"]
+
+        def rest(t):
+            return model.linear(torch.nn.functional.avg_pool2d(model.layer4(t), 4).flatten(1))
+
+        assert torch.allclose(rest(a), full, atol=1e-4, rtol=1e-4)  # the written-out rest is the network's
+        base = full.gather(1, y[:, None])[:, 0]
+        counts = torch.bincount(y, minlength=num_classes).clamp(min=1).double()
+        out = []
+        for j in range(rows):
+            abl = a.clone()
+            abl[:, j] = 0
+            diff = (base - rest(abl).gather(1, y[:, None])[:, 0]).abs().double()
+            out.append(torch.zeros(num_classes, dtype=torch.float64).index_add_(0, y, diff) / counts)
+    return torch.stack(out).float()
+
+
+def test_the_literal_lo_ir_refuses_a_reduced_precision(cli, tmp_path, igd_home, demo, digits_test):
+    """The literal algorithm would round every logit (it is the reference): one line, exit 2, for bf16 and fp16."""
+    from igd_cli.errors import IgdError
+    from igd_cli.ranking.lo_ir import lo_ir, lo_ir_naive
+
+    for p in ("bf16", "fp16"):
+        r = cli("rank", "--out", tmp_path / "x.safetensors", "--device", "cpu", "--exact-naive", "--precision", p)
+        assert r.code == 2 and r.err.strip().splitlines() == [
+            f"error: --precision {p}: the literal LO-IR (--exact-naive) would round both logits of every difference "
+            f"to {p} and not rank like fp32; use --precision fp32 (it is the reference)"]
+        with pytest.raises(IgdError, match="literal LO-IR"):
+            lo_ir(demo.model, demo.default_layer, digits_test, 10, path="naive", precision=p, show_progress=False)
+        with pytest.raises(IgdError, match="literal LO-IR"):
+            lo_ir_naive(demo.model, demo.default_layer, digits_test, 10, precision=p, show_progress=False)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def _final_linear(model) -> str:
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     return names[-1]
@@ -196,6 +275,8 @@ def test_precision_is_part_of_the_identities_it_changes_and_of_nothing_else(cli,
     r = cli("rank", "--out", imp, *common, "--precision", "bf16")
     assert r.code == 0 and not r.json()["skipped"], "a bf16 ranking must not reuse the fp32 one"
     assert _meta(imp)["params"]["precision"] == "bf16"
+    # the logit changes are taken in fp32: a bf16 ranking made when both logits were rounded is not reused
+    assert _meta(imp)["params"]["logit_changes"] == "fp32"
     assert cli("rank", "--out", imp, *common, "--precision", "bf16").json()["skipped"]
     # random importance does not depend on the precision: not in its identity
     rnd = tmp_path / "random.safetensors"

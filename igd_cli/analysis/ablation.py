@@ -167,7 +167,7 @@ def analyze_ablation(setup: EvalSetup, rankings: dict[str, tuple[str, str, torch
     result = {"analysis": "ablation", "layer": layer, "k": k, "rankings": {n: p for n, (p, _, _) in rankings.items()},
               "settings": {"sigma": sigma, "tau": tau, "n_smooth": n_smooth, "random_seed": random_seed},
               "columns": [c for c in COLUMNS if iw_wc or c != "iw_wc"], "column_labels": COLUMN_LABELS,
-              "rows": [r.to_json() for r in rows], "setup": setup.describe()}
+              "rows": [r.to_json() for r in rows], "setup": setup.describe(), **setup.target.record()}
     title = (f"{setup.target.loaded.name.split('/')[-1]} · {layer} · k = {k} · σ = {sigma:.4g} · ε = {setup.eps:.4g}"
              f" · {len(setup.data)} images")
     result["plot"] = str(plot_ablation(stem.with_suffix(".png"), result["rows"], result["columns"], COLUMN_LABELS,

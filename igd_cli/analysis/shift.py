@@ -203,7 +203,7 @@ def _maxloss_set(setup: EvalSetup, steps: int) -> tuple[AttackResult, str | None
     info = atk.describe()
     key = {"model_fingerprint": setup.target.loaded.fingerprint, "attack": info["attack"], "target": "base",
            "eps": round(setup.eps, 10), "norm": "Linf", "budget": info["budget"], "seed": setup.seed,
-           "dataset": setup.data.name, "split": setup.data.split}
+           "images": setup.data.source_digest(), **setup.target.identity()}  # images by content, as Evaluator's
     key = json.loads(json.dumps(key, sort_keys=True))
     path = None
     positions = torch.arange(len(setup.data), dtype=torch.int64)
@@ -259,7 +259,8 @@ def analyze_shift(setup: EvalSetup, ranking: str, path: str, layer: str, importa
     shift, attack = run_shift(setup, importance, layer, k, steps)
     stem = Path(out) / f"shift-{ranking}-{layer.replace('.', '-')}-k{k}"
     result = {"analysis": "shift", "ranking": ranking, "importance": path, "layer": layer, **shift.to_json(),
-              "attack": attack, "labels": LABELS, "setup": {**setup.describe(), "budget": {"steps": steps}}}
+              "attack": attack, "labels": LABELS, "setup": {**setup.describe(), "budget": {"steps": steps}},
+              **setup.target.record()}
     title = (f"{setup.target.loaded.name.split('/')[-1]} · {layer} · top-{k} of {ranking} · PGD-{steps} (max loss), "
              f"ε = {setup.eps:.4g} · {len(setup.data)} images")
     result["plot"] = str(plot_shift(stem.with_suffix(".png"), result, LABELS, title))

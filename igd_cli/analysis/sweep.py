@@ -105,7 +105,8 @@ def _point_key(setup: EvalSetup, spec: SweepSpec, layer: str, imp_sha: str, eps:
         "revisions": None if spec.attack == "none" else attack_revisions(spec.attack),
         "pyautoattack": None if spec.attack == "none" else PYAUTOATTACK_VERSION,
         "data": setup.data.identity(),
-        "seed": setup.seed, "protocol": setup.protocol, "draws": setup.draws}, sort_keys=True))
+        "seed": setup.seed, "protocol": setup.protocol, "draws": setup.draws, **setup.target.identity()},
+        sort_keys=True))
 
 
 def _point_layer(p: SweepSpec, importances: dict[str, tuple[str, torch.Tensor]]) -> str:
@@ -174,7 +175,7 @@ def run_sweep(setup: EvalSetup, spec: SweepSpec, importances: dict[str, tuple[st
     return {"analysis": "sweep", "over": spec.over, "values": list(spec.values), "attack": spec.attack,
             "settings": {"k": spec.k, "layer": spec.layer, "sigma": spec.sigma, "tau": spec.tau,
                          "n_smooth": spec.n_smooth, "rs": spec.rs},
-            "setup": setup.describe(), "points": points,
+            "setup": setup.describe(), "points": points, **setup.target.record(),
             "computed": sum(not p["cached"] for p in points), "reused": sum(p["cached"] for p in points)}
 
 

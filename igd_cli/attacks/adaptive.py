@@ -53,6 +53,7 @@ class Adaptive(APGD):
     name = "adaptive"
     defaults = {"steps": 100, "restarts": 1, "eot_iter": 20}
     revision = 2  # 1 chose between the stages on 5 of 10 selection draws, and its stage 1 was apgd-eot revision 3
+    built_from = (APGDEoT, PGD)  # stage 1, and stage 3 of a user's defence: their revisions are part of this one's
 
     def __init__(self, model: nn.Module, *, bpda_temperature: float | None = None, **kwargs):
         t = DEFAULT_BPDA_TEMPERATURE if bpda_temperature is None else float(bpda_temperature)

@@ -117,6 +117,9 @@ class Attack:
     revision: ClassVar[int | None] = None
     #: the attack follows the model's gradient (a model whose output has none makes it raise ``NoGradient``)
     gradient: ClassVar[bool] = True
+    #: the attacks this one runs as parts (the adaptive attack's stage 1 is ``apgd-eot``): their revisions are part
+    #: of its own (:meth:`revisions`), as are those of the attacks it subclasses
+    built_from: ClassVar[tuple[type["Attack"], ...]] = ()
 
     def __init__(self, model: nn.Module, *, eps: float, norm: str = "Linf", seed: int = 0,
                  device: torch.device | str | None = None, num_classes: int | None = None,
@@ -181,10 +184,24 @@ class Attack:
             x_adv = self.perturb(x, y, index).detach()
         return project(x_adv, x, self.eps, self.norm)
 
+    @classmethod
+    def revisions(cls) -> dict[str, int]:
+        """Attack name -> revision, of this attack and of every attack it is built from (:attr:`built_from`) or
+        subclasses, those that set one: what identifies its algorithm (a new revision of a part is a new
+        algorithm of the whole)."""
+        out: dict[str, int] = {}
+        for part in (*(b for b in cls.__mro__[1:] if issubclass(b, Attack) and b is not Attack), *cls.built_from):
+            out.update(part.revisions())
+        own = cls.__dict__.get("revision")
+        if own is not None:
+            out[cls.name] = own
+        return dict(sorted(out.items()))
+
     def describe(self) -> dict[str, Any]:
         info = {"attack": self.name, "eps": self.eps, "norm": self.norm, "budget": dict(self.budget),
                 "seed": self.seed}
-        return info if self.revision is None else {**info, "revision": self.revision}
+        revisions = self.revisions()
+        return {**info, "revision": revisions} if revisions else info
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str = "Linf") -> torch.Tensor:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import IgdError
+from ..numerics import describe
 from ..scoring import rows_for
 from .adaptive import CHECK_ID, NAME, adaptive_check
 from .context import Audit, Cell
@@ -105,6 +106,7 @@ def run_audit(audit: Audit, checks: Sequence[int] | None = None, plot_dir: str |
         "thresholds": dict(THRESHOLDS), "plots": plots,
         "workdir": str(audit.workdir) if audit.workdir is not None else None,
         "seconds": {**seconds, "total": round(time.perf_counter() - t0, 3)},
+        **audit.target.record(),
     }
 
 
@@ -121,7 +123,7 @@ def render_audit(r: dict[str, Any], console=None) -> None:
         ("randomized model scored by ONE draw per point (single-draw protocol)" if r["randomized"] else
          "deterministic model: every point scored once (exact)")
     proto += ("; comparisons: paired per-image differences, flagged beyond "
-              f"{r['thresholds']['z']:g} standard errors (docs/audit.md)")
+              f"{r['thresholds']['z']:g} standard errors (docs/audit.md); numerics: {describe(r.get('numerics'))}")
     defended = r["mask"] or r.get("defense_spec")
     t = Table(title=f"igd audit: {r['model']}" + (f" + {defended}" if defended else "") +
                     f", {r['n_examples']} images of {r['dataset']} ({r['split']}), ε = {r['eps']:.4g}, "

@@ -10,19 +10,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import torch
 import typer
 
 from ..analysis.ablation import analyze_ablation
 from ..analysis.setup import load_rankings, make_setup
 from ..analysis.shift import PGD_STEPS, analyze_shift
 from ..analysis.sweep import OVER, SweepSpec, analyze_sweep, parse_value
+from ..batching import attack_trial, choose_batch_size, defended_trial, parse_batch_size
 from ..cli import app, emit, examples
 from ..common import open_target, parse_eps
 from ..console import out_console, progress_enabled
 from ..defense import DEFAULT_N_SMOOTH, DEFAULT_TAU
 from ..errors import IgdError
 from ..evaluate import Budgets
-from ..options import (Arch, BatchSize, DataDir, Dataset, Device, Draws, Eps, EpsSigma, Json, Model, Normalize,
+from ..options import (Arch, AutoBatchSize, DataDir, Dataset, Device, Draws, Eps, EpsSigma, Json, Model, Numerics, Normalize,
                        PresetEotIter, PresetQueries, PresetRestarts, PresetSteps, ProtocolOpt, Seed, ThreatModel,
                        ZooDataset)
 from ..pipeline import preset_values
@@ -48,17 +50,49 @@ Preset = Annotated[str, typer.Option("--preset", metavar="auto|quick|paper", hel
 
 def _setup(model: str, arch: str | None, dataset: str | None, data_dir: Path | None, threat_model: str,
            device: str, out: Path | None, preset: str, n_examples: int | None, eps: str | None,
-           budgets: dict[str, int | None], seed: int, batch_size: int, protocol: str, draws: int,
-           zoo_dataset: str | None, normalize: str | None):
-    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize)
+           budgets: dict[str, int | None], seed: int, batch_size: str, protocol: str, draws: int,
+           zoo_dataset: str | None, normalize: str | None, numerics: str):
+    fixed = parse_batch_size(batch_size)
+    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize,
+                         numerics=numerics)
     p = preset_values(preset, target.loaded.name)
     pick = {k: (v if v is not None else p[k]) for k, v in budgets.items()}
     out = out if out is not None else Path("runs") / Path(target.loaded.name).stem.replace(":", "-")
     setup = make_setup(target, out, n_examples=n_examples if n_examples is not None else p["n_examples"],
                        data_dir=data_dir, eps=parse_eps(eps), budgets=Budgets(**pick), seed=seed,
-                       batch_size=batch_size, protocol=protocol, draws=draws, show_progress=progress_enabled())
+                       batch_size=ANALYZE_BATCH if fixed == "auto" else fixed, protocol=protocol, draws=draws,
+                       show_progress=progress_enabled())
     out.mkdir(parents=True, exist_ok=True)
     return setup, out, p["preset"]
+
+
+#: igd analyze's default --batch-size (what ``auto`` is on a CPU)
+ANALYZE_BATCH = 128
+
+
+def _choose_batch(setup, batch_size: str, attack: str, defended: tuple[str, int, dict[str, Any]] | None = None
+                  ) -> dict[str, Any] | None:
+    """``--batch-size`` of the analysis: with ``auto`` the largest batch of ``attack``'s attacks (``none``: the
+    clean scoring) on the base model and, with ``defended`` = (layer, N, settings), the defended model at that
+    layer (every neuron kept: which neurons are kept does not change the cost) that fits. Sets the setup's batch
+    and returns how it was chosen (None for a fixed batch)."""
+    if parse_batch_size(batch_size) != "auto":
+        return None
+    target = setup.target
+    models = [target.model]
+    if defended is not None:
+        from ..defense import IGDefense
+
+        layer, n, settings = defended
+        full = torch.ones(n, target.loaded.num_classes, device=target.device)
+        models.insert(0, IGDefense(target.model, layer, full, seed=setup.seed, **settings))
+    trial = defended_trial(models[0], setup.data) if attack == "none" else \
+        attack_trial(models, setup.data, attack, eps=setup.eps, norm=target.threat_model,
+                     num_classes=target.loaded.num_classes, seed=setup.seed)
+    choice = choose_batch_size("auto", default=ANALYZE_BATCH, device=target.device, cap=len(setup.data),
+                               try_batch=trial, what=f"the analysis' {attack if attack != 'none' else 'scoring'}")
+    setup.batch_size = choice.size
+    return choice.to_json()
 
 
 @analyze_app.command("shift", short_help="how an attack shifts the important activations (Sec. 3)",
@@ -70,7 +104,8 @@ def shift_cmd(
     out: Out = None, preset: Preset = "auto", n_examples: NExamples = None,
     eps: Eps = None,
     steps: Annotated[int, typer.Option("--steps", metavar="N", min=1, help="PGD steps (the paper's 50)")] = PGD_STEPS,
-    batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto", as_json: Json = False,
+    batch_size: AutoBatchSize = "128", seed: Seed = 0, device: Device = "auto", numerics: Numerics = "pinned",
+    as_json: Json = False,
 ) -> None:
     """How a PGD attack on the base model shifts the masked layer's activations (Sec. 3, Eqs. 1-2, Table 7): the
     relative change of the top-k neurons of the ground-truth class, of the post-attack class, of the other
@@ -80,9 +115,11 @@ def shift_cmd(
         raise IgdError("--importance: shift takes one ranking")
     setup, out, _ = _setup(model, arch, dataset, data_dir, threat_model, device, out, preset, n_examples, eps,
                            {"steps": None, "restarts": None, "queries": None, "eot_iter": None}, seed, batch_size,
-                           "draws", DEFAULT_DRAWS, zoo_dataset, normalize)
+                           "draws", DEFAULT_DRAWS, zoo_dataset, normalize, numerics)
     (name, (path, layer, imp)), = load_rankings(setup.target, importance, setup.data).items()
-    emit(analyze_shift(setup, name, path, layer, imp, k, out, steps=steps), as_json, _render_shift)
+    auto = _choose_batch(setup, batch_size, "pgd")  # PGD on the base model, then forwards
+    result = analyze_shift(setup, name, path, layer, imp, k, out, steps=steps)
+    emit({**result, "auto_batch": auto}, as_json, _render_shift)
 
 
 def _render_shift(r: dict[str, Any]) -> None:
@@ -113,7 +150,8 @@ def ablation_cmd(
     steps: PresetSteps = None, restarts: PresetRestarts = None, queries: PresetQueries = None,
     eot_iter: PresetEotIter = None,
     draws: Draws = DEFAULT_DRAWS, protocol: ProtocolOpt = "draws",
-    batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto", as_json: Json = False,
+    batch_size: AutoBatchSize = "128", seed: Seed = 0, device: Device = "auto", numerics: Numerics = "pinned",
+    as_json: Json = False,
 ) -> None:
     """The rows of Table 6 — one pass; one pass with smoothing; two passes without a mask; random-k without and
     with smoothing; each --importance ranking's top-k without and with smoothing — with clean, AutoAttack and
@@ -121,10 +159,15 @@ def ablation_cmd(
     scored by repeated draws (mean ± std)."""
     setup, out, _ = _setup(model, arch, dataset, data_dir, threat_model, device, out, preset, n_examples, eps,
                            {"steps": steps, "restarts": restarts, "queries": queries, "eot_iter": eot_iter}, seed,
-                           batch_size, protocol, draws, zoo_dataset, normalize)
+                           batch_size, protocol, draws, zoo_dataset, normalize, numerics)
     rankings = load_rankings(setup.target, importance, setup.data)
-    emit(analyze_ablation(setup, rankings, k, out, sigma=sigma, tau=tau, n_smooth=n_smooth,
-                          random_seed=random_seed, iw_wc=iw_wc), as_json, _render_ablation)
+    _, layer, imp = next(iter(rankings.values()))
+    auto = _choose_batch(setup, batch_size, "iw-wc" if iw_wc else "aa",
+                         (layer, imp.shape[0], {"tau": tau, "n_smooth": n_smooth, "rs": True,
+                                                "sigma": sigma if sigma is not None else setup.eps / 2}))
+    result = analyze_ablation(setup, rankings, k, out, sigma=sigma, tau=tau, n_smooth=n_smooth,
+                              random_seed=random_seed, iw_wc=iw_wc)
+    emit({**result, "auto_batch": auto}, as_json, _render_ablation)
 
 
 def _render_ablation(r: dict[str, Any]) -> None:
@@ -159,7 +202,8 @@ def sweep_cmd(
     steps: PresetSteps = None, restarts: PresetRestarts = None, queries: PresetQueries = None,
     eot_iter: PresetEotIter = None,
     draws: Draws = DEFAULT_DRAWS, protocol: ProtocolOpt = "draws",
-    batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto", as_json: Json = False,
+    batch_size: AutoBatchSize = "128", seed: Seed = 0, device: Device = "auto", numerics: Numerics = "pinned",
+    as_json: Json = False,
 ) -> None:
     """Clean and robust accuracy of the defended model (and the base model) as one setting varies (Figs. 5A-D,
     6A-C, 7C; Table 10); curves as PNG. Every point is cached in OUT/sweep-cache and reused when the sweep is
@@ -182,9 +226,14 @@ def sweep_cmd(
                      attack=attack)
     setup, out, _ = _setup(model, arch, dataset, data_dir, threat_model, device, out, preset, n_examples, eps,
                            {"steps": steps, "restarts": restarts, "queries": queries, "eot_iter": eot_iter}, seed,
-                           batch_size, protocol, draws, zoo_dataset, normalize)
+                           batch_size, protocol, draws, zoo_dataset, normalize, numerics)
     rankings = load_rankings(setup.target, importance, setup.data)
-    emit(analyze_sweep(setup, rankings, spec, out), as_json, _render_sweep)
+    _, first_layer, imp = next(iter(rankings.values()))
+    n_max = max(vals) if over == "n-smooth" else n_smooth  # the most noise samples: the heaviest point
+    auto = _choose_batch(setup, batch_size, attack,
+                         (first_layer, imp.shape[0], {"tau": tau, "n_smooth": int(n_max), "rs": not no_rs,
+                                                      "sigma": sig if sig is not None else setup.eps / 2}))
+    emit({**analyze_sweep(setup, rankings, spec, out), "auto_batch": auto}, as_json, _render_sweep)
 
 
 def _render_sweep(r: dict[str, Any]) -> None:

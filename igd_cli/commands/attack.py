@@ -18,10 +18,14 @@ from ..console import out_console
 from ..errors import IgdError
 from ..attacks.base import gather
 from ..evaluate import identity_of, save_adversarial, score_meta, set_meta
-from ..options import (Arch, BatchSize, BpdaTemperature, DataDir, DefenseOpt, Dataset, Device, Draws, EotIter, Eps, Json, Model, ProtocolOpt,
+from ..batching import attack_trial, choose_batch_size, parse_batch_size
+from ..options import (Arch, AutoBatchSize, BpdaTemperature, DataDir, Dataset, DefenseOpt, Device, Draws, EotIter, Eps, Json, Model, Numerics, ProtocolOpt,
                        Queries, Restarts, Seed, Normalize, Shard, Steps, ThreatModel, ZooDataset)
 from ..scoring import DEFAULT_DRAWS, check_protocol, score_set
 from ..shards import parse_shard  # noqa: F401  (shared with defend-eval; importable from here as before)
+
+#: igd attack's default --batch-size (what ``auto`` is on a CPU)
+ATTACK_BATCH = 128
 
 
 @app.command("attack", short_help="adversarial examples against the base or defended model", epilog=examples(
@@ -48,7 +52,8 @@ def attack_cmd(
     threat_model: ThreatModel = "Linf",
     zoo_dataset: ZooDataset = None,
     device: Device = "auto",
-    batch_size: BatchSize = 128,
+    numerics: Numerics = "pinned",
+    batch_size: AutoBatchSize = "128",
     seed: Seed = 0,
     draws: Draws = DEFAULT_DRAWS,
     protocol: ProtocolOpt = "draws",
@@ -66,12 +71,14 @@ def attack_cmd(
     if bpda_temperature is not None and not bpda_temperature >= 1:
         raise IgdError(f"--bpda-temperature {bpda_temperature}: must be at least 1")
     check_protocol(protocol, draws)
+    parse_batch_size(batch_size)
     eps_v = parse_eps(eps)
     if threat_model not in ("Linf", "L2"):
         raise IgdError(f"--threat-model {threat_model}: expected Linf or L2")
     if out.exists() and out.is_dir():
         raise IgdError(f"--out {out}: is a directory")
-    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize)
+    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize,
+                         numerics=numerics)
     data = target.eval_data("test", n_examples, data_dir)
     check_classes(target, data)
     if eps_v is None:
@@ -92,6 +99,11 @@ def attack_cmd(
     atk = make_attack(attack, attacked, eps=eps_v, norm=threat_model, seed=seed, device=target.device,
                       num_classes=target.loaded.num_classes, steps=steps, restarts=restarts, queries=queries,
                       eot_iter=eot_iter, bpda_temperature=bpda_temperature)
+    choice = choose_batch_size(batch_size, default=ATTACK_BATCH, device=target.device, cap=len(positions),
+                               try_batch=attack_trial([attacked], data, attack, eps=eps_v, norm=threat_model,
+                                                      num_classes=target.loaded.num_classes, seed=seed),
+                               what=f"{attack} on the {kind} model")
+    batch_size = choice.size
     start = time.perf_counter()
     res = run_attack(atk, data, batch_size=batch_size, positions=positions, description=f"{kind} {attack}")
     x_clean, _ = gather(data, positions)
@@ -108,7 +120,8 @@ def attack_cmd(
     result = {"out": str(out), "attack": attack, "target": kind, "robust_accuracy": robust.mean,
               "robust_accuracy_std": robust.std, "n_examples": len(positions), "seconds": round(seconds, 3),
               "clean_accuracy": clean.mean, "clean_accuracy_std": clean.std, "draws": robust.draws,
-              "protocol": protocol, "eps": eps_v, "budget": atk.budget, "seed": seed}
+              "protocol": protocol, "eps": eps_v, "budget": atk.budget, "seed": seed, "batch_size": batch_size,
+              "auto_batch": choice.to_json(), **target.record()}
     if sh is not None:
         result["shard"] = [sh[0], sh[1]]
     emit(result, as_json, _render)

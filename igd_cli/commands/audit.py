@@ -14,9 +14,13 @@ from ..common import check_classes, open_target, parse_eps
 from .. import contract
 from ..errors import IgdError
 from ..evaluate import default_workdir
-from ..options import (Arch, AuditEps, BatchSize, DataDir, Dataset, DefenseOpt, Device, Draws, Json, Model, Normalize, ProtocolOpt,
+from ..batching import attack_trial, choose_batch_size, parse_batch_size
+from ..options import (Arch, AuditEps, AutoBatchSize, DataDir, Dataset, DefenseOpt, Device, Draws, Json, Model, Normalize, Numerics, ProtocolOpt,
                        Seed, ZooDataset)
 from ..scoring import DEFAULT_DRAWS, check_protocol
+
+#: igd audit's default --batch-size (what ``auto`` is on a CPU)
+AUDIT_BATCH = 128
 
 
 @app.command("audit", short_help="the gradient-masking and randomness checklist, judged", epilog=examples(
@@ -43,7 +47,7 @@ def audit_cmd(
     workdir: Annotated[Optional[Path], typer.Option("--workdir", metavar="DIR", help="where attack sets are kept and reused, e.g. "
                                                     "a pipeline's RUN/adv (default: $IGD_HOME/adv/<fingerprint>)")] = None,
     draws: Draws = DEFAULT_DRAWS, protocol: ProtocolOpt = "draws",
-    batch_size: BatchSize = 128, seed: Seed = 0, device: Device = "auto",
+    batch_size: AutoBatchSize = "128", seed: Seed = 0, device: Device = "auto", numerics: Numerics = "pinned",
     as_json: Json = False,
 ) -> None:
     """Is this robustness real? Runs the gradient-masking and randomness checklist (AutoAttack's flags, black
@@ -55,6 +59,7 @@ def audit_cmd(
     0 whatever the verdicts.
     """
     check_protocol(protocol, draws)
+    parse_batch_size(batch_size)
     if preset not in PRESETS:
         raise IgdError(f"--preset {preset}: expected {' or '.join(PRESETS)}")
     wanted = parse_checks(checks)
@@ -63,15 +68,24 @@ def audit_cmd(
     if plot_dir is not None and plot_dir.exists() and not plot_dir.is_dir():
         raise IgdError(f"--plot-dir {plot_dir}: exists and is not a directory")
     eps_v = parse_eps(eps)
-    target = open_target(model, arch, dataset, "Linf", device, zoo_dataset, normalize=normalize)
+    target = open_target(model, arch, dataset, "Linf", device, zoo_dataset, normalize=normalize,
+                         numerics=numerics)
     defense = contract.open_defense(target, mask, defense_spec, seed=seed, required=False)
     n = n_examples if n_examples is not None else PRESETS[preset]["n_examples"]
     data = target.data(split, n, data_dir) if n_examples is not None else _first(target, split, n, data_dir)
     check_classes(target, data)
-    audit = Audit(target, data, eps=eps_v if eps_v is not None else target.default_eps("the audit's attacks"),
-                  preset=preset, defense=defense, mask_path=mask, workdir=workdir or default_workdir(target),
-                  seed=seed, batch_size=batch_size, draws=draws, protocol=protocol)
-    emit(run_audit(audit, wanted, plot_dir), as_json, render_audit)
+    eps_v = eps_v if eps_v is not None else target.default_eps("the audit's attacks")
+    models = [target.model] if defense is None else [defense, target.model]
+    choice = choose_batch_size(batch_size, default=AUDIT_BATCH, device=target.device, cap=len(data),
+                               try_batch=attack_trial(models, data, "iw-wc", eps=eps_v,
+                                                      num_classes=target.loaded.num_classes, seed=seed),
+                               what="the audit's attacks")
+    audit = Audit(target, data, eps=eps_v, preset=preset, defense=defense, mask_path=mask,
+                  workdir=workdir or default_workdir(target), seed=seed, batch_size=choice.size, draws=draws,
+                  protocol=protocol)
+    result = run_audit(audit, wanted, plot_dir)
+    result["auto_batch"] = choice.to_json()
+    emit(result, as_json, render_audit)
 
 
 def _first(target, split: str, n: int, data_dir: Path | None):

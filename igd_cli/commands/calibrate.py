@@ -13,8 +13,8 @@ from ..common import open_target, parse_eps
 from ..console import out_console
 from ..defense import DEFAULT_N_SMOOTH, DEFAULT_TAU
 from ..batching import parse_batch_size
-from ..options import (Arch, AutoBatchSize, CalibrationEps, DataDir, Dataset, Device, Json, Layer, Model, Normalize,
-                       Precision, Seed, ThreatModel, ZooDataset)
+from ..options import (Arch, AutoBatchSize, CalibrationEps, DataDir, Dataset, Device, Json, Layer, Model, NSmooth,
+                       Normalize, Numerics, Precision, Seed, Sigma, Tau, ThreatModel, ZooDataset)
 from ..precision import check_precision
 from ..report import calibration_table
 
@@ -33,18 +33,20 @@ def calibrate_cmd(
     zoo_dataset: ZooDataset = None,
     split: Annotated[str, typer.Option("--split", metavar="train|test", help="data split to calibrate on")] = "test",
     n_examples: Annotated[Optional[int], typer.Option(
-        "--n-examples", metavar="N", help=f"the first N images of the split (default: the first {DEFAULT_N_EXAMPLES}, or all if fewer)")] = None,
+        "--n-examples", metavar="N", min=1, help=f"N images of the split from --start (default: {DEFAULT_N_EXAMPLES}, or all there are)")] = None,
+    start: Annotated[int, typer.Option(
+        "--start", metavar="A", min=0, help="calibrate on images A, A+1, ... of the split: hold out the first A, e.g. the "
+                                            "images you evaluate on, so that k is not tuned on them")] = 0,
     tolerance: Annotated[float, typer.Option(
         "--tolerance", metavar="PTS", help="allowed clean-accuracy drop below the base model, in percentage points")] = 0.5,
     eps: CalibrationEps = None,
-    sigma: Annotated[Optional[float], typer.Option("--sigma", metavar="S", help="smoothing noise std (default ε/2)")] = None,
-    n_smooth: Annotated[int, typer.Option("--n-smooth", metavar="N", help="noise samples for the soft pseudo-label")] = DEFAULT_N_SMOOTH,
-    tau: Annotated[float, typer.Option("--tau", metavar="T", help="softmax temperature of the soft pseudo-label")] = DEFAULT_TAU,
+    sigma: Sigma = None, n_smooth: NSmooth = DEFAULT_N_SMOOTH, tau: Tau = DEFAULT_TAU,
     no_rs: Annotated[bool, typer.Option("--no-rs", help="no randomized smoothing: ŷ = softmax(f(x)/τ)")] = False,
     k: Annotated[Optional[list[str]], typer.Option(
         "--k", metavar="K|LAYER=K", help="skip the search: write the mask for this k; several layers: LAYER=K fixes that layer's k "
                     "(repeatable; the others keep searching the same fraction k/N)")] = None,
     batch_size: AutoBatchSize = "128", precision: Precision = "fp32", seed: Seed = 0, device: Device = "auto",
+    numerics: Numerics = "pinned",
     cache_mb: Annotated[int, typer.Option(
         "--cache-mb", metavar="MB", help="memory for cached k-independent features; batches beyond are recomputed per k")
     ] = DEFAULT_CACHE_BYTES >> 20,
@@ -62,9 +64,10 @@ def calibrate_cmd(
     """
     check_precision(precision)
     parse_batch_size(batch_size)
-    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize)
+    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize,
+                         numerics=numerics)
     check_precision(precision, target.device)
-    result = run_calibration(target, list(importance), out, layer=layer, split=split, n_examples=n_examples,
+    result = run_calibration(target, list(importance), out, layer=layer, split=split, n_examples=n_examples, start=start,
                              tolerance=tolerance, eps=parse_eps(eps), sigma=sigma, n_smooth=n_smooth, tau=tau,
                              rs=not no_rs, k=parse_k(k), batch_size=parse_batch_size(batch_size), precision=precision,
                              seed=seed, cache_bytes=cache_mb << 20,

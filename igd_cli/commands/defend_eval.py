@@ -19,8 +19,8 @@ from .. import contract
 from ..defense import check_settings
 from ..errors import IgdError
 from ..evaluate import Budgets, defend_eval, render_per_class, render_table
-from ..batching import defended_trial, parse_batch_size, resolve_batch_size
-from ..options import (Arch, AutoBatchSize, BpdaTemperature, DataDir, DefenseOpt, Dataset, Device, Draws, EotIter, Eps, Json, Model, Precision, ProtocolOpt,
+from ..batching import attack_trial, choose_batch_size, defended_trial, parse_batch_size
+from ..options import (Arch, AutoBatchSize, BpdaTemperature, DataDir, Dataset, DefenseOpt, Device, Draws, EotIter, Eps, Json, Model, Numerics, Precision, ProtocolOpt,
                        Queries, Restarts, Seed, Normalize, Shard, Steps, ThreatModel, ZooDataset)
 from ..precision import check_precision
 from ..report import summary_table
@@ -66,6 +66,7 @@ def defend_eval_cmd(
                                        "where it can still change the worst case (same worst case, faster)")] = True,
     shard: Shard = None,
     batch_size: AutoBatchSize = "128", seed: Seed = 0, device: Device = "auto",
+    numerics: Numerics = "pinned",
     precision: Precision = "fp32",
     report: Annotated[Optional[Path], typer.Option("--report", metavar="FILE", help="write an eval-report artifact: per-image, "
                                                    "per-draw correctness and per-class accuracy")] = None,
@@ -103,22 +104,30 @@ def defend_eval_cmd(
     if report is not None and report.is_dir():
         raise IgdError(f"--report {report}: is a directory")
     adv_files = expand_adv(adv or [])  # a folder: every adversarial set in it
-    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize)
+    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize,
+                         numerics=numerics)
     check_precision(precision, target.device)
     eps_value = parse_eps(eps)
     defense = contract.open_defense(target, mask, defense_spec, seed=seed, sigma=sigma, n_smooth=n_smooth, tau=tau,
                                     rs=rs)
     data = target.eval_data(split, n_examples, data_dir)
     check_classes(target, data)
-    grad = attack != "none"  # an attack's step (forward and backward, fp32) is the heaviest batch; else scoring
-    bs = resolve_batch_size(batch_size, default=EVAL_BATCH, device=target.device, cap=len(data),
-                            try_batch=defended_trial(defense, data, grad=grad, precision="fp32" if grad else precision),
-                            what="the defended model's " + ("attack steps" if grad else "clean scoring"))
+    trial = None
+    if parse_batch_size(batch_size) == "auto" and attack == "none":  # scoring only
+        trial = defended_trial(defense, data, precision)
+    elif parse_batch_size(batch_size) == "auto":  # the attacks (fp32) with their state, on both models
+        trial = attack_trial([defense, target.model], data, attack, eps=eps_value if eps_value is not None
+                             else target.default_eps("the attacks' budget"), norm=threat_model,
+                             num_classes=target.loaded.num_classes, seed=seed)
+    choice = choose_batch_size(batch_size, default=EVAL_BATCH, device=target.device, cap=len(data), try_batch=trial,
+                               what="the defended model's " + ("clean scoring" if attack == "none" else attack))
+    bs = choice.size
     _, result = defend_eval(target, defense, mask, data, attack=attack, adv=adv_files, eps=eps_value,
                             norm=threat_model, budgets=budgets, workdir=workdir, skip=skip,
                             shard=parse_shard(shard, len(data)), seed=seed, batch_size=bs,
                             protocol=protocol, draws=draws, report=report, bpda_temperature=bpda_temperature,
                             precision=precision)
+    result["auto_batch"] = choice.to_json()
     emit(result, as_json, _render)
 
 

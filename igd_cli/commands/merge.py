@@ -32,7 +32,8 @@ def merge_cmd(
     res = merge(shards, out)
     meta = res.meta
     result = {"out": str(res.out), "kind": res.kind, "shape": list(res.shape), "n_shards": res.n_shards,
-              "method": meta.get("method"), "layer": meta.get("layer"), "seconds": round(time.perf_counter() - t0, 3)}
+              "method": meta.get("method"), "layer": meta.get("layer"), "seconds": round(time.perf_counter() - t0, 3),
+              "igd_code": meta.get("igd_code"), "numerics": meta.get("numerics")}
     result.update(eval_shards.summary(res))
     emit(result, as_json, _render)
 

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..calibrate import parse_k
+from ..defense import DEFAULT_N_SMOOTH, DEFAULT_TAU
 from ..cli import app, emit, examples
 from ..common import open_target, parse_eps
 from ..console import out_console
@@ -16,11 +17,12 @@ from ..evaluate import Budgets, render_table
 from ..locks import DEFAULT_WAIT, LockOptions
 from ..batching import parse_batch_size
 from ..options import (Arch, AutoBatchSize, BpdaTemperature, DataDir, Dataset, Device, Draws, EpsSigma, Json, Model,
-                       Normalize, PipelineProbeDataset, Precision, PresetEotIter, PresetQueries, PresetRestarts,
-                       PresetSteps, ProtocolOpt, Seed, ThreatModel, ZooDataset)
+                       NSmooth, Normalize, Numerics, PipelineProbeDataset, Precision, PresetEotIter, PresetQueries,
+                       PresetRestarts, PresetSteps, ProtocolOpt, Seed, Sigma, Tau, ThreatModel, ZooDataset)
+from ..numerics import describe
 from ..precision import check_precision
 from ..scoring import DEFAULT_DRAWS, check_protocol
-from ..pipeline import PipelineConfig, parse_piece, preset_values, run_pipeline
+from ..pipeline import PipelineConfig, calibration_caption, parse_piece, preset_values, run_pipeline
 
 
 @app.command("pipeline", short_help="the whole method, cached: rank, calibrate-k, attacks, eval", epilog=examples(
@@ -41,8 +43,15 @@ def pipeline_cmd(
     attack: Annotated[str, typer.Option("--attack", metavar="iw-wc|aa", help="iw-wc (the paper's nine attacks) | aa (AutoAttack)")] = "iw-wc",
     out: Annotated[Optional[Path], typer.Option("--out", metavar="DIR", help="run folder for every artifact (default runs/<model>)")] = None,
     n_probe: Annotated[Optional[int], typer.Option("--n-probe", metavar="N", min=1, help="ranking: first N probe images (the training split, or --probe-dataset; default all)")] = None,
-    n_examples: Annotated[Optional[int], typer.Option("--n-examples", metavar="N", min=1, help="calibration and evaluation: first N test images (default: the --preset's: quick 200, paper all up to 1000)")] = None,
+    n_examples: Annotated[Optional[int], typer.Option("--n-examples", metavar="N", min=1, help="evaluation: the first N test images (default: the --preset's: quick 200, paper all up to 1000)")] = None,
+    calibration_images: Annotated[str, typer.Option("--calibration-images", metavar="after|train|evaluated", help=
+        "the images k is chosen on: after (the test images right after the evaluated ones), train (the training "
+        "images right after the --n-probe ranking images) or evaluated (the evaluated images themselves, as the "
+        "paper did: k is then tuned on the images the figures report on)")] = "after",
+    n_calibration: Annotated[Optional[int], typer.Option("--n-calibration", metavar="N", min=1, help=
+        "calibrate-k's images (default: as many as are evaluated, or as many as remain)")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", metavar="PTS", help="calibrate-k: allowed clean-accuracy drop, points")] = 0.5,
+    sigma: Sigma = None, tau: Tau = DEFAULT_TAU, n_smooth: NSmooth = DEFAULT_N_SMOOTH,
     k: Annotated[Optional[list[str]], typer.Option(
         "--k", metavar="K|LAYER=K", help="use this k instead of calibrating it (several layers: LAYER=K, repeatable)")] = None,
     eps: EpsSigma = None,
@@ -55,6 +64,7 @@ def pipeline_cmd(
     clip_model: Annotated[str, typer.Option("--clip-model", metavar="NAME", help="cd-ir: open_clip model")] = "ViT-B-16",
     clip_pretrained: Annotated[str, typer.Option("--clip-pretrained", metavar="TAG|PATH", help="cd-ir: weights tag, PATH or none")] = "openai",
     batch_size: AutoBatchSize = "128", seed: Seed = 0, device: Device = "auto",
+    numerics: Numerics = "pinned",
     precision: Precision = "fp32",
     draws: Draws = DEFAULT_DRAWS,
     protocol: ProtocolOpt = "draws",
@@ -87,7 +97,8 @@ def pipeline_cmd(
     batch = parse_batch_size(batch_size)
     if bpda_temperature is not None and not bpda_temperature >= 1:
         raise IgdError(f"--bpda-temperature {bpda_temperature}: must be at least 1")
-    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize)
+    target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize,
+                         numerics=numerics)
     check_precision(precision, target.device)
     p = preset_values(preset, target.loaded.name)
 
@@ -97,9 +108,10 @@ def pipeline_cmd(
     cfg = PipelineConfig(layer=(layer[0] if len(layer) == 1 else list(layer)) if layer else None, method=method,
                          attack=attack.strip().lower(), n_probe=n_probe,
                          probe_dataset=probe_dataset, allow_overlap=allow_overlap,
-                         n_examples=pick(n_examples, "n_examples"), tolerance=tolerance, k=parse_k(k),
-                         eps=parse_eps(eps),
-                         rs=not no_rs, budgets=Budgets(steps=pick(steps, "steps"), restarts=pick(restarts, "restarts"),
+                         n_examples=pick(n_examples, "n_examples"), calibration_images=calibration_images,
+                         n_calibration=n_calibration, tolerance=tolerance, k=parse_k(k), eps=parse_eps(eps),
+                         rs=not no_rs, sigma=sigma, tau=tau, n_smooth=n_smooth,
+                         budgets=Budgets(steps=pick(steps, "steps"), restarts=pick(restarts, "restarts"),
                                                        queries=pick(queries, "queries"),
                                                        eot_iter=pick(eot_iter, "eot_iter")),
                          clip_model=clip_model, clip_pretrained=clip_pretrained, batch_size=batch, seed=seed,
@@ -128,4 +140,8 @@ def _render(r: dict) -> None:
         split = "" if probe.get("file") else f" ({probe.get('split')} split)"
         out_console.print(f"ranked on the first {probe.get('n')} images of {probe.get('dataset')}{split}",
                           highlight=False)
+    images = (r.get("calibration") or {}).get("images")
+    if images:
+        out_console.print(calibration_caption(images, r["n_examples"]), highlight=False)
+    out_console.print(f"numerics: {describe(r.get('numerics'))}", highlight=False)
     out_console.print(f"stages: {stages}; {r['seconds']:.1f} s; artifacts in {r['paths']['out']}")

@@ -14,10 +14,11 @@ from ..common import check_classes, open_target, resolve_model_layer
 from ..data import load_dataset
 from ..errors import IgdError
 from ..console import out_console, progress_enabled
-from ..batching import parse_batch_size, rank_trial, resolve_batch_size
-from ..options import (Arch, AutoBatchSize, DataDir, Dataset, Device, Json, Layer, Model, Normalize, Precision, ProbeDataset, Seed,
+from ..batching import choose_batch_size, parse_batch_size, rank_trial
+from ..options import (Arch, AutoBatchSize, DataDir, Dataset, Device, Json, Layer, Model, Normalize, Numerics, Precision, ProbeDataset, Seed,
                        ThreatModel, ZooDataset)
 from ..precision import check_precision
+from ..ranking.lo_ir import check_naive_precision
 from ..ranking import METHODS, RankRequest, get_method, rank
 from ..ranking.cd_ir import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, DEFAULT_TEMPLATE
 from ..shards import parse_neurons
@@ -54,6 +55,7 @@ def rank_cmd(
     precision: Precision = "fp32",
     seed: Seed = 0,
     device: Device = "auto",
+    numerics: Numerics = "pinned",
     exact_naive: Annotated[bool, typer.Option("--exact-naive", help="lo-ir: the literal algorithm (one pass per neuron), the reference")] = False,
     force: Annotated[bool, typer.Option("--force", help="recompute even when --out already holds this result")] = False,
     as_json: Json = False,
@@ -64,9 +66,11 @@ def rank_cmd(
         raise IgdError(f"--out {out}: is a directory, expected the importance file to write")
     m = get_method(method)
     check_precision(precision)
+    if exact_naive and m.name == "lo-ir":
+        check_naive_precision(precision)
     parse_batch_size(batch_size)
     target = open_target(model, arch, dataset or probe_dataset, threat_model, device, zoo_dataset,
-                         normalize=normalize)
+                         normalize=normalize, numerics=numerics)
     data = load_dataset(probe_dataset or target.dataset, split, n_probe, data_dir)
     check_classes(target, data)
     chosen: dict[str, str] = {}
@@ -77,8 +81,9 @@ def rank_cmd(
                       data=data, neurons=(a, b), batch_size=RANK_BATCH, seed=seed, exact_naive=exact_naive,
                       clip_model=clip_model, clip_pretrained=clip_pretrained, clip_cache=clip_cache,
                       clip_template=clip_template, show_progress=progress_enabled(), precision=precision)
-    req.batch_size = resolve_batch_size(batch_size, default=RANK_BATCH, device=target.device, cap=len(data),
-                                        try_batch=rank_trial(req, m.name), what=f"{m.name} ranking")
+    choice = choose_batch_size(batch_size, default=RANK_BATCH, device=target.device, cap=len(data),
+                               try_batch=rank_trial(req, m.name), what=f"{m.name} ranking")
+    req.batch_size = choice.size
     if batch_size.strip().lower() == "auto":
         req.clip_batch_size = RANK_BATCH  # the search measured the ranked model's pass, not CLIP's
     res = rank(req, m.name, target.provenance(), out, force=force, shard=neurons is not None, note=chosen)
@@ -86,7 +91,7 @@ def rank_cmd(
     result = {"out": str(out), "method": m.name, "layer": full_layer, "shape": list(res.shape), "n_probe": len(data),
               "seconds": round(time.perf_counter() - t0, 3), "kind": res.kind, "neurons": [a, b], "n_neurons": n,
               "skipped": res.skipped, "compute_seconds": res.meta.get("seconds"), "path": details.get("path"),
-              "batch_size": req.batch_size, "precision": precision, **chosen}
+              "batch_size": req.batch_size, "auto_batch": choice.to_json(), "precision": precision, **chosen, **target.record()}
     for key in ("fallback_reason", "clip_cache", "clip_cache_reused", "classes_without_probes"):
         if key in details:
             result[key] = details[key]

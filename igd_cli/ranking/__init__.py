@@ -16,11 +16,12 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..artifacts import save_artifact
+from ..artifacts import read_metadata, save_artifact
 from ..console import err_console
 from ..data import ImageSet
 from ..errors import IgdError
 from ..precision import precision_meta
+from ..provenance import difference, refusal
 
 
 @dataclass
@@ -63,8 +64,11 @@ class Method:
 # --- the methods ---------------------------------------------------------------------------------------
 
 def _lo_ir_params(req: RankRequest) -> dict[str, Any]:
+    # a reduced precision runs up to the layer only, the logit changes are fp32 (ranking.lo_ir): rankings made when
+    # both logits were rounded (no such key) are not this computation and are not reused
+    reduced = {"logit_changes": "fp32"} if precision_meta(req.precision) else {}
     return {"ablation": "zero the neuron (whole channel)", "statistic": "mean |change of ground-truth logit|",
-            "empty_class": 0.0, **precision_meta(req.precision)}
+            "empty_class": 0.0, **precision_meta(req.precision), **reduced}
 
 
 def _lo_ir_run(req: RankRequest) -> RankOutput:
@@ -146,6 +150,14 @@ def rank_meta(provenance: dict[str, Any], req: RankRequest, method: Method) -> d
             "data_id": req.data.identity(), "params": method.params(req)}
 
 
+def _made_otherwise(path: Path, meta: dict[str, Any]) -> tuple[str, str, str] | None:
+    """Whether ``path`` was made by other igd code or with other numerics than ``meta`` (:func:`difference`)."""
+    try:
+        return difference(read_metadata(path), meta)
+    except IgdError:
+        return None
+
+
 def rank(req: RankRequest, method_name: str, provenance: dict[str, Any], out: Path, *,
          force: bool = False, shard: bool | None = None, note: dict[str, Any] | None = None) -> RankResult:
     """Compute rows ``req.neurons`` with the method and write the artifact atomically; a complete file at ``out``
@@ -171,7 +183,10 @@ def rank(req: RankRequest, method_name: str, provenance: dict[str, Any], out: Pa
         if found is not None:
             return RankResult(out, kind, shape, 0.0, True, found)
         if out.exists():
-            err_console.print(f"note: {out} exists but was made with other settings: recomputing it")
+            made = _made_otherwise(out, meta)
+            err_console.print(f"note: {out}: {refusal(made)}: recomputing it" if made else
+                              f"note: {out} exists but was made with other settings: recomputing it",
+                              highlight=False, soft_wrap=True)
     t0 = time.perf_counter()
     res = method.run(req)
     seconds = time.perf_counter() - t0

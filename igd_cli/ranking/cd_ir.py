@@ -262,11 +262,15 @@ def default_cache_path(meta: dict[str, Any]) -> Path:
     return igd_home() / "clip-cache" / f"{meta['clip_model']}-{data}-{meta['split']}-{digest}.safetensors"
 
 
-def cache_meta(clip_model: str, clip_pretrained: str, data: ImageSet, template: str) -> dict[str, Any]:
-    """Everything the CLIP embeddings depend on (the cache is reused only when all of it matches)."""
+def cache_meta(clip_model: str, clip_pretrained: str, data: ImageSet, template: str,
+               device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Everything the CLIP embeddings depend on (the cache is reused only when all of it matches), igd's code and
+    the numerics on ``device`` included."""
+    from ..provenance import identity
+
     return {"clip_model": clip_model, **pretrained_identity(clip_pretrained), "images": data.source_digest(),
             "dataset": data.name, "split": data.split, "n": len(data), "classes": list(data.classes),
-            "template": template}
+            "template": template, **identity(device)}
 
 
 def _cache_hit(path: Path, want: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -293,7 +297,7 @@ def clip_embeddings(data: ImageSet, *, clip_model: str = DEFAULT_CLIP_MODEL,
                     show_progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, Path, bool]:
     """L2-normalised image (M, D) and text (C, D) embeddings; from the cache when it matches, else computed with
     CLIP and written to it. Returns (images, texts, cache path, reused)."""
-    want = cache_meta(clip_model, clip_pretrained, data, template)
+    want = cache_meta(clip_model, clip_pretrained, data, template, device)
     path = Path(cache) if cache is not None else default_cache_path(want)
     hit = _cache_hit(path, want)
     if hit is not None:

@@ -335,3 +335,12 @@ def test_evaluation_reaches_ig_defense_only_through_the_contract():
             elif isinstance(node, ast.alias):
                 used.add(node.name.rpartition(".")[2])
         assert not used & ig_only, f"{f.name} uses {sorted(used & ig_only)}"
+
+
+def test_batch_size_trial_runs_on_a_defence_without_gradient(target, data):
+    """``--batch-size auto``'s attack trial on a --defense: the gradient attacks the evaluation leaves out are left
+    out of the trial too, and the adaptive attack is tried on the defended model."""
+    from igd_cli.batching import attack_trial
+
+    d = contract.build_defense(f"{__name__}:no_grad", target.model)
+    attack_trial([d, target.model], data, "iw-wc", eps=EPS, num_classes=10)(4)

@@ -2,7 +2,8 @@
 
 Two measurements, written to ``--out`` (JSON, rewritten after each part):
 
-1. ``--sweep``: the adaptive attack alone at each BPDA temperature T (first ``--sweep-n`` images), its robust
+1. ``--sweep``: the adaptive attack alone at each BPDA temperature T (``--sweep-n`` test images from
+   ``--sweep-start``, by default the ones after the ``--n`` evaluated images: T is chosen on held-out images), its robust
    accuracy (mean ± std over the draws of igd's repeated-draw scoring) and seconds;
 2. IW-WC with ``--no-skip`` (every column its own accuracy) and the adaptive column at ``--temperature``
    (default: the sweep's strongest T): the adaptive column against each of the nine, IW-WC over the nine vs
@@ -49,6 +50,9 @@ def main() -> None:
     ap.add_argument("--restarts", type=int, default=None)
     ap.add_argument("--sweep", default="", help="temperatures, comma-separated (empty: no sweep)")
     ap.add_argument("--sweep-n", type=int, default=None, help="images of the sweep (default --n)")
+    ap.add_argument("--sweep-start", type=int, default=None,
+                    help="first test image of the sweep (default --n: the images after the evaluated ones, so that "
+                         "T is not chosen on the images its figure is reported on)")
     ap.add_argument("--temperature", type=float, default=None, help="IW-WC's adaptive column (default: best of sweep)")
     ap.add_argument("--no-iwwc", action="store_true")
     ap.add_argument("--available-only", action="store_true", help="instead of IW-WC: score only the columns whose "
@@ -93,7 +97,8 @@ def main() -> None:
         return
     temps = [float(t) for t in args.sweep.split(",") if t.strip()]
     if temps:
-        data = target.data("test", args.sweep_n or args.n, None)
+        start = args.n if args.sweep_start is None else args.sweep_start
+        data = target.data("test", None, None).view(start, start + (args.sweep_n or args.n))
         sweep = {}
         for t in temps:
             ev = Evaluator(target, defense, data, eps=eps, budgets=budgets, workdir=args.workdir,
@@ -106,7 +111,7 @@ def main() -> None:
                              "all_draws": s.all_draws, "score": s.to_json(),
                              "seconds": round(time.perf_counter() - t0, 1), "load": os.getloadavg()}
             print(f"T={t:g}: {100 * s.mean:.2f} ± {100 * s.std:.2f} %", flush=True)
-            out["sweep"] = {"n": len(data), "temperatures": sweep}
+            out["sweep"] = {"n": len(data), "start": start, "held_out": start >= args.n, "temperatures": sweep}
             save()
     if args.no_iwwc:
         return

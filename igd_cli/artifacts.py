@@ -24,6 +24,7 @@ from safetensors.torch import save as _st_save
 
 from . import __version__
 from .errors import IgdError
+from .home import digest_store
 
 FORMAT_VERSION = 1
 
@@ -236,13 +237,11 @@ def file_sha256(path: str | os.PathLike) -> str:
 def cached_file_sha256(path: str | os.PathLike) -> str:
     """:func:`file_sha256`, remembered under :func:`stat_key` in ``$IGD_HOME/cache/sha256.json`` so that a large
     file is read once, not by every command that names it; a changed file is hashed anew."""
-    from .models import igd_home
-
     p = Path(path).resolve()
     key = stat_key(p)
     if key in _SHA_MEMO:
         return _SHA_MEMO[key]
-    store = igd_home() / "cache" / "sha256.json"
+    store = digest_store()
     try:
         known = json.loads(store.read_text())
     except (OSError, ValueError):

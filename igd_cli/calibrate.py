@@ -110,7 +110,13 @@ class KSchedule:
 @dataclass
 class Calibration:
     """The result of :func:`calibrate_k`; accuracies are fractions, the curve is sorted by k (the search variable:
-    the k of ``schedule.reference``; one layer: its k)."""
+    the k of ``schedule.reference``; one layer: its k).
+
+    Example::
+
+        cal = calibrate_k(defense, importance, images)
+        cal.k, cal.accuracy, cal.base_accuracy, cal.curve       # [[k, accuracy], ...] of every k evaluated
+    """
 
     k: int
     n_neurons: int
@@ -204,6 +210,12 @@ def calibrate_k(defense: IGDefense, importance: torch.Tensor | Sequence[torch.Te
     The smoothing noise is each image's first draw on the scoring stream of ``calibration_stream(s)``, ``s`` the
     defence's seed (none of the draws an evaluation with seed ``s`` reports).
     ``precision``: every forward under autocast (:mod:`igd_cli.precision`).
+
+    Example::
+
+        whole = IGDefense(model, "block3", torch.ones(128, 10), sigma=0.1)    # the masks are set per k tried
+        cal = calibrate_k(whole, importance, images, tolerance=0.5)
+        defense = IGDefense(model, "block3", topk_mask(importance, cal.k), sigma=0.1)
     """
     if tolerance < 0:
         raise IgdError(f"--tolerance {tolerance}: must be >= 0 percentage points")
@@ -326,6 +338,11 @@ def run_calibration(target: Any, importance_path: str | Path | Sequence[str | Pa
     then a mapping of the layers whose k is fixed, and the result's ``k`` and ``n_neurons`` are keyed by layer.
     ``batch_size`` may be ``"auto"`` (:mod:`igd_cli.batching`); ``precision``: the defended forwards under
     autocast, recorded in the mask's calibration (it can change k). ``auto_default``: what ``auto`` is on a CPU.
+
+    Example::
+
+        r = run_calibration(target, "imp.safetensors", "mask.safetensors", n_examples=200, tolerance=0.5)
+        r["k"], r["clean_accuracy"], r["base_clean_accuracy"]
     """
     from .batching import calibration_trial, choose_batch_size
     from .common import FOR_SMOOTHING, check_classes

@@ -42,7 +42,14 @@ DEFAULT_N_EXAMPLES = 1000
 
 @dataclass
 class Target:
-    """A model, its device and the data set it is used with."""
+    """A model, its device and the data set it is used with.
+
+    Example::
+
+        target = open_target("demo")
+        images = target.data("test", 100)          # the first 100 test images of its data set
+        target.model, target.device, target.default_eps()
+    """
 
     loaded: LoadedModel
     device: torch.device
@@ -95,7 +102,7 @@ class Target:
         return identity(self.device)
 
 
-def open_target(model: str, arch: str | None, dataset: str | None, threat_model: str = "Linf",
+def open_target(model: str = "demo", arch: str | None = None, dataset: str | None = None, threat_model: str = "Linf",
                 device: str = "auto", zoo_dataset: str | None = None, normalize: str | None = None,
                 numerics: str = DEFAULT_NUMERICS) -> Target:
     """The model named by ``--model``/``--arch`` (a zoo entry by ``--zoo-dataset``) on ``device``, with the
@@ -103,7 +110,7 @@ def open_target(model: str, arch: str | None, dataset: str | None, threat_model:
     a state-dict model whose normalisation is not inside it. ``numerics`` (``--numerics``) is applied before the
     model reaches the device (:mod:`igd_cli.numerics`).
 
-    >>> open_target("demo", None, None).dataset
+    >>> open_target("demo").dataset
     'digits'
     """
     check_numerics(numerics)

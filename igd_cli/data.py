@@ -18,6 +18,7 @@ import torch
 
 from ._compat import reachable
 from .errors import IgdError
+from .home import data_home
 
 Split = Literal["train", "test"]
 
@@ -36,6 +37,12 @@ class ImageSet:
     """The first ``n`` images of a split. ``get(i, j)`` returns images i..j-1 as float in [0, 1].
 
     ``file`` is set for a tensor file, which has no splits: every split of it is the same images.
+
+    Example::
+
+        images = load_dataset("digits", "test", 64)
+        batch = images.get(0, 8)                     # batch.x (8, 1, 8, 8), batch.y, batch.index = 0..7
+        len(images), images.classes, images.identity()
     """
 
     def __init__(self, name: str, split: str, classes: Sequence[str], n: int,
@@ -128,14 +135,19 @@ def data_dir(arg: str | os.PathLike | None = None) -> Path:
         return Path(arg).expanduser()
     if os.environ.get("IGD_DATA_DIR"):
         return Path(os.environ["IGD_DATA_DIR"]).expanduser()
-    from .models import igd_home
-
-    return igd_home() / "data"
+    return data_home()
 
 
 def load_dataset(name: str, split: Split = "test", n: int | None = None,
                  data_dir_arg: str | os.PathLike | None = None) -> ImageSet:
-    """Resolve ``--dataset`` into the first ``n`` images (all when ``n`` is None) of ``split``."""
+    """Resolve ``--dataset`` into the first ``n`` images (all when ``n`` is None) of ``split``.
+
+    Example::
+
+        images = load_dataset("digits", "test", 256)        # "cifar10", ...; or a tensor file "PATH.safetensors"
+        for batch in images.batches(256):
+            batch.x, batch.y, batch.index                    # float32 in [0, 1], labels, positions in the split
+    """
     if split not in ("train", "test"):
         raise IgdError(f"--split {split}: expected train or test")
     if n is not None and n < 1:

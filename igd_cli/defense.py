@@ -68,7 +68,13 @@ def importance_ranks(importance: torch.Tensor) -> torch.Tensor:
 
 
 def topk_mask(importance: torch.Tensor, k: int) -> torch.Tensor:
-    """The IG-Defense mask: column c keeps the k neurons with the largest ``importance[:, c]`` (uint8 0/1)."""
+    """The IG-Defense mask: column c keeps the k neurons with the largest ``importance[:, c]`` (uint8 0/1).
+
+    Example::
+
+        mask = topk_mask(importance, 16)                  # (N, C): 16 ones per column
+        IGDefense(model, "block3", mask, sigma=0.1)
+    """
     n = importance.shape[0]
     check_k(k, n)
     return (importance_ranks(importance) < k).to(torch.uint8)
@@ -120,6 +126,13 @@ class IGDefense(nn.Module):
     one call (concatenated along the batch). Default (None): on CUDA, where one larger batch fills the device
     better; not on the CPU, where ``benchmarks/bench_defense.py`` measured two calls faster (2.03× vs 2.14× the
     base forward for a ResNet-18 at batch 256).
+
+    Example::
+
+        mask = topk_mask(importance, k=16)                   # (N, C) 0/1 from an (N, C) ranking
+        defense = IGDefense(model, "block3", mask, sigma=0.1)
+        with noise.images(noise.image_keys(index, x), noise.stream(0, "mine")):
+            logits = defense(x)                              # each image's first query on that stream
     """
 
     def __init__(self, model: nn.Module, layer: str | Sequence[str], mask: torch.Tensor | Sequence[torch.Tensor],
@@ -512,7 +525,13 @@ def load_defense(target: "Target", mask_path: str | Path, *, sigma: float | None
                  n_smooth: int | None = None, tau: float | None = None, rs: bool | None = None,
                  seed: int = 0) -> IGDefense:
     """The defended model for ``target`` from a mask artifact (one layer or several); unspecified settings come
-    from the mask."""
+    from the mask.
+
+    Example::
+
+        defense = load_defense(open_target("demo"), "mask.safetensors")        # igd calibrate-k --out
+        defense.k, defense.layer, defense.settings()
+    """
     art = load_mask(target, mask_path)
     stored = art.meta.get("defense") or {}
     if not isinstance(stored, dict):

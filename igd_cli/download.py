@@ -27,6 +27,7 @@ from . import locks
 from .errors import IgdError
 
 CHUNK = 1 << 20
+GDRIVE_HOST = "drive.google.com"  # RobustBench checkpoints are fetched with gdown
 
 
 class NotOneFile(IgdError):
@@ -141,7 +142,6 @@ def zoo_checkpoint_fill(name: str, dataset: str, threat_model: str, path: Path) 
     if m is not None:
         return download(f"{m}/models/{dataset}/{threat_model}/{name}.pt", path, offline=offline)
     from ._compat import import_robustbench, reachable
-    from .models import GDRIVE_HOST
 
     def produce(tmp: Path) -> None:
         rb = import_robustbench()

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 
 class IgdError(Exception):
-    """A problem with the user's input or environment (bad file, unknown name, offline download...)."""
+    """A problem with the user's input or environment (bad file, unknown name, offline download...).
+
+    Example::
+
+        try:
+            igd_cli.open_target("no-such-model")
+        except igd_cli.IgdError as exc:
+            print(exc)          # one line saying what is wrong
+    """
 
 
 def one_line(text: str) -> str:

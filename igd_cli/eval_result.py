@@ -56,8 +56,9 @@ class EvalResult:
 
     Example::
 
-        res = evaluate_defense(target, defense, data, attack="iw-wc", workdir="adv")
+        res = evaluate_defense(target, defense, data, attack="fgsm", workdir="adv")   # or "iw-wc"
         j = res.to_json()  # worst_case (mean over draws), worst_case_std, worst_case_majority, ...
+        res.defended["fgsm"]                           # bool (draws, n): each image's correctness in each draw
     """
 
     y: torch.Tensor

@@ -42,6 +42,7 @@ from .common import Target, check_classes
 from .data import ImageSet
 from . import noise
 from .errors import IgdError
+from .home import adv_home
 from .precision import precision_meta
 from .eval_result import (BEYOND_NOTE, BEYOND_PAPER, DIRECT, DIRECT_RUN_ORDER, LABELS, TRANSFER,  # noqa: F401
                           EvalResult, column_key, column_label)
@@ -50,7 +51,12 @@ from .scoring import DEFAULT_DRAWS, Score, classify, final_of_selected, final_ro
 
 @dataclass
 class Budgets:
-    """Budget overrides (None keeps each attack's paper default)."""
+    """Budget overrides (None keeps each attack's paper default).
+
+    Example::
+
+        evaluate_defense(target, defense, images, attack="apgd-ce", budgets=Budgets(steps=10, eot_iter=2))
+    """
 
     steps: int | None = None
     restarts: int | None = None
@@ -284,9 +290,7 @@ def score_meta(score: Score, protocol: str) -> dict[str, Any]:
 
 def default_workdir(target: Target) -> Path:
     """Where IW-WC keeps its sets by default: ``$IGD_HOME/adv/<model fingerprint>``."""
-    from .models import igd_home
-
-    return igd_home() / "adv" / target.loaded.fingerprint
+    return adv_home() / target.loaded.fingerprint
 
 
 def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, *, attack: str = "none",

@@ -22,10 +22,12 @@ import torch.nn as nn
 
 from ._compat import reachable
 from .archs import ARCHS, CIFAR_SHAPE, IMAGENET_MEAN, IMAGENET_SHAPE, IMAGENET_STD, Normalized
+from .artifacts import load_artifact, load_state_dict_file
+from .download import GDRIVE_HOST, NotOneFile, zoo_checkpoint_fill
 from .errors import IgdError
+from .home import igd_home, model_dir  # noqa: F401  (igd_home: importable from here as before)
 
 DEMO_WEIGHTS = "demo.safetensors"
-GDRIVE_HOST = "drive.google.com"  # RobustBench checkpoints are fetched with gdown
 
 #: Data set the RobustBench zoo files a model under (ours -> theirs).
 RB_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet": "imagenet"}
@@ -38,7 +40,13 @@ DEFAULT_EPS_L2 = {"cifar10": 0.5, "cifar100": 0.5, "imagenet": 3.0}
 
 @dataclass
 class LoadedModel:
-    """A model ready to use, with what the rest of igd needs to know about it."""
+    """A model ready to use, with what the rest of igd needs to know about it.
+
+    Example::
+
+        loaded = load_model("demo")
+        loaded.model, loaded.fingerprint, loaded.num_classes, loaded.eps   # nn.Module on images in [0, 1], ...
+    """
 
     model: nn.Module
     name: str
@@ -66,15 +74,6 @@ class LoadedModel:
                 "num_classes": self.num_classes, "dataset": self.dataset, "eps": self.eps,
                 "default_layer": self.default_layer,
                 "input_shape": list(self.input_shape) if self.input_shape else None}
-
-
-def igd_home() -> Path:
-    """Root of igd's caches (``$IGD_HOME``, default ``~/.cache/igd``)."""
-    return Path(os.environ.get("IGD_HOME", Path.home() / ".cache" / "igd")).expanduser()
-
-
-def model_dir() -> Path:
-    return igd_home() / "models"
 
 
 _FINGERPRINTS: dict[int, tuple[int, str]] = {}
@@ -131,6 +130,13 @@ def load_model(spec: str = "demo", arch: str | None = None, dataset: str | None 
 
     ``dataset`` (``--dataset``) names the images only; for a zoo name listed under several data sets it picks
     among them when it is one of them. ``zoo_dataset`` (``--zoo-dataset``) picks the zoo entry explicitly.
+
+    Example::
+
+        loaded = load_model("demo")                                 # the bundled digits model
+        loaded = load_model("weights.pt", arch="resnet18")          # a state-dict file (normalize="cifar10" when
+                                                                    # its normalisation is not inside it)
+        # a RobustBench zoo entry, downloaded once: load_model("Addepalli2022Efficient_RN18", dataset="cifar10")
     """
     spec = (spec or "demo").strip()
     is_file = Path(spec).suffix in (".pt", ".pth", ".safetensors") or os.sep in spec
@@ -162,8 +168,6 @@ def demo_weights_path() -> Path:
 
 
 def _load_demo() -> LoadedModel:
-    from .artifacts import load_artifact
-
     path = demo_weights_path()
     if not path.exists():
         raise IgdError(f"the demo model's weights are missing: {path} (re-run scripts/train_demo.py)")
@@ -179,7 +183,6 @@ def _load_demo() -> LoadedModel:
 # --- state-dict files -------------------------------------------------------------------------------
 
 def _load_file(spec: str, arch: str | None, normalize: str | None = None) -> LoadedModel:
-    from .artifacts import load_state_dict_file
     from .user_arch import build_user_arch, check_channels, is_user_arch, parse_normalize
 
     path = Path(spec).expanduser()
@@ -379,8 +382,6 @@ def _load_robustbench(name: str, threat_model: str, *, zoo_dataset: str | None =
     offline = f"cannot download RobustBench model {name} (offline?): place its checkpoint at {path}"
     if not path.exists():
         # filled once, under a lock, complete or not at all (several array tasks may start here at once)
-        from .download import NotOneFile, zoo_checkpoint_fill
-
         try:
             zoo_checkpoint_fill(name, ds, tm, path)
         except NotOneFile as exc:  # an ensemble of files: robustbench fetches its parts itself

@@ -41,10 +41,10 @@ _EPS_DEFAULT = ("the zoo entry's or demo model's own, else per data set: CIFAR 8
 Eps = Annotated[Optional[str], typer.Option("--eps", metavar="EPS", help="attack budget (l-inf, or l2 with --threat-model L2), e.g. 8/255 or 0.0314 (default: " + _EPS_DEFAULT + ")")]
 #: ε where it also sets the smoothing noise σ = ε/2 (calibrate-k, pipeline, analyze ablation and sweep)
 EpsSigma = Annotated[Optional[str], typer.Option("--eps", metavar="EPS", help="attack budget (l-inf, or l2 with --threat-model L2), e.g. 8/255 or 0.0314; also sets the smoothing noise σ = ε/2 (the default of --sigma where the command has one; default: " + _EPS_DEFAULT + ")")]
-Steps = Annotated[Optional[int], typer.Option("--steps", metavar="N", help="attack iterations (default: the paper's: APGD 100, PGD 20, AutoAttack's APGD/FAB 100)")]
-Restarts = Annotated[Optional[int], typer.Option("--restarts", metavar="N", help="random restarts (default: the paper's: APGD 1, APGD-T-DLR 3)")]
-Queries = Annotated[Optional[int], typer.Option("--queries", metavar="N", help="query budget (default: the paper's: RayS 10000, Square 5000)")]
-EotIter = Annotated[Optional[int], typer.Option("--eot-iter", metavar="N", help="EoT gradient samples per step (default: the paper's 20)")]
+Steps = Annotated[Optional[int], typer.Option("--steps", metavar="N", min=1, help="attack iterations (default: the paper's: APGD 100, PGD 20, AutoAttack's APGD/FAB 100)")]
+Restarts = Annotated[Optional[int], typer.Option("--restarts", metavar="N", min=1, help="random restarts (default: the paper's: APGD 1, APGD-T-DLR 3)")]
+Queries = Annotated[Optional[int], typer.Option("--queries", metavar="N", min=1, help="query budget (default: the paper's: RayS 10000, Square 5000)")]
+EotIter = Annotated[Optional[int], typer.Option("--eot-iter", metavar="N", min=1, help="EoT gradient samples per step (default: the paper's 20)")]
 BpdaTemperature = Annotated[Optional[float], typer.Option("--bpda-temperature", metavar="T", help="the adaptive attack (beyond the paper, docs/adaptive.md): temperature T >= 1 of the pseudo-label's relaxed backward softmax(f(x+v)/T) (default 5, chosen by measurement)")]
 Shard = Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="work only on block I of N of the images (I/N, 0-based), for igd merge")]
 Draws = Annotated[int, typer.Option("--draws", metavar="R", min=1, help="randomized defence: classifications per point for the "

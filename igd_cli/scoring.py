@@ -87,6 +87,12 @@ def classify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: int, *, s
     selection draws, the images' ordinals are advanced past the final ones with ``skip_noise``; a model without it
     is queried and the answers dropped). A candidate with nothing to be selected against (a clean-only evaluation)
     needs only its final draws.
+
+    Example::
+
+        b = images.get(0, 64)
+        bits = classify(defense, b.x, b.y, rows=5, keys=noise.image_keys(b.index, b.x))   # (5, 64) bool
+        bits.float().mean(1)                                                                # accuracy per draw
     """
     from .precision import autocast, memory_format
 
@@ -170,7 +176,13 @@ def _check_rows(candidates: Sequence[torch.Tensor]) -> None:
 @dataclass(frozen=True)
 class Score:
     """The figures of per-image, per-draw correctness (R, n): accuracy in each draw, their mean ± std (sample
-    standard deviation over draws, 0 for one draw), majority vote and all draws (the pessimistic bound)."""
+    standard deviation over draws, 0 for one draw), majority vote and all draws (the pessimistic bound).
+
+    Example::
+
+        s = Score.of(torch.tensor([[True, True], [True, False]]))   # 2 draws of 2 images
+        s.mean, s.std, s.majority, s.all_draws                       # 0.75, 0.354, 0.5, 0.5
+    """
 
     per_draw: tuple[int, ...]  # correct images in each final draw
     n: int

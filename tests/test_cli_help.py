@@ -149,7 +149,7 @@ def test_shared_options_share_their_defaults():
             if "--out" in p.opts:
                 outs[full] = p.metavar
     assert sizes == {128}
-    assert {c for c, m in outs.items() if m == "DIR"} == {"igd pipeline", "igd analyze shift",
+    assert {c for c, m in outs.items() if m == "DIR"} == {"igd pipeline", "igd audit", "igd analyze shift",
                                                          "igd analyze ablation", "igd analyze sweep"}
     assert set(outs.values()) == {"FILE", "DIR"}
 

@@ -50,6 +50,12 @@ def make_attack(name: str, model: nn.Module, *, eps: float, norm: str = "Linf", 
     With ``strict=False`` overrides the attack has no use for are ignored (used for attack ensembles).
     ``bpda_temperature``: the ``adaptive`` attack's BPDA temperature (None: its default; refused by the others
     with ``strict``).
+
+    Example::
+
+        atk = make_attack("apgd-ce", defense, eps=8 / 255, steps=20)   # ATTACKS lists the names
+        b = images.get(0, 32)
+        x_adv = atk(b.x, b.y, b.index)        # per-image randomness: the same points in any batch
     """
     cls = attack_class(name)
     extra: dict = {}

@@ -246,7 +246,13 @@ def run_attack(attack: Attack, data: ImageSet, *, batch_size: int = 128,
                positions: Sequence[int] | torch.Tensor | None = None, description: str | None = None,
                show_progress: bool = True) -> AttackResult:
     """Run ``attack`` over the images of ``data`` at ``positions`` (default: all), in batches, with a progress
-    bar; returns the adversarial points with their labels and positions (CPU)."""
+    bar; returns the adversarial points with their labels and positions (CPU).
+
+    Example::
+
+        res = run_attack(make_attack("fgsm", model, eps=8 / 255), images, batch_size=256)
+        res.x_adv, res.y, res.index
+    """
     import time
 
     if positions is None:

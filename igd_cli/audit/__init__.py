@@ -65,7 +65,13 @@ def parse_checks(text: str | None) -> list[int]:
 
 def run_audit(audit: Audit, checks: Sequence[int] | None = None, plot_dir: str | Path | None = None) -> dict[str, Any]:
     """Run the ``checks`` (default all) and return the audit's JSON: every check's figures and verdict, the
-    thresholds, the scoring protocol and the plots written to ``plot_dir``."""
+    thresholds, the scoring protocol and the plots written to ``plot_dir``.
+
+    Example::
+
+        report = run_audit(Audit(target, images, eps=8 / 255, defense=defense), checks=[6, 9])
+        report["flags"], [(c["id"], c["verdict"]) for c in report["checks"]]
+    """
     t0 = time.perf_counter()
     results: list[CheckResult] = []
     plots: dict[str, str] = {}

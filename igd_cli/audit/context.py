@@ -121,7 +121,13 @@ def paired(a: Cell, b: Cell, threshold: str | float, rule: Literal["above", "bel
 
 class Audit:
     """The audited model (``defense`` if given, else ``target.model``), its images and its attack sets. The
-    defence is reached only through :mod:`igd_cli.contract` (IG-Defense from ``mask_path``, or any other)."""
+    defence is reached only through :mod:`igd_cli.contract` (IG-Defense from ``mask_path``, or any other).
+
+    Example::
+
+        audit = Audit(target, target.data("test", 16), eps=8 / 255, preset="quick", defense=defense)
+        run_audit(audit, checks=[1, 6, 9])["flags"]          # checks=None (the default): every check
+    """
 
     def __init__(self, target: Target, data: ImageSet, *, eps: float, preset: str = "quick",
                  defense: nn.Module | None = None, mask_path: str | Path | None = None,

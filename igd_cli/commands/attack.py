@@ -38,7 +38,7 @@ def attack_cmd(
     mask: Annotated[Optional[Path], typer.Option("--mask", metavar="FILE", help="attack the defended model with this mask artifact")] = None,
     defense_spec: DefenseOpt = None,
     eps: Eps = None,
-    n_examples: Annotated[Optional[int], typer.Option("--n-examples", metavar="N", help="the first N test images (default: the first 1000, or all if fewer)")] = None,
+    n_examples: Annotated[Optional[int], typer.Option("--n-examples", metavar="N", min=1, help="the first N test images (default: the first 1000, or all if fewer)")] = None,
     steps: Steps = None,
     restarts: Restarts = None,
     queries: Queries = None,

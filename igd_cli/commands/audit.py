@@ -32,7 +32,7 @@ def audit_cmd(
     mask: Annotated[Optional[Path], typer.Option("--mask", metavar="FILE", help="mask artifact from igd calibrate-k: audit the "
                                                  "defended model (without it or --defense: the base model; checks 7-11 n/a)")] = None,
     defense_spec: DefenseOpt = None,
-    n_examples: Annotated[Optional[int], typer.Option("--n-examples", metavar="N", help="the first N test images (default: "
+    n_examples: Annotated[Optional[int], typer.Option("--n-examples", metavar="N", min=1, help="the first N test images (default: "
                                                       "the preset's: quick 100, fewer than the pipeline's 200 because "
                                                       "the audit runs many more attacks; paper 1000; at most all)")] = None,
     preset: Annotated[str, typer.Option("--preset", metavar="quick|paper", help="attack budgets and images: quick (the "
@@ -40,8 +40,8 @@ def audit_cmd(
                                         "not auto as in pipeline and analyze: the paper's budgets over the audit's "
                                         "many attacks take hours without a GPU")] = "quick",
     checks: Annotated[Optional[str], typer.Option("--checks", metavar="LIST", help=f"which checks, e.g. 1,2,6 (default: all {len(CHECKS)})")] = None,
-    plot_dir: Annotated[Optional[Path], typer.Option("--plot-dir", metavar="DIR", help="write surface.png, steps.png, "
-                                                     "budget.png here")] = None,
+    plot_dir: Annotated[Optional[Path], typer.Option("--out", "--plot-dir", metavar="DIR", help="folder for the audit's "
+                                                     "plots: surface.png, steps.png, budget.png (--plot-dir is the same option)")] = None,
     eps: AuditEps = None,
     split: Annotated[str, typer.Option("--split", metavar="train|test", help="data split to audit on")] = "test",
     workdir: Annotated[Optional[Path], typer.Option("--workdir", metavar="DIR", help="where attack sets are kept and reused, e.g. "
@@ -66,7 +66,7 @@ def audit_cmd(
     if n_examples is not None and n_examples < 1:
         raise IgdError(f"--n-examples {n_examples}: must be at least 1")
     if plot_dir is not None and plot_dir.exists() and not plot_dir.is_dir():
-        raise IgdError(f"--plot-dir {plot_dir}: exists and is not a directory")
+        raise IgdError(f"--out {plot_dir}: exists and is not a directory")
     eps_v = parse_eps(eps)
     target = open_target(model, arch, dataset, "Linf", device, zoo_dataset, normalize=normalize,
                          numerics=numerics)

@@ -47,10 +47,10 @@ def defend_eval_cmd(
     adv: Annotated[Optional[list[Path]], typer.Option("--adv", metavar="FILE|DIR", help="ready-made adversarial set to "
                                                       "evaluate, or a folder: every set in it (repeat --adv for more)")] = None,
     split: Annotated[str, typer.Option("--split", metavar="train|test", help="data split to evaluate on")] = "test",
-    n_examples: Annotated[Optional[int], typer.Option("--n-examples", metavar="N", help="the first N images of the split (default: the first 1000, or all if fewer)")] = None,
+    n_examples: Annotated[Optional[int], typer.Option("--n-examples", metavar="N", min=1, help="the first N images of the split (default: the first 1000, or all if fewer)")] = None,
     eps: Eps = None,
     sigma: Annotated[Optional[float], typer.Option("--sigma", metavar="S", help="smoothing noise std (default: the mask's)")] = None,
-    n_smooth: Annotated[Optional[int], typer.Option("--n-smooth", metavar="N", help="noise samples (default: the mask's)")] = None,
+    n_smooth: Annotated[Optional[int], typer.Option("--n-smooth", metavar="N", min=1, help="noise samples (default: the mask's)")] = None,
     tau: Annotated[Optional[float], typer.Option("--tau", metavar="T", help="soft pseudo-label temperature (default: the mask's)")] = None,
     rs: Annotated[Optional[bool], typer.Option("--rs/--no-rs", help="randomized smoothing on/off (default: the mask's)")] = None,
     steps: Steps = None,
@@ -68,7 +68,7 @@ def defend_eval_cmd(
     batch_size: AutoBatchSize = "128", seed: Seed = 0, device: Device = "auto",
     numerics: Numerics = "pinned",
     precision: Precision = "fp32",
-    report: Annotated[Optional[Path], typer.Option("--report", metavar="FILE", help="write an eval-report artifact: per-image, "
+    report: Annotated[Optional[Path], typer.Option("--out", "--report", metavar="FILE", help="write an eval-report artifact (--report is the same option): per-image, "
                                                    "per-draw correctness and per-class accuracy")] = None,
     as_json: Json = False,
 ) -> None:
@@ -102,7 +102,7 @@ def defend_eval_cmd(
     if bpda_temperature is not None and not bpda_temperature >= 1:
         raise IgdError(f"--bpda-temperature {bpda_temperature}: must be at least 1")
     if report is not None and report.is_dir():
-        raise IgdError(f"--report {report}: is a directory")
+        raise IgdError(f"--out {report}: is a directory")
     adv_files = expand_adv(adv or [])  # a folder: every adversarial set in it
     target = open_target(model, arch, dataset, threat_model, device, zoo_dataset, normalize=normalize,
                          numerics=numerics)

@@ -33,6 +33,7 @@ from ..artifacts import cached_file_sha256, load_artifact, read_metadata, save_a
 from ..console import err_console, progress
 from ..data import ImageSet
 from ..errors import IgdError
+from ..home import clip_cache_home
 from ..layers import LayerSplit
 from ..precision import autocast, memory_format
 
@@ -254,12 +255,10 @@ NOT_IDENTITY = ("n", "dataset", "split", "clip_weights_path")
 
 def default_cache_path(meta: dict[str, Any]) -> Path:
     """``$IGD_HOME/clip-cache/<clip model>-<data>-<hash>.safetensors``, one file per (CLIP, data, prompts)."""
-    from ..models import igd_home
-
     key = {k: meta[k] for k in sorted(meta) if k not in NOT_IDENTITY}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     data = re.sub(r"[^A-Za-z0-9]+", "-", Path(str(meta["dataset"])).stem).strip("-")
-    return igd_home() / "clip-cache" / f"{meta['clip_model']}-{data}-{meta['split']}-{digest}.safetensors"
+    return clip_cache_home() / f"{meta['clip_model']}-{data}-{meta['split']}-{digest}.safetensors"
 
 
 def cache_meta(clip_model: str, clip_pretrained: str, data: ImageSet, template: str,

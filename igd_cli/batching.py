@@ -352,6 +352,7 @@ def attack_trial(models: Sequence[nn.Module], data: Any, attack: str, *, eps: fl
     at :data:`TRIAL_BUDGET`, on each of ``models`` (the defended and the base model IW-WC attacks). Every image is
     labelled with the model's own prediction, so that every attack attacks every image of the batch (they skip
     images already misclassified): the trial holds the attack state of a whole batch of robust images."""
+    from . import contract
     from .attacks import attack_class, make_attack
 
     parts = [name for name in attack_parts(attack) if norm in attack_class(name).norms]
@@ -365,11 +366,14 @@ def attack_trial(models: Sequence[nn.Module], data: Any, attack: str, *, eps: fl
             with torch.no_grad(), _trial_block(x):
                 y = model(x).argmax(1)
             for name in parts:
-                if name == "adaptive" and not callable(getattr(model, "bpda", None)):
+                if name == "adaptive" and not contract.adaptive_column(model):
                     continue  # the adaptive attack runs on the defended model only
                 atk = make_attack(name, model, eps=eps, norm=norm, seed=seed, num_classes=num_classes,
                                   strict=False, **TRIAL_BUDGET)
-                atk(x, y, index)
+                try:
+                    atk(x, y, index)
+                except contract.NoGradient:  # a defence without a gradient: the evaluation leaves this attack out
+                    continue
             for p in model.parameters():  # no gradients left behind (they would hold memory)
                 p.grad = None
     return run

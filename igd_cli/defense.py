@@ -15,6 +15,7 @@ queries of one point (EoT) get fresh noise.
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from .artifacts import Artifact, file_sha256, load_artifact, save_artifact
 from .devices import module_device, module_dtype
 from .errors import IgdError
 from .layers import LayerSplit, capture, fit_weights, resolve_layer, scale_output, scaled_layers
-from .noise import FreshNoise
+from .noise import FixedNoise, FreshNoise
 
 if TYPE_CHECKING:  # pragma: no cover
     from .common import Target
@@ -236,6 +237,47 @@ class IGDefense(nn.Module):
     def sample_noise(self, x: torch.Tensor) -> torch.Tensor:
         """``v`` of shape (n_s, *x.shape), ``N(0, σ²)``: one query of the rows of ``x`` (:mod:`igd_cli.noise`)."""
         return self._noise.sample(x, self.n_smooth).mul_(self.sigma)
+
+    # -- the contract's optional capabilities (igd_cli.contract) -----------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """What identifies this defence by content (its masks, layers and settings), for one built in memory; one
+        read from a mask artifact is identified by the file (:func:`igd_cli.evaluate.defense_identity`)."""
+        from .analysis.setup import mask_identity
+
+        return mask_identity(torch.cat([m.flatten() for m in self.masks]), self.layer, self.settings())
+
+    def surrogate(self, x: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+        """The adaptive attack's BPDA stand-in: the defended forward itself, with ``ŷ``'s backward that of
+        ``softmax(z / T)`` at ``temperature`` T (:meth:`bpda`; None: the true gradient)."""
+        with self.bpda(temperature):
+            return self(x)
+
+    def first_pass(self, x: torch.Tensor) -> torch.Tensor:
+        """Pass 1 as deployed, the logits whose ``softmax(· / τ)`` is ``ŷ``: ``mean_i f(x + v_i)`` with fresh noise
+        (one query), ``f(x)`` without smoothing; the adaptive attack's stage 1 attacks it."""
+        if not (self.rs and self.sigma):
+            return self.model(x)
+        return self.model(self._noisy(x)).reshape(self.n_smooth, x.shape[0], -1).mean(dim=0)
+
+    def frozen(self, seed: int | None = None) -> "IGDefense":
+        """A copy (sharing the model and masks) whose smoothing noise is one fixed draw for every image and query
+        (:class:`igd_cli.noise.FixedNoise`, from ``seed`` or this defence's own): deterministic, so it is scored
+        once and attacked without EoT (audit check 8)."""
+        out = copy.copy(self)
+        out._noise = FixedNoise(self._noise.seed if seed is None else seed)
+        return out
+
+    def changes_prediction(self, x: torch.Tensor) -> torch.Tensor:
+        """Per row of one query, whether the mask changes the prediction from argmax ``ŷ`` (audit check 9)."""
+        feats = self.features(x)
+        return self.masked_tail(feats).argmax(1) != feats.yhat.argmax(1)
+
+    def baseline(self, seed: int = 0) -> nn.Module:
+        """The base model with this defence's smoothing noise and no mask: smoothing alone (the paper's Table 6,
+        row 2; audit check 10)."""
+        from .variants import SmoothedModel
+
+        return SmoothedModel(self.model, sigma=self.sigma if self.rs and self.sigma else 0.0, seed=seed)
 
     def _apply(self, fn, *args, **kwargs):  # .to()/.cuda(): the fx graphs hold their own buffer references
         out = super()._apply(fn, *args, **kwargs)

@@ -30,6 +30,12 @@ LABELS = {"aa": "AA", "aa-rand": "AA-rand", "rays": "RayS", "apgd-eot": "APGD+Eo
 #: the mark of a column beyond the paper in every table (LABELS) and its note
 BEYOND_NOTE = ("‡ beyond the paper: the adaptive attack designed against IG-Defense (APGD + EoT on the smoothed "
                "first pass, then on the defence with BPDA through the pseudo-label; docs/adaptive.md)")
+#: the same mark for a defence other than IG-Defense (a ``--defense``): the adaptive attack through its capabilities
+BEYOND_NOTE_GENERIC = ("‡ beyond the paper: the adaptive attack through the defence's contract (APGD + EoT on its "
+                       "first_pass when it has one, then APGD + EoT and PGD + EoT on its surrogate, BPDA, or on the "
+                       "defence itself; docs/own-defense.md)")
+
+
 def column_key(attack: str, transfer: bool) -> str:
     """JSON key of a column: ``tr-NAME`` for a set made on the base model and evaluated on the defence."""
     return f"tr-{attack}" if transfer else attack
@@ -75,6 +81,11 @@ class EvalResult:
     #: sides ("base", "defended") without columns whose clean bits are the final draws only (R, n): with nothing to
     #: select against, the selection draws are not made; such a side takes no column
     clean_final_only: tuple[str, ...] = ()
+    #: defended columns whose gradient attack found no gradient (column -> why): no column, the worst case
+    #: rests on the others
+    no_gradient: dict[str, str] = field(default_factory=dict)
+    #: how tables name the defended model (IG-Defense, or a --defense's callable)
+    defense_label: str | None = None
 
     @property
     def n(self) -> int:
@@ -167,6 +178,8 @@ class EvalResult:
             "mode": self.mode,
             "sets": dict(self.sets),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "no_gradient": sorted(self.no_gradient),
+            "defense_label": self.defense_label,
         }
         paper = self.worst_paper() if self.mode == "iw-wc" else None
         if paper is not None:  # the paper's nine columns + clean, beside worst_case over every column
@@ -246,4 +259,5 @@ class EvalResult:
                    dict(r.get("seconds") or {}), eps=r.get("eps"), seed=int(r.get("seed", 0)),
                    mode=str(r.get("mode", "none")), protocol=str(meta.get("protocol", r.get("protocol", "draws"))),
                    randomized=bool(r.get("randomized", False)),
-                   clean_final_only=tuple(meta.get("clean_final_only") or ()))
+                   clean_final_only=tuple(meta.get("clean_final_only") or ()),
+                   no_gradient={k: "" for k in r.get("no_gradient") or ()}, defense_label=r.get("defense_label"))

@@ -91,8 +91,8 @@ def _fraction(count: int, n: int) -> float:
 # --- adversarial sets ---------------------------------------------------------------------------------
 
 def _defense_key(meta: dict[str, Any]) -> Any:
-    d = meta.get("defense")
-    return {k: v for k, v in d.items() if k != "mask"} if isinstance(d, dict) else d
+    d = meta.get("defense")  # without the mask's or the --defense file's path
+    return {k: v for k, v in d.items() if k not in ("mask", "defense")} if isinstance(d, dict) else d
 
 
 def merge_adversarial(shards: list[Artifact], out) -> MergeResult:
@@ -172,6 +172,7 @@ def merge_reports(shards: list[Artifact], out) -> MergeResult:
     res = EvalResult.from_tensors(ref, tensors)
     res.survivors_only = _survivors([p.survivors_only for p in parts], [p.n for p in parts], list(res.defended), n)
     res.sets, res.seconds = {}, {}
+    res.no_gradient = {k: "" for p in parts for k in p.no_gradient}
     for p in parts:
         for k, v in p.sets.items():
             res.sets[k] = v if k not in res.sets or v in res.sets[k].split(", ") else f"{res.sets[k]}, {v}"
@@ -210,7 +211,7 @@ def summary(res: MergeResult) -> dict[str, Any]:
                 "robust_accuracy_std",
                 "base_robust_accuracy", "worst_case", "worst_case_std", "worst_case_majority",
                 "worst_case_all_draws", "base_worst_case", "draws", "protocol", "randomized", "defended",
-                "measured_on_survivors", "mode", "eps")
+                "measured_on_survivors", "mode", "eps", "no_gradient", "defense_label")
         return {"attack": m.get("attack"), **{k: r.get(k) for k in keys}}
     return {}
 

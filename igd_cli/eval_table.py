@@ -6,14 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .eval_result import BEYOND_NOTE, BEYOND_PAPER, DIRECT, TRANSFER, EvalResult, column_key, column_label
+from .eval_result import (BEYOND_NOTE, BEYOND_NOTE_GENERIC, BEYOND_PAPER, DIRECT, TRANSFER, EvalResult, column_key,
+                          column_label)
 
 def scoring_note(r: dict[str, Any]) -> str:
     """One sentence saying how the defended figures were produced (the protocol and its draws)."""
     if not r.get("defended"):
         return "base model: deterministic, every point scored once (exact)"
     if not r.get("randomized"):
-        return "defence deterministic (no smoothing): every point scored once, all figures exact"
+        why = "no smoothing" if (r.get("defense_label") or "IG-Defense") == "IG-Defense" else "no fresh randomness"
+        return f"defence deterministic ({why}): every point scored once, all figures exact"
     if r.get("protocol") == "single-draw":
         return ("single-draw protocol: one noise draw per set and the AND over sets — a near-boundary point is a "
                 "coin toss per draw, so this mixes attack strength with noise (not comparable with the literature)")
@@ -43,32 +45,37 @@ def table_cells(result: EvalResult | dict[str, Any], title: str | None = None) -
     over draws, majority vote and correct in all draws."""
     r = result.to_json() if isinstance(result, EvalResult) else result
     has_def = bool(r.get("defended"))
-    keys = list(dict.fromkeys(list(r["robust_accuracy"]) + list(r["base_robust_accuracy"])))
+    no_grad = list(r.get("no_gradient") or [])
+    keys = list(dict.fromkeys(list(r["robust_accuracy"]) + list(r["base_robust_accuracy"]) + no_grad))
     order = [*DIRECT, *[column_key(a, True) for a in TRANSFER], *BEYOND_PAPER]
     keys.sort(key=lambda k: (order.index(k) if k in order else len(order), k))
     surv = r.get("measured_on_survivors", {})
     draws = int(r.get("draws") or 1)
     eps = f", ε={r['eps']:.4g}" if r.get("eps") is not None else ""
     headers = ["attack", "base model"]
+    label = r.get("defense_label") or "IG-Defense"
     if has_def:
-        headers += ["+ IG-Defense" + (f" (mean of {draws} draws)" if draws > 1 else ""), "Δ (points)"]
+        headers += [f"+ {label}" + (f" (mean of {draws} draws)" if draws > 1 else ""), "Δ (points)"]
     t = TableCells(title or f"accuracy (%), {r['n_examples']} images{eps}", scoring_note(r), headers, [])
 
     def fmt(v: float | None) -> str:
         return "—" if v is None else f"{100 * v:.2f}"
 
-    def row(name: str, b: float | None, d: float | None, *, bound: bool = False, std: float | None = None) -> None:
+    def row(name: str, b: float | None, d: float | None, *, bound: bool = False, std: float | None = None,
+            why: str | None = None) -> None:
         if not has_def:
             t.rows.append([name, fmt(b)])
             return
-        cell = ("≥ " if bound else "") + fmt(d) + (f" ± {100 * std:.2f}" if std is not None and d is not None else "")
+        cell = why or ("≥ " if bound else "") + fmt(d) + (f" ± {100 * std:.2f}" if std is not None and d is not None
+                                                          else "")
         gain = "" if bound or b is None or d is None else f"{100 * (d - b):+.2f}"
         t.rows.append([name, fmt(b), cell, gain])
 
     row("Clean", r["base_clean_accuracy"], r["clean_accuracy"], std=r.get("clean_accuracy_std") if draws > 1 else None)
     for k in keys:
         row(column_label(k) + ("†" if k in surv else ""), r["base_robust_accuracy"].get(k),
-            r["robust_accuracy"].get(k) if has_def else None, bound=k in surv)
+            r["robust_accuracy"].get(k) if has_def else None, bound=k in surv,
+            why="no gradient" if k in no_grad else None)
     worst_name = "IW-WC" if r.get("mode") == "iw-wc" else "worst case"
     b_worst = r.get("base_worst_case")
     if has_def and r.get("worst_case") is not None and draws > 1:
@@ -88,8 +95,11 @@ def table_cells(result: EvalResult | dict[str, Any], title: str | None = None) -
         if has_def and r.get("beyond_paper"):
             row(f"{worst_name} of the paper's nine", b_worst, r.get("iw_wc_paper"))
     if r.get("beyond_paper"):
-        t.notes.append(BEYOND_NOTE + f"; {worst_name} is over every column, \"{worst_name} of the paper's nine\" "
-                       "without it.")
+        t.notes.append((BEYOND_NOTE if label == "IG-Defense" else BEYOND_NOTE_GENERIC)
+                       + f"; {worst_name} is over every column, \"{worst_name} of the paper's nine\" without it.")
+    if no_grad:
+        t.notes.append(f"no gradient: the defence's output has none ({', '.join(column_label(k) for k in no_grad)} "
+                       "follow the gradient and could not run); the worst case rests on the other columns.")
     if surv:
         t.notes.append("† measured only on the images where it could still change the worst case "
                        f"({', '.join(f'{column_label(k)}: {v}' for k, v in surv.items())} images attacked; the "

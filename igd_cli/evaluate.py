@@ -35,7 +35,8 @@ from .adv_sets import (BALL_TOL, PYAUTOATTACK_VERSION, load_set, merge_sets, res
                        set_meta)
 from .artifacts import file_sha256, read_metadata
 from .attacks import ATTACKS, make_attack, run_attack
-from .attacks.adaptive import DEFAULT_BPDA_TEMPERATURE, is_defense
+from . import contract
+from .attacks.adaptive import DEFAULT_BPDA_TEMPERATURE
 from .attacks.base import AttackResult, gather
 from .common import Target, check_classes
 from .data import ImageSet
@@ -124,10 +125,13 @@ class Evaluator:
                                f"this base model ({fp})")
             if kind == "defended":
                 if self.defense is None:
-                    raise IgdError(f"{f}: a set made on a defended model; give its --mask")
+                    raise IgdError(f"{f}: a set made on a defended model; give its --mask or --defense")
                 want = self.defense_meta.get("mask_sha256")
                 if want is not None and meta.get("mask_sha256") != want:
                     raise IgdError(f"{f}: made on a defence with another mask")
+                own = self.defense_meta.get("defense_fingerprint")
+                if own is not None and (meta.get("defense") or {}).get("defense_fingerprint") != own:
+                    raise IgdError(f"{f}: made on another defence than --defense's")
             groups.setdefault((kind, str(meta.get("attack"))), []).append((res, str(f)))
         out = {}
         for key, items in groups.items():
@@ -156,8 +160,8 @@ class Evaluator:
                **self.target.identity()}
         if "revision" in attack_info:  # an attack whose algorithm changed: sets of the old one are not reused
             key["revision"] = attack_info["revision"]
-        if kind == "defended":  # the mask by content and the settings, not the mask file's path
-            key["defense"] = {k: v for k, v in self.defense_meta.items() if k not in ("mask", "probe")}
+        if kind == "defended":  # the mask or the defence's source by content and the settings, not a file's path
+            key["defense"] = {k: v for k, v in self.defense_meta.items() if k not in ("mask", "probe", "defense")}
         return json.loads(json.dumps(key, sort_keys=True, default=str))  # as it reads back from metadata
 
     def _path(self, key: dict[str, Any]) -> Path | None:
@@ -180,10 +184,7 @@ class Evaluator:
                          f"images {int(self.positions.min())}..{int(self.positions.max())}")
                 raise IgdError(f"{src}: the {attack} set lacks some of {where}")
             return part, src, self.column(part, kind)
-        model = self._model(kind)
-        atk = make_attack(attack, model, eps=self.eps, norm=self.norm, seed=self.seed,
-                          device=self.target.device, num_classes=self.target.loaded.num_classes,
-                          strict=False, **self.budgets.kwargs(), bpda_temperature=self.bpda_temperature)
+        atk = self._attack(attack, kind)
         info = atk.describe()
         key = self._key_meta(info, kind)
         path = self._path(key)
@@ -212,6 +213,23 @@ class Evaluator:
                 extra.update({"defense": self.defense_meta, "mask_sha256": self.defense_meta.get("mask_sha256")})
             save_adversarial(path, res, set_meta(self.target.provenance(), info, kind, self.data, score.mean, extra))
         return res, (str(path) if path is not None else ""), bits
+
+    def _attack(self, attack: str, kind: str):
+        return make_attack(attack, self._model(kind), eps=self.eps, norm=self.norm, seed=self.seed,
+                           device=self.target.device, num_classes=self.target.loaded.num_classes,
+                           strict=False, **self.budgets.kwargs(), bpda_temperature=self.bpda_temperature)
+
+    def no_gradient(self, attack: str, kind: str) -> str | None:
+        """Why ``attack`` cannot run on the ``kind`` model (a gradient attack on a model without a gradient,
+        :class:`igd_cli.contract.NoGradient`), or None: known before any image is attacked, so every shard
+        agrees on the columns."""
+        if (kind, attack) in self.given:
+            return None
+        try:
+            self._attack(attack, kind).check_gradient(self.x[:2].to(self.target.device))
+        except contract.NoGradient as exc:
+            return str(exc)
+        return None
 
     # -- scoring ---------------------------------------------------------------------------------------
     def clean(self, kind: str, precision: str | None = None) -> torch.Tensor:
@@ -291,8 +309,11 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
     for the attacks they hold). ``defense=None`` evaluates the base model alone (its IW-WC uses the six base
     sets). ``skip`` runs the IW-WC attacks on the defended model only on images where they can still change the
     worst case. ``protocol``/``draws``: how a randomized model is scored (:mod:`igd_cli.scoring`).
-    With an IG-Defense, IW-WC adds the columns :data:`BEYOND_PAPER` (the adaptive attack, BPDA temperature
-    ``bpda_temperature``) after the nine; ``iw_wc_paper`` in the JSON is the worst case without them.
+    With a defence of the contract (IG-Defense, a ``--defense``; :func:`igd_cli.contract.adaptive_column`), IW-WC
+    adds the columns :data:`BEYOND_PAPER` (the adaptive attack, BPDA temperature ``bpda_temperature``) after the
+    nine; ``iw_wc_paper`` in the JSON is the worst case without them. A gradient attack on a defended model
+    without a gradient (:class:`igd_cli.contract.NoGradient`) leaves no column: it is listed in ``no_gradient``
+    and the worst case rests on the others.
     ``workdir``: where sets are kept and reused (``"auto"``: :func:`default_workdir`; None: nowhere).
     ``positions``: evaluate only these positions of ``data`` (an evaluation shard; default all); the result's
     ``index`` holds them, and attacks see the same absolute positions (per-image seeds) as in a whole run.
@@ -310,6 +331,8 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
         raise IgdError(f"--attack {attack}: unknown (choose from none, iw-wc, {', '.join(ATTACKS)})")
     check_classes(target, data)
     eps = used_eps(target, eps, attack, adv_files)
+    if defense is not None and defense_meta is None and workdir is not None:
+        defense_meta = identity_of(defense)  # sets of another defence in the same workdir are not this one's
     ev = Evaluator(target, defense, data, eps=eps, norm=norm, budgets=budgets, seed=seed, batch_size=batch_size,
                    workdir=workdir, defense_meta=defense_meta, adv_files=adv_files, show_progress=show_progress,
                    on_set=on_set, positions=positions, protocol=protocol, draws=draws,
@@ -327,6 +350,7 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
     result = EvalResult(ev.y.clone(), ev.positions.clone(), list(data.classes), clean_bits("base", base_cols),
                         clean_bits("defended", def_cols) if has_def else None, eps=ev.eps, seed=ev.seed,
                         mode=attack, protocol=protocol, randomized=has_def and is_randomized(defense),
+                        defense_label=contract.label(defense) if has_def else None,
                         clean_final_only=tuple(side for side, cols in (("base", base_cols), ("defended", def_cols))
                                                if not cols))
     result.seconds["clean"] = time.perf_counter() - t0
@@ -358,9 +382,13 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
                 result.base[name] = result.base[column_key(name, True)]
             result.seconds[column_key(name, has_def)] = time.perf_counter() - t
         if has_def:
-            beyond = BEYOND_PAPER if is_defense(defense) else ()
+            beyond = BEYOND_PAPER if contract.adaptive_column(defense) else ()
             for name in (*DIRECT_RUN_ORDER, *beyond):  # the columns beyond the paper last: the nine are unchanged
                 t = time.perf_counter()
+                why = ev.no_gradient(name, "defended")
+                if why is not None:
+                    result.no_gradient[name] = why
+                    continue
                 todo = everything[result.alive(True)] if skip else everything
                 if len(todo) == 0:
                     result.defended[name] = torch.zeros_like(result.clean_defended)
@@ -374,7 +402,9 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
                 result.seconds[name] = time.perf_counter() - t
     elif attack != "none":
         t = time.perf_counter()
-        if has_def:
+        if has_def and ev.no_gradient(attack, "defended") is not None:
+            result.no_gradient[attack] = ev.no_gradient(attack, "defended")
+        elif has_def:
             res, src, result.defended[attack] = ev.obtain(attack, "defended", everything)
             result.sets[attack] = src
             result.seconds[attack] = time.perf_counter() - t
@@ -413,6 +443,19 @@ def defense_identity(mask_path: str | Path, defense: nn.Module | None = None,
     return out
 
 
+def identity_of(defense: nn.Module, mask_path: str | Path | None = None) -> dict[str, Any]:
+    """What identifies a defended model: its mask file (:func:`defense_identity`) for IG-Defense from
+    ``--mask``, else what the defence says of itself (a ``--defense``: its source and fingerprint)."""
+    if mask_path is not None:
+        return defense_identity(mask_path, defense)
+    if contract.identity(defense) is not None:
+        return contract.identity(defense)
+    from .models import fingerprint  # a plain module: by its weights and code, as a model is
+
+    return {"module": type(defense).__name__, "settings": contract.settings(defense),
+            "defense_fingerprint": fingerprint(defense)}
+
+
 def adaptive_temperature(value: float | None) -> float:
     """The adaptive attack's BPDA temperature as used (its default when not given)."""
     return float(DEFAULT_BPDA_TEMPERATURE if value is None else value)
@@ -433,13 +476,22 @@ def eval_identity(target: Target, ident: dict[str, Any], data: ImageSet, *, atta
                                            "mask_sha256", "revision", "pyautoattack", "data_id")})
     sets.sort(key=lambda d: json.dumps(d, sort_keys=True, default=str))
     out = {"model_fingerprint": target.loaded.fingerprint, "num_classes": target.loaded.num_classes,
-           "mask_sha256": ident["mask_sha256"], "layer": ident.get("layer"), "k": ident.get("k"),
+           "mask_sha256": ident.get("mask_sha256"), "layer": ident.get("layer"), "k": ident.get("k"),
            "defense": ident.get("settings"), "data": data.identity(),
            "classes": list(data.classes), "attack": attack, "eps": eps, "norm": norm, "budget": budgets.kwargs(),
            "revisions": attack_revisions(attack), "pyautoattack": PYAUTOATTACK_VERSION,
            "seed": int(seed), "skip": bool(skip), "adv": sets, "protocol": protocol, "draws": int(draws),
            **precision_meta(precision), **target.identity()}
+    out.update(user_defense_identity(ident))
     return json.loads(json.dumps(out, sort_keys=True, default=str))  # as it reads back from metadata
+
+
+def user_defense_identity(ident: dict[str, Any]) -> dict[str, Any]:
+    """The part of an evaluation's identity a ``--defense`` adds: its callable, source and fingerprint (nothing
+    for IG-Defense from a mask, whose identity is the mask's)."""
+    if ident.get("defense_fingerprint") is None:
+        return {}
+    return {"user_defense": {k: ident.get(k) for k in ("callable", "source_sha256", "defense_fingerprint")}}
 
 
 def attack_revisions(attack: str) -> dict[str, dict[str, int]]:
@@ -465,21 +517,21 @@ def used_eps(target: Target, eps: float | None, attack: str, adv: Sequence[str |
     return float(target.default_eps(f"--attack {attack}" if attack != "none" else "checking the --adv sets"))
 
 
-def defend_eval(target: Target, defense: nn.Module, mask_path: str | Path, data: ImageSet, *,
+def defend_eval(target: Target, defense: nn.Module, mask_path: str | Path | None, data: ImageSet, *,
                 attack: str = "none", adv: Sequence[str | Path] = (), eps: float | None = None, norm: str = "Linf",
                 budgets: Budgets | None = None, workdir: str | Path | None = None, skip: bool = True,
                 shard: tuple[int, int, int, int] | None = None, seed: int = 0, batch_size: int = 256,
                 protocol: str = "draws", draws: int = DEFAULT_DRAWS, report: str | Path | None = None,
                 show_progress: bool = True, bpda_temperature: float | None = None, precision: str = "fp32"
                 ) -> tuple[EvalResult, dict[str, Any]]:
-    """``igd defend-eval`` between parsing and printing: evaluate the defence from ``mask_path`` (and the base
-    model), optionally on one shard of the images (``shard`` = (I, N, start, stop), its sets kept apart in
+    """``igd defend-eval`` between parsing and printing: evaluate the defence (IG-Defense from ``mask_path``, or a
+    ``--defense`` when ``mask_path`` is None) and the base model, optionally on one shard of the images (``shard`` = (I, N, start, stop), its sets kept apart in
     ``WORKDIR/shard-I-of-N``), write the eval-report ``report`` (with the identity ``igd merge`` checks) and
     return the result with its JSON (CLI.md keys plus the defence, data, budgets and timings)."""
     t0 = time.perf_counter()
     budgets = budgets or Budgets()
     eps = used_eps(target, eps, attack, adv)
-    ident = defense_identity(mask_path, defense)
+    ident = identity_of(defense, mask_path)
     identity = eval_identity(target, ident, data, attack=attack, eps=eps, norm=norm, budgets=budgets, seed=seed,
                              skip=skip, adv=adv, protocol=protocol, draws=draws, precision=precision)
     if attack in ("iw-wc", *BEYOND_PAPER):  # the adaptive attack's setting (igd merge compares it)
@@ -499,8 +551,9 @@ def defend_eval(target: Target, defense: nn.Module, mask_path: str | Path, data:
                            positions=positions, protocol=protocol, draws=draws, show_progress=show_progress,
                            bpda_temperature=bpda_temperature, precision=precision)
     result = res.to_json()
-    result.update({"mask": str(mask_path), "layer": ident.get("layer"), "k": getattr(defense, "k", ident.get("k")),
-                   "defense": defense.settings() if callable(getattr(defense, "settings", None)) else None,
+    result.update({"mask": None if mask_path is None else str(mask_path), "layer": ident.get("layer"),
+                   "k": getattr(defense, "k", ident.get("k")), "defense": contract.settings(defense),
+                   "defense_spec": ident.get("defense"),
                    "attack": attack, "batch_size": batch_size, "budget": budgets.kwargs(), "skip": skip,
                    "precision": precision,
                    **({"bpda_temperature": identity["bpda_temperature"]} if "bpda_temperature" in identity else {}),
@@ -519,6 +572,6 @@ def defend_eval(target: Target, defense: nn.Module, mask_path: str | Path, data:
 #: names stay importable from here
 __all__ = ["BALL_TOL", "BEYOND_NOTE", "BEYOND_PAPER", "DIRECT", "DIRECT_RUN_ORDER", "LABELS", "PYAUTOATTACK_VERSION",
            "TRANSFER", "Budgets", "EvalResult", "Evaluator", "TableCells", "adaptive_temperature", "attack_revisions",
-           "column_key", "column_label", "default_workdir", "defend_eval", "defense_identity", "eval_identity",
+           "column_key", "column_label", "default_workdir", "defend_eval", "defense_identity", "eval_identity", "identity_of",
            "evaluate_defense", "load_set", "merge_sets", "needs_eps", "render_per_class", "render_table", "restrict",
            "save_adversarial", "score_meta", "scoring_note", "set_meta", "table_cells", "used_eps"]

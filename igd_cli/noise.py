@@ -322,3 +322,121 @@ class FixedNoise:
         keys = draw_keys(stream(self.seed, "frozen"), zero, zero, draws)  # (draws, 1): the same for every row
         z = gaussian(keys, tuple(x.shape[1:]), dtype=x.dtype)  # (draws, 1, *row)
         return z.expand(draws, x.shape[0], *x.shape[1:]).clone()
+
+
+# --- a defence igd does not own (igd_cli.contract) ------------------------------------------------------
+
+@dataclass
+class _Query:
+    """One query of a user's defence (:func:`query`): its rows' image keys and ordinals, the stream, and how
+    many draws the defence has made in it so far."""
+
+    stream: int
+    keys: torch.Tensor  # (rows,) int64
+    ordinals: torch.Tensor  # (rows,) int64
+    frozen: bool = False  # every row and query gets the same draws (keys and ordinals are zeros)
+    calls: int = 0
+
+
+_QUERY: ContextVar[_Query | None] = ContextVar("igd_noise_query", default=None)
+
+
+def _call_stream(stream_id: int, call: int) -> int:
+    """The stream of a query's ``call``-th draw: the query's own for the first (so a defence's one draw is the
+    draw IG-Defense's first pass makes with ``n_s = 1``), a derived one for each later draw."""
+    if call == 0:
+        return stream_id
+    return (stream_id ^ (mix_int(call ^ 0x2F0B3A49) << 32) ^ mix_int(call + 0x7A3D1E55)) & ((1 << 64) - 1)
+
+
+def _torch_seed(q: _Query) -> int:
+    """A 63-bit seed for torch's default generator from the query's stream, rows' keys and ordinals (in row
+    order: one device-to-host copy)."""
+    h = hashlib.blake2b(int(q.stream).to_bytes(8, "little"), digest_size=8)
+    h.update(torch.stack([q.keys, q.ordinals]).cpu().numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+@contextlib.contextmanager
+def query(x: torch.Tensor, *, frozen: int | None = None) -> Iterator[None]:
+    """One query of a defence that is not igd's own (:mod:`igd_cli.contract` wraps every call of its forward,
+    ``surrogate`` and ``first_pass`` in this): each row's ordinal in the current :func:`images` block advances by
+    one, as one forward of IG-Defense does. Inside, :func:`normal_like` and :func:`uniform_like` draw keyed by
+    (stream, image, ordinal, the draw's number in the query), and torch's default generator is seeded from the
+    stream, the rows' images and their ordinals (restored afterwards). ``frozen`` (a seed): every row of every
+    query gets the same draws, a function of that seed alone, and no ordinal moves (the audit's frozen-noise
+    copy). Outside a block nothing is keyed: the defence draws from torch's generator as it is."""
+    block = _BLOCK.get()
+    if frozen is not None:
+        zero = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+        q = _Query(stream(frozen, "frozen"), zero, zero, frozen=True)
+    elif block is None:
+        yield
+        return
+    else:
+        keys, ordinals = _ordinals(block, x.shape[0], 1)
+        q = _Query(block.stream, keys, ordinals)
+    token = _QUERY.set(q)
+    try:
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+            torch.manual_seed(_torch_seed(q))
+            yield
+    finally:
+        _QUERY.reset(token)
+
+
+def skip(x: torch.Tensor, queries: int) -> None:
+    """Advance the rows of ``x`` in the current block as ``queries`` queries would (nothing outside a block)."""
+    block = _BLOCK.get()
+    if block is not None and queries > 0:
+        _ordinals(block, x.shape[0], int(queries))
+
+
+def _query_keys(x: torch.Tensor, what: str) -> torch.Tensor | None:
+    """The keys (rows,) of the next draw of the current query for a tensor ``x`` of one row per image (None
+    outside a query: draw from torch's generator)."""
+    q = _QUERY.get()
+    if q is None:
+        if STRICT and _BLOCK.get() is not None:
+            raise UndeclaredQuery(f"igd_cli.noise.{what} called inside an image block but outside a query of the "
+                                  "defence (igd_cli.noise.query)")
+        return None
+    if x.shape[0] != len(q.keys):
+        raise UndeclaredQuery(f"igd_cli.noise.{what}(x): x has {x.shape[0]} rows but the query has {len(q.keys)} "
+                              "images: give it a tensor with one row per image of the query (e.g. x itself)")
+    call, q.calls = q.calls, q.calls + 1
+    return draw_keys(_call_stream(q.stream, call), q.keys.to(x.device), q.ordinals.to(x.device), 1)[0]
+
+
+def normal_like(x: torch.Tensor) -> torch.Tensor:
+    """Standard normals shaped like ``x`` (one row per image of the query), for a defence's own randomness:
+    inside igd's evaluation a pure function of (stream, image, the query's ordinal, this draw's number in the
+    query) — fresh at every query, the same in any batch, shard or order, as IG-Defense's noise; the first draw
+    of a query is the draw smoothing with ``n_s = 1`` makes. Outside it, ``torch.randn_like(x)``.
+
+    Example::
+
+        def forward(self, x):
+            return self.model(x + 0.25 * igd_cli.noise.normal_like(x))
+    """
+    keys = _query_keys(x, "normal_like")
+    if keys is None:
+        return torch.randn_like(x)
+    return gaussian(keys, tuple(x.shape[1:]), dtype=x.dtype if x.is_floating_point() else torch.float32)
+
+
+def uniform_like(x: torch.Tensor) -> torch.Tensor:
+    """Uniforms in [0, 1) shaped like ``x`` (one row per image of the query), keyed as :func:`normal_like`'s
+    (24-bit resolution); outside igd's evaluation ``torch.rand_like(x)``.
+
+    Example::
+
+        u = igd_cli.noise.uniform_like(x.new_empty(len(x), 3))   # three uniforms per image
+    """
+    keys = _query_keys(x, "uniform_like")
+    dtype = x.dtype if x.is_floating_point() else torch.float32
+    if keys is None:
+        return torch.rand(x.shape, dtype=dtype, device=x.device)
+    d = int(math.prod(x.shape[1:]))
+    u = mix32(_table(max(d, 1), 0x5BD1E995, keys.device)[None, :] ^ keys.reshape(-1, 1))
+    return (u >> 8).to(torch.float32).mul_(2.0 ** -24)[:, :d].to(dtype).reshape(x.shape)

@@ -26,6 +26,7 @@ AutoBatchSize = Annotated[str, typer.Option("--batch-size", metavar="N|auto", he
 Precision = Annotated[str, typer.Option("--precision", metavar="fp32|bf16|fp16", help="fp32 | bf16 | fp16: ranking and the defended "
                                         "forward (clean scoring, calibration) under torch.autocast; attacks "
                                         "always run in fp32 (low precision can mask gradients)")]
+DefenseOpt = Annotated[Optional[str], typer.Option("--defense", metavar="FILE.py:NAME", help="your own test-time defence: NAME(base_model) returns the defended model (path/to/file.py:NAME or MODULE:NAME; docs/own-defense.md); instead of --mask")]
 Numerics = Annotated[str, typer.Option("--numerics", metavar="pinned|fast", help="floating point on a GPU: pinned (TF32 off, "
                                       "deterministic algorithms, no cuDNN autotuning: a rerun on the same GPU gives "
                                       "the same bits) or fast (TF32 and cuDNN autotuning: faster on Ampere and later "

@@ -42,10 +42,10 @@ def is_user_arch(arch: str | None) -> bool:
     return arch is not None and ":" in arch
 
 
-def _split_spec(spec: str) -> tuple[str, str]:
+def _split_spec(spec: str, option: str = "--arch") -> tuple[str, str]:
     source, _, attr = spec.strip().rpartition(":")
     if not source or not attr:
-        raise IgdError(f"--arch {spec}: expected MODULE:CALLABLE or path/to/file.py:CALLABLE")
+        raise IgdError(f"{option} {spec}: expected MODULE:CALLABLE or path/to/file.py:CALLABLE")
     return source, attr
 
 
@@ -71,17 +71,17 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _import_source(spec: str, source: str) -> Any:
+def _import_source(spec: str, source: str, option: str = "--arch") -> Any:
     if _is_file(source):
         path = Path(source).expanduser().resolve()
         if not path.is_file():
-            raise IgdError(f"--arch {spec}: no such file {source}")
+            raise IgdError(f"{option} {spec}: no such file {source}")
         name = "igd_user_arch_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
         if name in sys.modules:
             return sys.modules[name]
         mod_spec = importlib.util.spec_from_file_location(name, path)
         if mod_spec is None or mod_spec.loader is None:
-            raise IgdError(f"--arch {spec}: {source} is not a Python file")
+            raise IgdError(f"{option} {spec}: {source} is not a Python file")
         module = importlib.util.module_from_spec(mod_spec)
         sys.modules[name] = module
         try:
@@ -89,30 +89,40 @@ def _import_source(spec: str, source: str) -> Any:
                 mod_spec.loader.exec_module(module)
         except Exception as exc:  # the user's file may fail in any way
             del sys.modules[name]
-            raise IgdError(f"--arch {spec}: importing {source} failed ({_why(exc)})") from exc
+            raise IgdError(f"{option} {spec}: importing {source} failed ({_why(exc)})") from exc
         return module
     try:
         with _on_path(os.getcwd()):
             return importlib.import_module(source)
     except ModuleNotFoundError as exc:
         if exc.name is not None and (source == exc.name or source.startswith(exc.name + ".")):
-            raise IgdError(f"--arch {spec}: no module named {source!r}") from exc
-        raise IgdError(f"--arch {spec}: importing {source} failed ({_why(exc)})") from exc
+            raise IgdError(f"{option} {spec}: no module named {source!r}") from exc
+        raise IgdError(f"{option} {spec}: importing {source} failed ({_why(exc)})") from exc
     except Exception as exc:  # the user's module may fail in any way
-        raise IgdError(f"--arch {spec}: importing {source} failed ({_why(exc)})") from exc
+        raise IgdError(f"{option} {spec}: importing {source} failed ({_why(exc)})") from exc
 
 
-def resolve_callable(spec: str) -> Callable[..., Any]:
-    """The callable named by ``spec`` (``MODULE:NAME``, ``FILE.py:NAME``; ``NAME`` may be dotted)."""
-    source, attr = _split_spec(spec)
-    obj: Any = _import_source(spec, source)
+def resolve_callable(spec: str, option: str = "--arch") -> Callable[..., Any]:
+    """The callable named by ``spec`` (``MODULE:NAME``, ``FILE.py:NAME``; ``NAME`` may be dotted); ``option``
+    names the command-line option in its one-line errors."""
+    source, attr = _split_spec(spec, option)
+    obj: Any = _import_source(spec, source, option)
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise IgdError(f"--arch {spec}: {source} has no attribute {attr!r}")
+            raise IgdError(f"{option} {spec}: {source} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise IgdError(f"--arch {spec}: {attr} is a {type(obj).__name__}, not callable")
+        raise IgdError(f"{option} {spec}: {attr} is a {type(obj).__name__}, not callable")
     return obj
+
+
+def source_file(spec: str, option: str = "--arch") -> Path | None:
+    """The Python file ``spec`` names or whose module it names (None for a module without a file): what a
+    source digest of ``spec`` hashes."""
+    source, _ = _split_spec(spec, option)
+    module = _import_source(spec, source, option)
+    f = getattr(module, "__file__", None)
+    return Path(f).resolve() if f and Path(f).is_file() else None
 
 
 def takes_num_classes(fn: Callable[..., Any]) -> tuple[bool, Any]:

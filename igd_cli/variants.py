@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .defense import IGDefense
-from .noise import FixedNoise, FreshNoise
+from .noise import FreshNoise
 
 
 class SmoothedModel(nn.Module):
@@ -45,7 +45,5 @@ class SmoothedModel(nn.Module):
 
 def frozen_noise(defense: IGDefense, seed: int | None = None) -> IGDefense:
     """A copy of ``defense`` (sharing its model and mask) whose smoothing noise is one fixed draw for every image
-    and query (:class:`igd_cli.noise.FixedNoise`): deterministic, so it is scored once and attacked without EoT."""
-    out = copy.copy(defense)
-    out._noise = FixedNoise(defense._noise.seed if seed is None else seed)
-    return out
+    and query (:meth:`IGDefense.frozen`): deterministic, so it is scored once and attacked without EoT."""
+    return defense.frozen(seed)

@@ -6,11 +6,11 @@ What counts as an example: each line of a ```bash / ```sh / ```shell / ```consol
 continuations joined; ``a && igd …`` / ``igd … | head`` keep the igd part; ``NAME=value`` / ``export NAME=value``
 lines set variables for the page's later commands), and each inline code span ```igd …``` of the prose: a whole
 command is checked like a block's; a *mention* that leaves out what the command requires (``igd attack --attack
-adaptive``, ``igd defend-eval --adv``) must name an existing command and options that command has. Blocks marked
-otherwise (```text, ```json, a bare ```` ``` ````: output) are not examples. A *synopsis* (a line with ``…``,
-``...``, ``[``, ``<`` or an ``a|b`` alternative) is not a runnable command: only its command and the ``--options``
-it names are checked against the parser. An example that names a path outside the repository (``../shared``,
-``/work/…``: not in a reader's clone) fails.
+adaptive``, ``igd defend-eval --adv``: defend-eval needs one of ``--mask`` and ``--defense``) must name an
+existing command and options that command has. Blocks marked otherwise (```text, ```json, a bare ```` ``` ````:
+output) are not examples. A *synopsis* (a line with ``…``, ``...``, ``[``, ``<`` or an ``a|b`` alternative) is
+not a runnable command: only its command and the ``--options`` it names are checked against the parser. An
+example that names a path outside the repository (``../shared``, ``/work/…``: not in a reader's clone) fails.
 
 Each page runs in its own temporary working folder, its commands in order (so a page's later commands read what
 its earlier ones wrote), with ``IGD_HOME`` in that folder, no network (``IGD_OFFLINE=1``), and the repository's
@@ -247,6 +247,9 @@ def parse_error(argv: list[str], *, partial: bool = False) -> str | None:
     option's value; everything it does say must still be accepted."""
     try:
         parse(argv)
+        lacking = lacks_one_of(argv)
+        if lacking:
+            return synopsis_error(Example("", 0, "", list(argv), True)) if partial else lacking
     except Exception as exc:  # click's usage errors (vendored by typer) and our ValueError
         msg = " ".join(str(exc.format_message() if hasattr(exc, "format_message") else exc).split())
         incomplete = type(exc).__name__ in ("MissingParameter", "NoArgsIsHelpError") or (
@@ -254,6 +257,18 @@ def parse_error(argv: list[str], *, partial: bool = False) -> str | None:
         if partial and incomplete:
             return synopsis_error(Example("", 0, "", list(argv), True))
         return msg
+    return None
+
+
+#: commands that need one of several options, which the parser cannot require (the command says so in one line)
+ONE_OF: dict[str, tuple[str, ...]] = {"defend-eval": ("--mask", "--defense")}
+
+
+def lacks_one_of(argv: list[str]) -> str | None:
+    """``igd defend-eval`` without ``--mask`` or ``--defense``: the message, else None."""
+    need = ONE_OF.get(argv[0]) if argv else None
+    if need and not any(w.split("=")[0] in need for w in argv[1:]):
+        return f"igd {argv[0]} needs one of {', '.join(need)}"
     return None
 
 

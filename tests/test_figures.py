@@ -536,6 +536,23 @@ for i, model in enumerate(("demo CNN, 360 digits (`block3`)", "CIFAR-10 ResNet-1
                         c + "time_ratio_before_over_after", c + "time_ratios/0", c + "time_ratios/1", c + "time_ratios/2"),
                        ("g", "g", "g", "g", ".2f", ".2f", ".2f", ".2f")))
 
+# --- docs/own-defense.md: the example defences -----------------------------------------------------------------------
+OD = "own-defenses-demo-cpu.json"
+FIGURES.append(Fig("docs/own-defense.md", "Accuracy in %; the base model: {} clean, {} IW-WC.", OD,
+                   ("defenses/bit_depth/base_clean", "defenses/bit_depth/base_worst_case")))
+for name, label, ref in (("bit_depth", "bit depth (3 bits)", "BPDA-PGD"), ("jpeg", "JPEG-like (quality 75)", "BPDA-PGD"),
+                         ("random_resize", "random resize + pad", "PGD + EoT"),
+                         ("smoothing", "Gaussian noise σ = 0.25", "PGD + EoT")):
+    d = f"defenses/{name}/"
+    rand = name in ("random_resize", "smoothing")
+    direct = "{} (RayS; AA and APGD+EoT: no gradient)" if name == "jpeg" else "{}"
+    wc = "{} ± {}" if rand else "{}"
+    FIGURES.append(Fig("docs/own-defense.md", f"| {label} | {{}} | {direct} | {{}} | {{}} | {wc} | {ref} {{}} | {{}} |", OD,
+                       (d + "clean", d + "direct_best", d + "transfer_best", d + "adaptive", d + "iw_wc",
+                        *((d + "iw_wc_std",) if rand else ()), d + "reference",
+                        d + "images_reference_breaks_igd_does_not"),
+                       ("%.2f",) * (7 if rand else 6) + ("d",)))
+
 
 def figure_id(fig: Fig) -> str:
     return f"{fig.page}: {fig.text[:60]}"

@@ -238,8 +238,10 @@ def test_the_adaptive_attacks_sets_change_with_its_stage_one(tmp_path, demo, mon
     monkeypatch.setattr(APGDEoT, "revision", APGDEoT.revision + 1)
     obtain()
     assert ran == ["adaptive", "adaptive"]
-    assert first.info["revision"] == {"apgd-eot": APGDEoT.revision - 1}
-    assert ATTACKS["adaptive"].revisions() == {"apgd-eot": APGDEoT.revision}
+    assert first.info["revision"]["apgd-eot"] == APGDEoT.revision - 1
+    own = ATTACKS["adaptive"].revisions()  # its own, its base classes' and its parts' (stage 1; PGD, stage 3)
+    assert own["apgd-eot"] == APGDEoT.revision and own["pgd"] == ATTACKS["pgd"].revision
+    assert own["adaptive"] == ATTACKS["adaptive"].revision
 
 
 # --- merges of evaluations compare the pieces' identities --------------------------------------------

@@ -63,7 +63,8 @@ class APGD(Attack):
     #: classifications that decide between restarts and stages on a randomized model
     GATE_DRAWS = GATE_DRAWS
 
-    def _make(self, loss: str) -> APGDAttack:
+    def _make(self, loss: str, model=None) -> APGDAttack:
+        """pyautoattack's APGD with ``loss`` on ``model`` (default: the attacked model)."""
         eot = self.budget.get("eot_iter", 1)
         if not self.randomized:
             # The model is deterministic: the EoT samples are identical, and APGD uses the mean gradient
@@ -71,7 +72,8 @@ class APGD(Attack):
             eot = 1
         cls = _APGDMargin if loss == "cw" else APGDAttack
         kwargs = {} if loss == "cw" else {"loss": loss}
-        return cls(self.model, n_iter=self.budget["steps"], norm=self.norm, n_restarts=self.budget["restarts"],
+        return cls(self.model if model is None else model, n_iter=self.budget["steps"], norm=self.norm,
+                   n_restarts=self.budget["restarts"],
                    eps=self.eps, seed=self.seed, eot_iter=eot, rho=0.75, device=self.device, **kwargs)
 
     def _start(self, x: torch.Tensor, index: torch.Tensor, loss: str):

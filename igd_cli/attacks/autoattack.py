@@ -298,6 +298,7 @@ class Square(Attack):
     name = "square"
     defaults = {"queries": 5000, "restarts": 1}
     norms = ("Linf", "L2")
+    gradient = False
     # 1 was pyautoattack's SquareAttack on each batch (one window per batch and iteration); 2 skipped, on a
     # randomized model, images and restarts by one noise draw
     revision = 3

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 import torch.nn as nn
 
-from .. import noise
+from .. import contract, noise
 from ..console import progress
 from ..data import ImageSet
 from ..devices import module_device
@@ -43,13 +43,8 @@ def image_generators(seed: int, index: torch.Tensor) -> list[torch.Generator]:
 
 
 def is_randomized(model: nn.Module) -> bool:
-    """True for models whose output is random (the IG-Defense with randomized smoothing)."""
-    flag = getattr(model, "randomized", None)
-    if isinstance(flag, bool):
-        return flag
-    if callable(flag):
-        return bool(flag())
-    return bool(getattr(model, "rs", False)) and hasattr(model, "reseed")
+    """True for models whose output is random (a defence declaring ``randomized``: :mod:`igd_cli.contract`)."""
+    return contract.randomized(model)
 
 
 def attack_stream(seed: int, name: str) -> int:
@@ -120,6 +115,8 @@ class Attack:
     norms: ClassVar[tuple[str, ...]] = ("Linf",)
     #: set when an attack's algorithm changed, so that sets made by the old one are not reused as its own
     revision: ClassVar[int | None] = None
+    #: the attack follows the model's gradient (a model whose output has none makes it raise ``NoGradient``)
+    gradient: ClassVar[bool] = True
     #: the attacks this one runs as parts (the adaptive attack's stage 1 is ``apgd-eot``): their revisions are part
     #: of its own (:meth:`revisions`), as are those of the attacks it subclasses
     built_from: ClassVar[tuple[type["Attack"], ...]] = ()
@@ -155,6 +152,23 @@ class Attack:
     def perturb(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def followed(self) -> list[tuple[nn.Module, str]]:
+        """The models whose gradient the attack follows, each with how to name it (none for a black-box one)."""
+        return [(self.model, "attacked model")] if self.gradient else []
+
+    def check_gradient(self, x: torch.Tensor) -> None:
+        """Raise :class:`igd_cli.contract.NoGradient` when a model the attack follows has no gradient at ``x``
+        (checked once per attack, on its first batch)."""
+        if getattr(self, "_gradient_checked", False):
+            return
+        for model, what in self.followed():
+            if not contract.has_gradient(model, x):
+                raise contract.NoGradient(
+                    f"--attack {self.name} follows the gradient of the {what}, whose output has none (requires_grad "
+                    "is lost in its forward): attack it with rays or square, or give the defence a surrogate(x) "
+                    "(BPDA) for --attack adaptive")
+        self._gradient_checked = True
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """Adversarial points for a batch (on the attack's device), inside the ε-ball and [0, 1]."""
         # the images' own float dtype (float32 from igd's data; float64 for a float64 model): never the default
@@ -165,6 +179,7 @@ class Attack:
         if len(x) == 0:
             return x.clone()
         index = index.cpu()
+        self.check_gradient(x)
         with noise.images(noise.image_keys(index, x), attack_stream(self.seed, self.name)):
             x_adv = self.perturb(x, y, index).detach()
         return project(x_adv, x, self.eps, self.norm)

@@ -35,6 +35,7 @@ class RayS(Attack):
     defaults = {"queries": 10000}
     norms = ("Linf",)
     tol = 1e-3
+    gradient = False
 
     @torch.no_grad()
     def _succ(self, x_q: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

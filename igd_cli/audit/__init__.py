@@ -85,7 +85,7 @@ def run_audit(audit: Audit, checks: Sequence[int] | None = None, plot_dir: str |
         t = time.perf_counter()
         out = CHECKS[c][1](audit)
         res = out[0] if isinstance(out, tuple) else out
-        if pdir is not None and c == 6:
+        if pdir is not None and c == 6 and out[1]:
             plots["surface"] = str(plot_surfaces(pdir / "surface.png", out[1], audit.eps))
         if pdir is not None and c == 4:
             pts = [{**p, "label": p["attack"]} for p in res.figures["curve"]]
@@ -101,6 +101,7 @@ def run_audit(audit: Audit, checks: Sequence[int] | None = None, plot_dir: str |
     return {
         "model": audit.target.loaded.name, "model_fingerprint": audit.target.loaded.fingerprint,
         "mask": str(audit.mask_path) if audit.mask_path is not None else None,
+        "defense_spec": audit.ident.get("defense"),
         "defense": audit.ident.get("settings") if audit.has_defense else None,
         "dataset": audit.data.name, "split": audit.data.split, "n_examples": len(audit.data), "eps": audit.eps,
         "preset": audit.preset_name, "budgets": audit.budgets().kwargs(), "seed": audit.seed,
@@ -129,7 +130,8 @@ def render_audit(r: dict[str, Any], console=None) -> None:
          "deterministic model: every point scored once (exact)")
     proto += ("; comparisons: paired per-image differences, flagged beyond "
               f"{r['thresholds']['z']:g} standard errors (docs/audit.md); numerics: {describe(r.get('numerics'))}")
-    t = Table(title=f"igd audit: {r['model']}" + (f" + {r['mask']}" if r["mask"] else "") +
+    defended = r["mask"] or r.get("defense_spec")
+    t = Table(title=f"igd audit: {r['model']}" + (f" + {defended}" if defended else "") +
                     f", {r['n_examples']} images of {r['dataset']} ({r['split']}), ε = {r['eps']:.4g}, "
                     f"{r['preset']} preset", caption=proto, caption_justify="left", show_lines=True)
     t.add_column("#", justify="right")

@@ -79,12 +79,17 @@ def _pct(s: Score) -> str:
 
 def adaptive_check(audit) -> CheckResult:
     """The check on an :class:`igd_cli.audit.context.Audit` (n/a without a defence): the nine columns as
-    ``Audit.iwwc`` obtains them, the adaptive attack on the audited defence at the audit's budgets."""
+    ``Audit.iwwc`` obtains them (a gradient column left out where the defence has no gradient), the adaptive
+    attack on the audited defence at the audit's budgets."""
     from ..evaluate import DIRECT_RUN_ORDER, TRANSFER
 
     if not audit.has_defense:
-        return CheckResult(CHECK_ID, NAME, "n/a", {}, "needs a defence: give --mask", "")
+        return CheckResult(CHECK_ID, NAME, "n/a", {}, "needs a defence: give --mask or --defense", "")
+    why = audit.no_gradient("adaptive")
+    if why is not None:
+        return CheckResult(CHECK_ID, NAME, "n/a", {"no_gradient": why},
+                           "the defence has no gradient and no surrogate(x): no adaptive attack to run", "")
     clean = audit.bits(TRANSFER[0], "base", on="audited")[0]
     nine = {f"tr-{a}": audit.bits(a, "base", on="audited")[1] for a in TRANSFER}
-    nine.update({a: audit.bits(a, "audited")[1] for a in DIRECT_RUN_ORDER})
+    nine.update({a: audit.bits(a, "audited")[1] for a in audit.runnable(DIRECT_RUN_ORDER)})
     return adaptive_vs_nine(clean, nine, audit.bits("adaptive", "audited")[1])

@@ -21,19 +21,17 @@ from typing import Any, Literal, Sequence
 import torch
 import torch.nn as nn
 
-from ..analysis.setup import mask_identity
+from .. import contract
 from ..attacks.base import is_randomized
 from ..common import Target
 from ..data import ImageSet
-from ..defense import IGDefense
 from ..errors import IgdError
-from ..evaluate import DIRECT_RUN_ORDER, TRANSFER, Budgets, Evaluator, defense_identity
+from ..evaluate import DIRECT_RUN_ORDER, TRANSFER, Budgets, Evaluator, identity_of
 from ..scoring import DEFAULT_DRAWS, Score, check_protocol, final_of_selected
-from ..variants import SmoothedModel, frozen_noise
 from .thresholds import PRESETS, THRESHOLDS
 
-#: the models an audit attacks: the audited one (the defence, or the base model without a mask), the base model,
-#: the defence with frozen noise (check 8) and smoothing alone (check 10)
+#: the models an audit attacks: the audited one (the defence, or the base model without one), the base model,
+#: the defence with frozen noise (check 8) and its baseline, IG-Defense's smoothing alone (check 10)
 Which = Literal["audited", "base", "frozen", "smoothed"]
 
 
@@ -122,7 +120,8 @@ def paired(a: Cell, b: Cell, threshold: str | float, rule: Literal["above", "bel
 
 
 class Audit:
-    """The audited model (``defense`` if given, else ``target.model``), its images and its attack sets.
+    """The audited model (``defense`` if given, else ``target.model``), its images and its attack sets. The
+    defence is reached only through :mod:`igd_cli.contract` (IG-Defense from ``mask_path``, or any other).
 
     Example::
 
@@ -148,13 +147,11 @@ class Audit:
         self.seed, self.batch_size, self.draws, self.show_progress = int(seed), batch_size, int(draws), show_progress
         check_protocol(protocol, draws)
         self.protocol = protocol  # "single-draw": a randomized model scored once (what check 1 flags)
-        self.ident = defense_identity(mask_path, defense) if defense is not None and mask_path is not None else \
-            (mask_identity(torch.cat([m.flatten() for m in defense.masks]), defense.layer, defense.settings())
-             if isinstance(defense, IGDefense) else  # library use, no mask file: keyed by the masks' contents
-             {"module": type(defense).__name__, "sigma": getattr(defense, "sigma", None)})
+        self.ident = {} if defense is None else identity_of(defense, mask_path)
         self._evaluators: dict[str, tuple[Evaluator, str]] = {}
         self._bits: dict[str, torch.Tensor] = {}
-        self._variants: dict[str, nn.Module] = {}
+        self._variants: dict[str, nn.Module | None] = {}
+        self._no_gradient: dict[tuple[str, str], str | None] = {}
 
     # -- models ----------------------------------------------------------------------------------------
     @property
@@ -167,7 +164,15 @@ class Audit:
 
     @property
     def has_defense(self) -> bool:
-        return isinstance(self.defense, IGDefense)
+        return self.defense is not None
+
+    def variant(self, which: Which) -> nn.Module | None:
+        """The defence's frozen copy or baseline (:func:`igd_cli.contract.frozen`, ``baseline``), None where the
+        defence offers none."""
+        if which not in self._variants:
+            self._variants[which] = contract.frozen(self.defense) if which == "frozen" else \
+                contract.baseline(self.defense, seed=self.seed)
+        return self._variants[which]
 
     def model(self, which: Which) -> nn.Module:
         if which == "audited":
@@ -175,12 +180,24 @@ class Audit:
         if which == "base":
             return self.target.model
         if not self.has_defense:
-            raise IgdError(f"the {which} variant needs a defence: give --mask")
-        if which not in self._variants:
-            d = self.defense
-            self._variants[which] = frozen_noise(d) if which == "frozen" else \
-                SmoothedModel(self.target.model, sigma=d.sigma if d.rs and d.sigma else 0.0, seed=self.seed)
-        return self._variants[which]
+            raise IgdError(f"the {which} variant needs a defence: give --mask or --defense")
+        m = self.variant(which)
+        if m is None:
+            raise IgdError(f"the {which} variant: this defence offers none")
+        return m
+
+    def no_gradient(self, attack: str, which: Which = "audited") -> str | None:
+        """Why ``attack`` cannot run against model ``which`` (no gradient to follow), or None."""
+        key = (attack, which)
+        if key not in self._no_gradient:
+            ev, kind = self._evaluator(which, self.eps, self.budgets())
+            self._no_gradient[key] = ev.no_gradient(attack, kind)
+        return self._no_gradient[key]
+
+    def runnable(self, attacks: Sequence[str], which: Which = "audited") -> list[str]:
+        """Those of ``attacks`` that can run against model ``which`` (every black-box one; a gradient one where
+        the model has a gradient)."""
+        return [a for a in attacks if self.no_gradient(a, which) is None]
 
     def whitebox(self, which: Which = "audited") -> str:
         """The white-box attack for a model: AutoAttack's rand version (APGD+EoT) if randomized, else APGD-CE."""
@@ -202,6 +219,8 @@ class Audit:
                 meta = dict(self.ident)
                 if which != "audited":  # variants' sets are keyed apart from the defence's own
                     meta["variant"] = {"frozen": "frozen-noise-2", "smoothed": "smoothing-alone"}[which]
+                    if which == "smoothed" and self.ident.get("defense_fingerprint") is not None:
+                        meta["variant"] = "baseline"
                 ev = Evaluator(self.target, self.model(which), self.data, defense_meta=meta,
                                **self._ev_args(eps, budgets))
                 kind = "defended"
@@ -243,10 +262,11 @@ class Audit:
 
     def iwwc(self, which: Which = "audited") -> Cell:
         """The paper's image-wise worst case on model ``which``: IW-WC's six base-model sets transferred to it and
-        its three direct attacks, in ``igd defend-eval``'s order (transfer first), scored by the protocol."""
+        its three direct attacks (those that can run), in ``igd defend-eval``'s order (transfer first), scored by
+        the protocol."""
         cands = [self.bits(TRANSFER[0], "base", on=which)[0]]
         cands += [self.bits(a, "base", on=which)[1] for a in TRANSFER]
-        cands += [self.bits(a, which)[1] for a in DIRECT_RUN_ORDER]
+        cands += [self.bits(a, which)[1] for a in self.runnable(DIRECT_RUN_ORDER, which)]
         return Cell.of(final_of_selected(cands))
 
     def clean(self, which: Which = "audited") -> Cell:

@@ -1,8 +1,11 @@
-"""Checks that need the defence (a mask): transfer vs direct attacks (check 7), frozen noise (check 8), does the
-mask act (check 9) and smoothing alone (check 10). Without a mask they report ``n/a``.
+"""Checks that need a defence (``--mask`` or ``--defense``): transfer vs direct attacks (check 7), frozen noise
+(check 8), does the mask act (check 9) and smoothing alone (check 10). Without a defence they report ``n/a``;
+checks 8-10 use the defence's optional capabilities (:mod:`igd_cli.contract`: ``frozen``,
+``changes_prediction``, ``baseline``), and are ``n/a`` for a defence without them.
 
-The direct attacks are IW-WC's (AutoAttack, RayS, APGD+EoT on the defended model); the transfer sets are IW-WC's
-sets made on the base model, reused from the work folder when ``igd pipeline``/``defend-eval`` made them.
+The direct attacks are IW-WC's (AutoAttack, RayS, APGD+EoT on the defended model; a gradient attack only where
+the defence has a gradient); the transfer sets are IW-WC's sets made on the base model, reused from the work
+folder when ``igd pipeline``/``defend-eval`` made them.
 
 Example::
 
@@ -13,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import noise
+from .. import contract, noise
+from ..devices import module_device
 from ..evaluate import DIRECT, TRANSFER
 from ..scoring import rows_for
 from .context import Audit, paired, per_image_test
@@ -21,8 +25,14 @@ from .result import CheckResult
 from .thresholds import THRESHOLDS
 
 
-def _na(cid: int, name: str) -> CheckResult:
-    return CheckResult(cid, name, "n/a", {}, "needs a defence: give --mask", "")
+def _na(cid: int, name: str, why: str = "needs a defence: give --mask or --defense") -> CheckResult:
+    return CheckResult(cid, name, "n/a", {}, why, "")
+
+
+def _no_gradient_note(audit: Audit, attacks) -> str:
+    """``; no gradient for aa, apgd-eot`` (the direct attacks left out), or nothing."""
+    left = [a for a in attacks if audit.no_gradient(a) is not None]
+    return f"; {', '.join(left)} could not run (the defence has no gradient)" if left else ""
 
 
 def transfer_vs_direct(audit: Audit) -> CheckResult:
@@ -30,16 +40,18 @@ def transfer_vs_direct(audit: Audit) -> CheckResult:
     model and transferred (Croce et al.'s central finding for test-time defences)."""
     if not audit.has_defense:
         return _na(7, "transfer vs direct")
-    direct = {a: audit.robust([a]) for a in DIRECT}
+    runs = audit.runnable(DIRECT)  # a gradient attack on a defence without a gradient is left out (weaker: flagged)
+    direct = {a: audit.robust([a]) for a in runs}
     transfer = {a: audit.robust([a], "base", on="audited") for a in DIRECT}
-    d_all, t_all = audit.robust(list(DIRECT)), audit.robust(list(DIRECT), "base", on="audited")
+    d_all, t_all = audit.robust(runs), audit.robust(list(DIRECT), "base", on="audited")
     test = paired(d_all, t_all, "transfer_margin")
     bad = test.flag
-    per_attack = {a: paired(direct[a], transfer[a], "transfer_margin") for a in DIRECT}
+    per_attack = {a: paired(direct[a], transfer[a], "transfer_margin") for a in runs}
     weaker = [a for a, t in per_attack.items() if t.flag]
     text = (f"direct {d_all.text()} vs transferred {t_all.text()} (worst over {', '.join(DIRECT)}; "
             f"difference {test.text()}); "
-            + "; ".join(f"{a} {direct[a].text()} / Tr {transfer[a].text()}" for a in DIRECT))
+            + "; ".join(f"{a} {direct[a].text() if a in direct else 'no gradient'} / Tr {transfer[a].text()}"
+                        for a in DIRECT) + _no_gradient_note(audit, DIRECT))
     meaning = ("the attacks on the defence do worse than the same attacks on the base model transferred: the "
                "defence hides its gradients from its own attacker, so its direct figures overstate it; only the "
                "worst case over direct and transfer attacks (IW-WC) is a fair figure") if bad else \
@@ -47,6 +59,7 @@ def transfer_vs_direct(audit: Audit) -> CheckResult:
     figures = {"direct": {a: c.to_json() for a, c in direct.items()},
                "transfer": {a: c.to_json() for a, c in transfer.items()},
                "direct_worst": d_all.to_json(), "transfer_worst": t_all.to_json(), "weaker_direct": weaker,
+               "no_gradient": [a for a in DIRECT if a not in runs],
                "test": test.to_json(), "tests": {a: t.to_json() for a, t in per_attack.items()}}
     return CheckResult(7, "transfer vs direct", "flag" if bad else "ok", figures, text, meaning)
 
@@ -57,15 +70,18 @@ def frozen_noise_check(audit: Audit) -> CheckResult:
     (repeated draws)."""
     if not audit.has_defense:
         return _na(8, "frozen noise")
-    rand = audit.robust(list(DIRECT))
+    runs = audit.runnable(DIRECT)
+    rand = audit.robust(runs)
     if not audit.randomized:
         return CheckResult(8, "frozen noise", "ok", {"randomized": rand.to_json()},
-                           f"defence deterministic (no smoothing): {rand.text()}",
+                           f"defence deterministic (no fresh randomness): {rand.text()}",
                            "no fresh noise to freeze: every figure already comes without randomness")
-    frozen = audit.robust(list(DIRECT), "frozen")
+    if audit.variant("frozen") is None:
+        return _na(8, "frozen noise", "the defence cannot be frozen to one draw (it offers no frozen(seed))")
+    frozen = audit.robust(audit.runnable(runs, "frozen"), "frozen")
     test = paired(rand, frozen, "frozen_gain")
     bad = test.flag
-    text = (f"fresh noise {rand.text()} vs frozen noise {frozen.text()} (worst over {', '.join(DIRECT)}; "
+    text = (f"fresh noise {rand.text()} vs frozen noise {frozen.text()} (worst over {', '.join(runs)}; "
             f"gain {test.text()})")
     meaning = (f"{test.text()} of the robustness exist only with fresh noise: they come from randomness "
                "(attacks aiming at a moving target), not from the interpretability mask") if bad else \
@@ -79,20 +95,21 @@ def frozen_noise_check(audit: Audit) -> CheckResult:
 @torch.no_grad()
 def mask_change_share(defense, x: torch.Tensor, y: torch.Tensor, rows: int, *, keys: torch.Tensor,
                       seed: int = 0, batch_size: int = 256) -> torch.Tensor:
-    """Per draw (rows, n): does the defended prediction differ from argmax ŷ (the soft pseudo-label of the same
-    query)? Draw r is the r-th query of each image (identities ``keys``) on the scoring stream of ``seed``, as
+    """Per draw (rows, n): does the defence's mechanism change the prediction (IG-Defense: the defended
+    prediction against argmax ŷ, the soft pseudo-label of the same query; ``contract.changes_prediction``)?
+    Draw r is the r-th query of each image (identities ``keys``) on the scoring stream of ``seed``, as
     :func:`igd_cli.scoring.classify` draws it."""
     from ..scoring import score_stream
 
-    device = next(defense.model.parameters()).device
+    changes = contract.changes_prediction(defense)
+    device = module_device(defense)
     out = torch.empty(rows, len(x), dtype=torch.bool, device=device)  # on the device: one transfer at the end
     keys = keys.to(device)
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(device)
         with noise.images(keys[i:i + batch_size], score_stream(seed)):
             for r in range(rows):
-                feats = defense.features(xb)
-                out[r, i:i + batch_size] = defense.masked_tail(feats).argmax(1) != feats.yhat.argmax(1)
+                out[r, i:i + batch_size] = changes(xb)
     return out.cpu()
 
 
@@ -102,10 +119,13 @@ def mask_acts(audit: Audit) -> CheckResult:
     its pseudo-label, i.e. a one-sample noisy classifier."""
     if not audit.has_defense:
         return _na(9, "does the mask act?")
+    if contract.changes_prediction(audit.defense) is None:
+        return _na(9, "does the mask act?", "IG-Defense's check: this defence offers no changes_prediction(x)")
     rows = max(1, rows_for(audit.defense, audit.protocol, audit.draws) // 2)  # the protocol's final draws
     wb = audit.whitebox()
     shares, tests = {}, {}
-    for name, x in (("clean", audit.x), (wb, audit.adversarial(wb))):
+    points = [("clean", audit.x)] + ([(wb, audit.adversarial(wb))] if audit.no_gradient(wb) is None else [])
+    for name, x in points:
         bits = mask_change_share(audit.defense, x, audit.y, rows, keys=audit.keys, seed=audit.seed,
                                  batch_size=audit.batch_size)
         per_draw = bits.float().mean(1)
@@ -134,10 +154,14 @@ def smoothing_alone(audit: Audit) -> CheckResult:
     gain is below the threshold (noise never raises the flag)."""
     if not audit.has_defense:
         return _na(10, "smoothing alone")
+    if audit.variant("smoothed") is None:
+        return _na(10, "smoothing alone", "IG-Defense's check: this defence offers no baseline(seed) to compare with")
     defended, smooth, base = audit.iwwc("audited"), audit.iwwc("smoothed"), audit.robust(list(TRANSFER), "base")
     test = paired(defended, smooth, "smoothing_gain", "below")
     bad = test.flag
-    text = (f"IW-WC: IG-Defense {defended.text()} vs smoothing alone {smooth.text()} vs base {base.text()}; "
+    label = contract.label(audit.defense)
+    alone = "smoothing alone" if label == "IG-Defense" else "its baseline"
+    text = (f"IW-WC: {label} {defended.text()} vs {alone} {smooth.text()} vs base {base.text()}; "
             f"gain {test.text()}")
     t = 100 * THRESHOLDS["smoothing_gain"]
     meaning = (f"the defence gains {test.text()} over the same noise without a mask, shown to be below {t:.1f} "

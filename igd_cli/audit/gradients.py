@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pyautoattack import checks
 
-from .. import noise
+from .. import contract, noise
 from ..attacks.base import image_generators, is_randomized
 from .context import Audit
 from .result import CheckResult
@@ -64,7 +64,8 @@ def autoattack_flags(audit: Audit) -> CheckResult:
         with torch.no_grad():
             out = torch.stack([model(x) for _ in range(2)])
         n_cls = checks.check_range_output(model, x, logger=logs["probabilities"])
-        grad = input_gradient(model, x, y)
+        no_grad = not contract.has_gradient(model, x)
+        grad = torch.zeros_like(x) if no_grad else input_gradient(model, x, y)  # no gradient: zero on every image
         checks.check_zero_gradients(grad, logger=logs["zero_gradients"])
         for k in checks.funcs:  # pyautoattack counts autograd calls in a module-level dict it never resets
             checks.funcs[k] = 0
@@ -84,7 +85,7 @@ def autoattack_flags(audit: Audit) -> CheckResult:
     fired = [k for k in warned if k != "randomized"] + (["randomized"] if unguarded else [])
     figures = {"flags": fired, "warnings": warned,
                "messages": {k: log.messages for k, log in logs.items() if log.messages},
-               "images_checked": len(x), "zero_gradient_images": zero,
+               "images_checked": len(x), "zero_gradient_images": zero, "no_gradient": no_grad,
                "output_changes_between_calls": bool(not torch.equal(out[0], out[1])), "n_classes": int(n_cls),
                "declares_fresh_noise": declared, "randomized": random, "protocol": audit.protocol,
                "eot_samples": eot if random else None}
@@ -94,7 +95,7 @@ def autoattack_flags(audit: Audit) -> CheckResult:
     if random:
         text += (f"; scored by {audit.protocol}" + ("" if audit.protocol != "draws" else f" ({audit.draws} + "
                                                      f"{audit.draws})") + f", APGD with {eot} EoT samples")
-    text += f"; zero gradient on {zero}/{len(x)} images"
+    text += f"; zero gradient on {zero}/{len(x)} images" + (" (the output has no gradient at all)" if no_grad else "")
     meaning = {
         "randomized": "the output is random but the evaluation scores one draw per point or attacks without EoT: "
                       "a lucky draw decides near the boundary; use --protocol draws and EoT (AutoAttack's rand "
@@ -213,6 +214,11 @@ def surface_check(audit: Audit) -> tuple[CheckResult, dict[str, Surface]]:
     flag when brute force on the grid finds what the gradient direction does not."""
     n = min(int(audit.preset["surface_images"]), len(audit.x))
     x, y = audit.x[:n], audit.y[:n]
+    if not contract.has_gradient(audit.audited, x.to(audit.target.device)):
+        return CheckResult(6, "loss surface (Fig. 8)", "flag", {"no_gradient": True, "images": n},
+                           "the audited model's output has no gradient: there is no gradient direction to follow",
+                           "the forward loses its gradient (a non-differentiable step): every gradient attack is "
+                           "blind here, so only black-box, transferred and BPDA attacks (a surrogate) measure it"), {}
     kw = {"eps": audit.eps, "grid": int(audit.preset["surface_grid"]), "draws": int(audit.preset["surface_draws"]),
           "seed": audit.seed, "batch_size": audit.batch_size, "index": audit.positions[:n]}
     surfaces = {"audited": loss_surfaces(audit.audited, x, y, **kw)}

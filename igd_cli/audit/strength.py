@@ -24,11 +24,24 @@ def _cells(cells: dict[str, Cell]) -> dict[str, dict]:
     return {k: c.to_json() for k, c in cells.items()}
 
 
+def _no_gradient(cid: int, name: str) -> CheckResult:
+    """A check of gradient attacks on a model without a gradient (check 2 flags it)."""
+    return CheckResult(cid, name, "n/a", {"no_gradient": True},
+                       "its gradient attacks cannot run: the model's output has no gradient (check 2)", "")
+
+
 def blackbox_vs_whitebox(audit: Audit) -> CheckResult:
     """Check 2: Square and RayS (black box) must not beat the white-box attacks by more than a small margin."""
-    white_names = [audit.whitebox()] + ([] if audit.randomized else ["apgd-t-dlr"])
-    white = audit.robust(white_names)
+    white_names = audit.runnable([audit.whitebox()] + ([] if audit.randomized else ["apgd-t-dlr"]))
     black = {a: audit.robust([a]) for a in BLACKBOX}
+    if not white_names:  # no gradient at all: the extreme case of what this check looks for
+        text = "no white-box attack can run (the model's output has no gradient); " + \
+            "; ".join(f"{a} {c.text()}" for a, c in black.items())
+        return CheckResult(2, "black box vs white box", "flag", {"whitebox_attacks": [], "no_gradient": True,
+                                                                 "blackbox": _cells(black)}, text,
+                           "the gradient attacks get no gradient at all: only black-box, transferred and BPDA "
+                           "attacks measure this model, and its white-box figures would be vacuous")
+    white = audit.robust(white_names)
     tests = {a: paired(white, c, "blackbox_margin") for a, c in black.items()}
     worst_name = max(tests, key=lambda a: tests[a].estimate)
     test = tests[worst_name]
@@ -50,6 +63,8 @@ def stronger_autoattack(audit: Audit) -> CheckResult:
     standard AutoAttack."""
     st = audit.preset["stronger"]
     wb = audit.whitebox()
+    if audit.no_gradient(wb) is not None:
+        return _no_gradient(3, "stronger AutoAttack")
     apgd = {"steps": st["steps"], "restarts": st["restarts"]}
     runs = {wb: apgd, APGD_T: apgd, "fab-t": {"restarts": st["fab_restarts"]},
             "square": {"restarts": st["square_restarts"]}}
@@ -75,6 +90,8 @@ def attack_steps(audit: Audit) -> CheckResult:
     """Check 4 (Fig. 7C): FGSM and the white-box attack with more and more steps; robust accuracy must not
     rise with more steps."""
     wb = audit.whitebox()
+    if audit.no_gradient(wb) is not None:
+        return _no_gradient(4, "attack steps (Fig. 7C)")
     curve: list[tuple[str, int, Cell]] = [("fgsm", 1, audit.robust(["fgsm"]))]
     for s in audit.preset["steps_curve"]:
         curve.append((f"{wb}-{s}", int(s), audit.robust([wb], steps=int(s), restarts=1)))
@@ -93,6 +110,8 @@ def attack_steps(audit: Audit) -> CheckResult:
 
 def attack_budget(audit: Audit) -> CheckResult:
     """Check 5 (Table 10): AutoAttack at ε, 2ε, 4ε: robust accuracy must fall and be near zero at the largest."""
+    if audit.no_gradient("aa") is not None:
+        return _no_gradient(5, "budget (Table 10)")
     factors = list(audit.preset["budget_factors"])
     curve = [(f, audit.robust(["aa"], eps_factor=float(f))) for f in factors]
     tests = [(curve[i][0], curve[i + 1][0], paired(curve[i + 1][1], curve[i][1], "budget_rise"))

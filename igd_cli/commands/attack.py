@@ -10,15 +10,16 @@ from typing import Annotated, Optional
 import torch
 import typer
 
+from .. import contract
 from ..attacks import ATTACKS, attack_class, make_attack, run_attack
 from ..cli import app, emit, examples
 from ..common import check_classes, open_target, parse_eps
 from ..console import out_console
 from ..errors import IgdError
 from ..attacks.base import gather
-from ..evaluate import defense_identity, save_adversarial, score_meta, set_meta
+from ..evaluate import identity_of, save_adversarial, score_meta, set_meta
 from ..batching import attack_trial, choose_batch_size, parse_batch_size
-from ..options import (Arch, AutoBatchSize, BpdaTemperature, DataDir, Dataset, Device, Draws, EotIter, Eps, Json, Model, Numerics, ProtocolOpt,
+from ..options import (Arch, AutoBatchSize, BpdaTemperature, DataDir, Dataset, DefenseOpt, Device, Draws, EotIter, Eps, Json, Model, Numerics, ProtocolOpt,
                        Queries, Restarts, Seed, Normalize, Shard, Steps, ThreatModel, ZooDataset)
 from ..scoring import DEFAULT_DRAWS, check_protocol, score_set
 from ..shards import parse_shard  # noqa: F401  (shared with defend-eval; importable from here as before)
@@ -35,6 +36,7 @@ def attack_cmd(
     attack: Annotated[str, typer.Option("--attack", metavar="NAME", help=f"one of {', '.join(ATTACKS)}")] = ...,
     out: Annotated[Path, typer.Option("--out", metavar="FILE", help="adversarial set to write (.safetensors)")] = ...,
     mask: Annotated[Optional[Path], typer.Option("--mask", metavar="FILE", help="attack the defended model with this mask artifact")] = None,
+    defense_spec: DefenseOpt = None,
     eps: Eps = None,
     n_examples: Annotated[Optional[int], typer.Option("--n-examples", metavar="N", min=1, help="the first N test images (default: the first 1000, or all if fewer)")] = None,
     steps: Steps = None,
@@ -57,11 +59,13 @@ def attack_cmd(
     protocol: ProtocolOpt = "draws",
     as_json: Json = False,
 ) -> None:
-    """Attack the base model (or the defended model with --mask) and write the adversarial set.
+    """Attack the base model (or the defended model: --mask, or your own --defense FILE.py:NAME) and write the
+    adversarial set.
 
     The robust accuracy printed is the protocol's over {clean, adversarial}: exact for a deterministic model,
     mean ± std over --draws fresh draws for a randomized defence."""
     attack_class(attack)  # unknown names fail before any model is loaded
+    contract.check_exclusive(mask, defense_spec)
     if bpda_temperature is not None and attack != "adaptive":
         raise IgdError(f"--bpda-temperature: only --attack adaptive uses it, not {attack}")
     if bpda_temperature is not None and not bpda_temperature >= 1:
@@ -85,13 +89,13 @@ def attack_cmd(
     attacked = target.model
     kind = "base"
     extra: dict = {}
-    if mask is not None:
-        from ..defense import load_defense
-
-        attacked = load_defense(target, mask, seed=seed)
+    defended = contract.open_defense(target, mask, defense_spec, seed=seed, required=False)
+    if defended is not None:
+        attacked = defended
         kind = "defended"
-        extra["defense"] = defense_identity(mask, attacked)
-        extra["mask_sha256"] = extra["defense"]["mask_sha256"]
+        extra["defense"] = identity_of(defended, mask)
+        if mask is not None:
+            extra["mask_sha256"] = extra["defense"]["mask_sha256"]
     atk = make_attack(attack, attacked, eps=eps_v, norm=threat_model, seed=seed, device=target.device,
                       num_classes=target.loaded.num_classes, steps=steps, restarts=restarts, queries=queries,
                       eot_iter=eot_iter, bpda_temperature=bpda_temperature)

@@ -11,11 +11,11 @@ import typer
 from ..audit import CHECKS, PRESETS, Audit, parse_checks, render_audit, run_audit
 from ..cli import app, emit, examples
 from ..common import check_classes, open_target, parse_eps
-from ..defense import load_defense
+from .. import contract
 from ..errors import IgdError
 from ..evaluate import default_workdir
 from ..batching import attack_trial, choose_batch_size, parse_batch_size
-from ..options import (Arch, AuditEps, AutoBatchSize, DataDir, Dataset, Device, Draws, Json, Model, Normalize, Numerics, ProtocolOpt,
+from ..options import (Arch, AuditEps, AutoBatchSize, DataDir, Dataset, DefenseOpt, Device, Draws, Json, Model, Normalize, Numerics, ProtocolOpt,
                        Seed, ZooDataset)
 from ..scoring import DEFAULT_DRAWS, check_protocol
 
@@ -30,7 +30,8 @@ def audit_cmd(
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
     zoo_dataset: ZooDataset = None, normalize: Normalize = None,
     mask: Annotated[Optional[Path], typer.Option("--mask", metavar="FILE", help="mask artifact from igd calibrate-k: audit the "
-                                                 "defended model (without it the base model; checks 7-11 n/a)")] = None,
+                                                 "defended model (without it or --defense: the base model; checks 7-11 n/a)")] = None,
+    defense_spec: DefenseOpt = None,
     n_examples: Annotated[Optional[int], typer.Option("--n-examples", metavar="N", min=1, help="the first N test images (default: "
                                                       "the preset's: quick 100, fewer than the pipeline's 200 because "
                                                       "the audit runs many more attacks; paper 1000; at most all)")] = None,
@@ -69,7 +70,7 @@ def audit_cmd(
     eps_v = parse_eps(eps)
     target = open_target(model, arch, dataset, "Linf", device, zoo_dataset, normalize=normalize,
                          numerics=numerics)
-    defense = load_defense(target, mask, seed=seed) if mask is not None else None
+    defense = contract.open_defense(target, mask, defense_spec, seed=seed, required=False)
     n = n_examples if n_examples is not None else PRESETS[preset]["n_examples"]
     data = target.data(split, n, data_dir) if n_examples is not None else _first(target, split, n, data_dir)
     check_classes(target, data)

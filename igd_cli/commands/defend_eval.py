@@ -15,11 +15,12 @@ from ..adv_files import expand_adv
 from ..cli import app, emit, examples
 from ..common import check_classes, open_target, parse_eps
 from ..console import out_console
-from ..defense import check_settings, load_defense
+from .. import contract
+from ..defense import check_settings
 from ..errors import IgdError
 from ..evaluate import Budgets, defend_eval, render_per_class, render_table
 from ..batching import attack_trial, choose_batch_size, defended_trial, parse_batch_size
-from ..options import (Arch, AutoBatchSize, BpdaTemperature, DataDir, Dataset, Device, Draws, EotIter, Eps, Json, Model, Numerics, Precision, ProtocolOpt,
+from ..options import (Arch, AutoBatchSize, BpdaTemperature, DataDir, Dataset, DefenseOpt, Device, Draws, EotIter, Eps, Json, Model, Numerics, Precision, ProtocolOpt,
                        Queries, Restarts, Seed, Normalize, Shard, Steps, ThreatModel, ZooDataset)
 from ..precision import check_precision
 from ..report import summary_table
@@ -35,7 +36,9 @@ EVAL_BATCH = 128
     "igd defend-eval --model demo --mask mask.safetensors --n-examples 100",
     "igd defend-eval --model demo --mask mask.safetensors --n-examples 100 --adv adv.safetensors"))
 def defend_eval_cmd(
-    mask: Annotated[Path, typer.Option("--mask", metavar="FILE", help="mask artifact from igd calibrate-k")],
+    mask: Annotated[Optional[Path], typer.Option("--mask", metavar="FILE", help="mask artifact from igd calibrate-k "
+                                                 "(IG-Defense; or give --defense)")] = None,
+    defense_spec: DefenseOpt = None,
     model: Model = "demo", arch: Arch = None, dataset: Dataset = None, data_dir: DataDir = None,
     normalize: Normalize = None,
     threat_model: ThreatModel = "Linf",
@@ -71,11 +74,17 @@ def defend_eval_cmd(
 ) -> None:
     """Clean accuracy of the base and the defended model (--attack none), or robust accuracy under attacks.
 
+    The defended model is IG-Defense from --mask, or your own defence from --defense FILE.py:NAME
+    (docs/own-defense.md); with either, --attack iw-wc adds the adaptive column after the paper's nine.
+
     A randomized defence (smoothing on) is scored as Croce et al. score randomized defences: every point is
     classified --draws times, per image the point with the lowest mean correctness is selected and scored on as
     many fresh draws; the worst case is reported as mean ± std, majority vote and all draws.
     """
     attack = attack.strip().lower()
+    contract.check_exclusive(mask, defense_spec)
+    if mask is None and defense_spec is None:
+        raise IgdError("no defended model: give --mask FILE (IG-Defense) or --defense FILE.py:NAME (your own)")
     check_protocol(protocol, draws)
     check_precision(precision)
     parse_batch_size(batch_size)
@@ -99,7 +108,8 @@ def defend_eval_cmd(
                          numerics=numerics)
     check_precision(precision, target.device)
     eps_value = parse_eps(eps)
-    defense = load_defense(target, mask, sigma=sigma, n_smooth=n_smooth, tau=tau, rs=rs, seed=seed)
+    defense = contract.open_defense(target, mask, defense_spec, seed=seed, sigma=sigma, n_smooth=n_smooth, tau=tau,
+                                    rs=rs)
     data = target.eval_data(split, n_examples, data_dir)
     check_classes(target, data)
     trial = None
@@ -129,10 +139,17 @@ def _render(r: dict) -> None:
     render_table(r, title=f"defend-eval {what}: accuracy (%), {r['n_examples']} images of "
                           f"{r['data']['dataset']} ({r['data']['split']}){part}{eps}")
     d = r["defense"] or {}
-    out_console.print(summary_table("defence", [
-        ("mask", f"{r['mask']} (layer {r['layer']}, k = {r['k']})"),
-        ("smoothing", f"σ = {d.get('sigma')}, n_s = {d.get('n_smooth')}" if d.get("rs") else "off"),
-        ("τ", str(d.get("tau"))), ("seed", str(r["seed"])), ("seconds", f"{r['seconds_total']:.1f}")]))
+    if r.get("mask") is None:  # a --defense
+        rows = [("defence", str(r.get("defense_spec"))), ("randomized", "yes" if r.get("randomized") else "no"),
+                *((str(k), str(v)) for k, v in d.items())]
+        if r.get("no_gradient"):
+            rows.append(("no gradient", ", ".join(r["no_gradient"])))
+    else:
+        rows = [("mask", f"{r['mask']} (layer {r['layer']}, k = {r['k']})"),
+                ("smoothing", f"σ = {d.get('sigma')}, n_s = {d.get('n_smooth')}" if d.get("rs") else "off"),
+                ("τ", str(d.get("tau")))]
+    out_console.print(summary_table("defence", [*rows, ("seed", str(r["seed"])),
+                                                ("seconds", f"{r['seconds_total']:.1f}")]))
     if "report" in r:
         render_per_class(r)
         out_console.print(f"report -> {r['report']}")

@@ -208,7 +208,7 @@ def ablation(target, defense, data, eps, budgets) -> dict:
     """Stage 1 alone (apgd-eot on the smoothed first pass) and both stages with stage 2 on the true gradient
     (no BPDA), each scored like IW-WC's columns (the protocol over {clean, its point})."""
     from igd_cli.attacks import run_attack
-    from igd_cli.attacks.adaptive import Adaptive, SmoothedFirstPass
+    from igd_cli.attacks.adaptive import Adaptive
     from igd_cli.attacks.apgd import APGDEoT
     from igd_cli.scoring import score_set
 
@@ -217,7 +217,7 @@ def ablation(target, defense, data, eps, budgets) -> dict:
 
     class Stage1(Adaptive):
         def perturb(self, x, y, index):
-            return APGDEoT(SmoothedFirstPass(self.model), eps=self.eps, seed=self.seed, randomized=self.randomized,
+            return APGDEoT(self.stages()[0], eps=self.eps, seed=self.seed, randomized=self.randomized,
                            num_classes=self.num_classes, **self._budget_of()).perturb(x, y, index)
 
     no_bpda = Adaptive(defense, **kw)

@@ -153,7 +153,7 @@ def test_registry_matches_the_cli_contract():
     with pytest.raises(IgdError):
         mk("rays", torch.nn.Linear(2, 2), eps=0.1, norm="L2")
     a = mk("apgd-t-dlr", torch.nn.Linear(2, 2), eps=0.1)
-    assert a.budget == {"steps": 100, "restarts": 3}
+    assert a.budget == {"steps": 100, "restarts": 3, "eot_iter": 20}  # its EoT samples on a randomized model
     assert mk("rays", torch.nn.Linear(2, 2), eps=0.1).budget == {"queries": 10000}
     assert mk("apgd-eot", torch.nn.Linear(2, 2), eps=0.1).budget["eot_iter"] == 20
 

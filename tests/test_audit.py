@@ -241,16 +241,14 @@ def test_masked_gradients_are_flagged_by_checks_2_and_6(demo, data):
 class NoisyGradient(nn.Module):
     """The demo's logits, exactly, with a gradient made of noise: logit k gains ``c ⟨v_k, x − stop_grad(x)⟩``
     (value 0, gradient ``c v_k``) with a fresh standard normal ``v`` at every query. An attack without EoT follows
-    the noise; EoT averages it away. Randomized (``rs``) for igd, so it is scored and attacked as such."""
+    the noise; EoT averages it away. Declared ``randomized`` (igd_cli.contract), so it is scored and attacked as
+    such."""
 
-    rs = True
+    randomized = True
 
     def __init__(self, model: nn.Module, c: float):
         super().__init__()
         self.model, self.c, self._noise = model, c, FreshNoise()
-
-    def reseed(self, seed=None) -> None:  # igd's marker of a randomized model; the draws are keyed by igd_cli.noise
-        pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.model(x)

@@ -425,7 +425,8 @@ def calibration_images(target: Any, split: str, start: int, n: int | None,
         raise IgdError(f"--start {start}: the {split} split has {len(whole)} images")
     n = min(DEFAULT_N_EXAMPLES, len(whole) - start) if n is None else int(n)
     if n < 1 or start + n > len(whole):
-        raise IgdError(f"images {start}..{start + n - 1}: the {split} split has {len(whole)} images")
+        raise IgdError(f"--n-examples {n} from --start {start}: the {split} split has {len(whole)} images, "
+                       f"{len(whole) - start} from there: give fewer than {len(whole) - start + 1}")
     data = target.data(split, start + n, data_dir)
     return data.view(start, start + n) if start else data
 

@@ -16,6 +16,8 @@ queries of one point (EoT) get fresh noise.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,19 @@ DEFAULT_N_SMOOTH = 1
 
 
 # --- masks ------------------------------------------------------------------------------------------
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's values (as uint8 for a 0/1 mask): the identity of a mask that has no file."""
+    return hashlib.sha256(t.detach().cpu().to(torch.uint8).contiguous().numpy().tobytes()).hexdigest()
+
+
+def mask_identity(mask: torch.Tensor | None, layer: str | None, settings: dict[str, Any], **extra: Any
+                  ) -> dict[str, Any]:
+    """What identifies a defended variant built in memory in its attack sets' metadata (as
+    :func:`igd_cli.evaluate.defense_identity` does for a mask file)."""
+    return json.loads(json.dumps({"mask_sha256": None if mask is None else tensor_sha256(mask), "layer": layer,
+                                  "settings": settings, **extra}, sort_keys=True, default=str))
+
 
 def check_importance(importance: torch.Tensor, where: str = "importance") -> torch.Tensor:
     """A finite float (N, C) matrix, or a one-line IgdError."""
@@ -242,8 +257,6 @@ class IGDefense(nn.Module):
     def identity(self) -> dict[str, Any]:
         """What identifies this defence by content (its masks, layers and settings), for one built in memory; one
         read from a mask artifact is identified by the file (:func:`igd_cli.evaluate.defense_identity`)."""
-        from .analysis.setup import mask_identity
-
         return mask_identity(torch.cat([m.flatten() for m in self.masks]), self.layer, self.settings())
 
     def surrogate(self, x: torch.Tensor, temperature: float | None = None) -> torch.Tensor:

@@ -11,12 +11,9 @@ Example::
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn as nn
 
-from .defense import IGDefense
 from .noise import FreshNoise
 
 
@@ -43,7 +40,7 @@ class SmoothedModel(nn.Module):
         return self.model(x + self.sigma * self._noise.sample(x, 1)[0])
 
 
-def frozen_noise(defense: IGDefense, seed: int | None = None) -> IGDefense:
+def frozen_noise(defense: nn.Module, seed: int | None = None) -> nn.Module:
     """A copy of ``defense`` (sharing its model and mask) whose smoothing noise is one fixed draw for every image
     and query (:meth:`IGDefense.frozen`): deterministic, so it is scored once and attacked without EoT."""
     return defense.frozen(seed)

@@ -43,6 +43,8 @@ leaves out is added when the command takes it, so that a default budget is reduc
     --queries       min(Q, 20)              Square / RayS queries
     --eot-iter      1                       EoT samples per step
     --draws         min(R, 2)               noise draws per candidate of a randomized model
+    --checks        1,6,9 where not given   igd audit: its attack-strength checks run minutes per image on a
+                                            CPU even so (tests/test_audit.py runs every check)
 
 With these the figures differ from the page's; what is tested is that the documented command line is accepted and
 runs to the end (exit 0). Commands outside igd (``python …``, ``pip …``, ``cluster/slurm/…``) are not run here.
@@ -77,6 +79,9 @@ SUBSTITUTIONS: dict[str, tuple[str, object]] = {
     "--eot-iter": ("set", 1),
     "--draws": ("cap", 2),
 }
+
+#: the audit's checks an example runs when it names none (the docstring's table)
+AUDIT_CHECKS = "1,6,9"
 
 #: inputs made by a command outside igd (not run here): path pattern -> what makes it
 EXTERNAL: dict[str, str] = {
@@ -420,6 +425,8 @@ def reduce(cmd, argv: list[str]) -> list[str]:
             _set_value(argv, i, name, new)
         if not given and kind != "map":
             argv += [name, str(value)]
+    if argv and argv[0] == "audit" and not option_values(argv, "--checks"):
+        argv += ["--checks", AUDIT_CHECKS]
     return argv
 
 
@@ -670,7 +677,8 @@ def test_reduce_caps_and_adds_the_budget_options():
 def test_the_docstring_table_is_the_substitution_table():
     """The table the module docstring prints is SUBSTITUTIONS itself (so the README can quote it)."""
     rows = {ln.split()[0]: ln.split() for ln in (__doc__ or "").splitlines() if ln.startswith("    --")}
-    assert set(rows) == set(SUBSTITUTIONS)
+    assert set(rows) == set(SUBSTITUTIONS) | {"--checks"}
+    assert rows["--checks"][1] == AUDIT_CHECKS  # the audit's reduction, outside SUBSTITUTIONS (only when absent)
     for name, (kind, value) in SUBSTITUTIONS.items():
         cells = " ".join(rows[name][1:4])
         if kind == "cap":

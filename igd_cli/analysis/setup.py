@@ -10,7 +10,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.nn as nn
 from ..artifacts import atomic_write_bytes
 from ..common import Target
 from ..data import ImageSet
+from ..defense import mask_identity, tensor_sha256  # noqa: F401  (their home is defense.py)
 from ..errors import IgdError
 from ..evaluate import Budgets, evaluate_defense
 from ..scoring import DEFAULT_DRAWS
@@ -59,19 +59,6 @@ class EvalSetup:
                 "data": {"dataset": self.data.name, "split": self.data.split, "n": len(self.data)},
                 "data_id": self.data.identity(), "norm": self.target.threat_model, "eps": self.eps, "budget": self.budgets.kwargs(), "seed": self.seed, "protocol": self.protocol,
                 "draws": self.draws, "workdir": str(self.workdir)}
-
-
-def tensor_sha256(t: torch.Tensor) -> str:
-    """sha256 of a tensor's values (as uint8 for a 0/1 mask): the identity of a mask that has no file."""
-    return hashlib.sha256(t.detach().cpu().to(torch.uint8).contiguous().numpy().tobytes()).hexdigest()
-
-
-def mask_identity(mask: torch.Tensor | None, layer: str | None, settings: dict[str, Any], **extra: Any
-                  ) -> dict[str, Any]:
-    """What identifies a defended variant built in memory in its attack sets' metadata (as
-    :func:`igd_cli.evaluate.defense_identity` does for a mask file)."""
-    return json.loads(json.dumps({"mask_sha256": None if mask is None else tensor_sha256(mask), "layer": layer,
-                                  "settings": settings, **extra}, sort_keys=True, default=str))
 
 
 def write_json(path: str | Path, result: dict[str, Any]) -> Path:

@@ -155,7 +155,7 @@ def test_bf16_agrees_with_fp32_on_the_real_resnet18(resnet18_path):
 
 #: probe images and ranked neurons of the batched-tail check (the literal reference costs one tail per image and
 #: neuron). With both logits of every difference rounded to bf16 (igd before it took them in fp32) layer3 gave
-#: mean 0.79-0.81, worst 0.62 on 40 probe images (benchmarks/results/precision-layer3-cpu.json)
+#: mean 0.79-0.81, worst 0.62 on 40 probe images (benchmarks/bench_precision.py --logit-rounding)
 LAYER3_PROBE, LAYER3_ROWS = 40, 128
 
 

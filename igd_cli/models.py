@@ -104,9 +104,12 @@ def architecture_digest(model: nn.Module) -> str:
         if cls.__module__.split(".")[0] == "torch":
             continue
         files.add(_class_file(cls))
-    for f in sorted(files):
-        path = Path(f)
-        h.update(path.read_bytes() if path.is_file() else f.encode())
+    # each file by its content's digest, the digests in sorted order: where the files lie (a clone's folder, a copy
+    # of a user's file) changes neither which files count nor their order
+    parts = sorted(hashlib.sha256(Path(f).read_bytes() if Path(f).is_file() else f.encode()).hexdigest()
+                   for f in files)
+    for d in parts:
+        h.update(d.encode())
     return h.hexdigest()
 
 

@@ -53,8 +53,10 @@ def test_bench_gpu_tiny_runs_and_writes_its_results(tmp_path, igd_home):
                 assert math.isfinite(r["ratio"]) and r["ratio"] > 0 and r["ratio_of"]
             if r["stage"] == "lo-ir":
                 # R + 1 forwards for R rows, L + 1 timed: the base forward is not counted as an ablation
+                # both written to 4 decimals: the scaled one's rounding, and the unscaled one's times the factor
+                factor = (r["rows"] + 1) / (r["literal_rows_timed"] + 1)
                 assert r["literal_seconds_scaled"] == pytest.approx(
-                    r["literal_seconds"] * (r["rows"] + 1) / (r["literal_rows_timed"] + 1), rel=1e-3, abs=1e-4)
+                    r["literal_seconds"] * factor, rel=1e-6, abs=0.5e-4 * (factor + 1) + 1e-9)
                 if r["precision"] == "fp32":  # the fast rows are the literal ones
                     assert r["max_abs_diff_vs_literal"] < 1e-3
                 else:  # reduced-precision rankings compared with fp32's

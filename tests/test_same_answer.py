@@ -248,6 +248,40 @@ def test_architecture_code_is_part_of_the_fingerprint(tmp_path):
     assert fa == load_model(str(tmp_path / "w.pt"), arch=f"{tmp_path / 'a.py'}:Net").fingerprint
 
 
+
+def test_fingerprint_does_not_depend_on_where_the_files_lie(tmp_path):
+    """The same two source files in folders that sort the other way round give the same fingerprint (before,
+    the files were hashed in the order of their paths, and a clone in another folder made another model)."""
+    from igd_cli.models import fingerprint
+
+    head = ("import torch.nn as nn\n"
+            "class {name}(nn.Module):\n"
+            "    def __init__(self):\n"
+            "        super().__init__()\n"
+            "        self.fc = nn.Linear(3, 3)\n"
+            "    def forward(self, x):\n"
+            "        return self.fc(x) {op}\n")
+    import importlib.util
+
+    def build(where_inner: str, where_outer: str):
+        for d, name, op in ((where_inner, "Inner", "+ 1"), (where_outer, "Outer", "* 2")):
+            (tmp_path / d).mkdir(exist_ok=True)
+            (tmp_path / d / f"{name.lower()}.py").write_text(head.format(name=name, op=op))
+        mods = []
+        for d, name in ((where_inner, "inner"), (where_outer, "outer")):
+            spec = importlib.util.spec_from_file_location(f"m_{d}_{name}", tmp_path / d / f"{name}.py")
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            mods.append(mod)
+        torch.manual_seed(0)
+        outer = mods[1].Outer()
+        outer.inner = mods[0].Inner()
+        return outer
+
+    a = build("a", "z")  # inner.py's path sorts first
+    b = build("zz", "aa")  # outer.py's path sorts first
+    assert fingerprint(a) == fingerprint(b)
+
 # --- the pipeline: identities and the run-folder lock --------------------------------------------------------
 
 TINY = ["--n-probe", "80", "--n-examples", "12", "--attack", "aa", "--steps", "2", "--queries", "10",

@@ -148,9 +148,15 @@ def model_info(source: str | Path) -> dict[str, Any]:
             aa_note = "AutoAttack (standard version) on the defended model, every image"
 
     defended = bool(r.get("defended", True))
-    defense = ({"method": "IG-Defense", "layer": meta.get("layer"), "k": meta.get("k"),
-                "mask_sha256": meta.get("mask_sha256"), "settings": meta.get("settings")}
-               if meta.get("mask_sha256") is not None else meta.get("defense"))
+    if meta.get("mask_sha256") is not None:
+        defense = {"method": "IG-Defense", "layer": meta.get("layer"), "k": meta.get("k"),
+                   "mask_sha256": meta.get("mask_sha256"), "settings": meta.get("settings")}
+    elif isinstance(meta.get("defense"), str):  # a user's --defense (igd_cli.contract): what identifies it
+        defense = {"method": "own", "spec": meta["defense"],
+                   **{k: meta.get(k) for k in ("callable", "source_sha256", "defense_fingerprint", "settings",
+                                               "randomized")}}
+    else:
+        defense = meta.get("defense")
     draws = int(r.get("draws", 1))
     randomized = bool(r.get("randomized"))
     scoring = (f"a randomized defence: per image the point with the lowest mean correctness over {draws} noise draws "
@@ -159,6 +165,8 @@ def model_info(source: str | Path) -> dict[str, Any]:
     eps_s = None if eps is None else eps_text(float(eps), norm)
 
     what_was = "IG-Defense" if defense and defense.get("method") == "IG-Defense" else "the defence"
+    if defense and defense.get("method") == "own":
+        what_was = f"the defence {defense.get('callable')} (--defense, source sha256 {str(defense.get('source_sha256'))[:16]})"
     setting = ""
     if what_was == "IG-Defense":
         s = defense.get("settings") or {}

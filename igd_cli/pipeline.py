@@ -1,5 +1,8 @@
 """The whole method in one cached run: rank -> calibrate-k -> transfer sets on the base model -> defend-eval.
 
+With a user's defence (``PipelineConfig.defense``, ``--defense FILE.py:NAME``) there is nothing to rank or
+calibrate: the run is the transfer sets and the defended evaluation, with the same caching, pieces and merge.
+
 Every stage writes its artifact into the run folder and is skipped when an artifact made with the same inputs
 is already there (model fingerprint, layer, method, data, settings, and the hash of the artifact it was built
 from), so a second run with the same arguments only re-reads results, and an interrupted run continues from the
@@ -129,25 +132,27 @@ class PipelineConfig:
     draws: int = DEFAULT_DRAWS
     bpda_temperature: float | None = None  # the adaptive attack's, IW-WC's tenth column (None: its default)
     precision: str = "fp32"  # ranking, calibration and clean scoring under autocast; attacks fp32 (igd_cli.precision)
+    defense: str | None = None  # a user's defence (FILE.py:NAME, igd_cli.contract) instead of IG-Defense
 
 
 @dataclass
 class PipelineResult:
     out: Path
     stages: dict[str, Stage]
-    importance: Path | list[Path]
-    mask: Path
+    importance: Path | list[Path] | None  # None for a user's defence (no ranking)
+    mask: Path | None
     report: Path
     adv_dir: Path
-    k: int | dict[str, int]  # several layers: keyed by layer
-    n_neurons: int | dict[str, int]
-    layer: str
+    k: int | dict[str, int] | None  # several layers: keyed by layer
+    n_neurons: int | dict[str, int] | None
+    layer: str | None
     calibration: dict[str, Any]
     evaluation: dict[str, Any]
     seconds: float
     probe: dict[str, Any] = field(default_factory=dict)  # the ranking images: dataset, split, n
     record: dict[str, Any] = field(default_factory=dict)  # igd_code and numerics (igd_cli.provenance.record)
     auto_batch: dict[str, Any] = field(default_factory=dict)  # stage -> how --batch-size auto chose (igd_cli.batching)
+    defense: dict[str, Any] | None = None  # a user's defence: its spec, source sha256, fingerprint, settings
 
     def to_json(self) -> dict[str, Any]:
         ev = self.evaluation
@@ -155,7 +160,7 @@ class PipelineResult:
                 "robust_accuracy", "robust_accuracy_std", "base_robust_accuracy", "worst_case", "worst_case_std",
                 "worst_case_majority", "worst_case_all_draws", "base_worst_case", "draws", "protocol", "randomized",
                 "measured_on_survivors", "eps", "mode", "iw_wc_paper", "iw_wc_paper_std", "iw_wc_paper_majority",
-                "iw_wc_paper_all_draws", "beyond_paper")
+                "iw_wc_paper_all_draws", "beyond_paper", "defense_label", "no_gradient")
         return {
             **{k: ev.get(k) for k in keys},
             "k": self.k, "n_neurons": self.n_neurons, "layer": self.layer,
@@ -163,11 +168,12 @@ class PipelineResult:
                                                                   "n_examples", "tolerance", "curve", "images")},
             "probe": dict(self.probe),
             "stages": dict(self.stages),
-            "paths": {"out": str(self.out), "mask": str(self.mask),
+            "paths": {"out": str(self.out), "mask": None if self.mask is None else str(self.mask),
                       "importance": [str(p) for p in self.importance] if isinstance(self.importance, list)
-                      else str(self.importance),
+                      else None if self.importance is None else str(self.importance),
                       "report": str(self.report), "adversarial_sets": str(self.adv_dir)},
             "seconds": round(self.seconds, 3),
+            **({"defense": dict(self.defense)} if self.defense is not None else {}),
             **self.record,
             **({"auto_batch": dict(self.auto_batch)} if self.auto_batch else {}),
         }
@@ -210,6 +216,8 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
         check_classes(target, data)
         return _run_eval_piece(piece, target, cfg, data, None, {}, {}, out / "report", out / "adv", eps, norm,
                                progress_enabled(), _eval_batch(cfg, target, target.model, data, eps).size)
+    if cfg.defense is not None:
+        return _run_own_defense(target, cfg, out, eps, norm, data_dir=data_dir, force=force, piece=piece, t0=t0)
 
     # 1. rank (the probe set: the first n_probe training images, or of --probe-dataset), one importance file per
     # masked layer
@@ -290,17 +298,81 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
     cal["images"] = {**image_range(cal_data), "held_out": cfg.calibration_images != "evaluated"}
 
     # 3 + 4. attacks: transfer sets on the base model, then the defended evaluation (sets cached in adv/)
-    adv_dir = out / "adv"
     defense = load_defense(target, mask, seed=cfg.seed)
     ident = defense_identity(mask, defense)
     report = out / f"eval-{cfg.attack}-{method.name}-{slug}.safetensors"
-    eval_id = {"mask_sha256": ident["mask_sha256"], "defense": ident.get("settings"), "attack": cfg.attack,
-               "data": data.identity(), "eps": eps, "norm": norm, "budgets": asdict(cfg.budgets), "seed": cfg.seed,
-               "revisions": attack_revisions(cfg.attack), "pyautoattack": PYAUTOATTACK_VERSION,
-               "model_fingerprint": target.loaded.fingerprint, "protocol": cfg.protocol, "draws": cfg.draws,
-               **precision_meta(cfg.precision), **target.identity()}
+    eval_id = _eval_identity(target, cfg, data, eps, norm, {"mask_sha256": ident["mask_sha256"],
+                                                            "defense": ident.get("settings")})
+    evaluation = _evaluate(target, cfg, out, data, defense, ident, eval_id, report, eps, norm, stages, auto, piece,
+                           {"probe": ranked.meta["data"]}, force)
+    if piece is not None:
+        return evaluation
+    k = int(cal["k"]) if one else {name: int(cal["k"][name]) for name in layers}
+    return PipelineResult(out, stages, importances[0] if one else importances, mask, report, out / "adv", k,
+                          sizes[layers[0]] if one else sizes, "+".join(layers), cal, evaluation,
+                          time.perf_counter() - t0,
+                          probe={**ranked.meta["data"], "file": probe.file is not None}, record=target.record(),
+                          auto_batch=auto)
+
+
+#: what identifies a user's defence in a pipeline run's identity: its source and code, never the path it was given by
+OWN_DEFENSE_IDENTITY = ("callable", "source_sha256", "defense_fingerprint", "settings", "randomized")
+
+
+def _run_own_defense(target: Target, cfg: PipelineConfig, out: Path, eps: float, norm: str, *,
+                     data_dir: str | Path | None, force: bool, piece: Piece | None,
+                     t0: float) -> PipelineResult | dict[str, Any]:
+    """The pipeline of a user's defence (``cfg.defense``): transfer sets on the base model, then the defended
+    evaluation, with the cache, pieces and merge of IG-Defense's run; there is nothing to rank or calibrate."""
+    from . import contract
+
+    if piece is not None and piece.stage in ("rank", "calibrate"):
+        raise IgdError(f"--piece {piece.name}: --defense {cfg.defense} has no ranking or calibration (its pieces: "
+                       f"transfer:I/N, defend:I/N, merge)")
+    data = target.eval_data("test", cfg.n_examples, data_dir)
+    check_classes(target, data)
+    defense = contract.build_defense(cfg.defense, target.model)
+    ident = defense.identity()
+    own = {key: ident[key] for key in OWN_DEFENSE_IDENTITY}
+    report = out / f"eval-{cfg.attack}-defense-{_slug(ident['callable'])}.safetensors"
+    eval_id = _eval_identity(target, cfg, data, eps, norm, {"own_defense": own})
+    stages: dict[str, Stage] = {}
+    auto: dict[str, Any] = {}
+    evaluation = _evaluate(target, cfg, out, data, defense, ident, eval_id, report, eps, norm, stages, auto, piece,
+                           {}, force)
+    if piece is not None:
+        return evaluation
+    return PipelineResult(out, stages, None, None, report, out / "adv", None, None, None, {}, evaluation,
+                          time.perf_counter() - t0, record=target.record(), auto_batch=auto,
+                          defense={"spec": cfg.defense, **own})
+
+
+def _slug(name: str) -> str:
+    """A callable's name as part of a file name."""
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
+
+
+def _eval_identity(target: Target, cfg: PipelineConfig, data: ImageSet, eps: float, norm: str,
+                   defended: dict[str, Any]) -> dict[str, Any]:
+    """What decides the defended evaluation's report: the defended model (``defended``: IG-Defense's mask and
+    settings, or a user's defence by its source and fingerprint), images, attack, ε, budgets, seed, attack
+    revisions, scoring, precision, igd's code and the numerics; not the batch size."""
+    eval_id = {**defended, "attack": cfg.attack, "data": data.identity(), "eps": eps, "norm": norm,
+               "budgets": asdict(cfg.budgets), "seed": cfg.seed, "revisions": attack_revisions(cfg.attack),
+               "pyautoattack": PYAUTOATTACK_VERSION, "model_fingerprint": target.loaded.fingerprint,
+               "protocol": cfg.protocol, "draws": cfg.draws, **precision_meta(cfg.precision), **target.identity()}
     if cfg.attack == "iw-wc":  # its tenth column, the adaptive attack (beyond the paper)
         eval_id["bpda_temperature"] = adaptive_temperature(cfg.bpda_temperature)
+    return eval_id
+
+
+def _evaluate(target: Target, cfg: PipelineConfig, out: Path, data: ImageSet, defense: Any, ident: dict[str, Any],
+              eval_id: dict[str, Any], report: Path, eps: float, norm: str, stages: dict[str, Stage],
+              auto: dict[str, Any], piece: Piece | None, extra_meta: dict[str, Any], force: bool) -> dict[str, Any]:
+    """Stages 3 and 4 (or the defend/merge piece): the transfer sets on the base model, then the defended
+    evaluation with them, reused from ``report`` when it matches ``eval_id``; the evaluation's JSON."""
+    adv_dir = out / "adv"
+    show = progress_enabled()
     if piece is not None and piece.stage == "merge":
         merge_eval_pieces(out / "pieces", report, eval_id, strict=True)
         return {"piece": piece.name, "out": str(report)}
@@ -312,38 +384,33 @@ def _run_pipeline(target: Target, cfg: PipelineConfig, out: Path, *, data_dir: s
     evaluation = None if force else _reusable_report(report, eval_id)
     if evaluation is not None:
         stages["transfer"] = stages["defend-eval"] = "reused"
-    else:
-        ran: list[str] = []
+        return evaluation
+    ran: list[str] = []
+    steps = ("1/2", "2/2") if cfg.defense is not None else ("3/4", "4/4")  # a user's defence: no rank, no calibrate
 
-        def on_set(attack: str, kind: str, _res) -> None:
-            ran.append(f"{kind}:{attack}")
+    def on_set(attack: str, kind: str, _res) -> None:
+        ran.append(f"{kind}:{attack}")
 
-        choice = _eval_batch(cfg, target, defense, data, eps)  # searched only when attacks will run
-        eval_bs = choice.size
-        if choice.auto:
-            auto["attacks"] = choice.to_json()
-        _say(f"[3/4] attacks on the base model ({cfg.attack}) for transfer, cached in {adv_dir}")
-        evaluate_defense(target, None, data, attack=cfg.attack, workdir=adv_dir, budgets=cfg.budgets,
-                         eps=eps, norm=norm, seed=cfg.seed, batch_size=eval_bs, show_progress=show,
-                         on_set=on_set)
-        stages["transfer"] = "computed" if ran else "reused"
-        n_base = len(ran)
-        _say(f"[4/4] defend-eval --attack {cfg.attack} on {data.wording()}")
-        res: EvalResult = evaluate_defense(target, defense, data, attack=cfg.attack, workdir=adv_dir,
-                                           budgets=cfg.budgets, eps=eps, norm=norm, seed=cfg.seed,
-                                           batch_size=eval_bs, defense_meta=ident, show_progress=show,
-                                           on_set=on_set, protocol=cfg.protocol, draws=cfg.draws,
-                                           bpda_temperature=cfg.bpda_temperature, precision=cfg.precision)
-        stages["defend-eval"] = "computed"
-        evaluation = res.to_json()
-        res.save(report, {**target.provenance(), **ident, "pipeline_identity": eval_id,
-                          "probe": ranked.meta["data"], "attacks_run": ran, "attacks_run_on_base": ran[:n_base]})
-    k = int(cal["k"]) if one else {name: int(cal["k"][name]) for name in layers}
-    return PipelineResult(out, stages, importances[0] if one else importances, mask, report, adv_dir, k,
-                          sizes[layers[0]] if one else sizes, "+".join(layers), cal, evaluation,
-                          time.perf_counter() - t0,
-                          probe={**ranked.meta["data"], "file": probe.file is not None}, record=target.record(),
-                          auto_batch=auto)
+    choice = _eval_batch(cfg, target, defense, data, eps)  # searched only when attacks will run
+    eval_bs = choice.size
+    if choice.auto:
+        auto["attacks"] = choice.to_json()
+    _say(f"[{steps[0]}] attacks on the base model ({cfg.attack}) for transfer, cached in {adv_dir}")
+    evaluate_defense(target, None, data, attack=cfg.attack, workdir=adv_dir, budgets=cfg.budgets,
+                     eps=eps, norm=norm, seed=cfg.seed, batch_size=eval_bs, show_progress=show,
+                     on_set=on_set)
+    stages["transfer"] = "computed" if ran else "reused"
+    n_base = len(ran)
+    _say(f"[{steps[1]}] defend-eval --attack {cfg.attack} on {data.wording()}")
+    res: EvalResult = evaluate_defense(target, defense, data, attack=cfg.attack, workdir=adv_dir,
+                                       budgets=cfg.budgets, eps=eps, norm=norm, seed=cfg.seed,
+                                       batch_size=eval_bs, defense_meta=ident, show_progress=show,
+                                       on_set=on_set, protocol=cfg.protocol, draws=cfg.draws,
+                                       bpda_temperature=cfg.bpda_temperature, precision=cfg.precision)
+    stages["defend-eval"] = "computed"
+    res.save(report, {**target.provenance(), **ident, "pipeline_identity": eval_id, **extra_meta,
+                      "attacks_run": ran, "attacks_run_on_base": ran[:n_base]})
+    return res.to_json()
 
 
 def _run_eval_piece(piece: Piece, target: Target, cfg: PipelineConfig, data: ImageSet, defense, ident: dict[str, Any],

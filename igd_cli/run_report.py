@@ -169,12 +169,19 @@ def _evaluations(page: _Page, arts: dict[Path, dict[str, Any]]) -> None:
     evals = {p: m for p, m in arts.items() if m.get("kind") == "eval-report" and m.get("result")}
     if not evals:
         return
-    page.add("## Evaluation: base model vs IG-Defense", "")
+    own = all(isinstance(m.get("defense"), str) for m in evals.values())  # every report of a user's --defense
+    page.add("## Evaluation: base model vs " + ("the defence" if own else "IG-Defense"), "")
     for p, m in evals.items():
         r = m["result"]
         cells = table_cells(r)
-        page.add(f"### `{p.name}`", "", f"{cells.title}; mask `{Path(str(m.get('mask', '—'))).name}`, "
-                 f"k = {m.get('k')}, layer `{m.get('layer')}`, defence {_fmt((m.get('settings') or {}))}.", "")
+        if isinstance(m.get("defense"), str):  # a user's defence (igd_cli.contract): its spec, source and settings
+            what = (f"defence `{m['defense']}` (source sha256 `{str(m.get('source_sha256'))[:16]}`, "
+                    f"{'randomized' if m.get('randomized') else 'deterministic'}), settings "
+                    f"{_fmt(m.get('settings') or {})}")
+        else:
+            what = (f"mask `{Path(str(m.get('mask', '—'))).name}`, k = {m.get('k')}, layer `{m.get('layer')}`, "
+                    f"defence {_fmt((m.get('settings') or {}))}")
+        page.add(f"### `{p.name}`", "", f"{cells.title}; {what}.", "")
         page.table(f"evaluation {p.name}", (cells.headers, cells.rows))
         page.add(f"*{cells.caption}*", "", *[f"{n}" for n in cells.notes], "")
         pc = r.get("per_class") or {}

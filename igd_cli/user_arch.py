@@ -76,7 +76,10 @@ def _import_source(spec: str, source: str, option: str = "--arch") -> Any:
         path = Path(source).expanduser().resolve()
         if not path.is_file():
             raise IgdError(f"{option} {spec}: no such file {source}")
-        name = "igd_user_arch_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+        # keyed by the path and the file's content: a file edited since it was imported (a notebook, a long-lived
+        # process) is imported again, so what runs is what the source digest in every identity describes
+        key = str(path).encode() + b"\0" + path.read_bytes()
+        name = "igd_user_arch_" + hashlib.sha1(key).hexdigest()[:16]
         if name in sys.modules:
             return sys.modules[name]
         mod_spec = importlib.util.spec_from_file_location(name, path)

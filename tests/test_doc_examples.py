@@ -36,7 +36,7 @@ leaves out is added when the command takes it, so that a default budget is reduc
 
     option          becomes                 why
     --n-examples    min(N, 8)               evaluation / calibration images
-    --n-probe       min(N, 64)              ranking probe images
+    --n-probe       min(N, 64)              ranking probe images (not added to a --defense run: it ranks nothing)
     --preset paper  --preset quick          the paper's attack budgets take GPU hours
     --steps         min(S, 2)               attack iterations (APGD, PGD, the shift analysis's PGD-50)
     --restarts      1                       attack restarts
@@ -423,8 +423,8 @@ def reduce(cmd, argv: list[str]) -> list[str]:
             else:
                 new = value.get(v, v)  # type: ignore[union-attr]
             _set_value(argv, i, name, new)
-        if not given and kind != "map":
-            argv += [name, str(value)]
+        if not given and kind != "map" and not (name == "--n-probe" and option_values(argv, "--defense")):
+            argv += [name, str(value)]  # (igd pipeline --defense ranks nothing: no --n-probe)
     if argv and argv[0] == "audit" and not option_values(argv, "--checks"):
         argv += ["--checks", AUDIT_CHECKS]
     return argv

@@ -410,3 +410,25 @@ def test_several_masked_layers_and_iw_wc_through_the_route(cluster, tmp_path):
     want = load_artifact(expected["paths"]["mask"])
     have = load_artifact(mask)
     assert set(have.tensors) == set(want.tensors) and all(torch.equal(have[t], want[t]) for t in want.tensors)
+
+
+def test_a_user_defence_through_the_route(cluster, tmp_path):
+    """igd pipeline --defense on the route: no ranking or calibration job, the transfer and evaluation arrays, and
+    result.json equal to the plain igd pipeline --defense (a randomized defence, scored by repeated draws)."""
+    chain = ["--defense", f"{REPO / 'examples' / 'defenses' / 'smoothing.py'}:smoothing", "--n-examples", "6",
+             "--steps", "2", "--queries", "20", "--eot-iter", "1", "--draws", "2", "--batch-size", "64"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "IGD_NO_PROGRESS": "1", "IGD_HOME": str(tmp_path / "home")}
+    p = subprocess.run([sys.executable, "-m", "igd_cli", "pipeline", *chain, "--out", str(tmp_path / "plain"),
+                        "--json"], env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr
+    expected = json.loads(p.stdout)
+    run = tmp_path / "run"
+    r = cluster.submit(run, "--until", "calibrate", "--", *chain, wait=False, shards=2)
+    assert r.returncode == 2 and "a --defense run has no ranking or calibration" in r.stderr, r.stderr
+    r = cluster.submit(run, "--", *chain, shards=2, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert set(_jobs(run)) == {"attack", "evaluate", "merge-eval", "result"}
+    got = json.loads((run / "result.json").read_text())
+    assert got["defense"]["callable"] == "smoothing" and got["randomized"] is True and got["k"] is None
+    for key in (*FIGURES, "iw_wc_paper", "iw_wc_paper_std", "defense"):
+        assert got[key] == expected[key], key

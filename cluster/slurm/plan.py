@@ -2,7 +2,8 @@
 
 ``python cluster/slurm/plan.py RUN_DIR SHARDS -- <igd pipeline options>`` parses the options with igd pipeline's
 own parser (so a misspelt option fails here, on the login node, not in a job), applies the ``--preset``
-defaults the way ``igd pipeline`` does, resolves the masked layer(s), the neuron count and the images, and writes
+defaults the way ``igd pipeline`` does, resolves the masked layer(s), the neuron count and the images (with ``--defense``: builds the
+defence once, and there is no ranking or calibration to plan), and writes
 ``RUN_DIR/cluster/plan.json`` and ``RUN_DIR/cluster/pipeline.args`` (the options, one per line, that every job
 passes to ``igd pipeline``).
 
@@ -51,11 +52,18 @@ def plan(run: Path, shards: int, opts: list[str]) -> dict:
         fail(f"--attack {p['attack']}: the pipeline evaluates iw-wc or aa")
     if p["piece"]:
         fail("--piece: the driver submits the pieces itself")
+    own = p.get("defense_spec")  # a user's defence: no ranking, no calibration (igd pipeline --defense)
     try:
         target = open_target(p["model"], p["arch"], p["dataset"], p["threat_model"], "cpu", p["zoo_dataset"],
                              normalize=p["normalize"])
-        shape = model_input_shape(target.loaded, None, p["probe_dataset"] or p["dataset"], p["data_dir"])
-        layers = [resolve_model_layer(target, name, tuple(shape)) for name in (p["layer"] or [None])]
+        if own is not None:  # built here once, so that a broken defence file fails on the login node
+            from igd_cli import contract
+
+            contract.build_defense(own, target.model)
+            layers = []
+        else:
+            shape = model_input_shape(target.loaded, None, p["probe_dataset"] or p["dataset"], p["data_dir"])
+            layers = [resolve_model_layer(target, name, tuple(shape)) for name in (p["layer"] or [None])]
         pre = preset_values(p["preset"], target.loaded.name)
         n_examples = p["n_examples"] if p["n_examples"] is not None else pre["n_examples"]
         if n_examples is None:
@@ -64,11 +72,12 @@ def plan(run: Path, shards: int, opts: list[str]) -> dict:
         fail(str(exc))
     if shards > n_examples:
         fail(f"--shards {shards}: more shards than the {n_examples} evaluation images")
-    n_neurons = layers[0][1]
+    n_neurons = layers[0][1] if layers else 0
     # one masked layer: its neurons in array tasks; several: the ranking is one job (igd pipeline --piece rank)
     rank_shards = min(shards, n_neurons) if len(layers) == 1 else 0
     return {"run": str(run.resolve()), "shards": shards, "rank_shards": rank_shards, "n_neurons": n_neurons,
             "layer": "+".join(name for name, _ in layers), "n_examples": n_examples, "transfer": "yes",
+            "defense": "no" if own is None else "yes",
             "preset": pre["preset"], "options": list(opts), "args": {"pipeline": list(opts)}}
 
 
@@ -92,7 +101,7 @@ def main(argv: list[str]) -> None:
     tmp = folder / ".plan.json.tmp"
     tmp.write_text(json.dumps(new, indent=1) + "\n")
     tmp.replace(old_path)
-    print(json.dumps({k: new[k] for k in ("rank_shards", "n_neurons", "layer", "n_examples", "transfer")}))
+    print(json.dumps({k: new[k] for k in ("rank_shards", "n_neurons", "layer", "n_examples", "transfer", "defense")}))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@
 #   attack (array over the images: the transfer sets on the base model) ─────────────┴> evaluate (array over the
 #   images: the defended evaluation) ─> merge-eval ─> result (THE FINAL STEP: RUN_DIR/result.json)
 #
+# With --defense FILE.py:NAME among the pipeline options (a user's defence) there is no rank, merge-importance or
+# calibrate job: attack ─> evaluate ─> merge-eval ─> result.
+#
 # Every job runs `igd pipeline <the same options> --out RUN_DIR --piece PIECE` (rank:A:B, rank, calibrate,
 # transfer:I/N, defend:I/N, merge), and the final job the plain `igd pipeline <options> --out RUN_DIR --json`, which
 # reuses every merged piece: RUN_DIR/result.json is the object igd pipeline prints, every figure equal. A piece
@@ -69,7 +72,10 @@ run=$(cd "$run" && pwd)
 # 1. the plan: igd pipeline's options -> per-step igd options, layer and neuron count (fails here, not in a job)
 plan=$(python3 "$here/plan.py" "$run" "$shards" -- "$@") || exit $?
 field() { python3 -c 'import json,sys; v=json.loads(sys.argv[1])[sys.argv[2]]; print(" ".join(v) if isinstance(v, list) else v)' "$plan" "$1"; }
-rank_shards=$(field rank_shards) n_neurons=$(field n_neurons)
+rank_shards=$(field rank_shards) n_neurons=$(field n_neurons) own_defense=$(field defense)
+if [ "$own_defense" = yes ]; then
+  case "$until" in rank|calibrate) die "--until $until: a --defense run has no ranking or calibration (--until attack or evaluate)" ;; esac
+fi
 tag=$(basename "$run")
 
 # 2. submit: every job gets the run's environment, its name, a log per task in RUN_DIR/logs, and (for a job with
@@ -94,16 +100,18 @@ submit() {  # submit NAME DEPENDENCY ARRAY SCRIPT [SCRIPT ARGS...] -> prints the
   printf '%s\t%s\t%s\t%s\n' "igd-$name-$tag" "$id" "$array" "$submission" >>"$jobs_file"
   echo "$id"
 }
-last= rank=
-if [ "$rank_shards" -gt 0 ]; then rank=$(submit rank "" "0-$((rank_shards - 1))" rank.sbatch); fi
-merge_imp=$(submit merge-importance "$rank" "" merge.sbatch importance); last=$merge_imp
-if [ "$until" != rank ]; then
-  calibrate=$(submit calibrate "$merge_imp" "" calibrate.sbatch); last=$calibrate
+last= rank= calibrate=
+if [ "$own_defense" != yes ]; then  # a --defense run (igd pipeline --defense) has nothing to rank or calibrate
+  if [ "$rank_shards" -gt 0 ]; then rank=$(submit rank "" "0-$((rank_shards - 1))" rank.sbatch); fi
+  merge_imp=$(submit merge-importance "$rank" "" merge.sbatch importance); last=$merge_imp
+  if [ "$until" != rank ]; then
+    calibrate=$(submit calibrate "$merge_imp" "" calibrate.sbatch); last=$calibrate
+  fi
 fi
 before_eval=$last
 if [ "$until" = attack ] || [ "$until" = evaluate ]; then  # the transfer sets need no ranking: from the start
   attack=$(submit attack "" "0-$((shards - 1))" attack.sbatch)
-  last="$calibrate:$attack"; before_eval=$last
+  last="${calibrate:+$calibrate:}$attack"; before_eval=$last
 fi
 if [ "$until" = evaluate ]; then
   evaluate=$(submit evaluate "$before_eval" "0-$((shards - 1))" evaluate.sbatch)

@@ -16,7 +16,7 @@ from ..errors import IgdError
 from ..evaluate import Budgets, render_table
 from ..locks import DEFAULT_WAIT, LockOptions
 from ..batching import parse_batch_size
-from ..options import (Arch, AutoBatchSize, BpdaTemperature, DataDir, Dataset, Device, Draws, EpsSigma, Json, Model,
+from ..options import (Arch, AutoBatchSize, BpdaTemperature, DataDir, Dataset, DefenseOpt, Device, Draws, EpsSigma, Json, Model,
                        NSmooth, Normalize, Numerics, PipelineProbeDataset, Precision, PresetEotIter, PresetQueries,
                        PresetRestarts, PresetSteps, ProtocolOpt, Seed, Sigma, Tau, ThreatModel, ZooDataset)
 from ..numerics import describe
@@ -56,6 +56,7 @@ def pipeline_cmd(
         "--k", metavar="K|LAYER=K", help="use this k instead of calibrating it (several layers: LAYER=K, repeatable)")] = None,
     eps: EpsSigma = None,
     no_rs: Annotated[bool, typer.Option("--no-rs", help="defence without randomized smoothing")] = False,
+    defense_spec: DefenseOpt = None,
     steps: PresetSteps = None,
     restarts: PresetRestarts = None,
     queries: PresetQueries = None,
@@ -90,7 +91,21 @@ def pipeline_cmd(
     Stages: rank (importance) -> calibrate-k (mask) -> attacks on the base model (transfer sets) -> defend-eval.
     Every artifact goes into --out and is reused when it matches (model fingerprint, settings, the file it was
     built from): a second run with the same arguments only re-reads results; an interrupted one resumes.
+    With --defense FILE.py:NAME (your own defence, docs/own-defense.md) there is nothing to rank or calibrate:
+    the run is the transfer sets and the defended evaluation, with the same cache and pieces.
     """
+    if defense_spec is not None:  # IG-Defense's own options say nothing about a user's defence: refused, not ignored
+        given = [name for name, v in (("--layer", layer), ("--k", k), ("--sigma", sigma), ("--n-probe", n_probe),
+                                      ("--probe-dataset", probe_dataset), ("--n-calibration", n_calibration),
+                                      ("--no-rs", no_rs or None), ("--allow-overlap", allow_overlap or None),
+                                      ("--method", None if method == "lo-ir" else method),
+                                      ("--tolerance", None if tolerance == 0.5 else tolerance),
+                                      ("--tau", None if tau == DEFAULT_TAU else tau),
+                                      ("--n-smooth", None if n_smooth == DEFAULT_N_SMOOTH else n_smooth),
+                                      ("--calibration-images", None if calibration_images == "after" else 1))
+                 if v]
+        if given:
+            raise IgdError(f"{', '.join(given)}: IG-Defense's ranking, calibration and settings, not a --defense's")
     lock = LockOptions(lock_dir, lock_wait)
     check_protocol(protocol, draws)
     check_precision(precision)
@@ -115,7 +130,8 @@ def pipeline_cmd(
                                                        queries=pick(queries, "queries"),
                                                        eot_iter=pick(eot_iter, "eot_iter")),
                          clip_model=clip_model, clip_pretrained=clip_pretrained, batch_size=batch, seed=seed,
-                         protocol=protocol, draws=draws, bpda_temperature=bpda_temperature, precision=precision)
+                         protocol=protocol, draws=draws, bpda_temperature=bpda_temperature, precision=precision,
+                         defense=defense_spec)
     if out is None:
         out = Path("runs") / Path(target.loaded.name).stem.replace(":", "-")
     res = run_pipeline(target, cfg, out, data_dir=data_dir, force=force, piece=parse_piece(piece), lock=lock)
@@ -129,8 +145,12 @@ def pipeline_cmd(
 
 
 def _render(r: dict) -> None:
-    where = (f"k = {r['k']} of {r['n_neurons']} at {r['layer']}" if isinstance(r["k"], int) else
-             "k = " + ", ".join(f"{r['k'][name]} of {r['n_neurons'][name]} at {name}" for name in r["k"]))
+    if r.get("defense"):
+        where = f"defence {r['defense']['spec']}"
+    elif isinstance(r["k"], int):
+        where = f"k = {r['k']} of {r['n_neurons']} at {r['layer']}"
+    else:
+        where = "k = " + ", ".join(f"{r['k'][name]} of {r['n_neurons'][name]} at {name}" for name in r["k"])
     render_table(r, title=f"igd pipeline: accuracy (%), {r['n_examples']} evaluation images, ε={r['eps']:.4g}, {where}")
     stages = ", ".join(f"{k} {v}" for k, v in r["stages"].items())
     budgets = ", ".join(f"{k} {v}" for k, v in r["budgets"].items() if v is not None) or "the paper's"

@@ -168,6 +168,20 @@ def worst_rows(file: str, base: str = "%.1f") -> list[Fig]:
     ]
 
 
+def verdict(check: int, bold: bool = True) -> Callable:
+    """An audit check's verdict as the page writes it: ``**flag**`` (``flag`` unbolded) or ``ok``."""
+    def f(j):
+        v = next(c for c in j(A)["audit"]["checks"] if c["id"] == check)["verdict"]
+        return ("**flag**" if bold else "flag") if v == "flag" else v
+    return f
+
+
+def flagged_list(j) -> str:
+    """The checks the demo audit flagged, as the page lists them: "3, 7, 8 and 9"."""
+    ids = [str(i) for i in j(A)["audit"]["flags"]]
+    return ", ".join(ids[:-1]) + " and " + ids[-1] if len(ids) > 1 else "".join(ids)
+
+
 COLUMNS = [("AA (direct)", "aa"), ("RayS (direct)", "rays"), ("APGD+EoT (direct)", "apgd-eot"),
            ("Tr-APGD-CE", "tr-apgd-ce"), ("Tr-APGD-CW", "tr-apgd-cw"), ("Tr-APGD-tgt-DLR", "tr-apgd-t-dlr"),
            ("Tr-AA", "tr-aa"), ("Tr-RayS", "tr-rays"), ("Tr-APGD+EoT", "tr-apgd-eot")]
@@ -216,12 +230,15 @@ FIGURES: list[Fig] = [
     Fig("README.md", "with a largest difference of {}.", REP, (r"ranking_cost/re:×\s*│\s*(\S+)",), "s"),
     Fig("README.md", "{}× with smoothing ({}× with the two passes as separate calls), {}× without smoothing", REP,
         ("overhead/rows/2/median_ratio", "overhead/rows/3/median_ratio", "overhead/rows/1/median_ratio"), ".2f"),
-    Fig("README.md", "It took {} on an idle 2-core CPU", P, ("wall_seconds",), "min:sec"),
+    Fig("README.md", "It took {} on a 2-core CPU with nothing else running", P, ("wall_seconds",), "min:sec"),
+    Fig("docs/results.md", "held-out test images 200..399. {} s wall with nothing else", P, ("wall_seconds",), "g"),
+    Fig("docs/results.md", "attack decisions\ntaken by repeated draws) took {} s for the same command", P,
+        ("baseline/wall_seconds",), "g"),
+    Fig("docs/results.md", "(ratio\n{}), with a worst case over ten of {} % where this code gives {} %", P,
+        ("ratio_wall_seconds", "baseline/result/worst_case", "result/worst_case"), (".2f", "%.2f", "%.2f")),
     # --- docs/results.md: the demo pipeline --------------------------------------------------------------------------
     Fig("docs/results.md", "calibrate-k → k = {} of {}, ε = {}, σ = 0.1", P,
         ("result/k", "result/n_neurons", "result/eps"), ("d", "d", "g")),
-    Fig("docs/results.md", "{} s wall on the idle machine", P, ("wall_seconds",), ".1f"),
-    Fig("docs/results.md", "gave the same figures in {} s", P, ("previous/wall_seconds",), ".1f"),
     Fig("docs/results.md", "| clean | {} | {} ± {} | −0.10 |", P,
         ("result/base_clean_accuracy", "result/clean_accuracy", "result/clean_accuracy_std")),
     *[Fig("docs/results.md", f"| {label}† | {{}} | ≥ {{}} ± {{}} ({{}}{' images attacked' if col == 'aa' else ''}) | |",
@@ -248,33 +265,33 @@ FIGURES: list[Fig] = [
     # --- docs/results.md: the audit table ----------------------------------------------------------------------------
     Fig("docs/results.md", "zero gradient on {}/{} images |", A,
         (C + "id=1/figures/zero_gradient_images", C + "id=1/figures/images_checked"), "d"),
-    Fig("docs/results.md", "| ok | white box {} ± {} %, Square {} ± {} %, RayS {} ± {} % |", A,
+    Fig("docs/results.md", "white box {} ± {} %, Square {} ± {} %, RayS {} ± {} % |", A,
         (C + "id=2/figures/whitebox/mean", C + "id=2/figures/whitebox/std",
          C + "id=2/figures/blackbox/square/mean", C + "id=2/figures/blackbox/square/std",
          C + "id=2/figures/blackbox/rays/mean", C + "id=2/figures/blackbox/rays/std")),
-    Fig("docs/results.md", "| **flag** | AA {} ± {} % → stronger {} ± {} % (drop {} ± {} points) |", A,
+    Fig("docs/results.md", "AA {} ± {} % → stronger {} ± {} % (drop {} ± {} points) |", A,
         (C + "id=3/figures/aa/mean", C + "id=3/figures/aa/std", C + "id=3/figures/stronger_aa/mean",
          C + "id=3/figures/stronger_aa/std", C + "id=3/figures/test/estimate", C + "id=3/figures/test/se"),
         ("%.2f",) * 4 + ("%+.1f", "%.1f")),
-    Fig("docs/results.md", "| ok | FGSM {} % → 5 / 10 / 20 steps {} / {} / {} % |", A,
+    Fig("docs/results.md", "FGSM {} % → 5 / 10 / 20 steps {} / {} / {} % |", A,
         tuple(C + f"id=4/figures/curve/{i}/mean" for i in range(4))),
-    Fig("docs/results.md", "| ok | ε {} % → 2ε {} % → 4ε {} % |", A,
+    Fig("docs/results.md", "ε {} % → 2ε {} % → 4ε {} % |", A,
         tuple(C + f"id=5/figures/curve/{i}/mean" for i in range(3))),
-    Fig("docs/results.md", "| **flag** | direct {} ± {} % vs transferred {} ± {} % ({} ± {} points) |", A,
+    Fig("docs/results.md", "direct {} ± {} % vs transferred {} ± {} % ({} ± {} points) |", A,
         (C + "id=7/figures/direct_worst/mean", C + "id=7/figures/direct_worst/std",
          C + "id=7/figures/transfer_worst/mean", C + "id=7/figures/transfer_worst/std",
          C + "id=7/figures/test/estimate", C + "id=7/figures/test/se"), ("%.2f",) * 4 + ("%+.1f", "%.1f")),
-    Fig("docs/results.md", "| **flag** | fresh noise {} ± {} % vs frozen {} % ({} ± {} points) |", A,
+    Fig("docs/results.md", "fresh noise {} ± {} % vs frozen {} % ({} ± {} points) |", A,
         (C + "id=8/figures/randomized/mean", C + "id=8/figures/randomized/std", C + "id=8/figures/frozen/mean",
          C + "id=8/figures/test/estimate", C + "id=8/figures/test/se"), ("%.2f",) * 3 + ("%+.1f", "%.1f")),
-    Fig("docs/results.md", "| **flag** | clean: {} % of draws; APGD+EoT points: {} ± {} % |", A,
+    Fig("docs/results.md", "clean: {} % of draws; APGD+EoT points: {} ± {} % |", A,
         (C + "id=9/figures/clean/mean", C + "id=9/figures/apgd-eot/mean", C + "id=9/figures/apgd-eot/std")),
-    Fig("docs/results.md", "| ok | IW-WC {} ± {} % vs smoothing alone {} ± {} % ({} ± {} points) vs base {} % |", A,
+    Fig("docs/results.md", "IW-WC {} ± {} % vs smoothing alone {} ± {} % ({} ± {} points) vs base {} % |", A,
         (C + "id=10/figures/defended/mean", C + "id=10/figures/defended/std",
          C + "id=10/figures/smoothing_alone/mean", C + "id=10/figures/smoothing_alone/std",
          C + "id=10/figures/test/estimate", C + "id=10/figures/test/se", C + "id=10/figures/base/mean"),
         ("%.2f",) * 4 + ("%+.1f", "%.1f", "%.2f")),
-    Fig("docs/results.md", "| ok | nine columns {} ± {} % vs ten {} ± {} % (lower by {} ± {} points) |", A,
+    Fig("docs/results.md", "nine columns {} ± {} % vs ten {} ± {} % (lower by {} ± {} points) |", A,
         (C + "id=11/figures/iw_wc_paper/mean", C + "id=11/figures/iw_wc_paper/std",
          C + "id=11/figures/iw_wc_ten/mean", C + "id=11/figures/iw_wc_ten/std", C + "id=11/figures/lowered_by",
          C + "id=11/figures/standard_error")),
@@ -603,10 +620,11 @@ FIGURES += [
         ("d", "d", "%.1f", "%.1f")),
 ]
 FIGURES += [
-    Fig("README.md", "Then audit the defence it made ({} on the idle 2-core CPU", A, (r"machine/re:; (\d+ min \d+ s)",), "s"),
-    Fig("docs/audit.md", "5 + 5 draws; {} on an idle 2-core CPU", A, (r"machine/re:; (\d+ min \d+ s)",), "s"),
-    Fig("docs/results.md", "(same mask; first {} test images; {} on the idle machine)", A,
-        ("audit/n_examples", r"machine/re:; (\d+ min \d+ s)"), ("d", "s")),
+    Fig("README.md", "Then audit the defence it made ({} on the 2-core CPU with nothing else running", A,
+        ("wall_seconds",), "min:sec"),
+    Fig("docs/audit.md", "5 + 5 draws; {} on a 2-core CPU with nothing else running", A, ("wall_seconds",), "min:sec"),
+    Fig("docs/results.md", "(same mask; first {} test images; {} with nothing else running)", A,
+        ("audit/n_examples", "wall_seconds"), ("d", "min:sec")),
 ]
 
 
@@ -637,4 +655,60 @@ FIGURES += [
 FIGURES += [
     Fig("docs/adaptive.md", "it scores {} % clean and {} % under PGD-20 on the 2000 held-out digits",
         "mnist-example-train-cpu.json", ("clean_accuracy", "pgd_accuracy")),
+]
+
+# --- the demo audit's verdicts, as docs/results.md's table and docs/audit.md's check sections state them -----------
+AUDIT_ROWS = ((1, "AutoAttack flags", "AutoAttack warns"), (2, "black box vs white box", "White box (apgd-eot)"),
+              (3, "stronger AutoAttack", "AA"), (4, "attack steps", "FGSM"), (5, "budget", "ε = 0.2:"),
+              (6, "loss surface", "The grid beats"), (7, "transfer vs direct", "Direct"),
+              (8, "frozen noise", "Fresh noise"), (9, "does the mask act?", "Clean:"), (10, "smoothing alone", "IW-WC:"),
+              (11, "adaptive attack", "Nine columns"))
+FIGURES += [Fig("docs/results.md", f"| {i} | {label} | {{}} |", A, (verdict(i),), "s") for i, label, _ in AUDIT_ROWS]
+FIGURES += [Fig("docs/audit.md", f"- **Demo defence: {{}}{' (clean)' if i == 9 else ''}.** {words}", A,
+                (verdict(i, bold=False),), "s") for i, _, words in AUDIT_ROWS]
+FIGURES += [
+    Fig("docs/audit.md", "the paired standard error. It flagged checks {}.", A, (flagged_list,), "s"),
+    Fig("docs/audit.md", "the drop's lower bound at z = 2 ({} points) stays just under the 2-point threshold", A,
+        (C + "id=3/figures/test/lower",), "%.1f"),
+]
+
+# docs/results.md: restarts in one run against single runs combined
+RS = "restarts-demo-quick-cpu.json"
+FIGURES += [
+    Fig("docs/results.md", "| 3 restarts in one run | {} ± {} | {} |", RS,
+        ("one_run_of_restarts/mean", "one_run_of_restarts/std", "one_run_of_restarts/seconds"), ("%.2f", "%.2f", "g")),
+    Fig("docs/results.md", "| 3 one-restart runs, per image the worst | {} ± {} | {} |", RS,
+        ("single_runs_combined/mean", "single_runs_combined/std", "single_runs_combined/seconds"),
+        ("%.2f", "%.2f", "g")),
+    Fig("docs/results.md", "| each one-restart run alone | {} / {} / {} | |", RS,
+        tuple(f"each_single_run/{i}/mean" for i in range(3))),
+    Fig("docs/results.md", "the draws' spread ({} of {} images decided differently", RS,
+        ("images_decided_differently", "n_images"), "d"),
+    Fig("docs/results.md", "(the pipeline's LO-IR k = {} mask, σ = 0.1), first {} test images", RS, ("k", "n_images"), "d"),
+]
+
+# docs/same-answer.md: what the image-keyed noise costs
+NC = "noise-keying-cost-cpu.json"
+
+
+def _noise(row: int, what: str) -> Callable:
+    def f(j):
+        r = j(NC)["rows"][row]
+        if what == "ratio":
+            return r["ratio_image_over_content"]
+        kind, stat = what.split(":")
+        return r["median_s"][kind] if stat == "median" else (min if stat == "min" else max)(r["seconds"][kind])
+    return f
+
+
+FIGURES += [
+    Fig("docs/same-answer.md", "(20 queries of 128 images) {} s against {} s (ratio {}, within these short runs' "
+        "spread: {}–{} s against {}–{} s)", NC,
+        (_noise(0, "image-keyed:median"), _noise(0, "content-keyed:median"), _noise(0, "ratio"),
+         _noise(0, "image-keyed:min"), _noise(0, "image-keyed:max"), _noise(0, "content-keyed:min"),
+         _noise(0, "content-keyed:max")), (".2f",) * 7),
+    Fig("docs/same-answer.md", "RayS at its 10,000 queries on 16 images {} s against {} s ({})", NC,
+        (_noise(1, "image-keyed:median"), _noise(1, "content-keyed:median"), _noise(1, "ratio")), (".1f", ".1f", ".2f")),
+    Fig("docs/same-answer.md", "quick budgets on 40 images {} s against {} s ({})", NC,
+        (_noise(2, "image-keyed:median"), _noise(2, "content-keyed:median"), _noise(2, "ratio")), (".1f", ".1f", ".2f")),
 ]

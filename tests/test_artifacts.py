@@ -117,3 +117,17 @@ def test_inspect_cli(tmp_path, cli):
 def test_an_output_that_is_a_directory_is_one_error_line(tmp_path, cli):
     r = cli("rank", "--out", tmp_path, "--n-probe", "20", "--device", "cpu")
     assert r.code == 2 and "is a directory" in r.err and len(r.err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_take_the_umask_not_owner_only(tmp_path, umask):
+    """An artifact's mode is what a plain open() gives under the umask (0644 under 022, group-writable under 002),
+    not mkstemp's owner-only 0600: a run folder shared by a group stays readable by it."""
+    old = os.umask(umask)
+    try:
+        path = tmp_path / "a.safetensors"
+        save_artifact(path, "importance", {"importance": torch.zeros(3, 2)}, {"n_neurons": 3, "num_classes": 2})
+        (tmp_path / "plain").write_bytes(b"")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask == (tmp_path / "plain").stat().st_mode & 0o777

@@ -712,3 +712,21 @@ FIGURES += [
     Fig("docs/same-answer.md", "quick budgets on 40 images {} s against {} s ({})", NC,
         (_noise(2, "image-keyed:median"), _noise(2, "content-keyed:median"), _noise(2, "ratio")), (".1f", ".1f", ".2f")),
 ]
+
+FIGURES += [
+    Fig("README.md", "against the same noise without a mask the defence's worst case differs by {} ± {} points (check 10)",
+        A, (C + "id=10/figures/test/estimate", C + "id=10/figures/test/se"), ("%.1f", "%.1f")),
+]
+
+# docs/gpu.md: bf16 LO-IR at ResNet-18's layer3
+PL = "precision-layer3-cpu.json"
+FIGURES += [
+    Fig("docs/gpu.md", "| 40 CIFAR-10 (train) | {} / {} (neurons 0–{}; the test's bound", PL,
+        ("layers/0/agreement/mean", "layers/0/agreement/worst", lambda j: j(PL)["layers"][0]["neurons"][1] - 1),
+        (".3f", ".3f", "d")),
+    Fig("docs/gpu.md", "the top-k sets fall below that bound: {} / {} on the same 40 images and neurons, against {} / {} now, "
+        "and {} % of the importance entries come out exactly 0 ({} % in fp32)", PL,
+        ("layers/0/logit_rounding/agreement/mean", "layers/0/logit_rounding/agreement/worst", "layers/0/agreement/mean",
+         "layers/0/agreement/worst",
+         "layers/0/logit_rounding/zero_share", "layers/0/fp32_zero_share"), (".3f", ".3f", ".3f", ".3f", "%.1f", "%.2f")),
+]

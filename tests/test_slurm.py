@@ -388,15 +388,20 @@ def test_the_driver_refuses_bad_input_before_submitting_anything(cluster, tmp_pa
     assert r.returncode == 2 and "holds a run with other options" in r.stderr
 
 
-def test_several_masked_layers_and_iw_wc_through_the_route(cluster, tmp_path):
-    """Two masked layers and the default attack (IW-WC) at tiny budgets: the ranking is one job (plan.py), the rest
-    sharded; result.json equals igd pipeline's."""
-    chain = [*CHAIN_IW_WC, "--layer", "block2", "--layer", "block3"]
+def _plain_pipeline(chain: list[str], tmp_path: Path) -> dict:
+    """What the plain ``igd pipeline CHAIN --json`` prints, run off the cluster in ``tmp_path/plain``: the route's
+    result.json must equal it."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "IGD_NO_PROGRESS": "1", "IGD_HOME": str(tmp_path / "home")}
     p = subprocess.run([sys.executable, "-m", "igd_cli", "pipeline", *chain, "--out", str(tmp_path / "plain"),
                         "--json"], env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr
-    expected = json.loads(p.stdout)
+    return json.loads(p.stdout)
+
+def test_several_masked_layers_and_iw_wc_through_the_route(cluster, tmp_path):
+    """Two masked layers and the default attack (IW-WC) at tiny budgets: the ranking is one job (plan.py), the rest
+    sharded; result.json equals igd pipeline's."""
+    chain = [*CHAIN_IW_WC, "--layer", "block2", "--layer", "block3"]
+    expected = _plain_pipeline(chain, tmp_path)
     run = tmp_path / "run"
     r = cluster.submit(run, "--", *chain, shards=2, timeout=900)
     assert r.returncode == 0, r.stderr
@@ -417,11 +422,7 @@ def test_a_user_defence_through_the_route(cluster, tmp_path):
     result.json equal to the plain igd pipeline --defense (a randomized defence, scored by repeated draws)."""
     chain = ["--defense", f"{REPO / 'examples' / 'defenses' / 'smoothing.py'}:smoothing", "--n-examples", "6",
              "--steps", "2", "--queries", "20", "--eot-iter", "1", "--draws", "2", "--batch-size", "64"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "IGD_NO_PROGRESS": "1", "IGD_HOME": str(tmp_path / "home")}
-    p = subprocess.run([sys.executable, "-m", "igd_cli", "pipeline", *chain, "--out", str(tmp_path / "plain"),
-                        "--json"], env=env, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr
-    expected = json.loads(p.stdout)
+    expected = _plain_pipeline(chain, tmp_path)
     run = tmp_path / "run"
     r = cluster.submit(run, "--until", "calibrate", "--", *chain, wait=False, shards=2)
     assert r.returncode == 2 and "a --defense run has no ranking or calibration" in r.stderr, r.stderr

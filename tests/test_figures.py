@@ -115,7 +115,7 @@ def pts(file: str, col: str) -> Callable:
 
 
 def lead_range(cols: tuple[str, ...], which: Callable) -> Callable:
-    files = ("adaptive-demo-200-quick-cpu.json", "adaptive-mnist-quick-cpu.json", "adaptive-resnet18-quick-cpu.json")
+    files = ("adaptive-demo-200-quick-cpu.json", "adaptive-mnist-quick-cpu.json", "adaptive-resnet18-heldout-quick-cpu.json")
     return lambda j: which(pts(f, c)(j) for f in files for c in cols)
 
 
@@ -212,15 +212,17 @@ FIGURES: list[Fig] = [
     Fig("README.md", "the MNIST example {} ± {} % against {} ± {} %", M,
         ("iwwc/columns/adaptive/0", "iwwc/columns/adaptive/1", "iwwc/columns/tr-apgd-ce/0",
          "iwwc/columns/tr-apgd-ce/1")),
-    Fig("README.md", "ε = 1/255 {} ± {} % against {} ± {} % ({} images", R,
+    Fig("README.md", "ε = 1/255 {} ± {} % against {} ± {} % ({} images", "adaptive-resnet18-heldout-quick-cpu.json",
         ("iwwc/columns/adaptive/0", "iwwc/columns/adaptive/1", "iwwc/columns/tr-apgd-ce/0",
          "iwwc/columns/tr-apgd-ce/1", "iwwc/n"), ("%.2f",) * 4 + ("d",)),
     Fig("README.md", "base-model IW-WC {}, {} and {} %", AU,
-        ("iwwc/base_iw_wc", (M, "iwwc/base_iw_wc"), (R, "iwwc/base_iw_wc")), "%.1f"),
+        ("iwwc/base_iw_wc", (M, "iwwc/base_iw_wc"), ("adaptive-resnet18-heldout-quick-cpu.json", "iwwc/base_iw_wc")),
+        "%.1f"),
     Fig("README.md", "It leaves {} to {} points fewer images correct than AutoAttack and APGD+EoT", AU,
         (lead_range(("aa", "apgd-eot"), min), lead_range(("aa", "apgd-eot"), max)), ".1f"),
     Fig("README.md", "(the demo {} and {}, MNIST {} and {}, the ResNet-18 {} and {})", AU,
-        (pts(AU, "aa"), pts(AU, "apgd-eot"), pts(M, "aa"), pts(M, "apgd-eot"), pts(R, "aa"), pts(R, "apgd-eot")),
+        (pts(AU, "aa"), pts(AU, "apgd-eot"), pts(M, "aa"), pts(M, "apgd-eot"),
+         pts("adaptive-resnet18-heldout-quick-cpu.json", "aa"), pts("adaptive-resnet18-heldout-quick-cpu.json", "apgd-eot")),
         ".1f"),
     Fig("README.md", "and {} to {} points fewer than RayS run on it", AU,
         (lead_range(("rays",), min), lead_range(("rays",), max)), ".1f"),

@@ -16,9 +16,6 @@ folder: LO-IR at ``block3``, k chosen on the held-out test images).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _data import command_line, write_results  # noqa: E402
+from bench_pipeline_demo import igd, load  # noqa: E402
 
 from igd_cli import noise  # noqa: E402
 from igd_cli.attacks import make_attack, run_attack  # noqa: E402
@@ -42,12 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def demo_mask(folder: Path) -> Path:
     """The demo pipeline's mask, made by ``igd pipeline --piece calibrate`` in ``folder``."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "IGD_HOME": str(folder / "home"), "IGD_NO_PROGRESS": "1"}
-    p = subprocess.run([sys.executable, "-m", "igd_cli", "pipeline", "--out", str(folder / "run"), "--piece",
-                        "calibrate", "--json"], env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(p.stderr.strip().splitlines()[-1])
-    return Path(json.loads(p.stdout)["out"])
+    made = igd(ROOT, str(folder), ["pipeline", "--out", "run", "--piece", "calibrate", "--json"])
+    return folder / made["result"]["out"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -111,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
             "images_decided_differently": differ,
             "difference": one_run.mean - combined.mean,
             "difference_of": "one run of R restarts minus R single runs combined (mean over the scoring draws)",
-            "threads": torch.get_num_threads(), "load_at_end": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+            "threads": torch.get_num_threads(), "load_at_end": load(),
         }
     print(f"{a.restarts} restarts in one run: {100 * one_run.mean:.2f} ± {100 * one_run.std:.2f} % "
           f"({out['one_run_of_restarts']['seconds']} s); {a.restarts} single runs combined: "

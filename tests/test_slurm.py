@@ -433,3 +433,21 @@ def test_a_user_defence_through_the_route(cluster, tmp_path):
     assert got["defense"]["callable"] == "smoothing" and got["randomized"] is True and got["k"] is None
     for key in (*FIGURES, "iw_wc_paper", "iw_wc_paper_std", "defense"):
         assert got[key] == expected[key], key
+
+
+def test_the_plan_refuses_a_broken_defence_on_the_login_node(tmp_path):
+    """plan.py builds a --defense once before anything is submitted: a defence that fails is one error line there,
+    not a failed array of jobs (no scheduler needed)."""
+    (tmp_path / "broken.py").write_text("def broken(base):\n    raise RuntimeError('no such layer')\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "IGD_NO_PROGRESS": "1", "IGD_HOME": str(tmp_path / "home")}
+    r = subprocess.run([sys.executable, str(SLURM / "plan.py"), str(tmp_path / "run"), "2", "--",
+                        "--defense", f"{tmp_path / 'broken.py'}:broken"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("error: --defense") and "no such layer" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run" / "cluster" / "plan.json").exists()
+    ok = subprocess.run([sys.executable, str(SLURM / "plan.py"), str(tmp_path / "run"), "2", "--", "--defense",
+                         f"{REPO / 'examples' / 'defenses' / 'bit_depth.py'}:bit_depth", "--n-examples", "8"],
+                        env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    plan = json.loads(ok.stdout)
+    assert plan["defense"] == "yes" and plan["rank_shards"] == 0 and plan["n_examples"] == 8

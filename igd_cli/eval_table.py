@@ -100,6 +100,13 @@ def table_cells(result: EvalResult | dict[str, Any], title: str | None = None) -
     if no_grad:
         t.notes.append(f"no gradient: the defence's output has none ({', '.join(column_label(k) for k in no_grad)} "
                        "follow the gradient and could not run); the worst case rests on the other columns.")
+    above = worst_above_column(r)
+    if above is not None:
+        col, v = above
+        t.notes.append(f"{worst_name} ({fmt(r['worst_case'])}) is above the {column_label(col)} column ({fmt(v)}): "
+                       f"each image's point is chosen on {draws} selection draws, and near the boundary a choice among "
+                       f"{len(keys) + 1 - len(no_grad)} noisy candidates can miss the strongest; more --draws narrow "
+                       "the gap (docs/scoring.md, \"When the worst case is above a column\").")
     if surv:
         t.notes.append("† measured only on the images where it could still change the worst case "
                        f"({', '.join(f'{column_label(k)}: {v}' for k, v in surv.items())} images attacked; the "
@@ -107,6 +114,19 @@ def table_cells(result: EvalResult | dict[str, Any], title: str | None = None) -
                        "case is that of --no-skip (every attack gives an image the same point in any batch; "
                        "--no-skip gives every attack's own accuracy).")
     return t
+
+
+def worst_above_column(r: dict[str, Any]) -> tuple[str, float] | None:
+    """(column, accuracy) of the lowest defended column measured on every image when the worst case of a
+    randomized defence is above it (per-image selection on noisy draws), else None."""
+    if not r.get("defended") or int(r.get("draws") or 1) < 2 or r.get("worst_case") is None:
+        return None
+    surv = r.get("measured_on_survivors") or {}
+    cols = {k: v for k, v in r["robust_accuracy"].items() if v is not None and k not in surv}
+    if not cols:
+        return None
+    k = min(cols, key=cols.get)
+    return (k, cols[k]) if r["worst_case"] > cols[k] + 1e-12 else None
 
 
 def render_table(result: EvalResult | dict[str, Any], console=None, title: str | None = None) -> None:

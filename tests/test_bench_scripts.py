@@ -42,3 +42,23 @@ def test_restarts_bench_scores_both_ways_on_the_same_draws(tmp_path, igd_home):
         assert written[key]["n"] == 4 and written[key]["draws"] == 2 and written[key]["seconds"] >= 0
     assert 0 <= written["images_decided_differently"] <= 4 and written["k"] >= 1
     assert res["difference"] == written["one_run_of_restarts"]["mean"] - written["single_runs_combined"]["mean"]
+
+
+def test_own_defenses_bench_splits_a_randomized_defences_gap(tmp_path, igd_home):
+    """The example defences' benchmark at a tiny size: a randomized defence gets every candidate classified on a
+    stream of its own and the same sets rescored at more draws; a deterministic one neither."""
+    out = tmp_path / "o.json"
+    _load("own_defenses").main(["--defenses", "smoothing,jpeg", "--n", "4", "--steps", "1", "--queries", "10",
+                                "--eot-iter", "1", "--draws", "2", "--ref-steps", "1", "--ref-eot", "1",
+                                "--check-draws", "4", "--more-draws", "3", "--out", str(out)])
+    written = json.loads(out.read_text())
+    smooth, jpeg = written["defenses"]["smoothing"], written["defenses"]["jpeg"]
+    assert written["n"] == 4 and written["command"].startswith("python benchmarks/own_defenses.py --defenses")
+    assert "many_draws" not in jpeg and "more_draws" not in jpeg and jpeg["no_gradient"] == ["aa", "apgd-eot"]
+    m = smooth["many_draws"]
+    assert m["draws"] == 4 and set(m["columns"]) == {"clean", *smooth["transfer"], *smooth["direct"], "adaptive"}
+    cols = m["columns"].values()
+    assert min(cols) >= m["per_image_best_candidate"] - 1e-9 and m["worst_case_selected"] <= max(cols) + 1e-9
+    assert m["columns"][m["best_column"]] == min(v for k, v in m["columns"].items() if k != "clean")
+    assert sum(m["selected_from"].values()) == 4 and 0 <= m["reference"] <= 1
+    assert smooth["more_draws"]["draws"] == 3 and set(smooth["more_draws"]["columns"]) == set(m["columns"]) - {"clean"}

@@ -153,3 +153,42 @@ def test_scores_of_shards_merge_exactly(linear):
     whole = Score.of(final_rows(bits))
     parts = [Score.of(final_rows(bits[:, :123])), Score.of(final_rows(bits[:, 123:]))]
     assert Score.merged(parts) == whole and Score.from_json(whole.to_json()) == whole
+
+
+def test_a_table_says_when_the_worst_case_is_above_a_column():
+    """Ten noisy candidates near the boundary and one strong one: on 5 selection draws the per-image choice often
+    keeps a weak point, so the worst case lands above the strong column; the table says so, naming the column,
+    and says nothing when the worst case is at or below every column, for a deterministic defence, or when the
+    only column below it is a lower bound measured on survivors."""
+    from igd_cli.eval_result import EvalResult
+    from igd_cli.eval_table import table_cells, worst_above_column
+
+    n, g = 400, torch.Generator().manual_seed(0)
+
+    def bits(rows: int, p: float) -> torch.Tensor:
+        return torch.rand(rows, n, generator=g) < p
+
+    y = torch.zeros(n, dtype=torch.int64)
+    res = EvalResult(y, torch.arange(n), ["a"], torch.ones(1, n, dtype=torch.bool), bits(10, 1.0), mode="iw-wc",
+                     randomized=True)
+    for i in range(9):
+        res.defended[f"weak{i}"] = bits(10, 0.55)
+    res.defended["strong"] = bits(10, 0.3)
+    j = res.to_json()
+    assert j["worst_case"] > j["robust_accuracy"]["strong"] + 0.02  # the phenomenon itself, driven where it shows
+    assert worst_above_column(j) == ("strong", j["robust_accuracy"]["strong"])
+    note = [s for s in table_cells(j).notes if "is above the" in s]
+    assert len(note) == 1 and "strong column" in note[0] and "5 selection draws" in note[0]
+    # the strong column alone: the worst case is that column's figure, no note
+    alone = EvalResult(y, torch.arange(n), ["a"], res.clean_base, res.clean_defended, mode="iw-wc", randomized=True)
+    alone.defended["strong"] = res.defended["strong"]
+    assert worst_above_column(alone.to_json()) is None
+    assert not any("is above the" in s for s in table_cells(alone.to_json()).notes)
+    # a column measured on survivors is a lower bound, not a figure the worst case can be compared with
+    res.survivors_only["strong"] = 100
+    assert worst_above_column(res.to_json()) is None  # the weak columns are all above it
+    # one draw (deterministic): the worst case is the AND over the columns, never above one
+    det = EvalResult(y, torch.arange(n), ["a"], torch.ones(1, n, dtype=torch.bool), torch.ones(1, n, dtype=torch.bool),
+                     mode="iw-wc")
+    det.defended["strong"], det.defended["weak"] = bits(1, 0.3), bits(1, 0.55)
+    assert worst_above_column(det.to_json()) is None

@@ -11,9 +11,10 @@ mean over 32 draws at its points.
 
 For a randomized defence, every candidate point (clean, each column's, the reference's) is also classified
 ``--check-draws`` times on a noise stream of its own: each column's accuracy and the reference's then carry little
-noise, and the points the worst case selected on its 5 selection draws are scored the same way, which splits a gap
-between the worst case and the reference into the attacks' strength and the per-image selection's noise; and the
-same sets are scored again at ``--more-draws`` selection and final draws (``igd defend-eval --draws``).
+noise, and the points the worst case selected on its ``--draws`` selection draws are scored the same way, which
+splits a gap between the worst case and the reference into the attacks' strength and the per-image selection's
+noise; and the same sets are scored again at ``--more-draws`` selection and final draws (``igd defend-eval
+--draws``).
 Written to ``--out`` (JSON):
 
     python benchmarks/own_defenses.py --n 100 --steps 10 --queries 200 --eot-iter 4 --draws 5 \\

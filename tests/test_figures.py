@@ -645,6 +645,8 @@ FIGURES += [
         OD, ("defenses/smoothing/iw_wc", "defenses/smoothing/iw_wc_std", "defenses/smoothing/reference",
              "defenses/smoothing/adaptive")),
 ]
+FIGURES.append(Fig("docs/own-defense.md", "random resize flags check 6 — its summary: \"{}\"", OM,
+                   (lambda j: j(OM)["defenses"]["random_resize"]["audit"]["6"]["summary"].split(";")[0] + ")",), "s"))
 # docs/scoring.md: the worst case above its strongest column, at 5 and 20 draws
 
 

@@ -14,7 +14,7 @@ For a randomized defence, every candidate point (clean, each column's, the refer
 noise, and the points the worst case selected on its ``--draws`` selection draws are scored the same way, which
 splits a gap between the worst case and the reference into the attacks' strength and the per-image selection's
 noise; and the same sets are scored again at ``--more-draws`` selection and final draws (``igd defend-eval
---draws``).
+--draws``), and at ``--draws`` with the margin tie-break (``--protocol draws-margin``).
 Written to ``--out`` (JSON):
 
     python benchmarks/own_defenses.py --n 100 --steps 10 --queries 200 --eot-iter 4 --draws 5 \\
@@ -69,9 +69,10 @@ def reference(name: str, defended, base, x: torch.Tensor, y: torch.Tensor, eps: 
     return per.mean().item(), per, xa
 
 
-def many_draws(defended, data, res, ref_x: torch.Tensor, eps: float, draws: int) -> dict:
+def many_draws(defended, data, res, ref_x: torch.Tensor, eps: float, draws: int, margin_res=None) -> dict:
     """Every candidate of the worst case (clean, each column's point), the reference's point and the points the
-    worst case selected, each classified ``draws`` times on a stream of its own: accuracy with little noise."""
+    worst case selected (and those ``margin_res``, the same sets under ``draws-margin``, selected), each classified
+    ``draws`` times on a stream of its own: accuracy with little noise."""
     from igd_cli import noise
     from igd_cli.adv_sets import load_set
     from igd_cli.scoring import classify, selected
@@ -84,12 +85,17 @@ def many_draws(defended, data, res, ref_x: torch.Tensor, eps: float, draws: int)
     acc = torch.stack([classify(defended, p, b.y, draws, keys=keys, stream=stream).float().mean(0) for p in points])
     pick = selected(res.candidates(True))  # per image, the candidate the worst case kept (on its selection draws)
     ref = classify(defended, ref_x, b.y, draws, keys=keys, stream=stream).float().mean(0)
-    return {"draws": draws, "columns": {k: round(acc[i].mean().item(), 4) for i, k in enumerate(names)},
+    out = {"draws": draws, "columns": {k: round(acc[i].mean().item(), 4) for i, k in enumerate(names)},
             "best_column": min(names[1:], key=lambda k: acc[names.index(k)].mean().item()),
             "reference": round(ref.mean().item(), 4),
             "worst_case_selected": round(acc.gather(0, pick.view(1, -1))[0].mean().item(), 4),
             "per_image_best_candidate": round(acc.min(0).values.mean().item(), 4),
             "selected_from": {k: int((pick == i).sum()) for i, k in enumerate(names)}}
+    if margin_res is not None:
+        assert ["clean", *margin_res.defended] == names, "the same candidates in the same order"
+        pick = selected(margin_res.candidates(True), margin_res.candidate_margins(True))
+        out["worst_case_selected_draws_margin"] = round(acc.gather(0, pick.view(1, -1))[0].mean().item(), 4)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -158,8 +164,17 @@ def main(argv: list[str] | None = None) -> dict:
                 "images_reference_breaks_igd_does_not": int(((ref_per == 0) & (worst > 0)).sum()),
                 "audit": {c["id"]: {"verdict": c["verdict"], "summary": c["summary"]} for c in audit["checks"]},
                 "seconds": round(time.perf_counter() - t0, 1)}
+            margin_res = None
+            if j["randomized"]:  # the same sets scored with the margin tie-break (--protocol draws-margin)
+                margin_res = evaluate_defense(target, d, data, attack="iw-wc", eps=eps, workdir=work, budgets=budgets,
+                                              skip=False, draws=args.draws, protocol="draws-margin",
+                                              show_progress=False)
+                m = margin_res.to_json()
+                result["defenses"][name]["draws_margin"] = {"iw_wc": m["worst_case"], "iw_wc_std": m["worst_case_std"],
+                                                            "columns": m["robust_accuracy"]}
             if j["randomized"] and args.check_draws > 0:
-                result["defenses"][name]["many_draws"] = many_draws(d, data, res, ref_x, eps, args.check_draws)
+                result["defenses"][name]["many_draws"] = many_draws(d, data, res, ref_x, eps, args.check_draws,
+                                                                    margin_res)
             if j["randomized"] and args.more_draws > 0:  # the same sets (draws are not in their identity) rescored
                 more = evaluate_defense(target, d, data, attack="iw-wc", eps=eps, workdir=work, budgets=budgets,
                                         skip=False, draws=args.more_draws, show_progress=False).to_json()

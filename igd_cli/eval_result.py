@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from .artifacts import save_artifact
 from .errors import IgdError
-from .scoring import Score, alive, final_of_selected, final_rows
+from .scoring import Score, alive, final_of_selected, final_rows, uses_margins
 
 #: the attacks IW-WC runs on the defended model, in the paper's column order
 DIRECT = ("aa", "rays", "apgd-eot")
@@ -86,6 +86,9 @@ class EvalResult:
     no_gradient: dict[str, str] = field(default_factory=dict)
     #: how tables name the defended model (IG-Defense, or a --defense's callable)
     defense_label: str | None = None
+    #: ``draws-margin``: side ("base", "defended") -> candidate ("clean" or a column) -> each image's mean margin
+    #: over the selection draws (:func:`igd_cli.scoring.selection_margins`); empty for the other protocols
+    margins: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -110,6 +113,18 @@ class EvalResult:
         clean, cols = self._side(defended)
         return [] if clean is None else [clean, *cols.values()]
 
+    def candidate_margins(self, defended: bool = True, names: Sequence[str] | None = None) -> list[torch.Tensor] | None:
+        """The selection margins of the candidates ``names`` (default: clean and every column, the order of
+        :meth:`candidates`) under ``draws-margin``, else None (ties go to the earliest)."""
+        side = self.margins.get("defended" if defended else "base")
+        if not side:
+            return None
+        names = ["clean", *self._side(defended)[1]] if names is None else names
+        missing = [k for k in names if k not in side]
+        if missing:
+            raise ValueError(f"no selection margins for {', '.join(missing)}")
+        return [side[k] for k in names]
+
     def draws(self, defended: bool = True) -> int:
         """R, the final draws per point (1 for a deterministic model or the single-draw protocol)."""
         final = self._clean_final(defended)
@@ -119,14 +134,17 @@ class EvalResult:
         """The worst case's final draws (R, n): per image the candidate selected over clean and every column, or
         None without any column."""
         cands = self.candidates(defended)
-        return final_of_selected(cands) if len(cands) > 1 else None
+        return final_of_selected(cands, self.candidate_margins(defended)) if len(cands) > 1 else None
 
     def worst_paper(self) -> torch.Tensor | None:
         """The defended worst case over clean and the paper's columns only (without :data:`BEYOND_PAPER`)."""
         if self.clean_defended is None:
             return None
-        cols = [b for k, b in self.defended.items() if k not in BEYOND_PAPER]
-        return final_of_selected([self.clean_defended, *cols]) if cols else None
+        names = [k for k in self.defended if k not in BEYOND_PAPER]
+        if not names:
+            return None
+        return final_of_selected([self.clean_defended, *(self.defended[k] for k in names)],
+                                 self.candidate_margins(True, ["clean", *names]))
 
     def alive(self, defended: bool = True) -> torch.Tensor:
         """Images where a later candidate could still be selected (see :func:`igd_cli.scoring.alive`)."""
@@ -138,7 +156,8 @@ class EvalResult:
         if clean is None:
             return []
         out = [("clean", self._clean_final(defended))]
-        out += [(k, final_of_selected([clean, v])) for k, v in cols.items()]
+        out += [(k, final_of_selected([clean, v], self.candidate_margins(defended, ["clean", k])))
+                for k, v in cols.items()]
         worst = self.worst(defended)
         return out + ([("worst_case", worst)] if worst is not None else [])
 
@@ -229,6 +248,10 @@ class EvalResult:
         if self.clean_defended is not None:
             tensors["defended_draws"] = torch.stack(self.candidates(True)).to(torch.uint8)
             cands["defended"] = ["clean", *self.defended]
+        for side in ("base", "defended"):
+            m = self.candidate_margins(side == "defended") if side in cands else None
+            if m is not None:  # draws-margin: the tie-break travels with the bits, so a merge selects alike
+                tensors[f"{side}_margins"] = torch.stack(m).double()
         full = dict(meta or {})
         full.update({"columns": names, "candidates": cands, "protocol": self.protocol,
                      "draws": self.draws(self.clean_defended is not None), "result": self.to_json(),
@@ -252,12 +275,27 @@ class EvalResult:
                 raise IgdError(f"{name}_draws holds {bits.shape[0]} candidates, the metadata names {len(cands[name])}")
             return bits[0], {k: bits[i] for i, k in enumerate(cands[name]) if i > 0}
 
+        def margins(name: str) -> dict[str, torch.Tensor]:
+            m = tensors.get(f"{name}_margins")
+            if m is None:
+                return {}
+            if m.shape[0] != len(cands[name]):
+                raise IgdError(f"{name}_margins holds {m.shape[0]} candidates, the metadata names {len(cands[name])}")
+            return {k: m[i].double() for i, k in enumerate(cands[name])}
+
         clean_b, base = side("base")
         clean_d, dfd = side("defended")
+        ties = {name: margins(name) for name in ("base", "defended") if name in cands and margins(name)}
+        protocol = str(meta.get("protocol", r.get("protocol", "draws")))
+        for name, clean in (("base", clean_b), ("defended", clean_d)):
+            if uses_margins(protocol) and clean is not None and clean.shape[0] > 1 and name not in ties and \
+                    name not in (meta.get("clean_final_only") or ()):
+                raise IgdError(f"an eval-report scored by {protocol} without the {name} model's selection margins")
         return cls(tensors["y"].long(), tensors["index"].long(), list(meta.get("classes") or []), clean_b, clean_d,
                    base, dfd, dict(r.get("measured_on_survivors") or {}), dict(r.get("sets") or {}),
                    dict(r.get("seconds") or {}), eps=r.get("eps"), seed=int(r.get("seed", 0)),
-                   mode=str(r.get("mode", "none")), protocol=str(meta.get("protocol", r.get("protocol", "draws"))),
+                   mode=str(r.get("mode", "none")), protocol=protocol,
                    randomized=bool(r.get("randomized", False)),
                    clean_final_only=tuple(meta.get("clean_final_only") or ()),
-                   no_gradient={k: "" for k in r.get("no_gradient") or ()}, defense_label=r.get("defense_label"))
+                   no_gradient={k: "" for k in r.get("no_gradient") or ()}, defense_label=r.get("defense_label"),
+                   margins=ties)

@@ -161,7 +161,7 @@ def merge_reports(shards: list[Artifact], out) -> MergeResult:
     ordered = check_positions(shards, n)
     perm = _order(ordered)
     tensors: dict[str, torch.Tensor] = {}
-    for name in ("base_draws", "defended_draws", "y", "index"):
+    for name in ("base_draws", "defended_draws", "base_margins", "defended_margins", "y", "index"):
         have = [name in s.tensors for s in ordered]
         if not any(have):
             continue

@@ -20,9 +20,10 @@ def scoring_note(r: dict[str, Any]) -> str:
         return ("single-draw protocol: one noise draw per set and the AND over sets — a near-boundary point is a "
                 "coin toss per draw, so this mixes attack strength with noise (not comparable with the literature)")
     d = r["draws"]
+    ties = " (ties: the lowest mean margin, --protocol draws-margin)" if r.get("protocol") == "draws-margin" else ""
     return (f"randomized defence scored as Croce et al. (ICML 2022): every point classified {d} times, per image the "
-            f"point with the lowest mean correctness selected, scored on {d} fresh draws; mean over those draws "
-            f"(± sample std); base model deterministic: exact")
+            f"point with the lowest mean correctness selected{ties}, scored on {d} fresh draws; mean over those "
+            f"draws (± sample std); base model deterministic: exact")
 
 
 @dataclass
@@ -105,8 +106,9 @@ def table_cells(result: EvalResult | dict[str, Any], title: str | None = None) -
         col, v = above
         t.notes.append(f"{worst_name} ({fmt(r['worst_case'])}) is above the {column_label(col)} column ({fmt(v)}): "
                        f"each image's point is chosen on {draws} selection draws, and near the boundary a choice among "
-                       f"{len(keys) + 1 - len(no_grad)} noisy candidates can miss the strongest; more --draws narrow "
-                       "the gap (docs/scoring.md, \"When the worst case is above a column\").")
+                       f"{len(keys) + 1 - len(no_grad)} noisy candidates can miss the strongest; more --draws and "
+                       "--protocol draws-margin narrow the gap (docs/scoring.md, \"When the worst case is above a "
+                       "column\").")
     if surv:
         t.notes.append("† measured only on the images where it could still change the worst case "
                        f"({', '.join(f'{column_label(k)}: {v}' for k, v in surv.items())} images attacked; the "

@@ -47,7 +47,8 @@ from .precision import precision_meta
 from .eval_result import (BEYOND_NOTE, BEYOND_PAPER, DIRECT, DIRECT_RUN_ORDER, LABELS, TRANSFER,  # noqa: F401
                           EvalResult, column_key, column_label)
 from .eval_table import TableCells, render_per_class, render_table, scoring_note, table_cells  # noqa: F401
-from .scoring import DEFAULT_DRAWS, Score, classify, final_of_selected, final_rows, is_randomized, rows_for
+from .scoring import (DEFAULT_DRAWS, Score, classify, final_of_selected, final_rows, is_randomized, rows_for,
+                      selection_margins, uses_margins)
 
 @dataclass
 class Budgets:
@@ -110,6 +111,7 @@ class Evaluator:
         self.given = self._load_given(adv_files)
         self._clean_bits: dict[str, torch.Tensor] = {}
         self._clean_final: dict[str, torch.Tensor] = {}
+        self._clean_margins: dict[str, torch.Tensor] = {}
 
     # -- sets ------------------------------------------------------------------------------------------
     def _load_given(self, files: Sequence[str | Path]) -> dict[tuple[str, str], tuple[AttackResult, str]]:
@@ -205,10 +207,12 @@ class Evaluator:
         bits = self.column(res, kind)
         if path is not None:
             rows = self.row_of[res.index]
-            # the set's own score (kept with the set, whose key has no precision): with fp32 clean bits
+            # the set's own score (kept with the set, whose key has neither precision nor protocol): with fp32 clean
+            # bits, ties to the first (draws-margin's evaluations share the set and rescore it)
             score = Score.of(final_of_selected([self.clean(kind, "fp32")[:, rows], bits[:, rows]]))
+            protocol = "draws" if uses_margins(self.protocol) else self.protocol
             extra = {"set_key": key, "seconds": round(res.seconds, 3), "n_attacked": len(positions),
-                     "batch_size": self.batch_size, **score_meta(score, self.protocol)}
+                     "batch_size": self.batch_size, **score_meta(score, protocol)}
             if kind == "defended":
                 extra.update({"defense": self.defense_meta, "mask_sha256": self.defense_meta.get("mask_sha256")})
             save_adversarial(path, res, set_meta(self.target.provenance(), info, kind, self.data, score.mean, extra))
@@ -279,6 +283,32 @@ class Evaluator:
                         description=self._label(kind, str(res.info.get("attack", "set"))))
         out = torch.zeros(self.rows[kind], len(self.positions), dtype=torch.bool)
         out[:, rows[held]] = bits
+        return out
+
+
+    def wants_margins(self, kind: str) -> bool:
+        """``draws-margin`` on a model scored by repeated draws: its candidates carry selection margins."""
+        return uses_margins(self.protocol) and self.rows[kind] > 1
+
+    def clean_margins(self, kind: str) -> torch.Tensor | None:
+        """The clean images' selection margins (n,) on the ``kind`` model under ``draws-margin``, else None."""
+        if not self.wants_margins(kind):
+            return None
+        if kind not in self._clean_margins:
+            self._clean_margins[kind] = selection_margins(self._model(kind), self.x, self.y, self.rows[kind],
+                                                          seed=self.seed, keys=self.keys, batch_size=self.batch_size)
+        return self._clean_margins[kind]
+
+    def column_margins(self, res: AttackResult, kind: str) -> torch.Tensor | None:
+        """The set's selection margins (n,) over the evaluated positions under ``draws-margin`` (an image outside
+        the set: 0, never read, as it is wrong in every draw), else None."""
+        if not self.wants_margins(kind):
+            return None
+        rows = self.row_of[res.index]
+        held = rows >= 0
+        out = torch.zeros(len(self.positions), dtype=torch.float64)
+        out[rows[held]] = selection_margins(self._model(kind), res.x_adv[held], res.y[held], self.rows[kind],
+                                            seed=self.seed, keys=self.keys[rows[held]], batch_size=self.batch_size)
         return out
 
 
@@ -353,15 +383,26 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
                         defense_label=contract.label(defense) if has_def else None,
                         clean_final_only=tuple(side for side, cols in (("base", base_cols), ("defended", def_cols))
                                                if not cols))
+    for kind, cols in (("base", base_cols), ("defended", def_cols)):
+        m = ev.clean_margins(kind) if cols else None
+        if m is not None:  # draws-margin: every candidate's selection margins beside its bits
+            result.margins[kind] = {"clean": m}
     result.seconds["clean"] = time.perf_counter() - t0
     everything = ev.positions
+
+    def put(kind: str, key: str, bits: torch.Tensor, res: AttackResult | None) -> None:
+        """A column's bits on the ``kind`` model (and its selection margins under ``draws-margin``)."""
+        (result.defended if kind == "defended" else result.base)[key] = bits
+        if kind in result.margins:
+            result.margins[kind][key] = (ev.column_margins(res, kind) if res is not None else
+                                         torch.zeros(bits.shape[1], dtype=torch.float64))
 
     def add_base_set(name: str, res: AttackResult, src: str, bits: torch.Tensor) -> None:
         """A set made on the base model: the base column and, with a defence, the transfer column."""
         key = column_key(name, True) if has_def else name
-        result.base[key] = bits
+        put("base", key, bits, res)
         if has_def:
-            result.defended[key] = ev.column(res, "defended")
+            put("defended", key, ev.column(res, "defended"), res)
         result.sets[key] = src
 
     # ready-made sets first (cheap: forward passes)
@@ -371,7 +412,7 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
         if kind == "base":
             add_base_set(name, res, src, ev.column(res, "base"))
         else:
-            result.defended[name] = ev.column(res, "defended")
+            put("defended", name, ev.column(res, "defended"), res)
             result.sets[name] = src
 
     if attack == "iw-wc":
@@ -380,6 +421,8 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
             add_base_set(name, *ev.obtain(name, "base", everything))
             if has_def and name in DIRECT:  # Table 8: the base row's direct columns are its own attacks
                 result.base[name] = result.base[column_key(name, True)]
+                if "base" in result.margins:
+                    result.margins["base"][name] = result.margins["base"][column_key(name, True)]
             result.seconds[column_key(name, has_def)] = time.perf_counter() - t
         if has_def:
             beyond = BEYOND_PAPER if contract.adaptive_column(defense) else ()
@@ -391,11 +434,11 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
                     continue
                 todo = everything[result.alive(True)] if skip else everything
                 if len(todo) == 0:
-                    result.defended[name] = torch.zeros_like(result.clean_defended)
+                    put("defended", name, torch.zeros_like(result.clean_defended), None)
                     result.survivors_only[name] = 0
                     continue
                 res, src, bits = ev.obtain(name, "defended", todo)
-                result.defended[name] = bits
+                put("defended", name, bits, res)
                 if skip and len(todo) < len(everything):
                     result.survivors_only[name] = len(todo)
                 result.sets[name] = src
@@ -405,12 +448,14 @@ def evaluate_defense(target: Target, defense: nn.Module | None, data: ImageSet, 
         if has_def and ev.no_gradient(attack, "defended") is not None:
             result.no_gradient[attack] = ev.no_gradient(attack, "defended")
         elif has_def:
-            res, src, result.defended[attack] = ev.obtain(attack, "defended", everything)
+            res, src, bits = ev.obtain(attack, "defended", everything)
+            put("defended", attack, bits, res)
             result.sets[attack] = src
             result.seconds[attack] = time.perf_counter() - t
         if base or not has_def:
             t = time.perf_counter()
-            res, src, result.base[attack] = ev.obtain(attack, "base", everything)
+            res, src, bits = ev.obtain(attack, "base", everything)
+            put("base", attack, bits, res)
             result.sets.setdefault(attack if not has_def else f"base:{attack}", src)
             result.seconds[f"base:{attack}"] = time.perf_counter() - t
     result.seconds["total"] = time.perf_counter() - t0

@@ -16,6 +16,11 @@ The draws are keyed by the image (its position and clean content), the stream an
 (:mod:`igd_cli.noise`), not by the point: every candidate of an image is classified under the same R + R noise
 draws (common random numbers), whatever batch, shard or device it is scored in.
 
+``protocol="draws-margin"`` (beyond Croce et al.) is the same draws with one change to the selection: candidates
+correct in equally many selection draws (at least one) are told apart by their mean margin over those draws
+(:func:`selection_margins`), not by which was scored first. With several candidates near the boundary, 5 coin
+tosses each often tie, and the first scored — the clean image — wins; the margin keeps the most adversarial one.
+
 Example::
 
     keys = noise.image_keys(index, x_clean)
@@ -39,18 +44,27 @@ from .console import progress
 from .devices import module_device
 from .errors import IgdError
 
-Protocol = Literal["draws", "single-draw"]
-PROTOCOLS: tuple[str, ...] = ("draws", "single-draw")
+Protocol = Literal["draws", "draws-margin", "single-draw"]
+PROTOCOLS: tuple[str, ...] = ("draws", "draws-margin", "single-draw")
 #: classifications per candidate for selection, and as many for the final score (Croce et al. use 5)
 DEFAULT_DRAWS = 5
 
 
-def check_protocol(protocol: str, draws: int) -> None:
-    """One-line errors for ``--protocol`` and ``--draws``."""
+def check_protocol(protocol: str, draws: int, command: str | None = None) -> None:
+    """One-line errors for ``--protocol`` and ``--draws``; ``command``: one that scores by counts alone (it takes
+    no ``draws-margin``)."""
     if protocol not in PROTOCOLS:
-        raise IgdError(f"--protocol {protocol}: expected {' or '.join(PROTOCOLS)}")
+        raise IgdError(f"--protocol {protocol}: expected {', '.join(PROTOCOLS[:-1])} or {PROTOCOLS[-1]}")
+    if command is not None and uses_margins(protocol):
+        raise IgdError(f"--protocol {protocol}: {command} takes draws or single-draw (the margin tie-break is "
+                       "igd defend-eval's, igd attack's and igd pipeline's)")
     if int(draws) < 1:
         raise IgdError(f"--draws {draws}: must be at least 1")
+
+
+def uses_margins(protocol: str) -> bool:
+    """``draws-margin``: the draws protocol whose selection breaks ties on mean correctness by the mean margin."""
+    return protocol == "draws-margin"
 
 
 def rows_for(model: nn.Module, protocol: str = "draws", draws: int = DEFAULT_DRAWS) -> int:
@@ -119,6 +133,32 @@ def classify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: int, *, s
     return out.cpu()
 
 
+@torch.no_grad()
+def selection_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: int, *, seed: int = 0,
+                      keys: torch.Tensor | None = None, stream: int | None = None,
+                      batch_size: int = 256) -> torch.Tensor:
+    """Each point's margin (its label's logit minus the largest other) averaged over the selection draws of
+    :func:`classify` with the same arguments — the same queries, so the same noise — (n,): the ``draws-margin``
+    protocol's tie-break. Made in a pass of its own (R forwards), so the other protocols pay nothing for it."""
+    if rows < 2:
+        raise ValueError("margins break ties between selection draws: a model scored once has none")
+    half = rows // 2
+    device = module_device(model)
+    keys = (noise.image_keys(None, x) if keys is None else keys).to(device)
+    stream_id = score_stream(seed) if stream is None else int(stream)
+    out = torch.zeros(len(x), dtype=torch.float64, device=device)
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        with noise.images(keys[i:i + batch_size], stream_id):
+            _skip_queries(model, xb, half)
+            for _ in range(half):
+                z = model(xb).double()
+                own = z.gather(1, yb[:, None])[:, 0]
+                other = z.scatter(1, yb[:, None], -math.inf).amax(1)
+                out[i:i + batch_size] += own - other
+    return (out / half).cpu()
+
+
 def _skip_queries(model: nn.Module, xb: torch.Tensor, queries: int) -> None:
     """Advance the images of ``xb`` past ``queries`` queries of ``model`` (made and dropped if it cannot skip)."""
     if queries <= 0:
@@ -141,16 +181,33 @@ def selection_rows(bits: torch.Tensor) -> torch.Tensor:
     return bits if bits.shape[0] == 1 else bits[bits.shape[0] // 2:]
 
 
-def selected(candidates: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per image, the index of the candidate with the fewest correct selection draws (ties: the earliest)."""
+def selected(candidates: Sequence[torch.Tensor], margins: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """Per image, the index of the candidate with the fewest correct selection draws (ties: the earliest).
+
+    ``margins`` (``draws-margin``; one (n,) tensor per candidate, :func:`selection_margins`): a tie between
+    candidates correct in the same number of selection draws, at least one, goes to the lowest mean margin (ties:
+    the earliest); among candidates wrong in every selection draw the earliest is kept, so a later one can change
+    nothing there (what skipping relies on, :func:`alive`)."""
     _check_rows(candidates)
     counts = torch.stack([selection_rows(b).sum(0) for b in candidates])  # (K, n)
-    return counts.argmin(0)  # torch.argmin returns the first minimal index
+    if margins is None:
+        return counts.argmin(0)  # torch.argmin returns the first minimal index
+    if len(margins) != len(candidates) or any(m.shape != counts[0].shape for m in margins):
+        raise ValueError("one margin per image for every candidate")
+    best = torch.zeros_like(counts[0])
+    count, margin = counts[0].clone(), margins[0].clone()
+    for k in range(1, len(candidates)):
+        better = (counts[k] < count) | ((counts[k] == count) & (count > 0) & (margins[k] < margin))
+        best[better] = k
+        count, margin = torch.where(better, counts[k], count), torch.where(better, margins[k], margin)
+    return best
 
 
-def final_of_selected(candidates: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The final draws (R, n) of every image's selected candidate: the worst case's per-image, per-draw bits."""
-    idx = selected(candidates)
+def final_of_selected(candidates: Sequence[torch.Tensor],
+                      margins: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """The final draws (R, n) of every image's selected candidate: the worst case's per-image, per-draw bits
+    (``margins``: see :func:`selected`)."""
+    idx = selected(candidates, margins)
     finals = torch.stack([final_rows(b) for b in candidates])  # (K, R, n)
     return finals.gather(0, idx.view(1, 1, -1).expand(1, finals.shape[1], -1))[0]
 
@@ -248,4 +305,8 @@ def score_set(model: nn.Module, x_clean: torch.Tensor, x_adv: torch.Tensor, y: t
     keys = noise.image_keys(index, x_clean)
     clean, adv = (classify(model, x, y, rows, seed=seed, keys=keys, batch_size=batch_size)
                   for x in (x_clean, x_adv))
-    return Score.of(final_rows(clean)), Score.of(final_of_selected([clean, adv]))
+    margins = None
+    if uses_margins(protocol) and rows > 1:
+        margins = [selection_margins(model, x, y, rows, seed=seed, keys=keys, batch_size=batch_size)
+                   for x in (x_clean, x_adv)]
+    return Score.of(final_rows(clean)), Score.of(final_of_selected([clean, adv], margins))

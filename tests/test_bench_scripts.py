@@ -62,3 +62,5 @@ def test_own_defenses_bench_splits_a_randomized_defences_gap(tmp_path, igd_home)
     assert m["columns"][m["best_column"]] == min(v for k, v in m["columns"].items() if k != "clean")
     assert sum(m["selected_from"].values()) == 4 and 0 <= m["reference"] <= 1
     assert smooth["more_draws"]["draws"] == 3 and set(smooth["more_draws"]["columns"]) == set(m["columns"]) - {"clean"}
+    assert set(smooth["draws_margin"]["columns"]) == set(m["columns"]) - {"clean"} and "draws_margin" not in jpeg
+    assert min(cols) <= m["worst_case_selected_draws_margin"] <= max(cols)

@@ -93,7 +93,7 @@ def make_setup(target: Target, out: str | Path, *, n_examples: int | None = None
     from ..common import check_classes
     from ..scoring import check_protocol
 
-    check_protocol(protocol, draws)
+    check_protocol(protocol, draws, "igd analyze")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise IgdError(f"--out {out}: is a file, expected a folder")

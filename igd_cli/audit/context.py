@@ -145,7 +145,7 @@ class Audit:
         self.defense, self.mask_path = defense, mask_path
         self.workdir = Path(workdir) if workdir is not None else None
         self.seed, self.batch_size, self.draws, self.show_progress = int(seed), batch_size, int(draws), show_progress
-        check_protocol(protocol, draws)
+        check_protocol(protocol, draws, "igd audit")
         self.protocol = protocol  # "single-draw": a randomized model scored once (what check 1 flags)
         self.ident = {} if defense is None else identity_of(defense, mask_path)
         self._evaluators: dict[str, tuple[Evaluator, str]] = {}

@@ -25,7 +25,7 @@ from ..defense import DEFAULT_N_SMOOTH, DEFAULT_TAU
 from ..errors import IgdError
 from ..evaluate import Budgets
 from ..options import (Arch, AutoBatchSize, DataDir, Dataset, Device, Draws, Eps, EpsSigma, Json, Model, Numerics, Normalize,
-                       PresetEotIter, PresetQueries, PresetRestarts, PresetSteps, ProtocolOpt, Seed, ThreatModel,
+                       PresetEotIter, PresetQueries, PresetRestarts, PresetSteps, CountsProtocolOpt, Seed, ThreatModel,
                        ZooDataset)
 from ..pipeline import preset_values
 from ..report import ablation_cells, rich_table, shift_cells, sweep_cells
@@ -149,7 +149,7 @@ def ablation_cmd(
     iw_wc: Annotated[bool, typer.Option("--iw-wc/--no-iw-wc", help="the IW-WC column (nine attacks per row)")] = True,
     steps: PresetSteps = None, restarts: PresetRestarts = None, queries: PresetQueries = None,
     eot_iter: PresetEotIter = None,
-    draws: Draws = DEFAULT_DRAWS, protocol: ProtocolOpt = "draws",
+    draws: Draws = DEFAULT_DRAWS, protocol: CountsProtocolOpt = "draws",
     batch_size: AutoBatchSize = "128", seed: Seed = 0, device: Device = "auto", numerics: Numerics = "pinned",
     as_json: Json = False,
 ) -> None:
@@ -201,7 +201,7 @@ def sweep_cmd(
     attack: Annotated[str, typer.Option("--attack", metavar="none|NAME|iw-wc", help="robust accuracy under: none, an attack name, or iw-wc")] = "aa",
     steps: PresetSteps = None, restarts: PresetRestarts = None, queries: PresetQueries = None,
     eot_iter: PresetEotIter = None,
-    draws: Draws = DEFAULT_DRAWS, protocol: ProtocolOpt = "draws",
+    draws: Draws = DEFAULT_DRAWS, protocol: CountsProtocolOpt = "draws",
     batch_size: AutoBatchSize = "128", seed: Seed = 0, device: Device = "auto", numerics: Numerics = "pinned",
     as_json: Json = False,
 ) -> None:

@@ -15,7 +15,7 @@ from .. import contract
 from ..errors import IgdError
 from ..evaluate import default_workdir
 from ..batching import attack_trial, choose_batch_size, parse_batch_size
-from ..options import (Arch, AuditEps, AutoBatchSize, DataDir, Dataset, DefenseOpt, Device, Draws, Json, Model, Normalize, Numerics, ProtocolOpt,
+from ..options import (Arch, AuditEps, AutoBatchSize, DataDir, Dataset, DefenseOpt, Device, Draws, Json, Model, Normalize, Numerics, CountsProtocolOpt,
                        Seed, ZooDataset)
 from ..scoring import DEFAULT_DRAWS, check_protocol
 
@@ -46,7 +46,7 @@ def audit_cmd(
     split: Annotated[str, typer.Option("--split", metavar="train|test", help="data split to audit on")] = "test",
     workdir: Annotated[Optional[Path], typer.Option("--workdir", metavar="DIR", help="where attack sets are kept and reused, e.g. "
                                                     "a pipeline's RUN/adv (default: $IGD_HOME/adv/<fingerprint>)")] = None,
-    draws: Draws = DEFAULT_DRAWS, protocol: ProtocolOpt = "draws",
+    draws: Draws = DEFAULT_DRAWS, protocol: CountsProtocolOpt = "draws",
     batch_size: AutoBatchSize = "128", seed: Seed = 0, device: Device = "auto", numerics: Numerics = "pinned",
     as_json: Json = False,
 ) -> None:
@@ -58,7 +58,7 @@ def audit_cmd(
     scores one draw, which check 1 flags). Every comparison is a paired per-image test (docs/audit.md). Exit code
     0 whatever the verdicts.
     """
-    check_protocol(protocol, draws)
+    check_protocol(protocol, draws, "igd audit")
     parse_batch_size(batch_size)
     if preset not in PRESETS:
         raise IgdError(f"--preset {preset}: expected {' or '.join(PRESETS)}")

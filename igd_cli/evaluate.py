@@ -285,7 +285,6 @@ class Evaluator:
         out[:, rows[held]] = bits
         return out
 
-
     def wants_margins(self, kind: str) -> bool:
         """``draws-margin`` on a model scored by repeated draws: its candidates carry selection margins."""
         return uses_margins(self.protocol) and self.rows[kind] > 1

@@ -81,10 +81,10 @@ def test_the_margin_keeps_the_stronger_point_near_the_boundary(boundary):
     true_plain = p.gather(0, selected(bits).view(1, -1)).mean()
     true_margin = p.gather(0, selected(bits, margins).view(1, -1)).mean()
     assert true_margin < true_plain - 0.03, (float(true_margin), float(true_plain))
-    assert Score_mean(final_of_selected(bits, margins)) < Score_mean(final_of_selected(bits)) - 0.02
+    assert _mean(final_of_selected(bits, margins)) < _mean(final_of_selected(bits)) - 0.02
 
 
-def Score_mean(final: torch.Tensor) -> float:
+def _mean(final: torch.Tensor) -> float:
     return float(final.float().mean())
 
 

@@ -173,3 +173,30 @@ def test_audit_and_analyze_refuse_it_in_one_line(cli, command, igd_home):
     r = cli(*args, "--protocol", "draws-margin")
     lines = r.err.strip().splitlines()
     assert r.code == 2 and len(lines) == 1 and lines[0].startswith("error:") and "draws-margin" in lines[0], r.err
+
+
+def test_a_report_scored_by_margins_without_them_is_refused(boundary):
+    """A draws-margin report whose margins are missing cannot be rescored (a merge would select by another rule)."""
+    from igd_cli.errors import IgdError
+    from igd_cli.eval_result import EvalResult
+
+    model, points, y, _ = boundary
+    n = 40
+    keys = noise.image_keys(None, points[0][:n])
+    rows = rows_for(model, "draws-margin", 3)
+    bits = [classify(model, x[:n], y[:n], rows, keys=keys) for x in points[:3]]
+    res = EvalResult(y[:n], torch.arange(n), ["a", "b"], torch.ones(1, n, dtype=torch.bool), bits[0], mode="iw-wc",
+                     protocol="draws-margin", randomized=True)
+    res.defended["weak"], res.defended["other"] = bits[1], bits[2]
+    res.margins["defended"] = {k: selection_margins(model, x[:n], y[:n], rows, keys=keys)
+                               for k, x in zip(("clean", "weak", "other"), points[:3])}
+    tensors = {"y": res.y, "index": res.index, "base_draws": torch.stack(res.candidates(False)).to(torch.uint8),
+               "defended_draws": torch.stack(res.candidates(True)).to(torch.uint8),
+               "defended_margins": torch.stack(res.candidate_margins(True))}
+    meta = {"candidates": {"base": ["clean"], "defended": ["clean", "weak", "other"]}, "protocol": "draws-margin",
+            "result": res.to_json()}
+    again = EvalResult.from_tensors(meta, tensors)
+    assert torch.equal(again.worst(), res.worst())
+    del tensors["defended_margins"]
+    with pytest.raises(IgdError, match="without the defended model's selection margins"):
+        EvalResult.from_tensors(meta, tensors)

@@ -50,15 +50,15 @@ Shard = Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="wo
 Draws = Annotated[int, typer.Option("--draws", metavar="R", min=1, help="randomized defence: classifications per point for the "
                                     "selection, and as many fresh ones for the score (Croce et al.); a "
                                     "deterministic model is scored once")]
-ProtocolOpt = Annotated[str, typer.Option("--protocol", metavar="draws|draws-margin|single-draw", help="draws (repeated draws, per-image selection, mean ± "
-                                          "std: the default, Croce et al.), draws-margin (the same, with ties in the "
-                                          "selection going to the lowest mean margin instead of the first candidate "
-                                          "scored) or single-draw (one draw per set, AND over sets: "
-                                          "igd's scoring before repeated draws, to reproduce earlier numbers)")]
+_DRAWS_HELP = "draws (repeated draws, per-image selection, mean ± std: the default, Croce et al.)"
+_SINGLE_HELP = ("single-draw (one draw per set, AND over sets: igd's scoring before repeated draws, to reproduce "
+                "earlier numbers)")
+ProtocolOpt = Annotated[str, typer.Option("--protocol", metavar="draws|draws-margin|single-draw", help=f"{_DRAWS_HELP}, "
+                                          "draws-margin (the same, with ties in the selection going to the lowest "
+                                          f"mean margin instead of the first candidate scored) or {_SINGLE_HELP}")]
 #: igd audit and igd analyze score by the selection counts alone
-CountsProtocolOpt = Annotated[str, typer.Option("--protocol", metavar="draws|single-draw", help="draws (repeated draws, per-image selection, mean ± "
-                                                "std: the default) or single-draw (one draw per set, AND over sets: "
-                                                "igd's scoring before repeated draws, to reproduce earlier numbers)")]
+CountsProtocolOpt = Annotated[str, typer.Option("--protocol", metavar="draws|single-draw",
+                                                help=f"{_DRAWS_HELP} or {_SINGLE_HELP}")]
 #: calibrate-k runs no attack: ε only sets σ
 CalibrationEps = Annotated[Optional[str], typer.Option("--eps", metavar="EPS", help="the threat model's ε, e.g. 8/255 or 0.0314: sets the smoothing noise σ = ε/2 when --sigma is not given (no attack runs here; default: " + _EPS_DEFAULT + ")")]
 #: the audit is ℓ∞ only

@@ -108,6 +108,15 @@ def classify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: int, *, s
         bits = classify(defense, b.x, b.y, rows=5, keys=noise.image_keys(b.index, b.x))   # (5, 64) bool
         bits.float().mean(1)                                                                # accuracy per draw
     """
+    return _score_rows(model, x, y, rows, seed=seed, keys=keys, stream=stream, batch_size=batch_size,
+                       description=description, precision=precision, part=part)[0]
+
+
+def _score_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: int, *, seed: int, keys: torch.Tensor | None,
+                stream: int | None, batch_size: int, description: str | None = None, precision: str = "fp32",
+                part: Part = "all", margins: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`classify`'s bits and, with ``margins``, each point's margin (its label's logit minus the largest
+    other) summed over the rows made, from the same forwards."""
     from .precision import autocast, memory_format
 
     if part not in ("all", "final", "selection"):
@@ -120,6 +129,7 @@ def classify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: int, *, s
     stream_id = score_stream(seed) if stream is None else int(stream)
     # the bits stay on the model's device until the end: one transfer, not one per batch and draw
     out = torch.empty(rows - half, len(x), dtype=torch.bool, device=device)
+    total = torch.zeros(len(x), dtype=torch.float64, device=device) if margins else None
     with progress() as bar, autocast(precision, device):
         task = bar.add_task(description or "scoring", total=(rows - half) * len(x), visible=description is not None)
         for i in range(0, len(x), batch_size):
@@ -128,9 +138,14 @@ def classify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: int, *, s
                 if part == "selection":
                     _skip_queries(model, xb, half)
                 for r in range(rows - half):
-                    out[r, i:i + batch_size] = model(xb).argmax(1) == yb
+                    z = model(xb)
+                    out[r, i:i + batch_size] = z.argmax(1) == yb
+                    if total is not None:
+                        z = z.double()
+                        total[i:i + batch_size] += (z.gather(1, yb[:, None])[:, 0] -
+                                                    z.scatter(1, yb[:, None], -math.inf).amax(1))
                     bar.advance(task, len(xb))
-    return out.cpu()
+    return out.cpu(), (None if total is None else total.cpu())
 
 
 @torch.no_grad()
@@ -142,21 +157,9 @@ def selection_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: 
     protocol's tie-break. Made in a pass of its own (R forwards), so the other protocols pay nothing for it."""
     if rows < 2:
         raise ValueError("margins break ties between selection draws: a model scored once has none")
-    half = rows // 2
-    device = module_device(model)
-    keys = (noise.image_keys(None, x) if keys is None else keys).to(device)
-    stream_id = score_stream(seed) if stream is None else int(stream)
-    out = torch.zeros(len(x), dtype=torch.float64, device=device)
-    for i in range(0, len(x), batch_size):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-        with noise.images(keys[i:i + batch_size], stream_id):
-            _skip_queries(model, xb, half)
-            for _ in range(half):
-                z = model(xb).double()
-                own = z.gather(1, yb[:, None])[:, 0]
-                other = z.scatter(1, yb[:, None], -math.inf).amax(1)
-                out[i:i + batch_size] += own - other
-    return (out / half).cpu()
+    _, total = _score_rows(model, x, y, rows, seed=seed, keys=keys, stream=stream, batch_size=batch_size,
+                           part="selection", margins=True)
+    return total / (rows // 2)
 
 
 def _skip_queries(model: nn.Module, xb: torch.Tensor, queries: int) -> None:

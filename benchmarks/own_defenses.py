@@ -54,7 +54,8 @@ def pgd(forward, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, eot: 
 
 
 def reference(name: str, defended, base, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, eot: int):
-    """(mean accuracy, per-image accuracy, points) of the defence at the reference attack's points."""
+    """(mean accuracy, per-image accuracy, points, std over the draws) of the defence at the reference attack's
+    points."""
     inner = defended.defense  # the user's module itself: outside igd's evaluation, torch's generator
     torch.manual_seed(0)
     if name in ("bit_depth", "jpeg"):
@@ -65,8 +66,9 @@ def reference(name: str, defended, base, x: torch.Tensor, y: torch.Tensor, eps: 
         xa = pgd(inner, x, y, eps, steps, eot)
         draws = 32
     with torch.no_grad():
-        per = torch.stack([inner(xa).argmax(1) == y for _ in range(draws)]).float().mean(0)
-    return per.mean().item(), per, xa
+        bits = torch.stack([inner(xa).argmax(1) == y for _ in range(draws)]).float()  # (draws, n)
+    per_draw = bits.mean(1)
+    return per_draw.mean().item(), bits.mean(0), xa, per_draw.std().item() if draws > 1 else 0.0
 
 
 def many_draws(defended, data, res, ref_x: torch.Tensor, eps: float, draws: int, margin_res=None) -> dict:
@@ -143,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
             name = name or stem
             spec = f"examples/defenses/{stem}.py:{name}"
             d = contract.build_defense(str(ROOT / spec), target.model)
-            ref_mean, ref_per, ref_x = reference(stem, d, target.model, b.x, b.y, eps, args.ref_steps, args.ref_eot)
+            ref_mean, ref_per, ref_x, ref_std = reference(stem, d, target.model, b.x, b.y, eps, args.ref_steps,
+                                                          args.ref_eot)
             res = evaluate_defense(target, d, data, attack="iw-wc", eps=eps, workdir=work, budgets=budgets,
                                    skip=False, draws=args.draws, show_progress=False)
             j = res.to_json()
@@ -160,7 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "no_gradient": j["no_gradient"], "transfer": transfer, "transfer_best": min(transfer.values()),
                 "adaptive": j["robust_accuracy"].get("adaptive"), "iw_wc": j["worst_case"],
                 "iw_wc_std": j.get("worst_case_std"), "iw_wc_paper": j.get("iw_wc_paper"),
-                "reference": ref_mean,
+                "reference": ref_mean, "reference_std": ref_std,
+                # sample std over the final draws (0 for a deterministic defence): clean and every column
+                "std": {"clean": j["clean_accuracy_std"], **j["robust_accuracy_std"]},
                 "images_reference_breaks_igd_does_not": int(((ref_per == 0) & (worst > 0)).sum()),
                 "audit": {c["id"]: {"verdict": c["verdict"], "summary": c["summary"]} for c in audit["checks"]},
                 "seconds": round(time.perf_counter() - t0, 1)}
@@ -171,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
                                               show_progress=False)
                 m = margin_res.to_json()
                 result["defenses"][name]["draws_margin"] = {"iw_wc": m["worst_case"], "iw_wc_std": m["worst_case_std"],
-                                                            "columns": m["robust_accuracy"]}
+                                                            "columns": m["robust_accuracy"],
+                                                            "columns_std": m["robust_accuracy_std"]}
             if j["randomized"] and args.check_draws > 0:
                 result["defenses"][name]["many_draws"] = many_draws(d, data, res, ref_x, eps, args.check_draws,
                                                                     margin_res)
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
                                         skip=False, draws=args.more_draws, show_progress=False).to_json()
                 result["defenses"][name]["more_draws"] = {
                     "draws": args.more_draws, "iw_wc": more["worst_case"], "iw_wc_std": more.get("worst_case_std"),
-                    "columns": more["robust_accuracy"]}
+                    "columns": more["robust_accuracy"], "columns_std": more["robust_accuracy_std"]}
             print(name, {k: result["defenses"][name][k] for k in ("clean", "direct_best", "transfer_best",
                                                                  "adaptive", "iw_wc", "reference")}, flush=True)
             write_results(args.out, result)

@@ -55,6 +55,8 @@ def test_own_defenses_bench_splits_a_randomized_defences_gap(tmp_path, igd_home)
     smooth, jpeg = written["defenses"]["smoothing"], written["defenses"]["jpeg"]
     assert written["n"] == 4 and written["command"].startswith("python benchmarks/own_defenses.py --defenses")
     assert "many_draws" not in jpeg and "more_draws" not in jpeg and jpeg["no_gradient"] == ["aa", "apgd-eot"]
+    assert set(smooth["std"]) == {"clean", *smooth["transfer"], *smooth["direct"], "adaptive"}
+    assert all(v == 0 for v in jpeg["std"].values()) and jpeg["reference_std"] == 0  # deterministic: exact
     m = smooth["many_draws"]
     assert m["draws"] == 4 and set(m["columns"]) == {"clean", *smooth["transfer"], *smooth["direct"], "adaptive"}
     cols = m["columns"].values()
